@@ -1,0 +1,513 @@
+//! Every setting of the agent, in one table.
+//!
+//! Each setting is an environment variable with a default and a parser. The table is the single
+//! source for validation, for `--help` (which lists the variables a command reads) and for the
+//! README. A bad value stops the agent with one line naming the variable, what is wrong with the
+//! value and what is accepted.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::secret::Secret;
+
+/// Which commands read a setting (for `--help`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Read by `run` only.
+    Run,
+    /// Read by `run`, `recover` and `doctor`.
+    Host,
+}
+
+/// One row of the settings table.
+pub struct Setting {
+    pub name: &'static str,
+    pub default: Option<&'static str>,
+    pub accepted: &'static str,
+    pub help: &'static str,
+    pub scope: Scope,
+    /// Never echo the value back (in errors, help or logs).
+    pub secret: bool,
+}
+
+const fn row(
+    name: &'static str,
+    default: Option<&'static str>,
+    accepted: &'static str,
+    help: &'static str,
+    scope: Scope,
+) -> Setting {
+    Setting { name, default, accepted, help, scope, secret: false }
+}
+
+/// The table. Keep it sorted by name.
+pub const SETTINGS: &[Setting] = &[
+    row(
+        "QUDATA_AGENT_PORT",
+        None,
+        "a port number 1024-65535",
+        "local port of the agent API (default: chosen once and persisted)",
+        Scope::Run,
+    ),
+    Setting {
+        secret: true,
+        ..row(
+            "QUDATA_API_KEY",
+            None,
+            "a key starting with `ak-`",
+            "API key issued by Qudata (required unless --local)",
+            Scope::Run,
+        )
+    },
+    row(
+        "QUDATA_BACKEND",
+        Some("auto"),
+        "auto, qemu or docker",
+        "how instances are built",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_BASE_IMAGE",
+        None,
+        "a path to a qcow2 file",
+        "base VM image (default: <data dir>/images/base.qcow2)",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_DATA_DIR",
+        Some("/var/lib/qudata"),
+        "an absolute path",
+        "persistent state: identity, instance records, disks",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_DEBUG",
+        Some("false"),
+        "true or false (1/0, yes/no)",
+        "verbose logging",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_FRPC_BINARY",
+        Some("frpc"),
+        "a program name or path",
+        "frp client binary",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_FRP_PORT",
+        None,
+        "a port number 1-65535",
+        "FRP server port (wins over /init)",
+        Scope::Run,
+    ),
+    row(
+        "QUDATA_FRP_SERVER",
+        None,
+        "a host name or IP address",
+        "FRP server address (wins over /init)",
+        Scope::Run,
+    ),
+    row(
+        "QUDATA_FRP_SUBDOMAIN",
+        None,
+        "a DNS label",
+        "FRP subdomain of this host (wins over /init)",
+        Scope::Run,
+    ),
+    Setting {
+        secret: true,
+        ..row(
+            "QUDATA_FRP_TOKEN",
+            None,
+            "a non-empty token",
+            "FRP server token (wins over /init)",
+            Scope::Run,
+        )
+    },
+    row(
+        "QUDATA_GPU_PCI_ADDRS",
+        None,
+        "comma-separated PCI addresses like 0000:65:00.0",
+        "GPUs offered to renters (default: every NVIDIA GPU found)",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_PUBLIC_ADDRESS",
+        None,
+        "an IPv4 or IPv6 address",
+        "public address reported to /init (default: detected)",
+        Scope::Run,
+    ),
+    row(
+        "QUDATA_RUN_DIR",
+        Some("/run/qudata"),
+        "an absolute path",
+        "sockets, pidfiles and locks (cleared at boot)",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_SERVICE_URL",
+        Some("https://internal.qudata.ai/v0"),
+        "an http:// or https:// URL",
+        "Qudata control plane base URL",
+        Scope::Run,
+    ),
+    row(
+        "QUDATA_STATS_INTERVAL_MS",
+        Some("500"),
+        "milliseconds, 100-60000",
+        "telemetry period",
+        Scope::Run,
+    ),
+];
+
+/// A setting whose value cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{variable}={shown}: {problem}; accepted: {accepted}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    /// The offending value, or `<redacted>` for secrets.
+    pub shown: String,
+    pub problem: String,
+    pub accepted: &'static str,
+}
+
+/// Which backend builds instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Qemu,
+    Docker,
+}
+
+/// FRP settings taken from the environment; each one wins over what `/init` sends.
+#[derive(Clone, Debug, Default)]
+pub struct FrpOverrides {
+    pub server: Option<String>,
+    pub port: Option<u16>,
+    pub token: Option<Secret>,
+    pub subdomain: Option<String>,
+}
+
+/// The validated settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub api_key: Option<Secret>,
+    pub agent_port: Option<u16>,
+    pub backend: BackendChoice,
+    pub base_image: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub debug: bool,
+    pub frpc_binary: PathBuf,
+    pub frp: FrpOverrides,
+    pub gpu_pci_addrs: Option<Vec<String>>,
+    pub public_address: Option<IpAddr>,
+    pub run_dir: PathBuf,
+    pub service_url: String,
+    pub stats_interval: Duration,
+}
+
+/// Reads values by name; the process environment in production, a map in tests.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Source for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name).cloned()
+    }
+}
+
+fn setting(name: &str) -> &'static Setting {
+    SETTINGS
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("{name} is missing from SETTINGS"))
+}
+
+/// Looks up one setting: the value if set and non-empty, else its default.
+struct Reader<'a> {
+    source: &'a dyn Source,
+}
+
+impl Reader<'_> {
+    fn raw(&self, name: &'static str) -> Option<String> {
+        let value = self.source.get(name).filter(|v| !v.trim().is_empty());
+        value.or_else(|| setting(name).default.map(str::to_owned))
+    }
+
+    fn error(&self, name: &'static str, value: &str, problem: impl Into<String>) -> ConfigError {
+        let s = setting(name);
+        let shown = if s.secret { "<redacted>".to_owned() } else { format!("{value:?}") };
+        ConfigError { variable: name, shown, problem: problem.into(), accepted: s.accepted }
+    }
+
+    fn parse<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.raw(name) {
+            None => Ok(None),
+            Some(value) => parse(value.trim()).map(Some).map_err(|p| self.error(name, &value, p)),
+        }
+    }
+
+    fn required<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        self.parse(name, parse)?.ok_or_else(|| self.error(name, "", "is not set"))
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("is not a boolean".into()),
+    }
+}
+
+fn parse_port(min: u16) -> impl FnOnce(&str) -> Result<u16, String> {
+    move |v| match v.parse::<u32>() {
+        Ok(p) if p >= u32::from(min) && p <= 65535 => Ok(p as u16),
+        Ok(_) => Err("is out of range".into()),
+        Err(_) => Err("is not a port number".into()),
+    }
+}
+
+fn parse_abs_path(v: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(v);
+    if path.is_absolute() { Ok(path) } else { Err("is not an absolute path".into()) }
+}
+
+fn parse_url(v: &str) -> Result<String, String> {
+    let rest = v
+        .strip_prefix("https://")
+        .or_else(|| v.strip_prefix("http://"))
+        .ok_or("does not start with http:// or https://")?;
+    if rest.is_empty() || rest.starts_with('/') || v.chars().any(char::is_whitespace) {
+        return Err("has no host".into());
+    }
+    Ok(v.trim_end_matches('/').to_owned())
+}
+
+fn parse_api_key(v: &str) -> Result<Secret, String> {
+    if !v.starts_with("ak-") || v.len() < 4 {
+        return Err("does not start with `ak-`".into());
+    }
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace".into());
+    }
+    Ok(Secret::new(v))
+}
+
+/// `DDDD:BB:DD.F`, hex, lowercased.
+pub fn parse_pci_address(v: &str) -> Result<String, String> {
+    let bytes = v.as_bytes();
+    let shape_ok = bytes.len() == 12
+        && bytes[4] == b':'
+        && bytes[7] == b':'
+        && bytes[10] == b'.'
+        && bytes.iter().enumerate().all(|(i, b)| matches!(i, 4 | 7 | 10) || b.is_ascii_hexdigit())
+        && (b'0'..=b'7').contains(&bytes[11]);
+    if shape_ok { Ok(v.to_ascii_lowercase()) } else { Err(format!("{v:?} is not a PCI address")) }
+}
+
+fn parse_pci_list(v: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let addr = parse_pci_address(part)?;
+        if out.contains(&addr) {
+            return Err(format!("{addr} is listed twice"));
+        }
+        out.push(addr);
+    }
+    if out.is_empty() { Err("lists no address".into()) } else { Ok(out) }
+}
+
+/// A DNS label as FRP accepts it for a subdomain.
+pub fn is_dns_label(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+}
+
+fn parse_host(v: &str) -> Result<String, String> {
+    let ok = v.parse::<IpAddr>().is_ok() || (v.len() <= 253 && v.split('.').all(is_dns_label));
+    if ok { Ok(v.to_owned()) } else { Err("is not a host name or IP address".into()) }
+}
+
+impl Config {
+    /// Reads and validates every setting. `local` relaxes what local mode does not need.
+    pub fn load(source: &dyn Source, local: bool) -> Result<Config, ConfigError> {
+        let r = Reader { source };
+        let api_key = if local {
+            r.parse("QUDATA_API_KEY", parse_api_key)?
+        } else {
+            Some(r.required("QUDATA_API_KEY", parse_api_key)?)
+        };
+        let backend = r.required("QUDATA_BACKEND", |v| match v {
+            "auto" => Ok(BackendChoice::Auto),
+            "qemu" => Ok(BackendChoice::Qemu),
+            "docker" => Ok(BackendChoice::Docker),
+            _ => Err("is not a known backend".into()),
+        })?;
+        let interval_ms = r.required("QUDATA_STATS_INTERVAL_MS", |v| match v.parse::<u64>() {
+            Ok(ms) if (100..=60_000).contains(&ms) => Ok(ms),
+            Ok(_) => Err("is out of range".into()),
+            Err(_) => Err("is not a number".into()),
+        })?;
+        Ok(Config {
+            api_key,
+            agent_port: r.parse("QUDATA_AGENT_PORT", parse_port(1024))?,
+            backend,
+            base_image: r.parse("QUDATA_BASE_IMAGE", parse_abs_path)?,
+            data_dir: r.required("QUDATA_DATA_DIR", parse_abs_path)?,
+            debug: r.required("QUDATA_DEBUG", parse_bool)?,
+            frpc_binary: r.required("QUDATA_FRPC_BINARY", |v| Ok(PathBuf::from(v)))?,
+            frp: FrpOverrides {
+                server: r.parse("QUDATA_FRP_SERVER", parse_host)?,
+                port: r.parse("QUDATA_FRP_PORT", parse_port(1))?,
+                token: r.parse("QUDATA_FRP_TOKEN", |v| Ok(Secret::new(v)))?,
+                subdomain: r.parse("QUDATA_FRP_SUBDOMAIN", |v| {
+                    if is_dns_label(v) {
+                        Ok(v.to_owned())
+                    } else {
+                        Err("is not a DNS label".into())
+                    }
+                })?,
+            },
+            gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            public_address: r.parse("QUDATA_PUBLIC_ADDRESS", |v| {
+                v.parse::<IpAddr>().map_err(|_| "is not an IP address".into())
+            })?,
+            run_dir: r.required("QUDATA_RUN_DIR", parse_abs_path)?,
+            service_url: r.required("QUDATA_SERVICE_URL", parse_url)?,
+            stats_interval: Duration::from_millis(interval_ms),
+        })
+    }
+}
+
+/// The `--help` footer of a command: every variable it reads, with its default.
+pub fn help_text(scopes: &[Scope]) -> String {
+    let mut out = String::from("Environment:\n");
+    for s in SETTINGS.iter().filter(|s| scopes.contains(&s.scope)) {
+        let default = s.default.map(|d| format!(" [default: {d}]")).unwrap_or_default();
+        out.push_str(&format!("  {:<26} {}{}\n", s.name, s.help, default));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn table_is_sorted_and_unique() {
+        let names: Vec<_> = SETTINGS.iter().map(|s| s.name).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(names, sorted);
+    }
+
+    #[test]
+    fn defaults_apply_in_local_mode() {
+        let c = Config::load(&env(&[]), true).unwrap();
+        assert!(c.api_key.is_none());
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/qudata"));
+        assert_eq!(c.run_dir, PathBuf::from("/run/qudata"));
+        assert_eq!(c.stats_interval, Duration::from_millis(500));
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.service_url, "https://internal.qudata.ai/v0");
+    }
+
+    #[test]
+    fn api_key_is_required_outside_local_mode() {
+        let err = Config::load(&env(&[]), false).unwrap_err();
+        assert_eq!(err.variable, "QUDATA_API_KEY");
+        assert!(err.to_string().contains("is not set"), "{err}");
+    }
+
+    #[test]
+    fn bad_api_key_is_refused_without_echoing_it() {
+        let err = Config::load(&env(&[("QUDATA_API_KEY", "sk-leak-me")]), false).unwrap_err();
+        let line = err.to_string();
+        assert!(line.starts_with("QUDATA_API_KEY=<redacted>: does not start with `ak-`"), "{line}");
+        assert!(!line.contains("leak-me"));
+    }
+
+    #[test]
+    fn each_bad_value_names_variable_and_accepted_values() {
+        let cases = [
+            ("QUDATA_AGENT_PORT", "80"),
+            ("QUDATA_AGENT_PORT", "port"),
+            ("QUDATA_BACKEND", "kvm"),
+            ("QUDATA_DATA_DIR", "relative/dir"),
+            ("QUDATA_DEBUG", "maybe"),
+            ("QUDATA_FRP_PORT", "70000"),
+            ("QUDATA_FRP_SERVER", "bad host!"),
+            ("QUDATA_FRP_SUBDOMAIN", "-x-"),
+            ("QUDATA_GPU_PCI_ADDRS", "65:00.0"),
+            ("QUDATA_GPU_PCI_ADDRS", "0000:65:00.0,0000:65:00.0"),
+            ("QUDATA_PUBLIC_ADDRESS", "1.2.3"),
+            ("QUDATA_SERVICE_URL", "ftp://x"),
+            ("QUDATA_STATS_INTERVAL_MS", "5"),
+        ];
+        for (name, value) in cases {
+            let err = Config::load(&env(&[(name, value)]), true).unwrap_err();
+            assert_eq!(err.variable, name, "{value}");
+            let line = err.to_string();
+            assert!(line.contains("accepted: "), "{line}");
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn values_are_normalised() {
+        let c = Config::load(
+            &env(&[
+                ("QUDATA_API_KEY", "ak-123"),
+                ("QUDATA_SERVICE_URL", "http://127.0.0.1:9/v0/"),
+                ("QUDATA_GPU_PCI_ADDRS", "0000:65:00.0, 0000:B3:00.0"),
+                ("QUDATA_DEBUG", "YES"),
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.service_url, "http://127.0.0.1:9/v0");
+        assert_eq!(c.gpu_pci_addrs.unwrap(), ["0000:65:00.0", "0000:b3:00.0"]);
+        assert!(c.debug);
+        assert_eq!(c.api_key.unwrap().expose(), "ak-123");
+    }
+
+    #[test]
+    fn help_lists_variables_of_the_scope() {
+        let run = help_text(&[Scope::Run, Scope::Host]);
+        let host = help_text(&[Scope::Host]);
+        assert!(run.contains("QUDATA_API_KEY") && run.contains("QUDATA_DATA_DIR"));
+        assert!(!host.contains("QUDATA_API_KEY") && host.contains("QUDATA_DATA_DIR"));
+    }
+}

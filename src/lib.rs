@@ -1,0 +1,7 @@
+//! qudata-agent: turns a bare-metal GPU server into rentable machines for the Qudata marketplace.
+//!
+//! The binary (`main.rs`) is a thin CLI over this library; see DESIGN.md for the module map.
+
+pub mod config;
+pub mod fsutil;
+pub mod secret;
