@@ -2,6 +2,9 @@
 //!
 //! The binary (`main.rs`) is a thin CLI over this library; see DESIGN.md for the module map.
 
+pub mod backend;
 pub mod config;
 pub mod fsutil;
+pub mod instance;
+pub mod ports;
 pub mod secret;

@@ -1,0 +1,92 @@
+//! What builds and runs an instance: a QEMU VM (first choice) or a Docker container.
+//!
+//! The instance manager is the only caller. A backend derives every name and path it uses from
+//! the instance id, so the record alone is enough to find, adopt or clean up what it made.
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::instance::model::{BackendKind, Instance};
+use crate::instance::spec::Spec;
+
+/// A backend operation failed. `Display` is one sentence a user can act on.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    /// The guest did not become reachable in time.
+    #[error("the guest did not become reachable within {seconds} s: {detail}")]
+    NotReachable { seconds: u64, detail: String },
+    /// An operation on the instance failed.
+    #[error("{operation} failed: {detail}")]
+    Operation { operation: &'static str, detail: String },
+    /// The request asks for something this backend cannot give (answered with 400).
+    #[error("{field}: {reason}")]
+    Unsupported { field: &'static str, reason: String },
+    /// The instance's process or container no longer exists.
+    #[error("the instance is gone: {detail}")]
+    Gone { detail: String },
+}
+
+impl BackendError {
+    pub fn op(operation: &'static str, detail: impl ToString) -> Self {
+        BackendError::Operation { operation, detail: detail.to_string() }
+    }
+}
+
+/// What a backend learns on its own, outside a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The instance's VM or container stopped without being asked to (crash, guest poweroff).
+    Exited { id: String, reason: String },
+}
+
+/// Where a backend reports [`BackendEvent`]s.
+pub type EventSink = mpsc::UnboundedSender<BackendEvent>;
+
+/// What [`Backend::adopt`] found for a recorded instance after an agent restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// Alive and reattached (monitoring resumed).
+    Adopted,
+    /// Its process or container is gone.
+    Gone { detail: String },
+}
+
+/// One implementation per way of running an instance.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    fn kind(&self) -> BackendKind;
+
+    /// Checks what only the backend knows (known image names, …), before anything starts.
+    fn validate(&self, spec: &Spec) -> Result<(), BackendError>;
+
+    /// Builds and starts the instance. On failure everything it made is already removed.
+    async fn launch(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Waits, with the backend's own deadline, until the guest answers.
+    async fn wait_ready(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Applies renter keys and starts the renter's command. Idempotent: called after every
+    /// boot, reset and adoption.
+    async fn configure(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Makes the guest's renter keys exactly `instance.ssh_keys`.
+    async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Stops the vCPUs (container: pause); everything else is kept.
+    async fn pause(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    async fn resume(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Resets the guest (container: restart).
+    async fn reset(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Starts the instance again from its disk after its process is gone.
+    async fn boot(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Stops the instance and removes everything it made. Idempotent: what is already gone is
+    /// not an error.
+    async fn destroy(&self, instance: &Instance) -> Result<(), BackendError>;
+
+    /// Reattaches to the instance after an agent restart, without touching the guest.
+    async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError>;
+}

@@ -1,0 +1,439 @@
+//! The one command surface between the API and the backends (in the spirit of Firecracker's
+//! `VmmAction`): admission, the state machine and the per-instance lock.
+//!
+//! Reads (`status`, the stats loop) never wait for an operation: the record sits behind a
+//! short-held mutex, while a slow operation holds the instance's async `op` lock.
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use super::model::{BackendKind, Instance, Status};
+use super::spec::{self, HostLimits, SpecError};
+use super::store::{Store, StoreError};
+use crate::backend::{Backend, BackendError, BackendEvent};
+use crate::ports::{self, PortError};
+
+mod flows;
+
+/// Why a command was refused or failed. The API maps each variant to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The command does not fit the instance's state.
+    #[error("{reason} (the instance is {status})")]
+    Conflict { status: Status, reason: String },
+    #[error("{0}")]
+    Invalid(#[from] SpecError),
+    #[error("no instance can be created: {reason}")]
+    NoBackend { reason: String },
+    #[error("there is no instance")]
+    NotFound,
+    #[error("{0}")]
+    Ports(#[from] PortError),
+    /// Not enough free resources (GPUs).
+    #[error("{0}")]
+    Resources(String),
+    #[error("the instance record could not be saved: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A lifecycle command of `PUT /instances`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    Start,
+    Stop,
+    Restart,
+}
+
+/// What `GET /instances` shows.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StatusView {
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// What `POST /instances` answers.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Created {
+    pub id: String,
+    pub status: Status,
+    pub ports: BTreeMap<String, String>,
+}
+
+/// Fixed facts the manager decides with.
+#[derive(Clone, Debug)]
+pub struct ManagerSettings {
+    pub limits: HostLimits,
+    /// PCI addresses of the GPUs this host offers.
+    pub gpu_pool: Vec<String>,
+    pub host_ports: RangeInclusive<u16>,
+}
+
+/// One instance: its record and the lock held by whatever operation changes it.
+struct Slot {
+    record: Mutex<Instance>,
+    op: Arc<tokio::sync::Mutex<()>>,
+    /// Set by `DELETE` so that a boot in progress stops waiting.
+    cancel: watch::Sender<bool>,
+}
+
+impl Slot {
+    fn snapshot(&self) -> Instance {
+        self.record.lock().expect("record lock").clone()
+    }
+}
+
+struct Inner {
+    backend: Result<Arc<dyn Backend>, String>,
+    store: Store,
+    settings: ManagerSettings,
+    slots: Mutex<BTreeMap<String, Arc<Slot>>>,
+}
+
+/// The instance manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl Manager {
+    /// `backend` is `Err(reason)` when no backend can run on this host: creates answer 503.
+    pub fn new(
+        backend: Result<Arc<dyn Backend>, String>,
+        store: Store,
+        settings: ManagerSettings,
+    ) -> Manager {
+        let inner = Inner { backend, store, settings, slots: Mutex::new(BTreeMap::new()) };
+        Manager { inner: Arc::new(inner) }
+    }
+
+    fn backend(&self) -> Result<Arc<dyn Backend>, ManagerError> {
+        self.inner.backend.clone().map_err(|reason| ManagerError::NoBackend { reason })
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
+        self.inner.slots.lock().expect("slots lock")
+    }
+
+    /// The instance the single-instance API talks about: the oldest one not being deleted.
+    fn current(&self) -> Option<Arc<Slot>> {
+        let slots = self.slots();
+        let mut live: Vec<_> = slots.values().filter(|s| !s.snapshot().deleting).collect();
+        live.sort_by_key(|s| s.snapshot().created_at);
+        live.first().map(|s| Arc::clone(s))
+    }
+
+    /// The status reported to the control plane.
+    pub fn current_status(&self) -> Status {
+        self.current().map(|s| s.snapshot().status).unwrap_or(Status::Destroyed)
+    }
+
+    /// Every record, deleted-in-progress ones included (recovery and tests).
+    pub fn instances(&self) -> Vec<Instance> {
+        self.slots().values().map(|s| s.snapshot()).collect()
+    }
+
+    pub fn status(&self) -> StatusView {
+        match self.current() {
+            None => StatusView {
+                status: Status::Destroyed,
+                id: None,
+                ports: None,
+                gpus: None,
+                error: None,
+                created_at: None,
+            },
+            Some(slot) => {
+                let i = slot.snapshot();
+                StatusView {
+                    status: i.status,
+                    ports: Some(i.port_map()),
+                    gpus: Some(i.gpus.len()),
+                    error: i.error,
+                    created_at: Some(i.created_at),
+                    id: Some(i.id),
+                }
+            }
+        }
+    }
+
+    /// Validates and admits a create request; the build continues in the background.
+    pub fn create(&self, body: &Value) -> Result<Created, ManagerError> {
+        let spec = spec::parse_create(body, &self.inner.settings.limits)?;
+        let backend = self.backend()?;
+        backend.validate(&spec).map_err(|e| match e {
+            BackendError::Unsupported { field, reason } => {
+                ManagerError::Invalid(SpecError { field: field.to_owned(), reason })
+            }
+            other => ManagerError::Backend(other),
+        })?;
+
+        let mut slots = self.slots();
+        if let Some(existing) = slots.values().next() {
+            let existing = existing.snapshot();
+            let reason = if existing.deleting {
+                "the previous instance is still being deleted; try again shortly"
+            } else {
+                "an instance already exists on this host; delete it first"
+            };
+            let status = if existing.deleting { Status::Destroyed } else { existing.status };
+            return Err(ManagerError::Conflict { status, reason: reason.into() });
+        }
+        let held: Vec<Instance> = slots.values().map(|s| s.snapshot()).collect();
+        let gpus = self.pick_gpus(spec.gpus, &held)?;
+        let taken = ports::Taken::from_ports(held.iter().flat_map(|i| &i.ports));
+        let ports = ports::allocate(&spec.ports, &taken, self.inner.settings.host_ports.clone())?;
+        let instance = Instance {
+            id: uuid::Uuid::new_v4().to_string(),
+            backend: backend.kind(),
+            spec,
+            status: Status::Pending,
+            error: None,
+            created_at: Utc::now(),
+            ports,
+            gpus,
+            ssh_keys: Vec::new(),
+            deleting: false,
+        };
+        self.inner.store.save(&instance)?;
+        let created = Created {
+            id: instance.id.clone(),
+            status: instance.status,
+            ports: instance.port_map(),
+        };
+        let slot = Arc::new(Slot {
+            record: Mutex::new(instance.clone()),
+            op: Arc::default(),
+            cancel: watch::channel(false).0,
+        });
+        slots.insert(instance.id.clone(), Arc::clone(&slot));
+        drop(slots);
+        tracing::info!(id = %instance.id, gpus = instance.gpus.len(), "instance accepted");
+        self.spawn_flow(slot, flows::Flow::Create);
+        Ok(created)
+    }
+
+    fn pick_gpus(
+        &self,
+        wanted: Option<u32>,
+        held: &[Instance],
+    ) -> Result<Vec<String>, ManagerError> {
+        let free: Vec<String> = self
+            .inner
+            .settings
+            .gpu_pool
+            .iter()
+            .filter(|addr| !held.iter().any(|i| i.gpus.contains(addr)))
+            .cloned()
+            .collect();
+        let wanted = wanted.map(|n| n as usize).unwrap_or(free.len());
+        if wanted > free.len() {
+            return Err(ManagerError::Resources(format!(
+                "{wanted} GPU(s) requested but {} free on this host",
+                free.len()
+            )));
+        }
+        Ok(free.into_iter().take(wanted).collect())
+    }
+
+    /// `PUT /instances`.
+    pub async fn lifecycle(&self, command: Lifecycle) -> Result<(), ManagerError> {
+        let slot = self.current().ok_or(ManagerError::NotFound)?;
+        let status = slot.snapshot().status;
+        let flow = match (command, status) {
+            (Lifecycle::Stop, Status::Paused) | (Lifecycle::Start, Status::Running) => {
+                return Ok(());
+            }
+            (Lifecycle::Stop, Status::Running) => flows::Flow::Pause,
+            (Lifecycle::Start, Status::Paused) => flows::Flow::Resume,
+            (Lifecycle::Start, Status::Error) => flows::Flow::Boot,
+            (Lifecycle::Restart, Status::Running | Status::Paused) => flows::Flow::Reset,
+            (command, status) => {
+                let reason = format!("{command:?} does not fit now").to_lowercase();
+                return Err(ManagerError::Conflict { status, reason });
+            }
+        };
+        let Ok(guard) = Arc::clone(&slot.op).try_lock_owned() else {
+            let reason = "another operation on the instance is in progress".to_owned();
+            return Err(ManagerError::Conflict { status, reason });
+        };
+        match flow {
+            // Pause and resume are quick QMP calls: answer with their result.
+            flows::Flow::Pause | flows::Flow::Resume => {
+                flows::run_quick(self, &slot, flow, guard).await
+            }
+            _ => {
+                let next =
+                    if flow == flows::Flow::Reset { Status::Rebooting } else { Status::Pending };
+                self.set_status(&slot, next, None)?;
+                self.spawn_locked_flow(slot, flow, guard);
+                Ok(())
+            }
+        }
+    }
+
+    /// `DELETE /instances`: answered at once; teardown continues in the background.
+    pub fn delete(&self) -> Result<(), ManagerError> {
+        let slot = self.current().ok_or(ManagerError::NotFound)?;
+        self.update(&slot, |i| i.deleting = true)?;
+        slot.cancel.send_replace(true);
+        tracing::info!(id = %slot.snapshot().id, "instance deletion accepted");
+        self.spawn_flow(slot, flows::Flow::Delete);
+        Ok(())
+    }
+
+    /// `POST /ssh`.
+    pub async fn add_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
+        self.change_keys(line, true).await
+    }
+
+    /// `DELETE /ssh`.
+    pub async fn remove_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
+        self.change_keys(line, false).await
+    }
+
+    async fn change_keys(&self, line: &str, add: bool) -> Result<(), ManagerError> {
+        let key = spec::parse_ssh_pubkey(line)?;
+        let slot = self.current().ok_or(ManagerError::NotFound)?;
+        let current = slot.snapshot();
+        if !current.spec.ssh_enabled {
+            let reason = "SSH is not enabled for this instance (ssh_enabled was false)".into();
+            return Err(ManagerError::Conflict { status: current.status, reason });
+        }
+        let present = current.ssh_keys.iter().any(|k| same_key(k, &key));
+        if present == add {
+            return Ok(()); // already as asked
+        }
+        self.update(&slot, |i| {
+            if add {
+                i.ssh_keys.push(key.clone());
+            } else {
+                i.ssh_keys.retain(|k| !same_key(k, &key));
+            }
+        })?;
+        // A guest that is not reachable now gets the keys when it is (end of boot or resume).
+        if current.status == Status::Running
+            && let Err(e) = flows::apply_keys_now(self, &slot).await
+        {
+            // Not applied: the record goes back to what the guest has.
+            self.update(&slot, |i| i.ssh_keys = current.ssh_keys.clone())?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Loads the records and reattaches to what still runs (PROTOCOL.md §4). Called once at
+    /// start-up, before the API serves.
+    pub async fn restore(&self) -> Result<(), ManagerError> {
+        let records = self.inner.store.load_all()?;
+        for instance in records {
+            let id = instance.id.clone();
+            let slot = Arc::new(Slot {
+                record: Mutex::new(instance),
+                op: Arc::default(),
+                cancel: watch::channel(false).0,
+            });
+            self.slots().insert(id, Arc::clone(&slot));
+            flows::restore_one(self, slot).await;
+        }
+        Ok(())
+    }
+
+    /// Listens to backend events (VM crashed, guest powered off) until the sender closes.
+    pub fn spawn_event_loop(&self, mut events: mpsc::UnboundedReceiver<BackendEvent>) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                manager.on_event(event);
+            }
+        });
+    }
+
+    fn on_event(&self, event: BackendEvent) {
+        let BackendEvent::Exited { id, reason } = event;
+        let Some(slot) = self.slots().get(&id).cloned() else { return };
+        let current = slot.snapshot();
+        if current.deleting || current.status == Status::Error {
+            return;
+        }
+        tracing::warn!(%id, %reason, "instance exited on its own");
+        if let Err(e) = self.set_status(&slot, Status::Error, Some(reason)) {
+            tracing::error!(%id, error = %e, "cannot record the instance's exit");
+        }
+    }
+
+    fn spawn_flow(&self, slot: Arc<Slot>, flow: flows::Flow) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let guard = Arc::clone(&slot.op).lock_owned().await;
+            flows::run(&manager, &slot, flow, guard).await;
+        });
+    }
+
+    fn spawn_locked_flow(&self, slot: Arc<Slot>, flow: flows::Flow, guard: flows::OpGuard) {
+        let manager = self.clone();
+        tokio::spawn(async move { flows::run(&manager, &slot, flow, guard).await });
+    }
+
+    /// Changes the record and saves it; on a failed save the in-memory record is unchanged.
+    fn update(&self, slot: &Slot, change: impl FnOnce(&mut Instance)) -> Result<(), ManagerError> {
+        let mut record = slot.record.lock().expect("record lock");
+        let mut next = record.clone();
+        change(&mut next);
+        if next != *record {
+            self.inner.store.save(&next)?;
+            *record = next;
+        }
+        Ok(())
+    }
+
+    fn set_status(
+        &self,
+        slot: &Slot,
+        status: Status,
+        error: Option<String>,
+    ) -> Result<(), ManagerError> {
+        self.update(slot, |i| {
+            i.status = status;
+            i.error = error;
+        })
+    }
+
+    fn forget(&self, id: &str) -> Result<(), ManagerError> {
+        self.inner.store.remove(id)?;
+        self.slots().remove(id);
+        Ok(())
+    }
+
+    /// Which backend kind builds instances here, if any.
+    pub fn backend_kind(&self) -> Option<BackendKind> {
+        self.inner.backend.as_ref().ok().map(|b| b.kind())
+    }
+}
+
+/// Two key lines name the same key when type and body match (comments may differ).
+fn same_key(a: &str, b: &str) -> bool {
+    fn type_and_body(s: &str) -> Vec<&str> {
+        s.split_whitespace().take(2).collect()
+    }
+    type_and_body(a) == type_and_body(b)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+//! The operations that run under an instance's `op` lock, mostly in the background.
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedMutexGuard;
+
+use super::{Manager, ManagerError, Slot};
+use crate::backend::{Adoption, BackendError};
+use crate::instance::model::Status;
+
+/// Proof that the instance's operation lock is held.
+pub(super) type OpGuard = OwnedMutexGuard<()>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Flow {
+    /// Launch, wait for the guest, configure; rolled back on failure.
+    Create,
+    /// Start again from disk after the process is gone.
+    Boot,
+    /// Guest reset, then wait for it again.
+    Reset,
+    /// Adopted while pending or rebooting: wait for the guest, configure.
+    Settle,
+    /// Adopted while running: re-apply keys and the command.
+    Reconfigure,
+    Pause,
+    Resume,
+    Delete,
+}
+
+/// Runs a background flow to its end, recording the outcome in the instance's status.
+pub(super) async fn run(manager: &Manager, slot: &Arc<Slot>, flow: Flow, _guard: OpGuard) {
+    let id = slot.snapshot().id;
+    let result = match flow {
+        Flow::Delete => return delete(manager, slot).await,
+        Flow::Create => launch_and_bring_up(manager, slot).await,
+        Flow::Boot => step(manager, slot, "boot").await,
+        Flow::Reset => step(manager, slot, "reset").await,
+        Flow::Settle => bring_up(manager, slot).await,
+        Flow::Reconfigure => configure(manager, slot).await,
+        Flow::Pause | Flow::Resume => Ok(Some(())),
+    };
+    match result {
+        Ok(Some(())) => {
+            if let Err(e) = manager.set_status(slot, Status::Running, None) {
+                tracing::error!(%id, error = %e, "cannot record the running state");
+            } else {
+                tracing::info!(%id, ?flow, "instance running");
+            }
+        }
+        Ok(None) => tracing::info!(%id, ?flow, "stopped waiting: the instance is being deleted"),
+        Err(e) => {
+            tracing::warn!(%id, ?flow, error = %e, "instance operation failed");
+            if flow == Flow::Create {
+                rollback(manager, slot).await;
+            }
+            if let Err(save) = manager.set_status(slot, Status::Error, Some(e.to_string())) {
+                tracing::error!(%id, error = %save, "cannot record the failure");
+            }
+        }
+    }
+}
+
+/// `Ok(None)`: cancelled by a `DELETE`.
+type FlowResult = Result<Option<()>, BackendError>;
+
+async fn launch_and_bring_up(manager: &Manager, slot: &Arc<Slot>) -> FlowResult {
+    let backend = manager.backend().map_err(|e| BackendError::op("create", e))?;
+    if *slot.cancel.borrow() {
+        return Ok(None);
+    }
+    backend.launch(&slot.snapshot()).await?;
+    bring_up(manager, slot).await
+}
+
+async fn step(manager: &Manager, slot: &Arc<Slot>, what: &'static str) -> FlowResult {
+    let backend = manager.backend().map_err(|e| BackendError::op(what, e))?;
+    let instance = slot.snapshot();
+    match what {
+        "reset" => backend.reset(&instance).await?,
+        _ => backend.boot(&instance).await?,
+    }
+    bring_up(manager, slot).await
+}
+
+/// Waits for the guest (giving up when the instance is deleted), then configures it.
+async fn bring_up(manager: &Manager, slot: &Arc<Slot>) -> FlowResult {
+    let backend = manager.backend().map_err(|e| BackendError::op("boot", e))?;
+    let mut cancel = slot.cancel.subscribe();
+    let instance = slot.snapshot();
+    tokio::select! {
+        ready = backend.wait_ready(&instance) => ready?,
+        _ = cancel.wait_for(|c| *c) => return Ok(None),
+    }
+    configure(manager, slot).await
+}
+
+async fn configure(manager: &Manager, slot: &Arc<Slot>) -> FlowResult {
+    let backend = manager.backend().map_err(|e| BackendError::op("configure", e))?;
+    if *slot.cancel.borrow() {
+        return Ok(None);
+    }
+    // Fresh snapshot: keys added while the guest was booting are included.
+    backend.configure(&slot.snapshot()).await?;
+    Ok(Some(()))
+}
+
+async fn rollback(manager: &Manager, slot: &Arc<Slot>) {
+    let Ok(backend) = manager.backend() else { return };
+    let instance = slot.snapshot();
+    if let Err(e) = backend.destroy(&instance).await {
+        tracing::error!(id = %instance.id, error = %e, "rollback of a failed create is incomplete");
+    }
+}
+
+async fn delete(manager: &Manager, slot: &Arc<Slot>) {
+    let instance = slot.snapshot();
+    if let Ok(backend) = manager.backend()
+        && let Err(e) = backend.destroy(&instance).await
+    {
+        // The record stays (marked deleting): the next start-up or `recover` retries.
+        tracing::error!(id = %instance.id, error = %e, "instance teardown failed");
+        return;
+    }
+    match manager.forget(&instance.id) {
+        Ok(()) => tracing::info!(id = %instance.id, "instance deleted"),
+        Err(e) => tracing::error!(id = %instance.id, error = %e, "cannot remove the record"),
+    }
+}
+
+/// Pause or resume, answered synchronously.
+pub(super) async fn run_quick(
+    manager: &Manager,
+    slot: &Arc<Slot>,
+    flow: Flow,
+    _guard: OpGuard,
+) -> Result<(), ManagerError> {
+    let backend = manager.backend()?;
+    let instance = slot.snapshot();
+    if flow == Flow::Pause {
+        backend.pause(&instance).await?;
+        return manager.set_status(slot, Status::Paused, None);
+    }
+    backend.resume(&instance).await?;
+    manager.set_status(slot, Status::Running, None)?;
+    // Keys changed while the vCPUs were stopped are applied now.
+    if let Err(e) = backend.apply_ssh_keys(&slot.snapshot()).await {
+        tracing::warn!(id = %instance.id, error = %e, "cannot apply SSH keys after resume");
+    }
+    Ok(())
+}
+
+/// Applies the record's keys to a running guest.
+pub(super) async fn apply_keys_now(
+    manager: &Manager,
+    slot: &Arc<Slot>,
+) -> Result<(), ManagerError> {
+    let _guard = Arc::clone(&slot.op).lock_owned().await;
+    let instance = slot.snapshot();
+    if instance.status != Status::Running {
+        return Ok(()); // applied when the guest is reachable again
+    }
+    manager.backend()?.apply_ssh_keys(&instance).await?;
+    Ok(())
+}
+
+/// Reattaches one recorded instance at start-up (PROTOCOL.md §4).
+pub(super) async fn restore_one(manager: &Manager, slot: Arc<Slot>) {
+    let instance = slot.snapshot();
+    let id = instance.id.clone();
+    if instance.deleting {
+        tracing::info!(%id, "resuming an interrupted deletion");
+        return manager.spawn_flow(slot, Flow::Delete);
+    }
+    let backend = match manager.backend() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = manager.set_status(&slot, Status::Error, Some(e.to_string()));
+            return;
+        }
+    };
+    if instance.status == Status::Error {
+        return;
+    }
+    match backend.adopt(&instance).await {
+        Ok(Adoption::Adopted) => {
+            tracing::info!(%id, status = %instance.status, "instance adopted");
+            match instance.status {
+                Status::Pending | Status::Rebooting => manager.spawn_flow(slot, Flow::Settle),
+                Status::Running => manager.spawn_flow(slot, Flow::Reconfigure),
+                _ => {}
+            }
+        }
+        Ok(Adoption::Gone { detail }) => {
+            tracing::warn!(%id, %detail, "instance exited while the agent was down");
+            let reason = format!("the instance exited while the agent was down ({detail})");
+            let _ = manager.set_status(&slot, Status::Error, Some(reason));
+        }
+        Err(e) => {
+            tracing::warn!(%id, error = %e, "instance could not be adopted");
+            let _ = manager.set_status(&slot, Status::Error, Some(e.to_string()));
+        }
+    }
+}

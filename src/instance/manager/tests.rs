@@ -1,0 +1,341 @@
+//! The manager driven without HTTP, through a scripted backend (test support only).
+
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::backend::{Adoption, BackendEvent, EventSink};
+use crate::instance::spec::Spec;
+
+/// Records every call; `wait_ready` waits for a permit of `ready` so tests control boot time.
+struct Scripted {
+    calls: StdMutex<Vec<String>>,
+    ready: Semaphore,
+    fail: StdMutex<Option<&'static str>>,
+    adoption: StdMutex<Adoption>,
+    keys_seen: StdMutex<Vec<Vec<String>>>,
+}
+
+impl Scripted {
+    fn new() -> Arc<Scripted> {
+        Arc::new(Scripted {
+            calls: StdMutex::default(),
+            ready: Semaphore::new(0),
+            fail: StdMutex::default(),
+            adoption: StdMutex::new(Adoption::Adopted),
+            keys_seen: StdMutex::default(),
+        })
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn step(&self, name: &'static str) -> Result<(), BackendError> {
+        self.calls.lock().unwrap().push(name.to_owned());
+        if *self.fail.lock().unwrap() == Some(name) {
+            return Err(BackendError::op(name, "scripted failure"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for Scripted {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+    fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
+        match spec.image.as_deref() {
+            Some("unknown") => {
+                Err(BackendError::Unsupported { field: "image", reason: "is not known".into() })
+            }
+            _ => Ok(()),
+        }
+    }
+    async fn launch(&self, _: &Instance) -> Result<(), BackendError> {
+        self.step("launch")
+    }
+    async fn wait_ready(&self, _: &Instance) -> Result<(), BackendError> {
+        self.step("wait_ready")?;
+        self.ready.acquire().await.unwrap().forget();
+        Ok(())
+    }
+    async fn configure(&self, i: &Instance) -> Result<(), BackendError> {
+        self.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
+        self.step("configure")
+    }
+    async fn apply_ssh_keys(&self, i: &Instance) -> Result<(), BackendError> {
+        self.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
+        self.step("apply_ssh_keys")
+    }
+    async fn pause(&self, _: &Instance) -> Result<(), BackendError> {
+        self.step("pause")
+    }
+    async fn resume(&self, _: &Instance) -> Result<(), BackendError> {
+        self.step("resume")
+    }
+    async fn reset(&self, _: &Instance) -> Result<(), BackendError> {
+        self.step("reset")
+    }
+    async fn boot(&self, _: &Instance) -> Result<(), BackendError> {
+        self.step("boot")
+    }
+    async fn destroy(&self, _: &Instance) -> Result<(), BackendError> {
+        self.step("destroy")
+    }
+    async fn adopt(&self, _: &Instance) -> Result<Adoption, BackendError> {
+        self.step("adopt")?;
+        Ok(self.adoption.lock().unwrap().clone())
+    }
+}
+
+struct Harness {
+    manager: Manager,
+    backend: Arc<Scripted>,
+    dir: tempfile::TempDir,
+    events: EventSink,
+}
+
+fn settings(gpus: &[&str]) -> ManagerSettings {
+    ManagerSettings {
+        limits: HostLimits {
+            cpus: 4,
+            memory_mib: 8192,
+            storage_gb: 100,
+            default_cpus: 1,
+            default_memory_mib: 512,
+            default_storage_gb: 5,
+        },
+        gpu_pool: gpus.iter().map(|s| s.to_string()).collect(),
+        host_ports: crate::ports::HOST_PORTS,
+    }
+}
+
+fn harness_in(dir: tempfile::TempDir, backend: Arc<Scripted>, gpus: &[&str]) -> Harness {
+    let store = Store::open(dir.path()).unwrap();
+    let manager = Manager::new(Ok(backend.clone() as Arc<dyn Backend>), store, settings(gpus));
+    let (events, rx) = mpsc::unbounded_channel();
+    manager.spawn_event_loop(rx);
+    Harness { manager, backend, dir, events }
+}
+
+fn harness(gpus: &[&str]) -> Harness {
+    harness_in(tempfile::tempdir().unwrap(), Scripted::new(), gpus)
+}
+
+async fn wait_for(manager: &Manager, want: Status) {
+    for _ in 0..500 {
+        if manager.current_status() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("status stayed {} (wanted {want})", manager.current_status());
+}
+
+fn record_files(h: &Harness) -> Vec<String> {
+    std::fs::read_dir(h.dir.path().join("instances"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGdj0ztsvqr9qxDpzEX9DHR4ZrCcGbiYfHqwMuX0MG0W";
+
+#[tokio::test]
+async fn create_runs_through_pending_to_running() {
+    let h = harness(&["0000:65:00.0"]);
+    let created = h.manager.create(&json!({"ssh_enabled": true})).unwrap();
+    assert_eq!(created.status, Status::Pending);
+    assert!(created.ports.contains_key("22"));
+    assert_eq!(h.manager.status().status, Status::Pending);
+    assert_eq!(record_files(&h), [format!("{}.json", created.id)]);
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    assert_eq!(h.backend.calls(), ["launch", "wait_ready", "configure"]);
+    let view = h.manager.status();
+    assert_eq!(view.gpus, Some(1));
+    assert_eq!(view.id.as_deref(), Some(created.id.as_str()));
+}
+
+#[tokio::test]
+async fn admission_refuses_a_second_instance_bad_input_and_missing_gpus() {
+    let h = harness(&["0000:65:00.0", "0000:66:00.0"]);
+    let err = h.manager.create(&json!({"gpus": 3})).unwrap_err();
+    assert!(matches!(err, ManagerError::Resources(ref m) if m.contains("2 free")), "{err}");
+    let err = h.manager.create(&json!({"image": "unknown"})).unwrap_err();
+    assert!(matches!(err, ManagerError::Invalid(ref e) if e.field == "image"), "{err}");
+    let err = h.manager.create(&json!({"cpus": 99})).unwrap_err();
+    assert!(matches!(err, ManagerError::Invalid(_)));
+    assert!(record_files(&h).is_empty(), "nothing created by a refused request");
+
+    h.manager.create(&json!({})).unwrap();
+    assert_eq!(h.manager.instances()[0].gpus.len(), 2, "default: every free GPU");
+    let err = h.manager.create(&json!({})).unwrap_err();
+    assert!(matches!(err, ManagerError::Conflict { .. }), "{err}");
+    assert_eq!(record_files(&h).len(), 1);
+}
+
+#[tokio::test]
+async fn no_backend_answers_every_create_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let manager = Manager::new(Err("no VM backend yet".into()), store, settings(&[]));
+    let err = manager.create(&json!({})).unwrap_err();
+    assert_eq!(err.to_string(), "no instance can be created: no VM backend yet");
+    let err = manager.create(&json!({"ports": "x"})).unwrap_err();
+    assert!(matches!(err, ManagerError::Invalid(_)), "validation comes first");
+}
+
+#[tokio::test]
+async fn a_failed_launch_rolls_back_and_reports_error() {
+    let h = harness(&[]);
+    *h.backend.fail.lock().unwrap() = Some("launch");
+    h.manager.create(&json!({})).unwrap();
+    wait_for(&h.manager, Status::Error).await;
+    assert_eq!(h.backend.calls(), ["launch", "destroy"]);
+    let view = h.manager.status();
+    assert_eq!(view.error.as_deref(), Some("launch failed: scripted failure"));
+    h.manager.delete().unwrap();
+    wait_for(&h.manager, Status::Destroyed).await;
+    for _ in 0..100 {
+        if record_files(&h).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("record left behind: {:?}", record_files(&h));
+}
+
+#[tokio::test]
+async fn delete_during_boot_stops_waiting_and_cleans_up() {
+    let h = harness(&[]);
+    h.manager.create(&json!({})).unwrap();
+    while !h.backend.calls().contains(&"wait_ready".to_owned()) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.manager.delete().unwrap();
+    assert_eq!(h.manager.current_status(), Status::Destroyed, "deleting reads as destroyed");
+    let err = h.manager.create(&json!({})).unwrap_err();
+    assert!(err.to_string().contains("still being deleted"), "{err}");
+    for _ in 0..200 {
+        if h.manager.instances().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(h.manager.instances().is_empty());
+    assert!(record_files(&h).is_empty());
+    assert_eq!(h.backend.calls(), ["launch", "wait_ready", "destroy"]);
+}
+
+#[tokio::test]
+async fn lifecycle_follows_the_state_machine() {
+    let h = harness(&[]);
+    h.manager.create(&json!({})).unwrap();
+    let err = h.manager.lifecycle(Lifecycle::Stop).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Conflict { status: Status::Pending, .. }), "{err}");
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+
+    h.manager.lifecycle(Lifecycle::Stop).await.unwrap();
+    assert_eq!(h.manager.current_status(), Status::Paused);
+    h.manager.lifecycle(Lifecycle::Stop).await.unwrap(); // already paused: no-op
+    h.manager.lifecycle(Lifecycle::Start).await.unwrap();
+    assert_eq!(h.manager.current_status(), Status::Running);
+
+    h.manager.lifecycle(Lifecycle::Restart).await.unwrap();
+    assert_eq!(h.manager.current_status(), Status::Rebooting);
+    let err = h.manager.lifecycle(Lifecycle::Start).await.unwrap_err();
+    assert!(err.to_string().contains("rebooting"), "{err}");
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    let calls = h.backend.calls();
+    assert_eq!(
+        calls[3..],
+        ["pause", "resume", "apply_ssh_keys", "reset", "wait_ready", "configure"]
+    );
+}
+
+#[tokio::test]
+async fn an_exit_event_turns_into_error_and_start_boots_again() {
+    let h = harness(&[]);
+    let id = h.manager.create(&json!({})).unwrap().id;
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    h.events.send(BackendEvent::Exited { id, reason: "QEMU exited with status 1".into() }).unwrap();
+    wait_for(&h.manager, Status::Error).await;
+    assert_eq!(h.manager.status().error.as_deref(), Some("QEMU exited with status 1"));
+    h.manager.lifecycle(Lifecycle::Start).await.unwrap();
+    assert_eq!(h.manager.current_status(), Status::Pending);
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    assert!(h.backend.calls().ends_with(&["boot".into(), "wait_ready".into(), "configure".into()]));
+}
+
+#[tokio::test]
+async fn keys_added_while_pending_are_applied_when_ready() {
+    let h = harness(&[]);
+    let err = h.manager.add_ssh_key(KEY).await.unwrap_err();
+    assert!(matches!(err, ManagerError::NotFound));
+    h.manager.create(&json!({"ssh_enabled": true})).unwrap();
+    h.manager.add_ssh_key(&format!("{KEY} me@laptop")).await.unwrap();
+    h.manager.add_ssh_key(KEY).await.unwrap(); // the same key again: no duplicate
+    assert_eq!(h.manager.instances()[0].ssh_keys.len(), 1);
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    assert_eq!(h.backend.keys_seen.lock().unwrap()[0], [format!("{KEY} me@laptop")]);
+
+    h.manager.remove_ssh_key(KEY).await.unwrap();
+    assert!(h.manager.instances()[0].ssh_keys.is_empty());
+    assert_eq!(h.backend.calls().last().unwrap(), "apply_ssh_keys");
+
+    *h.backend.fail.lock().unwrap() = Some("apply_ssh_keys");
+    assert!(h.manager.add_ssh_key(KEY).await.is_err());
+    assert!(h.manager.instances()[0].ssh_keys.is_empty(), "a key not applied is not kept");
+}
+
+#[tokio::test]
+async fn keys_need_ssh_enabled() {
+    let h = harness(&[]);
+    h.manager.create(&json!({})).unwrap();
+    let err = h.manager.add_ssh_key(KEY).await.unwrap_err();
+    assert!(err.to_string().contains("SSH is not enabled"), "{err}");
+    let err = h.manager.add_ssh_key("not a key").await.unwrap_err();
+    assert!(matches!(err, ManagerError::Invalid(_)));
+}
+
+#[tokio::test]
+async fn restore_adopts_running_instances_and_marks_vanished_ones() {
+    let h = harness(&[]);
+    h.manager.create(&json!({})).unwrap();
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    let Harness { dir, manager, .. } = h;
+    drop(manager);
+
+    let again = harness_in(dir, Scripted::new(), &[]);
+    again.manager.restore().await.unwrap();
+    wait_for(&again.manager, Status::Running).await;
+    for _ in 0..100 {
+        if again.backend.calls().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(again.backend.calls(), ["adopt", "configure"]);
+
+    let gone = Scripted::new();
+    *gone.adoption.lock().unwrap() = Adoption::Gone { detail: "no QEMU process".into() };
+    let third = harness_in(again.dir, gone, &[]);
+    third.manager.restore().await.unwrap();
+    assert_eq!(third.manager.current_status(), Status::Error);
+    let error = third.manager.status().error.unwrap();
+    assert!(error.contains("exited while the agent was down"), "{error}");
+}

@@ -1,0 +1,10 @@
+//! The domain: what an instance is, how a request becomes one, where records live, and the
+//! manager that is the single command surface over the backends.
+
+pub mod manager;
+pub mod model;
+pub mod spec;
+pub mod store;
+
+pub use manager::{Created, Lifecycle, Manager, ManagerError, ManagerSettings, StatusView};
+pub use model::{BackendKind, Instance, Proto, PublishedPort, Status};

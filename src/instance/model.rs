@@ -1,0 +1,115 @@
+//! The instance as the agent keeps it: what was asked for, what was given, where it stands.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::spec::Spec;
+
+/// Where an instance stands (PROTOCOL.md §2, **compat** strings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Accepted, being built, or booting until the guest is reachable.
+    Pending,
+    Running,
+    /// vCPUs stopped (`stop`); GPU, memory, disk and ports kept.
+    Paused,
+    /// Reset requested; until the guest is reachable again.
+    Rebooting,
+    /// Failed; the record stays (with a reason) until `DELETE`.
+    Error,
+    /// No instance.
+    Destroyed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Rebooting => "rebooting",
+            Status::Error => "error",
+            Status::Destroyed => "destroyed",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a published port is carried through the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Http,
+}
+
+/// Which backend built an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Qemu,
+    Docker,
+}
+
+/// One published port: guest port, the host port on 127.0.0.1 that forwards to it, and the
+/// public port on the FRP server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub guest_port: u16,
+    pub host_port: u16,
+    pub remote_port: u16,
+    pub proto: Proto,
+}
+
+/// The persisted record of one instance; the truth that recovery and adoption start from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub backend: BackendKind,
+    pub spec: Spec,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub ports: Vec<PublishedPort>,
+    /// PCI addresses of the GPUs given to this instance.
+    #[serde(default)]
+    pub gpus: Vec<String>,
+    /// Renter keys (OpenSSH lines), applied whenever the guest becomes reachable.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// `DELETE` was accepted; teardown resumes after an agent restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+}
+
+impl Instance {
+    /// `{"22":"10001"}`: guest port → public port, both strings (**compat**).
+    pub fn port_map(&self) -> BTreeMap<String, String> {
+        self.ports.iter().map(|p| (p.guest_port.to_string(), p.remote_port.to_string())).collect()
+    }
+
+    /// The host port forwarding to `guest_port`, if published.
+    pub fn host_port(&self, guest_port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.guest_port == guest_port).map(|p| p.host_port)
+    }
+
+    /// Short name used for process, container and file names: `qudata-<id>`.
+    pub fn marker(&self) -> String {
+        marker(&self.id)
+    }
+}
+
+/// `qudata-<id>`: the name recovery looks for on processes and containers.
+pub fn marker(id: &str) -> String {
+    format!("qudata-{id}")
+}
