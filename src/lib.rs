@@ -2,6 +2,8 @@
 //!
 //! The binary (`main.rs`) is a thin CLI over this library; see DESIGN.md for the module map.
 
+pub mod agent;
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod fsutil;

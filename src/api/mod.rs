@@ -1,0 +1,75 @@
+//! The agent's HTTP API (PROTOCOL.md §2), on 127.0.0.1 only, published through the FRP tunnel.
+//!
+//! Every handler calls the instance manager and nothing else. Authentication wraps the whole
+//! router, so an unauthenticated caller learns nothing about which paths exist.
+
+mod auth;
+mod envelope;
+mod instances;
+mod ssh;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use auth::SecretSlot;
+pub use envelope::ApiError;
+
+use crate::instance::Manager;
+
+/// Largest request body accepted (413 past it).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Manager,
+}
+
+/// The router with authentication, body limit and JSON errors for every status.
+pub fn router(manager: Manager, secret: SecretSlot) -> Router {
+    let state = AppState { manager };
+    let routes = Router::new()
+        .route("/ping", get(ping))
+        .route(
+            "/instances",
+            get(instances::status)
+                .post(instances::create)
+                .put(instances::command)
+                .delete(instances::delete),
+        )
+        .route("/ssh", axum::routing::post(ssh::add).delete(ssh::remove))
+        .fallback(envelope::not_found)
+        .method_not_allowed_fallback(envelope::method_not_allowed)
+        .with_state(state);
+    routes
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(envelope::json_errors))
+        .layer(axum::middleware::from_fn_with_state(secret, auth::require_secret))
+}
+
+async fn ping() -> axum::Json<serde_json::Value> {
+    envelope::ok()
+}
+
+/// Binds 127.0.0.1:`port` (never another address).
+pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}

@@ -1,0 +1,246 @@
+//! Starts the real `qudata-agent` binary in a private data/run dir and talks to its API.
+
+#![allow(dead_code)] // each test binary uses a different part of the support code
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A temporary root with the agent's data and run dirs.
+pub struct Dirs {
+    pub root: tempfile::TempDir,
+    pub data: PathBuf,
+    pub run: PathBuf,
+}
+
+impl Dirs {
+    pub fn new() -> Dirs {
+        let root = tempfile::Builder::new().prefix("qudata-test-").tempdir().expect("tempdir");
+        let data = root.path().join("data");
+        let run = root.path().join("run");
+        Dirs { root, data, run }
+    }
+
+    /// Instance record files, by name.
+    pub fn records(&self) -> Vec<String> {
+        match std::fs::read_dir(self.data.join("instances")) {
+            Ok(entries) => {
+                entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// Where every agent's output of this test run is kept, for the secret scan of the whole run.
+pub fn log_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running agent process.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    output: Arc<Mutex<String>>,
+    log_file: PathBuf,
+}
+
+fn collect(stream: impl Read + Send + 'static, output: Arc<Mutex<String>>, file: PathBuf) {
+    std::thread::spawn(move || {
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(file).unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            use std::io::Write;
+            let _ = writeln!(log, "{line}");
+            let mut out = output.lock().unwrap();
+            out.push_str(&line);
+            out.push('\n');
+        }
+    });
+}
+
+impl Agent {
+    /// Starts `qudata-agent <args>` with a clean environment plus `env`.
+    pub fn start(dirs: &Dirs, args: &[&str], env: &[(&str, String)], port: u16) -> Agent {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qudata-agent"));
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("QUDATA_DATA_DIR", &dirs.data)
+            .env("QUDATA_RUN_DIR", &dirs.run)
+            .env("QUDATA_AGENT_PORT", port.to_string())
+            .env("QUDATA_DEBUG", "true")
+            .env("RUST_LOG", "debug,hyper=info,reqwest=info,h2=info,rustls=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn qudata-agent");
+        let output = Arc::new(Mutex::new(String::new()));
+        let log_file = log_dir().join(format!("agent-{}.log", child.id()));
+        collect(child.stdout.take().unwrap(), output.clone(), log_file.clone());
+        collect(child.stderr.take().unwrap(), output.clone(), log_file.clone());
+        Agent { child: Some(child), port, output, log_file }
+    }
+
+    /// Local mode on a fresh port.
+    pub fn local(dirs: &Dirs) -> Agent {
+        Agent::start(dirs, &["run", "--local"], &[], free_port())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Everything the agent printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits (deadline 60 s) until `GET /ping` answers.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status} before serving:\n{}", self.output());
+            }
+            if let Ok(r) = client.get(self.url("/ping")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("agent did not serve within 60 s:\n{}", self.output());
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `SIGTERM`, then waits (deadline 30 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent ignored SIGTERM:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit on its own (deadline 30 s).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_file(&self) -> &Path {
+        &self.log_file
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A client for the agent API that sends `X-Agent-Secret` when given one.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub secret: Option<String>,
+    http: reqwest::Client,
+}
+
+/// An answer: status and parsed JSON body (`Value::Null` when the body is not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub content_type: String,
+}
+
+impl Api {
+    pub fn new(agent: &Agent, secret: Option<&str>) -> Api {
+        Api {
+            base: agent.url(""),
+            secret: secret.map(str::to_owned),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Answer {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(s) = &self.secret {
+            req = req.header("X-Agent-Secret", s);
+        }
+        if let Some(b) = body {
+            req = req.header("Content-Type", "application/json").body(b);
+        }
+        let resp = req.send().await.expect("agent answered");
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = resp.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer { status, body, content_type }
+    }
+
+    pub async fn json(&self, method: &str, path: &str, body: &Value) -> Answer {
+        self.call(method, path, Some(serde_json::to_vec(body).unwrap())).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.call("GET", path, None).await
+    }
+}
+
+/// The local secret the agent made in `dirs`.
+pub fn local_secret(dirs: &Dirs) -> String {
+    std::fs::read_to_string(dirs.data.join("local-secret")).unwrap().trim().to_owned()
+}

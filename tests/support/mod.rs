@@ -1,0 +1,3 @@
+//! Test support: the real agent binary, and doubles for what cannot exist here.
+
+pub mod agent;
