@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 
 use rand::Rng;
 
-use crate::instance::model::{Proto, PublishedPort};
+use crate::instance::model::{Instance, Proto, PublishedPort};
 use crate::instance::spec::PortRequest;
 
 /// Remote TCP ports used when the control plane sends legacy string `ports` (PROTOCOL.md §3).
@@ -44,6 +44,30 @@ impl Taken {
         }
         taken
     }
+
+    /// Everything the given instances hold: published ports and management ports.
+    pub fn from_instances<'a>(instances: impl IntoIterator<Item = &'a Instance>) -> Taken {
+        let mut taken = Taken::default();
+        for i in instances {
+            let of_one = Taken::from_ports(&i.ports);
+            taken.host.extend(of_one.host);
+            taken.remote.extend(of_one.remote);
+            taken.host.extend(i.management_port);
+        }
+        taken
+    }
+}
+
+/// One more free host port, not among `taken` nor `also_taken`.
+pub fn allocate_host(
+    taken: &Taken,
+    also_taken: &[PublishedPort],
+    host_range: RangeInclusive<u16>,
+) -> Result<u16, PortError> {
+    let mut used = taken.host.clone();
+    used.extend(also_taken.iter().map(|p| p.host_port));
+    pick(&host_range, &used, host_port_is_free)
+        .ok_or(PortError::HostExhausted { first: *host_range.start(), last: *host_range.end() })
 }
 
 /// True when nothing listens on 127.0.0.1:`port` right now.
@@ -160,6 +184,22 @@ mod tests {
         assert!(!host_port_is_free(busy));
         let err = allocate(&[req(22, Some(1), Proto::Tcp)], &Taken::default(), busy..=busy);
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn a_management_port_avoids_published_and_held_ports() {
+        let taken = Taken { host: [42000].into(), ..Taken::default() };
+        let published = [PublishedPort {
+            guest_port: 22,
+            host_port: 42001,
+            remote_port: 10001,
+            proto: Proto::Tcp,
+        }];
+        assert_eq!(allocate_host(&taken, &published, 42000..=42002), Ok(42002));
+        assert_eq!(
+            allocate_host(&taken, &published, 42000..=42001),
+            Err(PortError::HostExhausted { first: 42000, last: 42001 })
+        );
     }
 
     #[test]

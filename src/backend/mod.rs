@@ -56,6 +56,12 @@ pub enum Adoption {
 pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
 
+    /// The guest port the agent itself reaches the guest on (a VM's SSH), if any. The manager
+    /// gives it a host port of its own, recorded in `Instance::management_port`.
+    fn management_guest_port(&self) -> Option<u16> {
+        None
+    }
+
     /// Checks what only the backend knows (known image names, …), before anything starts.
     fn validate(&self, spec: &Spec) -> Result<(), BackendError>;
 

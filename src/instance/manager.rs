@@ -197,8 +197,13 @@ impl Manager {
         }
         let held: Vec<Instance> = slots.values().map(|s| s.snapshot()).collect();
         let gpus = self.pick_gpus(spec.gpus, &held)?;
-        let taken = ports::Taken::from_ports(held.iter().flat_map(|i| &i.ports));
-        let ports = ports::allocate(&spec.ports, &taken, self.inner.settings.host_ports.clone())?;
+        let taken = ports::Taken::from_instances(&held);
+        let host_range = self.inner.settings.host_ports.clone();
+        let ports = ports::allocate(&spec.ports, &taken, host_range.clone())?;
+        let management_port = match backend.management_guest_port() {
+            Some(_) => Some(ports::allocate_host(&taken, &ports, host_range)?),
+            None => None,
+        };
         let instance = Instance {
             id: uuid::Uuid::new_v4().to_string(),
             backend: backend.kind(),
@@ -209,6 +214,7 @@ impl Manager {
             ports,
             gpus,
             ssh_keys: Vec::new(),
+            management_port,
             deleting: false,
         };
         self.inner.store.save(&instance)?;

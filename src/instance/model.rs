@@ -87,6 +87,10 @@ pub struct Instance {
     /// Renter keys (OpenSSH lines), applied whenever the guest becomes reachable.
     #[serde(default)]
     pub ssh_keys: Vec<String>,
+    /// Host port forwarding to the guest's management SSH (VM backend), published to nobody.
+    /// Kept apart from `ports` so that `ssh_enabled: false` still lets the agent in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_port: Option<u16>,
     /// `DELETE` was accepted; teardown resumes after an agent restart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,

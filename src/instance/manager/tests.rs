@@ -49,6 +49,9 @@ impl Backend for Scripted {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
     }
+    fn management_guest_port(&self) -> Option<u16> {
+        Some(22)
+    }
     fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
         match spec.image.as_deref() {
             Some("unknown") => {
@@ -162,6 +165,11 @@ async fn create_runs_through_pending_to_running() {
     let view = h.manager.status();
     assert_eq!(view.gpus, Some(1));
     assert_eq!(view.id.as_deref(), Some(created.id.as_str()));
+    // The agent's own way in has a host port of its own, published to nobody.
+    let instance = &h.manager.instances()[0];
+    let management = instance.management_port.expect("management port");
+    assert!(instance.ports.iter().all(|p| p.host_port != management));
+    assert!(!view.ports.unwrap().values().any(|p| p == &management.to_string()));
 }
 
 #[tokio::test]
