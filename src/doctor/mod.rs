@@ -1,0 +1,1 @@
+//! `qudata-agent doctor`.
