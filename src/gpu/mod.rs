@@ -2,4 +2,4 @@
 
 pub mod pci;
 
-pub use pci::{GpuDriver, GpuError, Inventory, NvidiaGpu, PciFunction, Rejected, RejectReason};
+pub use pci::{GpuDriver, GpuError, Inventory, NvidiaGpu, PciFunction, RejectReason, Rejected};
