@@ -98,7 +98,10 @@ fn inventory_finds_nvidia_gpus_with_their_slot_functions() {
         inv.gpus.iter().map(|g| (g.address.as_str(), g.device, &g.driver)).collect();
     assert_eq!(
         found,
-        [("0000:65:00.0", 0x2330, &GpuDriver::Nvidia), ("0000:b3:00.0", 0x2684, &GpuDriver::VfioPci)]
+        [
+            ("0000:65:00.0", 0x2330, &GpuDriver::Nvidia),
+            ("0000:b3:00.0", 0x2684, &GpuDriver::VfioPci)
+        ]
     );
 
     let h100 = &inv.gpus[0];

@@ -112,7 +112,9 @@ pub fn iommu(view: &HostView) -> Check {
     };
     let missing = view.missing(Need::Vm);
     if !groups.is_empty() {
-        Check::ok("iommu", format!("{} IOMMU groups; cmdline: {shown}", groups.len()))
+        let n = groups.len();
+        let plural = if n == 1 { "" } else { "s" };
+        Check::ok("iommu", format!("{n} IOMMU group{plural}; cmdline: {shown}"))
     } else if asked {
         let detail = format!("cmdline has {shown} but the kernel made no IOMMU groups");
         Check::new("iommu", missing, detail, "enable VT-d/AMD-Vi in the firmware setup")
