@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use super::{Check, HostView, Need, Status};
 
 /// `KVM_GET_API_VERSION` = `_IO(KVMIO, 0x00)` with `KVMIO` = 0xAE.
-const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+const KVM_GET_API_VERSION: libc::Ioctl = 0xAE00;
 /// The only KVM API version Linux has ever reported.
 const KVM_API_VERSION: i32 = 12;
 
