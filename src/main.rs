@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use qudata_agent::agent;
 use qudata_agent::config::{self, Config, Scope};
+use qudata_agent::{agent, doctor};
 
 #[derive(Parser)]
 #[command(name = "qudata-agent", version, about = "Qudata GPU host agent")]
@@ -22,6 +22,14 @@ enum Command {
         /// No control plane and no frpc: a generated secret, the API on 127.0.0.1.
         #[arg(long)]
         local: bool,
+    },
+    /// Check that this host can run the agent: KVM, IOMMU, VFIO, GPUs, QEMU, OVMF, frpc, Docker.
+    /// Exits 1 when a check fails.
+    #[command(after_help = config::help_text(&[Scope::Host]))]
+    Doctor {
+        /// Print a JSON array of {"check","status","detail","fix"} instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the version.
     Version,
@@ -47,6 +55,21 @@ fn main() -> ExitCode {
         Command::Version => {
             println!("qudata-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Command::Doctor { json } => {
+            // Local relaxes only the API key, which doctor does not use; every other setting
+            // is still validated, so a bad one exits 2 as it would for `run`.
+            let cfg = match load_config(true) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            let checks = doctor::run_all(&doctor::HostView::from_config(&cfg));
+            if json {
+                println!("{}", doctor::render_json(&checks));
+            } else {
+                print!("{}", doctor::render_text(&checks));
+            }
+            if doctor::any_failed(&checks) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
         }
         Command::Run { local } => {
             let cfg = match load_config(local) {

@@ -1,3 +1,5 @@
 //! Test support: the real agent binary, and doubles for what cannot exist here.
 
 pub mod agent;
+pub mod host;
+pub mod sysfs;

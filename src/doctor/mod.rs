@@ -1,0 +1,182 @@
+//! `qudata-agent doctor`: is this host ready, and what to fix (the agent's `virt-host-validate`).
+//!
+//! Each check is a function over a [`HostView`], the roots it reads (`/proc`, `/sys`, `/dev`,
+//! the `PATH` used for lookups, the data dir), so tests run every branch against temporary
+//! trees. A check ends `ok`, `warn` (the agent works with less: TCG, Docker only, no GPU) or
+//! `fail` (the configured backend or production mode cannot work).
+
+mod exec;
+mod gpus;
+mod output;
+mod platform;
+mod services;
+mod tools;
+
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use crate::config::{BackendChoice, Config};
+use crate::vfio::{PciAddress, SysfsRoot};
+
+pub use exec::{find_program, version_line};
+pub use output::{render_json, render_text};
+
+/// The names of every check, in output order (`gpu` repeats once per GPU).
+pub const CHECKS: &[&str] = &[
+    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "docker", "datadir",
+];
+
+/// The outcome of one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Check {
+    pub check: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to do, in a few words; `None` when there is nothing to do.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn ok(check: &'static str, detail: impl Into<String>) -> Check {
+        Check { check, status: Status::Ok, detail: detail.into(), fix: None }
+    }
+
+    pub fn new(
+        check: &'static str,
+        status: Status,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
+        Check { check, status, detail: detail.into(), fix: Some(fix.into()) }
+    }
+}
+
+/// Running a helper program (`--version`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    #[error("{program} --version exited with {status}; reinstall it")]
+    Exit { program: PathBuf, status: ExitStatus },
+    #[error("cannot run {program}: {source}; reinstall it")]
+    Spawn { program: PathBuf, source: io::Error },
+    #[error("{program} --version gave no answer within {timeout:?}; check that it is not hung")]
+    Timeout { program: PathBuf, timeout: Duration },
+}
+
+/// What a missing capability is needed for; decides between `warn` and `fail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// VMs (the `qemu` backend); `auto` falls back to Docker or TCG.
+    Vm,
+    /// Containers (the `docker` backend); `auto` uses VMs where it can.
+    Docker,
+}
+
+/// The parts of the host the checks read. Production uses [`HostView::from_config`];
+/// tests point each root at a temporary tree.
+#[derive(Clone, Debug)]
+pub struct HostView {
+    /// `/proc`: `cpuinfo`, `cmdline`, `sys/kernel/osrelease`.
+    pub proc_root: PathBuf,
+    pub sysfs: SysfsRoot,
+    /// `/dev`: `kvm`.
+    pub dev_root: PathBuf,
+    /// `/lib/modules`: `<release>/modules.builtin`.
+    pub lib_modules: PathBuf,
+    /// `/usr/share/OVMF`.
+    pub ovmf_dir: PathBuf,
+    pub docker_socket: PathBuf,
+    /// The `PATH` programs are looked up in.
+    pub search_path: OsString,
+    pub data_dir: PathBuf,
+    pub frpc_binary: PathBuf,
+    pub gpu_pci_addrs: Option<Vec<PciAddress>>,
+    pub backend: BackendChoice,
+    /// Deadline of each `--version` run.
+    pub command_timeout: Duration,
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl HostView {
+    /// The real host, with the settings of `cfg`.
+    pub fn from_config(cfg: &Config) -> HostView {
+        let gpu_pci_addrs = cfg
+            .gpu_pci_addrs
+            .as_ref()
+            .map(|list| list.iter().filter_map(|a| a.parse().ok()).collect());
+        HostView {
+            proc_root: "/proc".into(),
+            sysfs: SysfsRoot::default(),
+            dev_root: "/dev".into(),
+            lib_modules: "/lib/modules".into(),
+            ovmf_dir: "/usr/share/OVMF".into(),
+            docker_socket: "/var/run/docker.sock".into(),
+            search_path: std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+            data_dir: cfg.data_dir.clone(),
+            frpc_binary: cfg.frpc_binary.clone(),
+            gpu_pci_addrs,
+            backend: cfg.backend,
+            command_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The status of something missing: `fail` when the configured backend needs it.
+    pub fn missing(&self, need: Need) -> Status {
+        match (need, self.backend) {
+            (Need::Vm, BackendChoice::Qemu) | (Need::Docker, BackendChoice::Docker) => Status::Fail,
+            _ => Status::Warn,
+        }
+    }
+}
+
+/// Runs every check, in [`CHECKS`] order.
+pub fn run_all(view: &HostView) -> Vec<Check> {
+    let mut checks = vec![
+        platform::cpu(view),
+        platform::kvm(view),
+        platform::iommu(view),
+        platform::vfio_modules(view),
+    ];
+    checks.extend(gpus::gpus(view));
+    checks.extend([
+        tools::qemu(view),
+        tools::qemu_img(view),
+        tools::ovmf(view),
+        tools::frpc(view),
+        services::docker(view),
+        services::data_dir(view),
+    ]);
+    checks
+}
+
+/// Whether the report has a failed check (exit status 1).
+pub fn any_failed(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.status == Status::Fail)
+}
+
+pub use gpus::gpus;
+pub use platform::{cpu, iommu, kvm, vfio_modules};
+pub use services::{data_dir, docker};
+pub use tools::{frpc, ovmf, qemu, qemu_img};

@@ -1,0 +1,63 @@
+//! QEMU, qemu-img, OVMF firmware and frpc.
+
+use std::path::Path;
+
+use super::exec::{find_program, version_line};
+use super::{Check, HostView, Need, Status};
+
+/// OVMF code + vars pairs, in order of preference (Debian 12 ships the 4M ones).
+pub const OVMF_PAIRS: &[(&str, &str)] =
+    &[("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"), ("OVMF_CODE.fd", "OVMF_VARS.fd")];
+
+pub fn qemu(view: &HostView) -> Check {
+    program(view, "qemu", "qemu-system-x86_64", "apt-get install qemu-system-x86")
+}
+
+pub fn qemu_img(view: &HostView) -> Check {
+    program(view, "qemu-img", "qemu-img", "apt-get install qemu-utils")
+}
+
+/// A VM tool on the `PATH`, with the version it reports.
+fn program(view: &HostView, check: &'static str, name: &str, install: &str) -> Check {
+    let missing = view.missing(Need::Vm);
+    let Some(path) = find_program(Path::new(name), &view.search_path) else {
+        return Check::new(check, missing, format!("{name} is not on PATH"), install);
+    };
+    match version_line(&path, view.command_timeout) {
+        Ok(version) => Check::ok(check, format!("{version} ({})", path.display())),
+        Err(e) => Check::new(check, missing, e.to_string(), install),
+    }
+}
+
+/// UEFI firmware for the VMs: a code file and the vars template it pairs with.
+pub fn ovmf(view: &HostView) -> Check {
+    for (code, vars) in OVMF_PAIRS {
+        let (code, vars) = (view.ovmf_dir.join(code), view.ovmf_dir.join(vars));
+        if code.is_file() && vars.is_file() {
+            return Check::ok("ovmf", format!("{} + {}", code.display(), vars.display()));
+        }
+    }
+    let names: Vec<&str> = OVMF_PAIRS.iter().flat_map(|(c, v)| [*c, *v]).collect();
+    let found: Vec<&str> =
+        names.iter().copied().filter(|n| view.ovmf_dir.join(n).is_file()).collect();
+    let detail = if found.is_empty() {
+        format!("no OVMF firmware in {}", view.ovmf_dir.display())
+    } else {
+        format!("{} holds {} but no code + vars pair", view.ovmf_dir.display(), found.join(", "))
+    };
+    Check::new("ovmf", view.missing(Need::Vm), detail, "apt-get install ovmf")
+}
+
+/// The frp client every published port goes through (not needed with `--local`).
+pub fn frpc(view: &HostView) -> Check {
+    let fix = "install frpc or set QUDATA_FRPC_BINARY (not needed with --local)";
+    let Some(path) = find_program(&view.frpc_binary, &view.search_path) else {
+        let detail =
+            format!("{} is not on PATH nor an executable file", view.frpc_binary.display());
+        return Check::new("frpc", Status::Fail, detail, fix);
+    };
+    match version_line(&path, view.command_timeout) {
+        Ok(version) => Check::ok("frpc", format!("frpc {version} ({})", path.display())),
+        Err(e) => Check::new("frpc", Status::Warn, e.to_string(), fix),
+    }
+}

@@ -1,0 +1,5 @@
+//! GPUs of the host: the PCI inventory (from sysfs). NVML and self-test facts join later.
+
+pub mod pci;
+
+pub use pci::{GpuDriver, GpuError, Inventory, NvidiaGpu, PciFunction, RejectReason, Rejected};

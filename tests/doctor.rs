@@ -1,0 +1,141 @@
+//! `qudata-agent doctor`: every check's branches against fake hosts (`doctor/`), and the real
+//! binary on this real machine.
+
+mod support;
+
+#[path = "doctor/platform.rs"]
+mod platform;
+#[path = "doctor/tools.rs"]
+mod tools;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+
+use qudata_agent::gpu::Inventory;
+use qudata_agent::vfio::SysfsRoot;
+use serde_json::Value;
+
+/// The checks the README documents; `gpu` repeats per GPU.
+const DOCUMENTED: &[&str] = &[
+    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "docker", "datadir",
+];
+
+/// Runs the binary with only `PATH` and the given settings (no `QUDATA_API_KEY`).
+fn doctor(args: &[&str], env: &[(&str, &str)]) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qudata-agent"));
+    cmd.arg("doctor")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("QUDATA_DATA_DIR", dir.path().join("data"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    (cmd.output().unwrap(), dir)
+}
+
+fn json_report(out: &Output) -> Vec<Value> {
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap().as_array().cloned().expect("a JSON array")
+}
+
+fn statuses(report: &[Value]) -> Vec<&str> {
+    report.iter().map(|c| c["status"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn json_report_has_every_check_and_exit_status_follows_failures() {
+    let (out, _dir) = doctor(&["--json"], &[]);
+    let report = json_report(&out);
+    for c in &report {
+        let mut keys: Vec<&str> = c.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["check", "detail", "fix", "status"], "{c}");
+        assert!(["ok", "warn", "fail"].contains(&c["status"].as_str().unwrap()), "{c}");
+        assert!(c["status"] == "ok" || c["fix"].is_string() || c["check"] == "datadir", "{c}");
+    }
+    let names: Vec<&str> = report.iter().map(|c| c["check"].as_str().unwrap()).collect();
+    for name in DOCUMENTED {
+        assert!(names.contains(name), "{name} missing from {names:?}");
+    }
+    let failed = statuses(&report).contains(&"fail");
+    assert_eq!(out.status.code(), Some(if failed { 1 } else { 0 }), "{report:?}");
+
+    // Cross-check with what this machine's /sys says.
+    let gpus = Inventory::scan(&SysfsRoot::default(), None).unwrap().gpus.len();
+    assert_eq!(names.iter().filter(|n| **n == "gpu").count(), gpus.max(1));
+    let has_groups = SysfsRoot::default().has_iommu_groups().unwrap();
+    let iommu = report.iter().find(|c| c["check"] == "iommu").unwrap();
+    assert_eq!(iommu["status"] == "ok", has_groups, "{iommu}");
+    let datadir = report.iter().find(|c| c["check"] == "datadir").unwrap();
+    assert_eq!(datadir["status"], "warn", "a missing data dir is created at first run");
+}
+
+#[test]
+fn text_report_has_one_aligned_line_per_check() {
+    let (json, _dir) = doctor(&["--json"], &[]);
+    let report = json_report(&json);
+    let (out, _dir) = doctor(&[], &[]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), report.len(), "{text}");
+    for (line, c) in lines.iter().zip(&report) {
+        let status = c["status"].as_str().unwrap();
+        let check = c["check"].as_str().unwrap();
+        assert_eq!(&line[..6], format!("{status:<6}"), "{line}");
+        assert_eq!(&line[6..17], format!("{check:<11}"), "{line}");
+    }
+    let failed = lines.iter().any(|l| l.starts_with("fail "));
+    assert_eq!(out.status.code(), Some(if failed { 1 } else { 0 }), "{text}");
+}
+
+#[test]
+fn settings_reach_the_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let frpc = dir.path().join("frpc");
+    std::fs::write(&frpc, "#!/bin/sh\necho 0.61.0\n").unwrap();
+    std::fs::set_permissions(&frpc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // On a real host 0000:00:00.0 is the host bridge, never an NVIDIA GPU.
+    let (out, _d) = doctor(
+        &["--json"],
+        &[
+            ("QUDATA_FRPC_BINARY", frpc.to_str().unwrap()),
+            ("QUDATA_DATA_DIR", data.to_str().unwrap()),
+            ("QUDATA_GPU_PCI_ADDRS", "0000:00:00.0"),
+        ],
+    );
+    let report = json_report(&out);
+    let find = |name: &str| report.iter().find(|c| c["check"] == name).unwrap().clone();
+    assert_eq!(find("frpc")["status"], "ok", "{report:?}");
+    assert!(find("frpc")["detail"].as_str().unwrap().starts_with("frpc 0.61.0"));
+    let datadir = find("datadir");
+    let root = owned_by_root(&data);
+    assert_eq!(datadir["status"] == "ok", root, "{datadir}");
+    let gpu = find("gpu");
+    assert_eq!(gpu["status"], "fail", "{gpu}");
+    assert_eq!(gpu["fix"], "fix QUDATA_GPU_PCI_ADDRS");
+    assert_eq!(out.status.code(), Some(1));
+}
+
+fn owned_by_root(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().uid() == 0
+}
+
+#[test]
+fn a_bad_setting_exits_2_and_no_api_key_is_needed() {
+    let (out, _dir) = doctor(&[], &[("QUDATA_BACKEND", "xen")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.starts_with("qudata-agent: QUDATA_BACKEND="), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1);
+
+    let (out, _dir) = doctor(&["--help"], &[]);
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("QUDATA_DATA_DIR") && help.contains("QUDATA_GPU_PCI_ADDRS"), "{help}");
+    assert!(!help.contains("QUDATA_API_KEY"), "doctor does not read the API key");
+}

@@ -1,0 +1,119 @@
+//! A fake sysfs tree in a temporary directory, laid out the way Linux lays out `/sys`:
+//! device directories under `devices/pci<domain>:<bus>/`, `bus/pci/devices/<addr>` links to
+//! them, `driver` links into `bus/pci/drivers/<name>`, `iommu_group` links into
+//! `kernel/iommu_groups/<n>` whose `devices/` link back, and `module/<name>` directories.
+//!
+//! Built step by step: each `gpu`/`function`/`device` call adds a PCI function, and `driver`
+//! and `group` apply to the function added last.
+
+#![allow(dead_code)] // each test binary uses a different part of the support code
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use qudata_agent::vfio::SysfsRoot;
+
+pub const NVIDIA: u16 = 0x10de;
+pub const CLASS_VGA: u32 = 0x030000;
+pub const CLASS_3D: u32 = 0x030200;
+pub const CLASS_AUDIO: u32 = 0x040300;
+pub const CLASS_USB: u32 = 0x0c0330;
+pub const CLASS_BRIDGE: u32 = 0x060400;
+pub const CLASS_ETHERNET: u32 = 0x020000;
+
+pub struct FakeSysfs {
+    dir: tempfile::TempDir,
+    last: Option<String>,
+}
+
+impl Default for FakeSysfs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeSysfs {
+    /// An empty tree: no PCI devices, no IOMMU groups (the directory exists, as on a host
+    /// booted without IOMMU), no modules.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("qudata-sysfs-").tempdir().expect("tempdir");
+        for sub in ["bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups", "module"] {
+            fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        FakeSysfs { dir, last: None }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn root(&self) -> SysfsRoot {
+        SysfsRoot::new(self.dir.path())
+    }
+
+    /// An NVIDIA GPU (function 0 of its slot, VGA class).
+    pub fn gpu(self, addr: &str, device: u16) -> Self {
+        self.device(addr, NVIDIA, device, CLASS_VGA)
+    }
+
+    /// Another NVIDIA function, e.g. the HDMI audio function of a GPU's slot.
+    pub fn function(self, addr: &str, class: u32) -> Self {
+        self.device(addr, NVIDIA, 0x22bc, class)
+    }
+
+    /// Any PCI function.
+    pub fn device(mut self, addr: &str, vendor: u16, device: u16, class: u32) -> Self {
+        let bus = &addr[..7];
+        let real = self.path().join(format!("devices/pci{bus}/{addr}"));
+        fs::create_dir_all(&real).unwrap();
+        fs::write(real.join("vendor"), format!("0x{vendor:04x}\n")).unwrap();
+        fs::write(real.join("device"), format!("0x{device:04x}\n")).unwrap();
+        fs::write(real.join("class"), format!("0x{class:06x}\n")).unwrap();
+        let link = self.path().join("bus/pci/devices").join(addr);
+        symlink(format!("../../../devices/pci{bus}/{addr}"), link).unwrap();
+        self.last = Some(addr.to_owned());
+        self
+    }
+
+    /// Binds the function added last to `driver`.
+    pub fn driver(self, driver: &str) -> Self {
+        let addr = self.last();
+        let driver_dir = self.path().join("bus/pci/drivers").join(driver);
+        fs::create_dir_all(&driver_dir).unwrap();
+        symlink(format!("../../../bus/pci/drivers/{driver}"), self.real_dir(&addr).join("driver"))
+            .unwrap();
+        symlink(format!("../../../../devices/pci{}/{addr}", &addr[..7]), driver_dir.join(&addr))
+            .unwrap();
+        self
+    }
+
+    /// Puts the function added last into IOMMU group `group` (created on first use).
+    pub fn group(self, group: u32) -> Self {
+        let addr = self.last();
+        let devices = self.path().join(format!("kernel/iommu_groups/{group}/devices"));
+        fs::create_dir_all(&devices).unwrap();
+        symlink(format!("../../../../devices/pci{}/{addr}", &addr[..7]), devices.join(&addr))
+            .unwrap();
+        symlink(
+            format!("../../../kernel/iommu_groups/{group}"),
+            self.real_dir(&addr).join("iommu_group"),
+        )
+        .unwrap();
+        self
+    }
+
+    /// A loaded kernel module.
+    pub fn module(self, name: &str) -> Self {
+        fs::create_dir_all(self.path().join("module").join(name)).unwrap();
+        self
+    }
+
+    fn last(&self) -> String {
+        self.last.clone().expect("add a device first")
+    }
+
+    fn real_dir(&self, addr: &str) -> PathBuf {
+        self.path().join(format!("devices/pci{}/{addr}", &addr[..7]))
+    }
+}
