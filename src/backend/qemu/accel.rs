@@ -249,4 +249,24 @@ mod tests {
         ];
         assert_eq!(argv, expected);
     }
+
+    /// The deadline path, with the real QEMU: firmware that only halts never answers.
+    #[tokio::test]
+    async fn a_silent_guest_is_killed_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let bios = dir.path().join("halt.bin");
+        std::fs::write(&bios, vec![0xf4; 0x10000]).unwrap();
+        let argv = probe_argv(Accel::Tcg, &bios);
+        let qemu = Path::new("qemu-system-x86_64");
+        let outcome = probe_with(qemu, &argv, Duration::from_millis(1500)).await.unwrap();
+        assert_eq!(outcome, ProbeOutcome::Fails { detail: "no answer within 1500 ms".into() });
+    }
+
+    #[tokio::test]
+    async fn a_missing_qemu_is_a_spawn_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = dir.path().join("no-such-qemu");
+        let err = run_probe(&qemu, Accel::Tcg, dir.path(), PROBE_DEADLINE).await.unwrap_err();
+        assert!(err.to_string().contains("set QUDATA_QEMU_BINARY"), "{err}");
+    }
 }
