@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -106,7 +107,9 @@ pub async fn run_probe(
     dir: &Path,
     deadline: Duration,
 ) -> Result<ProbeOutcome, AccelError> {
-    let bios = dir.join(format!("probe-bios-{}.bin", std::process::id()));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let bios = dir.join(format!("probe-bios-{}-{n}.bin", std::process::id()));
     std::fs::write(&bios, probe_firmware())
         .map_err(|source| AccelError::Write { path: bios.clone(), source })?;
     let outcome = probe_with(qemu, &probe_argv(accel, &bios), deadline).await;
@@ -168,6 +171,10 @@ fn boot_id() -> Option<String> {
 
 /// Whether KVM runs a guest on this host, probed at most once per boot (cached in `run_dir`).
 pub async fn kvm_probe(qemu: &Path, run_dir: &Path) -> Result<ProbeOutcome, AccelError> {
+    fsutil::ensure_private_dir(run_dir).map_err(|e| AccelError::Write {
+        path: run_dir.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let cache = run_dir.join(CACHE_FILE);
     let boot = boot_id();
     if let (Some(boot), Ok(bytes)) = (&boot, std::fs::read(&cache))

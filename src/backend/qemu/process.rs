@@ -30,7 +30,10 @@ pub enum ProcessError {
     #[error("cannot open the QEMU log {path}: {source}; check the data dir")]
     Log { path: PathBuf, source: std::io::Error },
     /// RLIMIT_MEMLOCK could not be raised (VFIO pins all guest memory).
-    #[error("cannot raise RLIMIT_MEMLOCK to {bytes} bytes: {source}; run the agent as root")]
+    #[error(
+        "cannot raise RLIMIT_MEMLOCK to {bytes} bytes: {source}; run the agent as root with \
+         CAP_SYS_RESOURCE or set LimitMEMLOCK=infinity in its systemd unit"
+    )]
     Memlock { bytes: u64, source: std::io::Error },
     /// The pidfile is missing or does not hold a pid.
     #[error("cannot read the QEMU pidfile {path}: {detail}")]
@@ -232,6 +235,36 @@ mod tests {
     #[test]
     fn memlock_covers_guest_memory_and_a_gib() {
         assert_eq!(memlock_bytes(2048), (2 << 30) + (1 << 30));
+    }
+
+    fn memlock() -> libc::rlimit {
+        let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes into the struct we own.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) }, 0);
+        now
+    }
+
+    /// Works unprivileged: lowers the soft limit below the hard one, then raises it back.
+    #[test]
+    fn raised_memlock_is_inherited_by_children() {
+        let hard = memlock().rlim_max;
+        let low = libc::rlimit { rlim_cur: 1 << 20, rlim_max: hard };
+        // SAFETY: setrlimit reads the struct we own; lowering the soft limit needs no privilege.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &low) }, 0);
+        let wanted = if hard == libc::RLIM_INFINITY { 64 << 20 } else { hard };
+        raise_memlock(wanted).unwrap();
+        raise_memlock(1).unwrap(); // never lowers
+        assert_eq!(memlock().rlim_cur, wanted);
+        let limits = std::process::Command::new("cat").arg("/proc/self/limits").output().unwrap();
+        let text = String::from_utf8(limits.stdout).unwrap();
+        let line = text.lines().find(|l| l.starts_with("Max locked memory")).unwrap();
+        assert_eq!(line.split_whitespace().nth(3), Some(wanted.to_string().as_str()), "{line}");
+        // Past the hard limit it takes CAP_SYS_RESOURCE; without it the error says what to do.
+        if hard != libc::RLIM_INFINITY
+            && let Err(err) = raise_memlock(hard + 1)
+        {
+            assert!(err.to_string().contains("LimitMEMLOCK"), "{err}");
+        }
     }
 
     #[test]
