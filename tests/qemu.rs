@@ -88,6 +88,19 @@ async fn next_event(events: &mut broadcast::Receiver<QmpEvent>) -> QmpEvent {
     }
 }
 
+/// The file's text once it contains `needle`.
+async fn wait_for_text(path: &Path, needle: &str, limit: Duration) -> String {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < end, "no {needle:?} in {path:?} yet: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn status(qmp: &Qmp) -> RunState {
     qmp.query_status().await.unwrap().status
 }
@@ -104,6 +117,12 @@ async fn a_paused_vm_is_driven_over_qmp_and_reaped() {
     qmp.cont().await.unwrap();
     assert_eq!(next_event(&mut events).await, QmpEvent::Resume);
     assert_eq!(status(&qmp).await, RunState::running);
+    // OVMF from the pflash drives runs and tries the virtio disks (both empty of loaders).
+    let serial = wait_for_text(&plan.serial_log, "BdsDxe", Duration::from_secs(180)).await;
+    assert!(serial.contains("PciRoot"), "{serial}");
+    // The published port listens on loopback (user-mode networking forwards it to the guest).
+    let (host_port, _) = plan.ports[0];
+    std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, host_port)).unwrap();
     qmp.stop().await.unwrap();
     assert_eq!(next_event(&mut events).await, QmpEvent::Stop);
     assert_eq!(status(&qmp).await, RunState::paused);
