@@ -123,6 +123,7 @@ pub fn raise_memlock(bytes: u64) -> Result<(), ProcessError> {
 
 /// Starts `binary argv…` detached from the agent's process group, output appended to `log`.
 /// Raise RLIMIT_MEMLOCK first ([`raise_memlock`]) when the VM has passed-through devices.
+/// Call it inside a Tokio runtime: the child is reaped by a task on it.
 pub fn spawn(binary: &Path, argv: &[String], log: &Path) -> Result<Spawned, ProcessError> {
     let log_err = |source| ProcessError::Log { path: log.to_owned(), source };
     let out = OpenOptions::new().create(true).append(true).open(log).map_err(log_err)?;
