@@ -7,6 +7,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod fsutil;
+pub mod guest;
 pub mod instance;
 pub mod ports;
 pub mod secret;
