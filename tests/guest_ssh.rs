@@ -247,7 +247,7 @@ async fn a_command_that_runs_too_long_is_cut_off() {
     let mut g = guest();
     g.target.exec_timeout = Duration::from_secs(1);
     let client = g.connect().await;
-    let err = client.exec(&GuestCommand::fixed("sleep 20"), b"").await.unwrap_err();
+    let err = client.exec(&GuestCommand::fixed("sleep 5"), b"").await.unwrap_err();
     assert!(matches!(err, GuestError::Timeout { action: "a guest command", .. }), "{err}");
     // The connection still serves the next command.
     assert!(client.exec(&GuestCommand::fixed("true"), b"").await.unwrap().success());
@@ -267,4 +267,52 @@ fn the_management_key_is_private_and_openssh_reads_it() {
     let derived = String::from_utf8(out.stdout).unwrap();
     let body = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
     assert_eq!(body(&derived), body(&key.public_line()));
+}
+
+/// The CI guest has no bash and no systemd: the uploaded scripts must work with busybox
+/// applets only (run here directly, the way the guest's dropbear would run them).
+#[test]
+fn the_service_scripts_work_under_busybox_alone() {
+    use qudata_agent::guest::script;
+    let busybox = ["/usr/bin/busybox", "/bin/busybox"].into_iter().find(|p| Path::new(p).exists());
+    let busybox = busybox.expect("busybox is installed (tests/packages.txt)");
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, run) = (dir.path().join("bin"), dir.path().join("run"));
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::create_dir(&run).unwrap();
+    for applet in ["sh", "cat", "dirname", "setsid", "sleep", "mv", "rm", "printf", "kill"] {
+        std::os::unix::fs::symlink(busybox, bin.join(applet)).unwrap();
+    }
+    let value = "it's $(id) `id` \"q\" ; \\";
+    let out = dir.path().join("out");
+    let env = BTreeMap::from([("V".to_string(), value.to_string())]);
+    std::fs::write(run.join(script::RUN_SCRIPT), script::RUN_SCRIPT_TEXT).unwrap();
+    std::fs::write(run.join(script::SERVICE_SCRIPT), script::SERVICE_SCRIPT_TEXT).unwrap();
+    std::fs::write(run.join(script::ENV_FILE), script::env_file(&env).unwrap()).unwrap();
+    let command = format!("printf '%s' \"$V\" > {}; exec sleep 30", out.display());
+    std::fs::write(run.join(script::COMMAND_FILE), command).unwrap();
+    let service = |verb: &str| {
+        let out = Command::new(bin.join("sh"))
+            .arg(run.join(script::SERVICE_SCRIPT))
+            .arg(verb)
+            .env_clear()
+            .env("PATH", &bin)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.code(), text, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let (code, first, err) = service("start");
+    assert_eq!(code, Some(0), "{err}");
+    let first: u32 = first.parse().unwrap();
+    assert_eq!(wait_for_file(&out), value.as_bytes());
+    assert_eq!(service("status").1, first.to_string());
+    let (_, second, err) = service("start");
+    let second: u32 = second.parse().unwrap_or_else(|_| panic!("{err}"));
+    assert_ne!(first, second);
+    assert!(!alive(first) && alive(second));
+    assert_eq!(service("stop").0, Some(0));
+    assert!(!alive(second));
+    assert_eq!(service("status").0, Some(3));
 }

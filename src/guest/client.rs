@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::ChannelMsg;
 use russh::client::{self, Handle};
 use russh::keys::PrivateKeyWithHashAlg;
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::time::Instant;
 
 use super::error::GuestError;
@@ -224,15 +224,37 @@ impl GuestClient {
 
     /// Runs `command`, feeds it `stdin` then end-of-file, and collects its output, within the
     /// target's `exec_timeout`. A non-zero exit status is not an error here; see `run`.
+    /// On timeout the command is sent SIGKILL and the channel is closed; a server that ignores
+    /// signal requests (OpenSSH does for root sessions) leaves the command running, so the
+    /// agent's commands must be short and bounded themselves.
     pub async fn exec(&self, command: &GuestCommand, stdin: &[u8]) -> Result<Output, GuestError> {
         let after = self.target.exec_timeout;
-        tokio::time::timeout(after, self.exec_inner(command, stdin)).await.map_err(|_| {
-            GuestError::Timeout {
-                instance: self.target.instance.clone(),
-                action: "a guest command",
-                after,
+        let deadline = Instant::now() + after;
+        let timeout = || GuestError::Timeout {
+            instance: self.target.instance.clone(),
+            action: "a guest command",
+            after,
+        };
+        let session =
+            |source| GuestError::Session { instance: self.target.instance.clone(), source };
+        let channel = tokio::time::timeout_at(deadline, async {
+            let channel = self.handle.channel_open_session().await?;
+            channel.exec(true, command.as_str()).await?;
+            Ok(channel)
+        })
+        .await
+        .map_err(|_| timeout())?
+        .map_err(session)?;
+        let (reader, writer) = channel.split();
+        match tokio::time::timeout_at(deadline, talk(reader, &writer, stdin)).await {
+            Ok((Err(source), out)) if out.success() && !stdin.is_empty() => Err(session(source)),
+            Ok((_, out)) => Ok(out),
+            Err(_) => {
+                let _ = writer.signal(russh::Sig::KILL).await;
+                let _ = writer.close().await;
+                Err(timeout())
             }
-        })?
+        }
     }
 
     /// [`exec`](Self::exec), with a non-zero exit turned into `CommandFailed` naming `action`.
@@ -266,49 +288,41 @@ impl GuestClient {
         self.run(&format!("write {}", path.as_str()), &command, bytes).await.map(drop)
     }
 
-    async fn exec_inner(&self, command: &GuestCommand, stdin: &[u8]) -> Result<Output, GuestError> {
-        let session =
-            |source| GuestError::Session { instance: self.target.instance.clone(), source };
-        let channel = self.handle.channel_open_session().await.map_err(session)?;
-        channel.exec(true, command.as_str()).await.map_err(session)?;
-        let (mut reader, writer) = channel.split();
-        // Feed stdin while reading output, so neither side can stall the other.
-        let feed = async {
-            let sent = if stdin.is_empty() { Ok(()) } else { writer.data(stdin).await };
-            sent.and(writer.eof().await)
-        };
-        let collect = async {
-            let mut out = Output::default();
-            while let Some(msg) = reader.wait().await {
-                match msg {
-                    ChannelMsg::Data { data } => append(&mut out.stdout, &data),
-                    ChannelMsg::ExtendedData { data, ext: 1 } => append(&mut out.stderr, &data),
-                    ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
-                    ChannelMsg::ExitSignal { signal_name, .. } => {
-                        out.signal = Some(format!("{signal_name:?}"))
-                    }
-                    ChannelMsg::Close => break,
-                    _ => {}
-                }
-            }
-            out
-        };
-        let (fed, out) = tokio::join!(feed, collect);
-        // A command that exits without reading all of stdin closes the channel under us;
-        // that only matters when it then claims success.
-        if let Err(source) = fed
-            && out.success()
-            && !stdin.is_empty()
-        {
-            return Err(session(source));
-        }
-        Ok(out)
-    }
-
     /// Says goodbye to the guest (best effort).
     pub async fn close(self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     }
+}
+
+/// Feeds stdin while reading output, so neither side can stall the other. A command that
+/// exits without reading all of stdin closes the channel under the feeder; the caller decides
+/// whether that matters.
+async fn talk(
+    mut reader: ChannelReadHalf,
+    writer: &ChannelWriteHalf<client::Msg>,
+    stdin: &[u8],
+) -> (Result<(), russh::Error>, Output) {
+    let feed = async {
+        let sent = if stdin.is_empty() { Ok(()) } else { writer.data(stdin).await };
+        sent.and(writer.eof().await)
+    };
+    let collect = async {
+        let mut out = Output::default();
+        while let Some(msg) = reader.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => append(&mut out.stdout, &data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => append(&mut out.stderr, &data),
+                ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    out.signal = Some(format!("{signal_name:?}"))
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        out
+    };
+    tokio::join!(feed, collect)
 }
 
 fn append(buf: &mut Vec<u8>, data: &[u8]) {
