@@ -1,7 +1,6 @@
 //! The SSH client the agent configures guests with: connect to the guest's forwarded port on
 //! 127.0.0.1, log in with the management key, check the pinned host key, run fixed commands.
 
-use std::borrow::Cow;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use russh::keys::PrivateKeyWithHashAlg;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::time::Instant;
 
+pub use super::command::{GuestCommand, GuestPath};
 use super::error::GuestError;
 use super::hostkey::{PinError, Pinning};
 use super::keys::ManagementKey;
@@ -21,54 +21,6 @@ use super::script;
 const MAX_OUTPUT: usize = 1 << 20;
 /// Pause between attempts in [`GuestClient::wait_reachable`].
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
-
-/// A command line the agent owns. Built only from a `&'static str` or by the pure builders in
-/// [`super::script`] from validated [`GuestPath`]s, so a user value can never become part of it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestCommand(Cow<'static, str>);
-
-impl GuestCommand {
-    pub const fn fixed(command: &'static str) -> Self {
-        GuestCommand(Cow::Borrowed(command))
-    }
-
-    pub(crate) fn built(command: String) -> Self {
-        GuestCommand(Cow::Owned(command))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// An absolute path in the guest made of plain characters (`A-Z a-z 0-9 / . _ -`), no `..`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestPath(String);
-
-impl GuestPath {
-    pub fn new(path: &str) -> Result<Self, GuestError> {
-        let bad = |reason| Err(GuestError::BadValue { value: path.to_owned(), reason });
-        if !path.starts_with('/') || path.len() > 1024 {
-            return bad("a guest path must be absolute and short");
-        }
-        if !path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b)) {
-            return bad("a guest path may only hold letters, digits, '/', '.', '_' and '-'");
-        }
-        if path.split('/').any(|c| c == "..") {
-            return bad("a guest path must not contain '..'");
-        }
-        Ok(GuestPath(path.trim_end_matches('/').to_owned()))
-    }
-
-    /// `self/name`, for the fixed file names the agent uses.
-    pub fn join(&self, name: &'static str) -> GuestPath {
-        GuestPath(format!("{}/{name}", self.0))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
 
 /// Where and how to reach one instance's guest.
 #[derive(Clone, Debug)]
@@ -172,15 +124,17 @@ impl GuestClient {
                     GuestError::PinCorrupt { instance: instance(), path, reason }
                 }
                 PinError::Fs(source) => GuestError::KnownHosts { instance: instance(), source },
-                PinError::Ssh(source) => {
-                    GuestError::Handshake { instance: instance(), addr: target.addr, source }
-                }
+                PinError::Ssh(source) => GuestError::Handshake {
+                    instance: instance(),
+                    addr: target.addr,
+                    source: Box::new(source),
+                },
             })?;
         let auth = PrivateKeyWithHashAlg::new(key.private(), None);
-        let result = handle
-            .authenticate_publickey(target.user.clone(), auth)
-            .await
-            .map_err(|source| GuestError::Session { instance: instance(), source })?;
+        let result =
+            handle.authenticate_publickey(target.user.clone(), auth).await.map_err(|source| {
+                GuestError::Session { instance: instance(), source: Box::new(source) }
+            })?;
         if !result.success() {
             return Err(GuestError::AuthRejected {
                 instance: instance(),
@@ -235,8 +189,10 @@ impl GuestClient {
             action: "a guest command",
             after,
         };
-        let session =
-            |source| GuestError::Session { instance: self.target.instance.clone(), source };
+        let session = |source| GuestError::Session {
+            instance: self.target.instance.clone(),
+            source: Box::new(source),
+        };
         let channel = tokio::time::timeout_at(deadline, async {
             let channel = self.handle.channel_open_session().await?;
             channel.exec(true, command.as_str()).await?;
@@ -333,18 +289,6 @@ fn append(buf: &mut Vec<u8>, data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn guest_paths_are_plain_absolute_paths() {
-        assert_eq!(GuestPath::new("/run/qudata/").unwrap().as_str(), "/run/qudata");
-        assert_eq!(
-            GuestPath::new("/run/qudata").unwrap().join("x.env").as_str(),
-            "/run/qudata/x.env"
-        );
-        for bad in ["run", "/a b", "/a/../etc", "/a'b", "/a$(id)", "/a\nb", ""] {
-            assert!(GuestPath::new(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn output_status_is_described() {

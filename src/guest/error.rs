@@ -18,7 +18,7 @@ pub enum GuestError {
         "instance {instance}: the SSH handshake on {addr} failed ({source}); the guest's SSH \
          server is not up yet, wait for it"
     )]
-    Handshake { instance: String, addr: SocketAddr, source: russh::Error },
+    Handshake { instance: String, addr: SocketAddr, source: Box<russh::Error> },
 
     #[error(
         "instance {instance}: the guest's SSH host key changed (pinned {pinned}, offered \
@@ -52,7 +52,7 @@ pub enum GuestError {
     #[error(
         "instance {instance}: the SSH session failed ({source}); retry once the guest is reachable"
     )]
-    Session { instance: String, source: russh::Error },
+    Session { instance: String, source: Box<russh::Error> },
 
     #[error(
         "instance {instance}: SSH was not reachable within {} s (last error: {last})",

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod client;
+pub mod command;
 pub mod error;
 pub mod hostkey;
 pub mod keys;
