@@ -62,12 +62,20 @@ async fn exec_reports_status_and_streams_and_stdin_round_trips() {
     let client = g.connect().await;
     assert_eq!(mode(&g.target.known_hosts), 0o600, "host key pinned privately");
 
-    let out = client.exec(&GuestCommand::fixed("echo out; echo err >&2; exit 3"), b"").await.unwrap();
-    assert_eq!((out.status, out.stdout.as_slice(), out.stderr.as_slice()), (Some(3), &b"out\n"[..], &b"err\n"[..]));
-    let failed = client.run("fail on purpose", &GuestCommand::fixed("echo why >&2; exit 4"), b"").await;
+    let out =
+        client.exec(&GuestCommand::fixed("echo out; echo err >&2; exit 3"), b"").await.unwrap();
+    assert_eq!(
+        (out.status, out.stdout.as_slice(), out.stderr.as_slice()),
+        (Some(3), &b"out\n"[..], &b"err\n"[..])
+    );
+    let failed =
+        client.run("fail on purpose", &GuestCommand::fixed("echo why >&2; exit 4"), b"").await;
     match failed {
         Err(GuestError::CommandFailed { instance, status, stderr, .. }) => {
-            assert_eq!((instance.as_str(), status.as_str(), stderr.as_str()), ("vm-test-1", "exit status 4", "why"));
+            assert_eq!(
+                (instance.as_str(), status.as_str(), stderr.as_str()),
+                ("vm-test-1", "exit status 4", "why")
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -98,7 +106,10 @@ async fn a_changed_host_key_is_refused_at_once_and_names_the_instance() {
 
     g.sshd.restart(true);
     let err = GuestClient::connect(&g.target, &g.key, soon()).await.err().expect("refused");
-    assert!(matches!(err, GuestError::HostKeyChanged { ref instance, .. } if instance == "vm-test-1"), "{err}");
+    assert!(
+        matches!(err, GuestError::HostKeyChanged { ref instance, .. } if instance == "vm-test-1"),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(text.contains("vm-test-1") && text.contains("host key changed"), "{text}");
     // The retry loop stops on it instead of retrying until its deadline.
@@ -117,12 +128,16 @@ async fn authorized_keys_are_set_replaced_and_removed() {
     let (k1, k2) = (keygen(&id1), keygen(&id2));
     let mgmt = g.key.public_line();
 
-    setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), std::slice::from_ref(&k1)).await.unwrap();
+    setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), std::slice::from_ref(&k1))
+        .await
+        .unwrap();
     assert_eq!(mode(&g.sshd.authorized_keys()), 0o600);
     openssh_login(g.sshd.port, &id1, &known).unwrap();
     assert!(openssh_login(g.sshd.port, &id2, &known).is_err(), "key 2 not yet added");
 
-    setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), std::slice::from_ref(&k2)).await.unwrap();
+    setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), std::slice::from_ref(&k2))
+        .await
+        .unwrap();
     assert!(openssh_login(g.sshd.port, &id1, &known).is_err(), "key 1 replaced");
     openssh_login(g.sshd.port, &id2, &known).unwrap();
 
@@ -132,7 +147,8 @@ async fn authorized_keys_are_set_replaced_and_removed() {
     g.connect().await.close().await; // the agent kept its own access
 
     let hostile = format!("command=\"touch /tmp/x\" {k1}");
-    let err = setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), &[hostile]).await.unwrap_err();
+    let err =
+        setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), &[hostile]).await.unwrap_err();
     assert!(matches!(err, GuestError::BadValue { .. }), "{err}");
 }
 
@@ -159,7 +175,8 @@ async fn hostile_values_reach_the_service_as_data() {
         "$(touch {m}/a) `touch {m}/b` '; touch {m}/c; ' \"; touch {m}/d; \" \\ $HOME ; x'\"'\"'y"
     );
     let out = g.state.path().join("value.out");
-    let env = BTreeMap::from([("HOSTILE".to_string(), value.clone()), ("PLAIN".into(), "p".into())]);
+    let env =
+        BTreeMap::from([("HOSTILE".to_string(), value.clone()), ("PLAIN".into(), "p".into())]);
     let command = format!(
         "printf '%s' \"$HOSTILE\" > {}; exec sleep 30 # it's \"quoted\"; touch {m}/e",
         out.display()
@@ -223,7 +240,10 @@ async fn a_server_that_never_speaks_hits_the_deadline() {
 
     let deadline = Instant::now() + Duration::from_secs(2);
     let err = GuestClient::connect(&target, &key, deadline).await.err().expect("times out");
-    assert!(matches!(err, GuestError::Timeout { ref instance, .. } if instance == "vm-silent"), "{err}");
+    assert!(
+        matches!(err, GuestError::Timeout { ref instance, .. } if instance == "vm-silent"),
+        "{err}"
+    );
     assert!(err.to_string().contains("vm-silent"), "{err}");
     assert!(Instant::now() >= deadline, "gave up only at the deadline");
 
