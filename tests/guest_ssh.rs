@@ -263,6 +263,33 @@ async fn a_server_that_never_speaks_hits_the_deadline() {
 }
 
 #[tokio::test]
+async fn waiting_retries_a_guest_that_is_not_listening_yet() {
+    let mut g = guest();
+    g.sshd.stop();
+    let err =
+        GuestClient::wait_reachable(&g.target, &g.key, Instant::now() + Duration::from_secs(1))
+            .await
+            .err()
+            .expect("nothing listens");
+    match err {
+        GuestError::Unreachable { last, .. } => {
+            assert!(matches!(*last, GuestError::NotListening { .. }), "{last}")
+        }
+        other => panic!("{other}"),
+    }
+    // sshd comes up while the agent is already waiting.
+    let mut sshd = g.sshd;
+    let boot = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        sshd.restart(false);
+        sshd
+    });
+    let client = GuestClient::wait_reachable(&g.target, &g.key, soon()).await.unwrap();
+    assert!(client.exec(&GuestCommand::fixed("true"), b"").await.unwrap().success());
+    drop(boot.await.unwrap());
+}
+
+#[tokio::test]
 async fn a_command_that_runs_too_long_is_cut_off() {
     let mut g = guest();
     g.target.exec_timeout = Duration::from_secs(1);

@@ -21,6 +21,10 @@ use super::script;
 const MAX_OUTPUT: usize = 1 << 20;
 /// Pause between attempts in [`GuestClient::wait_reachable`].
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Longest single attempt in `wait_reachable`: during early boot QEMU's user network accepts
+/// the host side and then waits on a guest that does not answer yet; a fresh attempt is
+/// better than waiting on that connection until the overall deadline.
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(15);
 
 /// Where and how to reach one instance's guest.
 #[derive(Clone, Debug)]
@@ -155,7 +159,8 @@ impl GuestClient {
     ) -> Result<Self, GuestError> {
         let started = Instant::now();
         loop {
-            let last = match Self::connect(target, key, deadline).await {
+            let attempt = deadline.min(Instant::now() + ATTEMPT_LIMIT);
+            let last = match Self::connect(target, key, attempt).await {
                 Ok(client) => return Ok(client),
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => e,

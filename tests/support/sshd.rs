@@ -119,7 +119,8 @@ impl Sshd {
         }
     }
 
-    fn stop(&mut self) {
+    /// Stops sshd (kill + wait); `restart` brings it back on the same port.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
