@@ -98,13 +98,14 @@ pub const PID_FILE: &str = "renter.pid";
 pub const LOG_FILE: &str = "renter.log";
 
 /// Runs the renter's command line with the renter's environment. The command is read from a
-/// file into `$1` before the environment is sourced, so no variable name can shadow it.
+/// file into `$1` before the environment is sourced, so no variable name can shadow it, and
+/// the shell is named by its path, so a renter `PATH` cannot break the start.
 pub const RUN_SCRIPT_TEXT: &str = r#"#!/bin/sh
 # Written by qudata-agent: the renter's command with the renter's environment.
 dir=$(dirname "$0")
 set -- "$(cat "$dir/renter.cmd")" "$dir/renter.env"
 . "$2"
-exec sh -c "$1"
+exec /bin/sh -c "$1"
 "#;
 
 /// Starts, stops and reports the renter's service without systemd (busybox `sh`, `setsid`).
