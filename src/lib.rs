@@ -9,6 +9,7 @@ pub mod config;
 pub mod doctor;
 pub mod fsutil;
 pub mod gpu;
+pub mod guest;
 pub mod instance;
 pub mod ports;
 pub mod secret;
