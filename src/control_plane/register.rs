@@ -1,0 +1,111 @@
+//! Registration at start-up: `/ping` until the control plane answers, `/init`, then
+//! `/init/host` when the control plane does not know this host yet.
+
+use std::path::Path;
+
+use super::backoff::Backoff;
+use super::client::Client;
+use super::error::ClientError;
+use super::identity::Identity;
+use super::wire::{Amount, Configuration, HostRegistration, InitRequest, Location};
+use crate::host::{self, HostFacts};
+use crate::secret::Secret;
+
+/// What registration settled.
+#[derive(Debug)]
+pub struct Registered {
+    pub secret: Secret,
+    /// The control plane's view of the lease (recovery policy, PROTOCOL.md §4).
+    pub instance_running: Option<bool>,
+}
+
+/// Host facts the registration sends, read when `/init/host` is due.
+pub struct HostProbe<'a> {
+    pub roots: &'a host::Roots,
+    pub data_dir: &'a Path,
+}
+
+/// Registers, trying again with back-off until it succeeds: a control plane that is down or
+/// refuses is logged and waited for, never a reason to exit. `on_secret` runs as soon as a
+/// secret is known (before `/init/host`), so the API opens as early as possible.
+pub async fn register(
+    client: &Client,
+    identity: &mut Identity,
+    request: &InitRequest,
+    probe: &HostProbe<'_>,
+    on_secret: &(dyn Fn(&Secret) + Sync),
+) -> Registered {
+    let mut attempt = 0u32;
+    loop {
+        match register_once(client, identity, request, probe, on_secret).await {
+            Ok(done) => {
+                tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
+                return done;
+            }
+            Err(e) => {
+                let pause = Backoff::STARTUP.delay(attempt);
+                if attempt == 0 {
+                    tracing::warn!(error = %e, "cannot register with the control plane yet; retrying until it answers");
+                } else {
+                    tracing::debug!(error = %e, attempt, ?pause, "registration retry failed");
+                }
+                tokio::time::sleep(pause).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+async fn register_once(
+    client: &Client,
+    identity: &mut Identity,
+    request: &InitRequest,
+    probe: &HostProbe<'_>,
+    on_secret: &(dyn Fn(&Secret) + Sync),
+) -> Result<Registered, ClientError> {
+    client.ping().await?;
+    let init = client.init(request).await?;
+    identity.apply_init(&init)?;
+    let secret = identity.secret().cloned().ok_or(ClientError::NoSecret)?;
+    on_secret(&secret);
+    if !init.host_exists {
+        let facts = host::facts::probe(probe.roots, probe.data_dir);
+        client.init_host(&secret, &host_registration(&facts)).await?;
+        tracing::info!("host hardware registered with the control plane");
+    }
+    Ok(Registered { secret, instance_running: init.instance_running })
+}
+
+/// The `/init/host` body from the host facts; logs once what is unknown.
+pub fn host_registration(facts: &HostFacts) -> HostRegistration {
+    // Not measurable here (need dmidecode, a location service or the GPU layer).
+    let mut unknown: Vec<&str> = facts.unknown.clone();
+    unknown.extend(["memory_speed", "capacity", "location"]);
+    tracing::warn!(fields = %unknown.join(", "), "host facts unknown, sent as 0 or \"\"");
+    tracing::warn!(
+        "no GPU inventory yet: gpu_name, gpu_amount, vram and max_cuda sent as \"\" or 0"
+    );
+    HostRegistration {
+        gpu_name: String::new(),
+        gpu_amount: 0,
+        vram: 0.0,
+        max_cuda: 0.0,
+        location: Location::default(),
+        configuration: Configuration {
+            ram: Amount::gb(round2(facts.ram_gib)),
+            disk: Amount::gb(round2(facts.disk_gib)),
+            cpu_name: facts.cpu_name.clone(),
+            cpu_cores: facts.cpu_cores,
+            cpu_freq: facts.cpu_freq_ghz,
+            memory_speed: 0,
+            ethernet_in: facts.link_mbps,
+            ethernet_out: facts.link_mbps,
+            capacity: 0.0,
+            max_cuda_version: 0.0,
+        },
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
