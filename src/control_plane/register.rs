@@ -44,8 +44,9 @@ pub async fn register(
             }
             Err(e) => {
                 let pause = Backoff::STARTUP.delay(attempt);
-                if attempt == 0 {
-                    tracing::warn!(error = %e, "cannot register with the control plane yet; retrying until it answers");
+                // Loud on the first failure and about once a minute after, quiet in between.
+                if attempt % 12 == 0 {
+                    tracing::warn!(error = %e, attempt, "cannot register with the control plane yet; retrying until it answers");
                 } else {
                     tracing::debug!(error = %e, attempt, ?pause, "registration retry failed");
                 }
