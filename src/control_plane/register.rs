@@ -45,7 +45,7 @@ pub async fn register(
             Err(e) => {
                 let pause = Backoff::STARTUP.delay(attempt);
                 // Loud on the first failure and about once a minute after, quiet in between.
-                if attempt % 12 == 0 {
+                if attempt.is_multiple_of(12) {
                     tracing::warn!(error = %e, attempt, "cannot register with the control plane yet; retrying until it answers");
                 } else {
                     tracing::debug!(error = %e, attempt, ?pause, "registration retry failed");
