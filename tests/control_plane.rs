@@ -298,9 +298,14 @@ async fn a_slow_control_plane_never_has_two_stats_in_flight() {
 async fn zz_no_issued_credential_appears_in_any_agent_log() {
     let cp = MockCp::start(Behaviour::default());
     let dirs = Dirs::new();
-    let mut agent = Agent::start(&dirs, &["run"], &env(&cp, &api_key(), 100), free_port());
+    // Every library's most verbose level too: none may print a header or a body.
+    let mut env = env(&cp, &api_key(), 100);
+    env.push(("RUST_LOG", "trace".to_owned()));
+    let mut agent = Agent::start(&dirs, &["run"], &env, free_port());
     agent.wait_ready().await;
     cp.until("registration and samples", WAIT, |r| ok_stats(r).len() >= 3).await;
+    let secret = only_secret(&cp);
+    assert_eq!(Api::new(&agent, Some(&secret)).get("/instances").await.status, 200);
     agent.terminate();
 
     let issued = std::fs::read_to_string(issued_secrets_file()).unwrap();

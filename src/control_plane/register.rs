@@ -110,3 +110,32 @@ pub fn host_registration(facts: &HostFacts) -> HostRegistration {
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_body_carries_the_facts() {
+        let facts = HostFacts {
+            cpu_name: "Intel Xeon".into(),
+            cpu_cores: 64,
+            cpu_freq_ghz: 3.8,
+            ram_gib: 503.777,
+            disk_gib: 1862.644,
+            link_mbps: 25000.0,
+            unknown: Vec::new(),
+        };
+        let body = serde_json::to_value(host_registration(&facts)).unwrap();
+        let c = &body["configuration"];
+        assert_eq!(c["ram"], serde_json::json!({"amount": 503.78, "unit": "gb"}));
+        assert_eq!(c["disk"], serde_json::json!({"amount": 1862.64, "unit": "gb"}));
+        assert_eq!(
+            (c["cpu_name"].as_str(), c["cpu_cores"].as_u64()),
+            (Some("Intel Xeon"), Some(64))
+        );
+        assert_eq!((c["cpu_freq"].as_f64(), c["ethernet_in"].as_f64()), (Some(3.8), Some(25000.0)));
+        assert_eq!(c["ethernet_out"], c["ethernet_in"]);
+        assert_eq!((body["gpu_name"].as_str(), body["gpu_amount"].as_u64()), (Some(""), Some(0)));
+    }
+}
