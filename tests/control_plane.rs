@@ -1,6 +1,6 @@
 //! The real binary in production mode against a mock control plane (PROTOCOL.md §1):
-//! registration order and headers, a control plane that is down, restarts, stats cadence,
-//! samples kept across an outage, and no credential in any log.
+//! registration order and headers, a control plane that is down, restarts, and no credential
+//! in any log. The stats loop has its own file (control_plane_stats.rs).
 
 mod support;
 
@@ -10,34 +10,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::agent::{Agent, Api, Dirs, free_port, log_dir};
-use support::mock_cp::{Behaviour, MockCp, Recorded, issued_secrets_file, remember_secret};
+use support::mock_cp::{Behaviour, MockCp, api_key, count, issued_secrets_file, ok_stats};
 
 const WAIT: Duration = Duration::from_secs(60);
 const STATS_KEYS: [&str; 8] =
     ["cpu_util", "gpu_temp", "gpu_util", "inet_in", "inet_out", "mem_util", "ram_util", "status"];
-
-fn api_key() -> String {
-    let key = format!("ak-test-{}", uuid::Uuid::new_v4().simple());
-    remember_secret(&key);
-    key
-}
-
-fn env(cp: &MockCp, key: &str, interval_ms: u64) -> Vec<(&'static str, String)> {
-    vec![
-        ("QUDATA_API_KEY", key.to_owned()),
-        ("QUDATA_SERVICE_URL", cp.url.clone()),
-        ("QUDATA_STATS_INTERVAL_MS", interval_ms.to_string()),
-        ("QUDATA_PUBLIC_ADDRESS", "203.0.113.7".to_owned()),
-    ]
-}
-
-fn ok_stats(reqs: &[Recorded]) -> Vec<&Recorded> {
-    reqs.iter().filter(|r| r.path == "/stats" && r.answered == 200).collect()
-}
-
-fn count(reqs: &[Recorded], path: &str) -> usize {
-    reqs.iter().filter(|r| r.path == path).count()
-}
 
 fn keys(v: &Value) -> BTreeSet<String> {
     v.as_object().expect("a JSON object").keys().cloned().collect()
@@ -45,12 +22,6 @@ fn keys(v: &Value) -> BTreeSet<String> {
 
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
-}
-
-fn only_secret(cp: &MockCp) -> String {
-    let secrets = cp.secrets();
-    assert_eq!(secrets.len(), 1, "{} secrets issued", secrets.len());
-    secrets.into_iter().next().unwrap()
 }
 
 /// Every file the agent keeps in its data dir is private (they hold the secret and FRP token).
@@ -73,7 +44,7 @@ async fn registers_in_order_with_compat_bodies_and_headers() {
     let key = api_key();
     let dirs = Dirs::new();
     let port = free_port();
-    let mut agent = Agent::start(&dirs, &["run"], &env(&cp, &key, 200), port);
+    let mut agent = Agent::start(&dirs, &["run"], &cp.agent_env(&key, 200), port);
     agent.wait_ready().await;
     let reqs = cp.until("three samples", WAIT, |r| ok_stats(r).len() >= 3).await;
 
@@ -81,7 +52,7 @@ async fn registers_in_order_with_compat_bodies_and_headers() {
     assert!(first("/ping") < first("/init"), "{reqs:#?}");
     assert!(first("/init") < first("/init/host"), "{reqs:#?}");
     assert!(first("/init/host") < first("/stats"), "{reqs:#?}");
-    let secret = only_secret(&cp);
+    let secret = cp.only_secret();
     for r in &reqs {
         assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
         match r.path.as_str() {
@@ -162,7 +133,7 @@ async fn registers_in_order_with_compat_bodies_and_headers() {
 async fn a_control_plane_that_is_down_is_waited_for_with_the_api_closed() {
     let cp = MockCp::start(Behaviour { down: true, ..Default::default() });
     let dirs = Dirs::new();
-    let mut agent = Agent::start(&dirs, &["run"], &env(&cp, &api_key(), 200), free_port());
+    let mut agent = Agent::start(&dirs, &["run"], &cp.agent_env(&api_key(), 200), free_port());
     agent.wait_ready().await;
     let closed = Api::new(&agent, Some("sk-guess")).get("/instances").await;
     assert_eq!(closed.status, 503, "fail closed without a secret: {closed:?}");
@@ -175,7 +146,7 @@ async fn a_control_plane_that_is_down_is_waited_for_with_the_api_closed() {
 
     cp.set_down(false);
     cp.until("registration and a sample", WAIT, |r| !ok_stats(r).is_empty()).await;
-    let secret = only_secret(&cp);
+    let secret = cp.only_secret();
     let open = Api::new(&agent, Some(&secret)).get("/instances").await;
     assert_eq!(open.status, 200, "{open:?}");
 }
@@ -186,7 +157,7 @@ async fn kill_and_restart_keep_id_port_and_the_stored_secret() {
     let key = api_key();
     let dirs = Dirs::new();
     // No QUDATA_AGENT_PORT: the agent picks its port once and keeps it.
-    let mut env = env(&cp, &key, 200);
+    let mut env = cp.agent_env(&key, 200);
     env.push(("QUDATA_AGENT_PORT", String::new()));
     let mut agent = Agent::start(&dirs, &["run"], &env, 0);
     let reqs = cp.until("first registration", WAIT, |r| !ok_stats(r).is_empty()).await;
@@ -194,7 +165,7 @@ async fn kill_and_restart_keep_id_port_and_the_stored_secret() {
     let port = init["agent_port"].as_u64().unwrap() as u16;
     agent.port = port;
     agent.wait_ready().await;
-    let secret = only_secret(&cp);
+    let secret = cp.only_secret();
     agent.kill9();
 
     // Next start: the control plane knows the host and sends no new secret; it is also down
@@ -221,75 +192,8 @@ async fn kill_and_restart_keep_id_port_and_the_stored_secret() {
     for s in ok_stats(again) {
         assert_eq!(s.header("x-agent-secret"), Some(secret.as_str()));
     }
-    assert_eq!(only_secret(&cp), secret, "the empty secret_key kept the stored one");
+    assert_eq!(cp.only_secret(), secret, "the empty secret_key kept the stored one");
     assert_private_files(&dirs);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn stats_come_at_the_configured_cadence() {
-    let cp = MockCp::start(Behaviour { host_exists: true, ..Default::default() });
-    let dirs = Dirs::new();
-    let mut agent = Agent::start(&dirs, &["run"], &env(&cp, &api_key(), 200), free_port());
-    agent.wait_ready().await;
-    let start = cp.until("a first sample", WAIT, |r| !ok_stats(r).is_empty()).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let sent = ok_stats(&cp.requests()).len() - ok_stats(&start).len();
-    // 3 s at 200 ms is 15 samples; the range only catches a stalled or runaway loop.
-    assert!((5..=30).contains(&sent), "{sent} samples in 3 s");
-    assert_eq!(count(&cp.requests(), "/init/host"), 0, "host_exists: true");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn samples_made_during_an_outage_all_arrive_in_order() {
-    let interval_ms = 200;
-    let cp = MockCp::start(Behaviour::default());
-    let dirs = Dirs::new();
-    let mut agent = Agent::start(&dirs, &["run"], &env(&cp, &api_key(), interval_ms), free_port());
-    agent.wait_ready().await;
-    cp.until("three samples", WAIT, |r| ok_stats(r).len() >= 3).await;
-    cp.set_down(true);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let at_recovery = cp.requests().len();
-    cp.set_down(false);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let reqs = cp.requests();
-
-    let failed: Vec<&Recorded> =
-        reqs.iter().filter(|r| r.path == "/stats" && r.answered == 503).collect();
-    assert!(failed.len() >= 5, "the loop kept trying at its cadence: {}", failed.len());
-    // The oldest kept sample is retried, never skipped, and is the first to arrive after.
-    assert!(failed.iter().all(|r| r.body == failed[0].body), "the head of the backlog is retried");
-    let after: Vec<&Recorded> = ok_stats(&reqs[at_recovery..]);
-    assert_eq!(after[0].body, failed[0].body, "sent in order");
-    assert!(
-        after.len() > failed.len(),
-        "{} kept samples, {} sent after",
-        failed.len(),
-        after.len()
-    );
-
-    // No sample was lost: one per interval over the whole run.
-    let ok = ok_stats(&reqs);
-    let span = ok.last().unwrap().at - ok.first().unwrap().at;
-    let expected = span.as_millis() as f64 / interval_ms as f64;
-    assert!(ok.len() as f64 >= 0.7 * expected, "{} samples over {span:?}", ok.len());
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_slow_control_plane_never_has_two_stats_in_flight() {
-    let cp = MockCp::start(Behaviour {
-        host_exists: true,
-        stats_latency: Duration::from_millis(700),
-        ..Default::default()
-    });
-    let dirs = Dirs::new();
-    let mut agent = Agent::start(&dirs, &["run"], &env(&cp, &api_key(), 100), free_port());
-    agent.wait_ready().await;
-    cp.until("four slow samples", WAIT, |r| ok_stats(r).len() >= 4).await;
-    assert_eq!(cp.max_stats_in_flight(), 1);
-    // The API answers while the reporter waits on the network.
-    let secret = only_secret(&cp);
-    assert_eq!(Api::new(&agent, Some(&secret)).get("/instances").await.status, 200);
 }
 
 /// Runs an agent through registration and telemetry, then scans every agent log this test run
@@ -299,12 +203,12 @@ async fn zz_no_issued_credential_appears_in_any_agent_log() {
     let cp = MockCp::start(Behaviour::default());
     let dirs = Dirs::new();
     // Every library's most verbose level too: none may print a header or a body.
-    let mut env = env(&cp, &api_key(), 100);
+    let mut env = cp.agent_env(&api_key(), 100);
     env.push(("RUST_LOG", "trace".to_owned()));
     let mut agent = Agent::start(&dirs, &["run"], &env, free_port());
     agent.wait_ready().await;
     cp.until("registration and samples", WAIT, |r| ok_stats(r).len() >= 3).await;
-    let secret = only_secret(&cp);
+    let secret = cp.only_secret();
     assert_eq!(Api::new(&agent, Some(&secret)).get("/instances").await.status, 200);
     agent.terminate();
 

@@ -15,13 +15,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// The path prefix the mock serves under, like the real `/v0`.
+mod routes;
+
 pub const PREFIX: &str = "/v0";
 
 /// One request as the mock received it.
@@ -72,7 +70,7 @@ impl Default for Behaviour {
 }
 
 #[derive(Default)]
-struct Inner {
+pub(crate) struct Inner {
     behaviour: Behaviour,
     requests: Vec<Recorded>,
     /// Secrets this mock issued; any of them is accepted afterwards.
@@ -81,7 +79,7 @@ struct Inner {
     max_stats_in_flight: u32,
 }
 
-type Shared = Arc<Mutex<Inner>>;
+pub(crate) type Shared = Arc<Mutex<Inner>>;
 
 pub struct MockCp {
     /// Base URL to give the agent (with a trailing `/`, which the agent must tolerate).
@@ -89,6 +87,23 @@ pub struct MockCp {
     shared: Shared,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A fresh API key, remembered for the log scan.
+pub fn api_key() -> String {
+    let key = format!("ak-test-{}", uuid::Uuid::new_v4().simple());
+    remember_secret(&key);
+    key
+}
+
+/// `/stats` requests the mock accepted, in receive order.
+pub fn ok_stats(reqs: &[Recorded]) -> Vec<&Recorded> {
+    reqs.iter().filter(|r| r.path == "/stats" && r.answered == 200).collect()
+}
+
+/// Requests to `path`.
+pub fn count(reqs: &[Recorded], path: &str) -> usize {
+    reqs.iter().filter(|r| r.path == path).count()
 }
 
 /// Appends `value` to the run's list of values that must never appear in a log.
@@ -121,7 +136,7 @@ impl MockCp {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(handle).with_state(state);
+                let app = axum::Router::new().fallback(routes::handle).with_state(state);
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
                         let _ = stopped.await;
@@ -136,6 +151,23 @@ impl MockCp {
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// The agent's environment for production mode against this mock.
+    pub fn agent_env(&self, api_key: &str, interval_ms: u64) -> Vec<(&'static str, String)> {
+        vec![
+            ("QUDATA_API_KEY", api_key.to_owned()),
+            ("QUDATA_SERVICE_URL", self.url.clone()),
+            ("QUDATA_STATS_INTERVAL_MS", interval_ms.to_string()),
+            ("QUDATA_PUBLIC_ADDRESS", "203.0.113.7".to_owned()),
+        ]
+    }
+
+    /// The one secret issued so far (panics if there are more or none).
+    pub fn only_secret(&self) -> String {
+        let secrets = self.secrets();
+        assert_eq!(secrets.len(), 1, "{} secrets issued", secrets.len());
+        secrets.into_iter().next().unwrap()
     }
 
     /// Changes the behaviour.
@@ -207,109 +239,5 @@ impl Drop for MockCp {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-fn envelope_error(status: StatusCode, text: &str) -> Response {
-    (status, axum::Json(json!({"ok": false, "error": text}))).into_response()
-}
-
-fn ok(data: Option<Value>) -> Response {
-    match data {
-        Some(d) => axum::Json(json!({"ok": true, "data": d})).into_response(),
-        None => axum::Json(json!({"ok": true})).into_response(),
-    }
-}
-
-fn fresh(prefix: &str) -> String {
-    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
-}
-
-async fn handle(
-    State(shared): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let path = uri.path().strip_prefix(PREFIX).unwrap_or("<outside /v0>").to_owned();
-    let headers: BTreeMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("<binary>").to_owned()))
-        .collect();
-    for name in ["x-api-key", "x-agent-secret"] {
-        if let Some(v) = headers.get(name) {
-            remember_secret(v);
-        }
-    }
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let is_stats = path == "/stats";
-    let latency = {
-        let mut inner = shared.lock().unwrap();
-        if is_stats {
-            inner.stats_in_flight += 1;
-            inner.max_stats_in_flight = inner.max_stats_in_flight.max(inner.stats_in_flight);
-        }
-        inner.behaviour.stats_latency
-    };
-    if is_stats && !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    let mut inner = shared.lock().unwrap();
-    if is_stats {
-        inner.stats_in_flight -= 1;
-    }
-    let response = answer(&mut inner, &method, &path, &headers);
-    inner.requests.push(Recorded {
-        method: method.to_string(),
-        path,
-        headers,
-        body,
-        at: Instant::now(),
-        answered: response.status().as_u16(),
-    });
-    response
-}
-
-fn answer(
-    inner: &mut Inner,
-    method: &Method,
-    path: &str,
-    headers: &BTreeMap<String, String>,
-) -> Response {
-    if inner.behaviour.down {
-        return envelope_error(StatusCode::SERVICE_UNAVAILABLE, "control plane is down");
-    }
-    if inner.behaviour.fail_next > 0 {
-        inner.behaviour.fail_next -= 1;
-        return envelope_error(StatusCode::SERVICE_UNAVAILABLE, "temporary failure");
-    }
-    let api_key_ok = headers.get("x-api-key").is_some_and(|k| k.starts_with("ak-"));
-    let secret_ok = headers.get("x-agent-secret").is_some_and(|s| inner.secrets.contains(s));
-    match (method.as_str(), path) {
-        ("GET", "/ping") if api_key_ok => ok(None),
-        ("POST", "/init") if api_key_ok => {
-            let secret = if inner.behaviour.empty_secret { String::new() } else { fresh("sk-") };
-            let token = fresh("frptok-");
-            remember_secret(&secret);
-            remember_secret(&token);
-            if !secret.is_empty() {
-                inner.secrets.insert(secret.clone());
-            }
-            ok(Some(json!({
-                "secret_key": secret,
-                "host_exists": inner.behaviour.host_exists,
-                "instance_running": inner.behaviour.instance_running,
-                "frp": {"server_addr": "127.0.0.1", "server_port": 7000, "token": token,
-                        "subdomain": fresh("h")},
-                "unknown_future_field": {"x": 1},
-            })))
-        }
-        ("POST", "/init/host") | ("POST", "/stats") if secret_ok => ok(None),
-        (_, "/ping") | (_, "/init") => envelope_error(StatusCode::UNAUTHORIZED, "invalid API key"),
-        (_, "/init/host") | (_, "/stats") => {
-            envelope_error(StatusCode::FORBIDDEN, "invalid agent secret")
-        }
-        _ => envelope_error(StatusCode::NOT_FOUND, "no such route"),
     }
 }
