@@ -58,7 +58,7 @@ struct ControlPlane {
 impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
         let roots = host::Roots::default();
-        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir };
+        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu: None };
         let slot = self.slot.clone();
         let on_secret = move |s: &crate::secret::Secret| slot.set(Some(s.clone()));
         let registered = control_plane::register(

@@ -14,5 +14,5 @@ pub mod wire;
 pub use client::{Client, REQUEST_TIMEOUT};
 pub use error::ClientError;
 pub use identity::{FrpCredentials, Identity, IdentityError};
-pub use register::{HostProbe, Registered, register};
+pub use register::{GpuFacts, HostProbe, Registered, register};
 pub use reporter::{Reporter, StatsSource};

@@ -7,7 +7,7 @@ use super::backoff::Backoff;
 use super::client::Client;
 use super::error::ClientError;
 use super::identity::Identity;
-use super::wire::{Amount, Configuration, HostRegistration, InitRequest, Location};
+use super::wire::{self, Amount, Configuration, HostRegistration, InitRequest, Location};
 use crate::host::{self, HostFacts};
 use crate::secret::Secret;
 
@@ -23,6 +23,20 @@ pub struct Registered {
 pub struct HostProbe<'a> {
     pub roots: &'a host::Roots,
     pub data_dir: &'a Path,
+    /// What the GPU layer knows; `None` until it exists (fields sent empty, one warning).
+    pub gpu: Option<GpuFacts>,
+}
+
+/// The GPU part of `/init/host`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuFacts {
+    /// Marketing name as NVML or `nvidia-smi` gives it (`"NVIDIA H100 80GB HBM3"`).
+    pub name: String,
+    pub count: u32,
+    /// GiB per GPU.
+    pub vram_gib: f64,
+    /// Highest CUDA version the driver supports (`12.4`).
+    pub max_cuda: f64,
 }
 
 /// Registers, trying again with back-off until it succeeds: a control plane that is down or
@@ -71,26 +85,30 @@ async fn register_once(
     on_secret(&secret);
     if !init.host_exists {
         let facts = host::facts::probe(probe.roots, probe.data_dir);
-        client.init_host(&secret, &host_registration(&facts)).await?;
+        let body = host_registration(&facts, probe.gpu.as_ref());
+        client.init_host(&secret, &body).await?;
         tracing::info!("host hardware registered with the control plane");
     }
     Ok(Registered { secret, instance_running: init.instance_running })
 }
 
 /// The `/init/host` body from the host facts; logs once what is unknown.
-pub fn host_registration(facts: &HostFacts) -> HostRegistration {
+pub fn host_registration(facts: &HostFacts, gpu: Option<&GpuFacts>) -> HostRegistration {
     // Not measurable here (need dmidecode, a location service or the GPU layer).
     let mut unknown: Vec<&str> = facts.unknown.clone();
     unknown.extend(["memory_speed", "capacity", "location"]);
     tracing::warn!(fields = %unknown.join(", "), "host facts unknown, sent as 0 or \"\"");
-    tracing::warn!(
-        "no GPU inventory yet: gpu_name, gpu_amount, vram and max_cuda sent as \"\" or 0"
-    );
+    if gpu.is_none() {
+        tracing::warn!(
+            "no GPU inventory yet: gpu_name, gpu_amount, vram and max_cuda sent as \"\" or 0"
+        );
+    }
+    let gpu = gpu.cloned().unwrap_or_default();
     HostRegistration {
-        gpu_name: String::new(),
-        gpu_amount: 0,
-        vram: 0.0,
-        max_cuda: 0.0,
+        gpu_name: wire::gpu_name(&gpu.name),
+        gpu_amount: gpu.count,
+        vram: gpu.vram_gib,
+        max_cuda: gpu.max_cuda,
         location: Location::default(),
         configuration: Configuration {
             ram: Amount::gb(round2(facts.ram_gib)),
@@ -102,7 +120,7 @@ pub fn host_registration(facts: &HostFacts) -> HostRegistration {
             ethernet_in: facts.link_mbps,
             ethernet_out: facts.link_mbps,
             capacity: 0.0,
-            max_cuda_version: 0.0,
+            max_cuda_version: gpu.max_cuda,
         },
     }
 }
@@ -126,7 +144,7 @@ mod tests {
             link_mbps: 25000.0,
             unknown: Vec::new(),
         };
-        let body = serde_json::to_value(host_registration(&facts)).unwrap();
+        let body = serde_json::to_value(host_registration(&facts, None)).unwrap();
         let c = &body["configuration"];
         assert_eq!(c["ram"], serde_json::json!({"amount": 503.78, "unit": "gb"}));
         assert_eq!(c["disk"], serde_json::json!({"amount": 1862.64, "unit": "gb"}));
@@ -137,5 +155,17 @@ mod tests {
         assert_eq!((c["cpu_freq"].as_f64(), c["ethernet_in"].as_f64()), (Some(3.8), Some(25000.0)));
         assert_eq!(c["ethernet_out"], c["ethernet_in"]);
         assert_eq!((body["gpu_name"].as_str(), body["gpu_amount"].as_u64()), (Some(""), Some(0)));
+
+        let gpu = GpuFacts {
+            name: "NVIDIA H100 80GB HBM3".into(),
+            count: 8,
+            vram_gib: 80.0,
+            max_cuda: 12.4,
+        };
+        let body = serde_json::to_value(host_registration(&facts, Some(&gpu))).unwrap();
+        assert_eq!(body["gpu_name"], "H10080GBHBM3");
+        assert_eq!((body["gpu_amount"].as_u64(), body["vram"].as_f64()), (Some(8), Some(80.0)));
+        assert_eq!(body["max_cuda"], 12.4);
+        assert_eq!(body["configuration"]["max_cuda_version"], 12.4);
     }
 }
