@@ -72,6 +72,7 @@ impl ControlPlane {
         if let Some(running) = registered.instance_running {
             tracing::info!(instance_running = running, "control plane's view of the lease");
         }
+        // The tunnel supervisor (PROTOCOL.md §3) takes these credentials once it exists.
         let frp = self.identity.frp().with_overrides(&self.cfg.frp);
         if !frp.is_complete() {
             tracing::warn!(
