@@ -6,6 +6,9 @@
 
 pub mod limits;
 pub mod logging;
+mod production;
+
+pub use production::run;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,10 +36,12 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
-    #[error(
-        "production mode needs the control-plane client, which this build lacks; use `run --local`"
-    )]
-    NotWired,
+    #[error("cannot set up the control-plane client: {0}")]
+    ControlPlane(#[from] crate::control_plane::ClientError),
+    #[error("cannot load the agent identity: {0}")]
+    Identity(#[from] crate::control_plane::IdentityError),
+    #[error("QUDATA_API_KEY is not set; set it to the key issued by Qudata, or use `run --local`")]
+    NoApiKey,
 }
 
 /// Local mode's port when `QUDATA_AGENT_PORT` is unset.
@@ -129,10 +134,4 @@ fn notify_ready() {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
-}
-
-/// `qudata-agent run`: production mode. Registration with the control plane is wired in by the
-/// control-plane module; until then this mode refuses to start rather than run half an agent.
-pub async fn run(_cfg: Config) -> Result<(), AgentError> {
-    Err(AgentError::NotWired)
 }

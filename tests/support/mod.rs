@@ -2,5 +2,6 @@
 
 pub mod agent;
 pub mod host;
-pub mod sysfs;
+pub mod mock_cp;
 pub mod sshd;
+pub mod sysfs;
