@@ -4,6 +4,7 @@
 //! → systemd told we are ready → (production) registration with the control plane, then the
 //! stats loop. A `SIGTERM` stops the agent and leaves every instance running.
 
+pub mod backends;
 pub mod limits;
 pub mod logging;
 mod production;
@@ -11,7 +12,6 @@ mod production;
 pub use production::run;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
@@ -47,12 +47,7 @@ pub enum AgentError {
 /// Local mode's port when `QUDATA_AGENT_PORT` is unset.
 pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 
-/// Why no backend can build instances yet (until the VM backend lands).
-fn backend(_cfg: &Config) -> Result<Arc<dyn crate::backend::Backend>, String> {
-    Err("this build has no VM or container backend yet".into())
-}
-
-fn manager(
+async fn manager(
     cfg: &Config,
 ) -> Result<(Manager, mpsc::UnboundedReceiver<crate::backend::BackendEvent>), AgentError> {
     let store = Store::open(&cfg.data_dir)?;
@@ -61,8 +56,12 @@ fn manager(
         gpu_pool: cfg.gpu_pci_addrs.clone().unwrap_or_default(),
         host_ports: ports::HOST_PORTS,
     };
-    let (_sink, events) = mpsc::unbounded_channel();
-    Ok((Manager::new(backend(cfg), store, settings), events))
+    let (sink, events) = mpsc::unbounded_channel();
+    let backend = backends::build(cfg, sink).await;
+    if let Err(reason) = &backend {
+        tracing::warn!(%reason, "no backend: instances cannot be created");
+    }
+    Ok((Manager::new(backend, store, settings), events))
 }
 
 /// The local secret: made once, stored 0600, printed only when made.
@@ -95,7 +94,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
     fsutil::ensure_private_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
-    let (manager, events) = manager(&cfg)?;
+    let (manager, events) = manager(&cfg).await?;
     manager.spawn_event_loop(events);
     manager.restore().await?;
 

@@ -21,3 +21,9 @@ pub mod disk;
 pub mod process;
 pub mod qmp;
 pub mod seed;
+
+pub mod backend;
+pub mod layout;
+pub mod vm;
+
+pub use backend::{QemuBackend, QemuSettings};
