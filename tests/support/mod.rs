@@ -5,3 +5,4 @@ pub mod host;
 pub mod mock_cp;
 pub mod sshd;
 pub mod sysfs;
+pub mod vm;

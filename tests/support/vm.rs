@@ -1,0 +1,190 @@
+//! VM tests: the CI guest image, the agent's view of an instance, and what a VM leaves behind.
+
+#![allow(dead_code)] // each test binary uses a different part of the support code
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::agent::{Agent, Api, Dirs, free_port};
+
+/// Boot to SSH under TCG on 2 busy cores: generous, since a slow CI machine is not a failure.
+pub const BOOT: Duration = Duration::from_secs(420);
+
+/// The CI guest, built once per test run by `image-builder/build-ci-guest.sh` (which caches
+/// its downloads and skips a build whose inputs did not change).
+pub fn ci_guest_image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ci-guest");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("image-builder/build-ci-guest.sh");
+            let result =
+                Command::new("bash").arg(&script).arg(&out).output().expect("run the builder");
+            assert!(
+                result.status.success(),
+                "building the CI guest failed:\n{}\n{}",
+                String::from_utf8_lossy(&result.stdout),
+                String::from_utf8_lossy(&result.stderr)
+            );
+            let image = out.join("ci-guest.qcow2");
+            assert!(image.is_file(), "the builder wrote no {}", image.display());
+            image
+        })
+        .clone()
+}
+
+/// Local mode with the CI guest as base image, under TCG.
+pub fn start_agent(dirs: &Dirs, port: u16) -> Agent {
+    let image = ci_guest_image();
+    let env = [
+        ("QUDATA_BASE_IMAGE", image.display().to_string()),
+        ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
+    ];
+    Agent::start(dirs, &["run", "--local"], &env, port)
+}
+
+pub fn fresh_agent(dirs: &Dirs) -> Agent {
+    start_agent(dirs, free_port())
+}
+
+/// Polls `GET /instances` until `status` is `want`; panics on `error` (unless wanted) or at
+/// the deadline.
+pub async fn wait_status(api: &Api, want: &str, limit: Duration) -> Value {
+    let until = Instant::now() + limit;
+    loop {
+        let answer = api.get("/instances").await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        let data = answer.body["data"].clone();
+        let status = data["status"].as_str().unwrap_or_default().to_owned();
+        if status == want {
+            return data;
+        }
+        assert!(status != "error" || want == "error", "instance failed: {data}");
+        assert!(Instant::now() < until, "status stayed {status} (wanted {want}): {data}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The instance record as stored by the agent.
+pub fn record(dirs: &Dirs, id: &str) -> Value {
+    let text = std::fs::read_to_string(dirs.data.join("instances").join(format!("{id}.json")))
+        .expect("instance record");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The 127.0.0.1 port forwarding to `guest_port`, from the record.
+pub fn host_port(dirs: &Dirs, id: &str, guest_port: u16) -> u16 {
+    let rec = record(dirs, id);
+    let ports = rec["ports"].as_array().expect("ports");
+    let port = ports.iter().find(|p| p["guest_port"] == guest_port).expect("published port");
+    port["host_port"].as_u64().unwrap() as u16
+}
+
+/// Pids of processes whose command line carries `-name qudata-<id>`.
+pub fn qemu_pids(id: &str) -> Vec<u32> {
+    let marker = format!("qudata-{id}");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie =
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie && args.windows(2).any(|w| w[0] == b"-name" && w[1] == marker.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Everything an instance may leave behind, empty when it is gone without a trace.
+pub fn leftovers(dirs: &Dirs, id: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for pid in qemu_pids(id) {
+        found.push(format!("QEMU process {pid}"));
+    }
+    for path in [
+        dirs.data.join("vms").join(id),
+        dirs.run.join("vms").join(id),
+        dirs.data.join("instances").join(format!("{id}.json")),
+    ] {
+        if path.exists() {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+/// Waits until `leftovers` is empty.
+pub async fn wait_gone(dirs: &Dirs, id: &str, limit: Duration) {
+    let until = Instant::now() + limit;
+    loop {
+        let left = leftovers(dirs, id);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < until, "instance {id} left behind: {left:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A fresh ed25519 key pair made by the real `ssh-keygen`: (private key path, public line).
+pub fn ssh_keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_owned();
+    (key, public)
+}
+
+/// Runs `command` in the guest with the real OpenSSH client; `Ok(stdout)` or `Err(stderr)`.
+pub fn openssh(key: &Path, port: u16, command: &str) -> Result<String, String> {
+    let known = key.with_extension("known_hosts");
+    let out = Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=20"])
+        .args(["-o", "StrictHostKeyChecking=no"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string(), "root@127.0.0.1", command])
+        .output()
+        .expect("ssh");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `GET http://127.0.0.1:<port>/` with a short timeout: `Some(body)` when it answers.
+pub async fn http_get(port: u16) -> Option<String> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let resp = client.get(format!("http://127.0.0.1:{port}/")).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.text().await.ok()
+}
+
+/// Polls [`http_get`] until it answers.
+pub async fn wait_http(port: u16, limit: Duration) -> String {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(body) = http_get(port).await {
+            return body;
+        }
+        assert!(Instant::now() < until, "nothing answered on 127.0.0.1:{port}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

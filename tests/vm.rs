@@ -1,0 +1,175 @@
+//! QEMU VM instances end to end: the real binary in local mode, real QEMU under TCG booting the
+//! CI guest, real SSH (the agent's russh and OpenSSH as a second opinion).
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::agent::{Agent, Api, Dirs, local_secret};
+use support::vm::{
+    BOOT, fresh_agent, host_port, http_get, leftovers, openssh, qemu_pids, record, ssh_keygen,
+    start_agent, wait_gone, wait_http, wait_status,
+};
+
+/// The renter's service: busybox httpd serving a page made from an environment value. The
+/// value is hostile on purpose: it must arrive as data, never run.
+fn create_body() -> serde_json::Value {
+    json!({
+        "ssh_enabled": true,
+        "cpus": 1,
+        "memory": "512M",
+        "storage_gb": 2,
+        "ports": [{"container_port": 8080, "remote_port": 20000, "proto": "http"}],
+        "command": "mkdir -p /srv && printf '%s\\n' \"$GREETING\" > /srv/index.html && exec httpd -f -p 8080 -h /srv",
+        "env_variables": {"GREETING": "hello $(touch /tmp/pwned) `id` ';"}
+    })
+}
+
+const GREETING: &str = "hello $(touch /tmp/pwned) `id` ';\n";
+
+async fn started() -> (Dirs, Agent, Api) {
+    let dirs = Dirs::new();
+    let mut agent = fresh_agent(&dirs);
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    (dirs, agent, api)
+}
+
+async fn create_running(dirs: &Dirs, api: &Api) -> String {
+    let created = api.json("POST", "/instances", &create_body()).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let data = &created.body["data"];
+    assert_eq!(data["status"], "pending");
+    assert_eq!(data["ports"]["8080"], "20000");
+    assert!(data["ports"]["22"].is_string(), "ssh_enabled publishes 22: {data}");
+    let id = data["id"].as_str().unwrap().to_owned();
+    assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the instance");
+    wait_status(api, "running", BOOT).await;
+    let rec = record(dirs, &id);
+    assert!(rec["management_port"].is_u64(), "{rec}");
+    id
+}
+
+#[tokio::test]
+async fn lifecycle_ports_keys_and_cleanup() {
+    let (dirs, _agent, api) = started().await;
+    let id = create_running(&dirs, &api).await;
+
+    // The renter's command runs as a service and its published port answers on 127.0.0.1.
+    let web = host_port(&dirs, &id, 8080);
+    assert_eq!(wait_http(web, Duration::from_secs(60)).await, GREETING);
+
+    // A renter key added through the API lets the real OpenSSH client in; removing it locks
+    // it out again; the hostile env value never ran.
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = ssh_keygen(keys.path(), "renter");
+    let ssh = host_port(&dirs, &id, 22);
+    assert!(openssh(&key, ssh, "true").is_err(), "no renter key yet");
+    let added = api.json("POST", "/ssh", &json!({"ssh_pubkey": public})).await;
+    assert_eq!(added.status, 200, "{:?}", added.body);
+    let again = api.json("POST", "/ssh", &json!({"ssh_pubkey": public})).await;
+    assert_eq!(again.status, 200, "a duplicate add is accepted once");
+    let hostname = openssh(&key, ssh, "hostname").expect("renter key works");
+    assert_eq!(hostname.trim(), format!("qudata-{id}"));
+    let listed = openssh(&key, ssh, "cat /root/.ssh/authorized_keys").unwrap();
+    assert_eq!(listed.matches(public.split_whitespace().nth(1).unwrap()).count(), 1);
+    assert_eq!(
+        openssh(&key, ssh, "test -e /tmp/pwned && echo ran || echo safe").unwrap(),
+        "safe\n"
+    );
+    let removed = api.json("DELETE", "/ssh", &json!({"ssh_pubkey": public})).await;
+    assert_eq!(removed.status, 200);
+    assert!(openssh(&key, ssh, "true").is_err(), "removed key still works");
+
+    // stop pauses the vCPUs: the port forward accepts but nothing answers.
+    let put = |cmd: &str| json!({"command": cmd});
+    assert_eq!(api.json("PUT", "/instances", &put("stop")).await.status, 200);
+    wait_status(&api, "paused", Duration::from_secs(10)).await;
+    assert_eq!(http_get(web).await, None, "a paused guest must not serve");
+    let busy = api.json("PUT", "/instances", &put("restart")).await;
+    assert_eq!(busy.status, 200, "restart of a paused VM is allowed: {:?}", busy.body);
+    wait_status(&api, "running", BOOT).await;
+    // The service comes back after the reset (configure runs after every boot).
+    assert_eq!(wait_http(web, Duration::from_secs(60)).await, GREETING);
+    assert_eq!(api.json("PUT", "/instances", &put("stop")).await.status, 200);
+    assert_eq!(api.json("PUT", "/instances", &put("start")).await.status, 200);
+    wait_status(&api, "running", Duration::from_secs(10)).await;
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, GREETING);
+
+    // QEMU killed behind the agent's back → error with a reason, then DELETE cleans up.
+    let pids = qemu_pids(&id);
+    assert_eq!(pids.len(), 1);
+    // SAFETY: kill(2) on the test's own VM process.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+    let failed = wait_status(&api, "error", Duration::from_secs(30)).await;
+    let reason = failed["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("QEMU exited"), "reason: {reason}");
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, Duration::from_secs(30)).await;
+    wait_status(&api, "destroyed", Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn agent_kill9_adopts_the_running_vm_untouched() {
+    let (dirs, mut agent, api) = started().await;
+    let id = create_running(&dirs, &api).await;
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = ssh_keygen(keys.path(), "renter");
+    assert_eq!(api.json("POST", "/ssh", &json!({"ssh_pubkey": public})).await.status, 200);
+    let pid = qemu_pids(&id);
+    let web = host_port(&dirs, &id, 8080);
+    let uptime = openssh(&key, host_port(&dirs, &id, 22), "cat /proc/uptime").unwrap();
+
+    agent.kill9();
+    assert_eq!(qemu_pids(&id), pid, "QEMU survives the agent");
+    let mut agent = start_agent(&dirs, agent.port);
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let data = wait_status(&api, "running", Duration::from_secs(60)).await;
+    assert_eq!(data["id"], id.as_str());
+    assert_eq!(qemu_pids(&id), pid, "nothing was recreated");
+    // Same guest (not rebooted), same ports, same keys, and QMP works again.
+    let later = openssh(&key, host_port(&dirs, &id, 22), "cat /proc/uptime").unwrap();
+    let secs = |s: &str| s.split_whitespace().next().unwrap().parse::<f64>().unwrap();
+    assert!(secs(&later) > secs(&uptime), "the guest was rebooted: {uptime} then {later}");
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, GREETING);
+    let put = json!({"command": "stop"});
+    assert_eq!(api.json("PUT", "/instances", &put).await.status, 200, "QMP after adoption");
+    wait_status(&api, "paused", Duration::from_secs(10)).await;
+
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, Duration::from_secs(60)).await;
+}
+
+#[tokio::test]
+async fn races_during_create_leave_nothing_behind() {
+    let (dirs, _agent, api) = started().await;
+    // Two creates at once: exactly one is admitted.
+    let body = create_body();
+    let (a, b) =
+        tokio::join!(api.json("POST", "/instances", &body), api.json("POST", "/instances", &body));
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{:?} {:?}", a.body, b.body);
+    let won = if a.status == 200 { &a } else { &b };
+    let id = won.body["data"]["id"].as_str().unwrap().to_owned();
+
+    // Commands that do not fit `pending` are refused with the state in the message.
+    let start = api.json("PUT", "/instances", &json!({"command": "start"})).await;
+    assert_eq!(start.status, 409);
+    assert!(start.body["error"].as_str().unwrap().contains("pending"), "{:?}", start.body);
+
+    // Delete while the guest is still booting: everything goes, nothing is left.
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, Duration::from_secs(60)).await;
+    wait_status(&api, "destroyed", Duration::from_secs(5)).await;
+    assert!(leftovers(&dirs, &id).is_empty());
+
+    // The host is usable again: a fresh create is admitted and cleaned up too.
+    let again = api.json("POST", "/instances", &create_body()).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    let id2 = again.body["data"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id2, Duration::from_secs(60)).await;
+}
