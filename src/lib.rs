@@ -12,4 +12,5 @@ pub mod gpu;
 pub mod instance;
 pub mod ports;
 pub mod secret;
+pub mod tunnel;
 pub mod vfio;

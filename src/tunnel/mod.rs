@@ -1,0 +1,42 @@
+//! FRP tunnels (PROTOCOL.md §3): frpc's files, its admin API, its supervision, and `Tunnels`,
+//! the façade the agent and the instance manager call.
+
+pub mod admin;
+pub mod config;
+mod logs;
+pub mod process;
+mod publish;
+pub mod supervisor;
+pub mod validate;
+mod wait;
+
+use std::path::PathBuf;
+
+pub use admin::{AdminClient, AdminError, ProxyStatus};
+pub use config::{FrpCredentials, InstanceTunnels, TunnelPort, TunnelProto};
+pub use publish::{
+    MissingCredentials, PortOutcome, PublishReport, TunnelSettings, Tunnels, resolve_credentials,
+};
+pub use supervisor::{Backoff, Started, Supervisor, SupervisorOptions};
+pub use validate::validate_instance;
+
+/// Everything that can go wrong with tunnels.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("invalid {what} {value:?} for an FRP tunnel; use letters, digits and '-' only")]
+    Invalid { what: String, value: String },
+    #[error(transparent)]
+    Files(#[from] crate::fsutil::FsError),
+    #[error("cannot read back {path}: {detail}; delete it so the agent writes a new one")]
+    BadConfigFile { path: PathBuf, detail: String },
+    #[error("cannot render the frpc config: {0}")]
+    Render(#[from] toml::ser::Error),
+    #[error("cannot start {binary}: {source}; install frpc or set QUDATA_FRPC_BINARY")]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(
+        "frpc did not answer on its admin API within {seconds} s; see the frpc lines in the log"
+    )]
+    NotReady { seconds: u64 },
+}
