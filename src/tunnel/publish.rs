@@ -235,6 +235,8 @@ impl Tunnels {
         let states = match inner.active.as_ref() {
             None => names.iter().map(|n| (n.clone(), Err(OFF.to_owned()))).collect(),
             Some(active) => {
+                // frpc may be between a crash and its restart: give it the same deadline.
+                super::wait::admin_up(&active.admin, s.ready_timeout).await?;
                 active.admin.reload().await?;
                 super::wait::running(&active.admin, &names, s.ready_timeout).await
             }
@@ -268,6 +270,7 @@ impl Tunnels {
             Err(source) => return Err(fsutil::FsError::Write { path, source }.into()),
         }
         if let Some(active) = inner.active.as_ref() {
+            super::wait::admin_up(&active.admin, s.ready_timeout).await?;
             active.admin.reload().await?;
         }
         Ok(())

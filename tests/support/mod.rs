@@ -1,5 +1,6 @@
 //! Test support: the real agent binary, and doubles for what cannot exist here.
 
 pub mod agent;
+pub mod frpc;
 pub mod host;
 pub mod sysfs;

@@ -1,0 +1,249 @@
+//! FRP tunnels against the frpc stand-in: reload without restart, back-off, adoption after an
+//! agent restart, refused proxies, admin auth; a real frpc when QUDATA_FRPC_BINARY names one.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use qudata_agent::secret::Secret;
+use qudata_agent::tunnel::config::{WebServerConfig, agent_proxy_name, proxy_name};
+use qudata_agent::tunnel::{
+    AdminClient, AdminError, Backoff, InstanceTunnels, MissingCredentials, TunnelError,
+    TunnelPort, TunnelProto, Tunnels,
+};
+use support::frpc::{FAST, Sandbox, TEST_TOKEN, creds, standin};
+
+const AGENT: &str = "3f1c1b2e-8a4d-4c3e-9b7a-0d5e6f7a8b9c";
+
+fn instance(id: &str, ports: &[(u16, u16, u16, TunnelProto)]) -> InstanceTunnels {
+    InstanceTunnels {
+        instance_id: id.into(),
+        subdomain: "lease-7".into(),
+        ports: ports
+            .iter()
+            .map(|&(container_port, host_port, remote_port, proto)| TunnelPort {
+                container_port,
+                host_port,
+                remote_port,
+                proto,
+            })
+            .collect(),
+    }
+}
+
+async fn start(sb: &Sandbox, backoff: Backoff) -> Tunnels {
+    Tunnels::start(sb.settings(&standin(), backoff), Ok(creds(TEST_TOKEN))).await.expect("start")
+}
+
+/// Polls until `cond` holds (deadline 10 s).
+async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn publish_and_unpublish_reload_without_restart() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    let pid = t.frpc_pid().await.expect("frpc runs");
+    let admin = t.admin().await.unwrap();
+    let agent = agent_proxy_name(AGENT);
+    assert_eq!(admin.status().await.unwrap()[&agent].status, "running");
+
+    // Watch the agent's own proxy the whole time: it must never leave /api/status.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (gaps, polls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let watcher = tokio::spawn({
+        let (admin, agent, stop, gaps, polls) =
+            (admin.clone(), agent.clone(), stop.clone(), gaps.clone(), polls.clone());
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                let s = admin.status().await.expect("admin API answers throughout");
+                if s.get(&agent).is_none_or(|p| p.status != "running") {
+                    gaps.fetch_add(1, Ordering::SeqCst);
+                }
+                polls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+
+    let inst = instance("i-1", &[(22, 42022, 10001, TunnelProto::Tcp), (8888, 42888, 20000, TunnelProto::Http)]);
+    let report = t.publish(&inst).await.unwrap();
+    assert!(report.errors().is_empty(), "{report:?}");
+    let status = admin.status().await.unwrap();
+    let ssh = &status[&proxy_name(AGENT, "i-1", 22)];
+    assert_eq!((ssh.kind.as_str(), ssh.status.as_str()), ("tcp", "running"));
+    assert_eq!(ssh.local_addr, "127.0.0.1:42022");
+    assert_eq!(status[&proxy_name(AGENT, "i-1", 8888)].remote_addr, "lease-7:20000");
+    assert_eq!(t.frpc_pid().await, Some(pid), "publishing must not restart frpc");
+
+    t.unpublish("i-1").await.unwrap();
+    let status = admin.status().await.unwrap();
+    assert!(!status.contains_key(&proxy_name(AGENT, "i-1", 22)));
+    assert!(!sb.config.with_file_name("frpc.d").join("i-1.toml").exists());
+    assert_eq!(t.frpc_pid().await, Some(pid), "unpublishing must not restart frpc");
+    t.unpublish("i-1").await.expect("unpublish is idempotent");
+
+    stop.store(true, Ordering::SeqCst);
+    watcher.await.unwrap();
+    assert!(polls.load(Ordering::SeqCst) > 0);
+    assert_eq!(gaps.load(Ordering::SeqCst), 0, "the agent's proxy disappeared during a reload");
+    assert_eq!(t.frpc_restarts().await, 0);
+    t.teardown().await;
+}
+
+#[tokio::test]
+async fn refused_proxy_is_reported_per_port_and_the_rest_stays_up() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    sb.control(serde_json::json!({"refuse_remote_ports": [10002]}));
+    let inst = instance("i-2", &[(22, 42022, 10001, TunnelProto::Tcp), (2222, 42222, 10002, TunnelProto::Tcp)]);
+    let report = t.publish(&inst).await.unwrap();
+    let errors = report.errors();
+    assert_eq!(errors.keys().copied().collect::<Vec<_>>(), [2222]);
+    assert!(errors[&2222].contains("port already used"), "{errors:?}");
+    assert_eq!(t.proxy_errors("i-2").await, errors);
+    let status = t.admin().await.unwrap().status().await.unwrap();
+    assert_eq!(status[&proxy_name(AGENT, "i-2", 22)].status, "running");
+    t.teardown().await;
+}
+
+#[tokio::test]
+async fn a_crashing_frpc_is_restarted_with_backoff() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    let first = t.frpc_pid().await.unwrap();
+    sb.control(serde_json::json!({"crash": true}));
+    eventually("three restarts", async || t.frpc_restarts().await >= 3).await;
+    sb.control(serde_json::json!({}));
+    eventually("a new frpc", async || t.frpc_pid().await.is_some_and(|p| p != first)).await;
+    // The restarted frpc serves the same config: publishing works again.
+    let report = t.publish(&instance("i-3", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
+    assert!(report.errors().is_empty(), "{report:?}");
+    t.teardown().await;
+}
+
+#[tokio::test]
+async fn wrong_admin_password_is_a_clear_error() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    let text = std::fs::read_to_string(&sb.config).unwrap();
+    let main: qudata_agent::tunnel::config::ClientConfig = toml::from_str(&text).unwrap();
+    let wrong = WebServerConfig { password: Secret::new("not-the-password"), ..main.web_server };
+    let err = AdminClient::new(&wrong).reload().await.unwrap_err();
+    assert!(matches!(err, AdminError::Unauthorized { .. }), "{err:?}");
+    assert!(err.to_string().contains("refused the credentials"), "{err}");
+    assert!(!err.to_string().contains("not-the-password"));
+    t.teardown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_the_same_frpc() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    let pid = t.frpc_pid().await.unwrap();
+    t.publish(&instance("i-4", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
+    drop(t); // the agent dies (kill -9, upgrade): frpc keeps running
+
+    let t = start(&sb, FAST).await;
+    assert_eq!(t.frpc_pid().await, Some(pid), "a second frpc was started");
+    let status = t.admin().await.unwrap().status().await.unwrap();
+    assert_eq!(status[&proxy_name(AGENT, "i-4", 22)].status, "running");
+    assert_eq!(t.published_ids(), ["i-4"]);
+
+    // A new token changes the main file: only then is frpc restarted.
+    t.set_credentials(creds("frp-test-token-rotated-Kp2")).await.unwrap();
+    let new_pid = t.frpc_pid().await.unwrap();
+    assert_ne!(new_pid, pid);
+    let status = t.admin().await.unwrap().status().await.unwrap();
+    assert_eq!(status[&proxy_name(AGENT, "i-4", 22)].status, "running");
+    t.teardown().await;
+    assert!(!sb.run.join("frpc.pid").exists());
+}
+
+#[tokio::test]
+async fn a_strict_reload_refuses_unknown_keys() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    let bad = sb.config.with_file_name("frpc.d").join("bad.toml");
+    std::fs::write(&bad, "[[proxies]]\nname = \"x\"\ntype = \"tcp\"\nlocalPort = 1\nremotePort = 2\nbogus = 1\n").unwrap();
+    let err = t.publish(&instance("i-5", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap_err();
+    assert!(matches!(err, TunnelError::Admin(AdminError::Refused { status: 400, .. })), "{err:?}");
+    assert!(err.to_string().contains("bogus"), "{err}");
+    t.teardown().await;
+}
+
+#[tokio::test]
+async fn without_credentials_frpc_is_not_started() {
+    let sb = Sandbox::new();
+    let missing = MissingCredentials { missing: "token, subdomain".into() };
+    let t = Tunnels::start(sb.settings(&standin(), FAST), Err(missing)).await.unwrap();
+    assert_eq!(t.frpc_pid().await, None);
+    assert!(!sb.run.join("frpc.pid").exists());
+    let report = t.publish(&instance("i-6", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
+    assert!(report.errors()[&22].contains("no FRP credentials"), "{report:?}");
+}
+
+#[tokio::test]
+async fn invalid_values_are_refused_before_any_file() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    let mut bad = instance("i-7", &[(22, 42022, 10001, TunnelProto::Tcp)]);
+    bad.subdomain = "not a label".into();
+    assert!(matches!(t.publish(&bad).await, Err(TunnelError::Invalid { .. })));
+    assert!(t.published_ids().is_empty());
+    t.teardown().await;
+}
+
+#[tokio::test]
+async fn real_frpc_when_available() {
+    let Some(binary) = std::env::var_os("QUDATA_FRPC_BINARY") else {
+        println!("skipped: set QUDATA_FRPC_BINARY to a real frpc (>= 0.52) to run this test");
+        return;
+    };
+    let sb = Sandbox::new();
+    // No FRP server here: frpc keeps retrying (loginFailExit = false) and serves its admin API.
+    let mut c = creds(TEST_TOKEN);
+    c.server_port = support::agent::free_port();
+    let settings = sb.settings(std::path::Path::new(&binary), FAST);
+    let t = Tunnels::start(settings, Ok(c)).await.expect("real frpc accepts our main file");
+    let report = t.publish(&instance("i-8", &[(22, 42022, 10001, TunnelProto::Tcp)])).await;
+    let report = report.expect("real frpc accepts our include file under strictConfig");
+    assert_eq!(report.ports.len(), 1);
+    t.unpublish("i-8").await.unwrap();
+    t.teardown().await;
+}
+
+/// Printable runs of at least `min` bytes, like `strings`.
+fn strings(bytes: &[u8], min: usize) -> Vec<String> {
+    bytes
+        .split(|b| !(b.is_ascii_graphic() || *b == b' '))
+        .filter(|run| run.len() >= min)
+        .map(|run| String::from_utf8_lossy(run).into_owned())
+        .collect()
+}
+
+#[test]
+fn no_frp_credential_is_compiled_into_the_agent() {
+    let bin = std::fs::read(env!("CARGO_BIN_EXE_qudata-agent")).expect("agent binary");
+    let found = strings(&bin, 6);
+    assert!(found.len() > 1000, "the scan sees the binary's strings");
+    for secret in [TEST_TOKEN, "frp-test-token-rotated-Kp2", "tok-golden", "pw-golden"] {
+        assert!(!found.iter().any(|s| s.contains(secret)), "{secret} is in the agent binary");
+    }
+    // A hard-coded token would appear as a TOML line or a Go-style default next to its key.
+    for s in &found {
+        let lower = s.to_ascii_lowercase();
+        for key in ["token = \"", "token=\"", "auth.token = \"", "frp_token="] {
+            if let Some(rest) = lower.split(key).nth(1) {
+                assert!(rest.starts_with('"') || rest.is_empty(), "hard-coded token in: {s}");
+            }
+        }
+    }
+}
