@@ -99,7 +99,10 @@ fn log(level: char, msg: &str) {
 
 fn control(config: &Path) -> Control {
     let path = config.with_file_name("standin-control.json");
-    std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
 }
 
 /// `dir/prefix*suffix`, the only glob shape the agent writes.
@@ -112,7 +115,10 @@ fn expand(pattern: &str) -> Result<Vec<PathBuf>, String> {
             .map(|e| e.path())
             .filter(|p| {
                 let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !n.starts_with('.') && n.starts_with(pre) && n.ends_with(suf) && n.len() >= pre.len() + suf.len()
+                !n.starts_with('.')
+                    && n.starts_with(pre)
+                    && n.ends_with(suf)
+                    && n.len() >= pre.len() + suf.len()
             })
             .collect(),
         Err(_) => Vec::new(),
@@ -123,10 +129,13 @@ fn expand(pattern: &str) -> Result<Vec<PathBuf>, String> {
 
 fn check(p: &Proxy) -> Result<(), String> {
     match p.kind.as_str() {
-        "tcp" if p.remote_port.is_none() => Err(format!("proxy [{}]: remotePort is required", p.name)),
-        "http" if p.custom_domains.is_empty() => {
-            Err(format!("proxy [{}]: custom domains and subdomain should set at least one of them", p.name))
+        "tcp" if p.remote_port.is_none() => {
+            Err(format!("proxy [{}]: remotePort is required", p.name))
         }
+        "http" if p.custom_domains.is_empty() => Err(format!(
+            "proxy [{}]: custom domains and subdomain should set at least one of them",
+            p.name
+        )),
         "tcp" | "http" => Ok(()),
         other => Err(format!("proxy [{}]: unsupported type {other}", p.name)),
     }
@@ -135,16 +144,17 @@ fn check(p: &Proxy) -> Result<(), String> {
 fn load(config: &Path) -> Result<(Main, Vec<Proxy>), String> {
     let text = std::fs::read_to_string(config).map_err(|e| e.to_string())?;
     let main: Main = toml::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
-    if let Some(a) = &main.auth {
-        if a.method != "token" || a.token.is_empty() {
-            return Err("auth.method must be token with a token".into());
-        }
+    if let Some(a) = &main.auth
+        && (a.method != "token" || a.token.is_empty())
+    {
+        return Err("auth.method must be token with a token".into());
     }
     let mut all = main.proxies.clone();
     for pattern in &main.includes {
         for file in expand(pattern)? {
             let t = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
-            let inc: Include = toml::from_str(&t).map_err(|e| format!("{}: {e}", file.display()))?;
+            let inc: Include =
+                toml::from_str(&t).map_err(|e| format!("{}: {e}", file.display()))?;
             all.extend(inc.proxies);
         }
     }
@@ -258,12 +268,13 @@ async fn main() {
         proxies: Mutex::new(BTreeMap::new()),
     });
     apply(&app, proxies);
-    let listener = tokio::net::TcpListener::bind((main.web_server.addr.as_str(), main.web_server.port))
-        .await
-        .unwrap_or_else(|e| {
-            eprintln!("admin bind: {e}");
-            std::process::exit(1);
-        });
+    let listener =
+        tokio::net::TcpListener::bind((main.web_server.addr.as_str(), main.web_server.port))
+            .await
+            .unwrap_or_else(|e| {
+                eprintln!("admin bind: {e}");
+                std::process::exit(1);
+            });
     log('I', &format!("login to server success, admin on {}", listener.local_addr().unwrap()));
     let watch_cfg = config.clone();
     tokio::spawn(async move {

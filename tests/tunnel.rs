@@ -10,8 +10,8 @@ use std::time::Duration;
 use qudata_agent::secret::Secret;
 use qudata_agent::tunnel::config::{WebServerConfig, agent_proxy_name, proxy_name};
 use qudata_agent::tunnel::{
-    AdminClient, AdminError, Backoff, InstanceTunnels, MissingCredentials, TunnelError,
-    TunnelPort, TunnelProto, Tunnels,
+    AdminClient, AdminError, Backoff, InstanceTunnels, MissingCredentials, TunnelError, TunnelPort,
+    TunnelProto, Tunnels,
 };
 use support::frpc::{FAST, Sandbox, TEST_TOKEN, creds, standin};
 
@@ -73,7 +73,10 @@ async fn publish_and_unpublish_reload_without_restart() {
         }
     });
 
-    let inst = instance("i-1", &[(22, 42022, 10001, TunnelProto::Tcp), (8888, 42888, 20000, TunnelProto::Http)]);
+    let inst = instance(
+        "i-1",
+        &[(22, 42022, 10001, TunnelProto::Tcp), (8888, 42888, 20000, TunnelProto::Http)],
+    );
     let report = t.publish(&inst).await.unwrap();
     assert!(report.errors().is_empty(), "{report:?}");
     let status = admin.status().await.unwrap();
@@ -103,7 +106,10 @@ async fn refused_proxy_is_reported_per_port_and_the_rest_stays_up() {
     let sb = Sandbox::new();
     let t = start(&sb, FAST).await;
     sb.control(serde_json::json!({"refuse_remote_ports": [10002]}));
-    let inst = instance("i-2", &[(22, 42022, 10001, TunnelProto::Tcp), (2222, 42222, 10002, TunnelProto::Tcp)]);
+    let inst = instance(
+        "i-2",
+        &[(22, 42022, 10001, TunnelProto::Tcp), (2222, 42222, 10002, TunnelProto::Tcp)],
+    );
     let report = t.publish(&inst).await.unwrap();
     let errors = report.errors();
     assert_eq!(errors.keys().copied().collect::<Vec<_>>(), [2222]);
@@ -124,7 +130,8 @@ async fn a_crashing_frpc_is_restarted_with_backoff() {
     sb.control(serde_json::json!({}));
     eventually("a new frpc", async || t.frpc_pid().await.is_some_and(|p| p != first)).await;
     // The restarted frpc serves the same config: publishing works again.
-    let report = t.publish(&instance("i-3", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
+    let report =
+        t.publish(&instance("i-3", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
     assert!(report.errors().is_empty(), "{report:?}");
     t.teardown().await;
 }
@@ -172,8 +179,13 @@ async fn a_strict_reload_refuses_unknown_keys() {
     let sb = Sandbox::new();
     let t = start(&sb, FAST).await;
     let bad = sb.config.with_file_name("frpc.d").join("bad.toml");
-    std::fs::write(&bad, "[[proxies]]\nname = \"x\"\ntype = \"tcp\"\nlocalPort = 1\nremotePort = 2\nbogus = 1\n").unwrap();
-    let err = t.publish(&instance("i-5", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap_err();
+    std::fs::write(
+        &bad,
+        "[[proxies]]\nname = \"x\"\ntype = \"tcp\"\nlocalPort = 1\nremotePort = 2\nbogus = 1\n",
+    )
+    .unwrap();
+    let err =
+        t.publish(&instance("i-5", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap_err();
     assert!(matches!(err, TunnelError::Admin(AdminError::Refused { status: 400, .. })), "{err:?}");
     assert!(err.to_string().contains("bogus"), "{err}");
     t.teardown().await;
@@ -186,7 +198,8 @@ async fn without_credentials_frpc_is_not_started() {
     let t = Tunnels::start(sb.settings(&standin(), FAST), Err(missing)).await.unwrap();
     assert_eq!(t.frpc_pid().await, None);
     assert!(!sb.run.join("frpc.pid").exists());
-    let report = t.publish(&instance("i-6", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
+    let report =
+        t.publish(&instance("i-6", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
     assert!(report.errors()[&22].contains("no FRP credentials"), "{report:?}");
 }
 

@@ -209,7 +209,9 @@ impl Tunnels {
         super::wait::admin_up(&active.admin, s.ready_timeout).await?;
         active.admin.reload().await?;
         let agent = config::agent_proxy_name(&s.agent_id);
-        let states = super::wait::running(&active.admin, &[agent.clone()], s.ready_timeout).await;
+        let states =
+            super::wait::running(&active.admin, std::slice::from_ref(&agent), s.ready_timeout)
+                .await;
         if let Some(Err(why)) = states.get(&agent) {
             tracing::warn!(proxy = %agent, "the agent's own tunnel is not up: {why}");
         }

@@ -12,7 +12,8 @@ use qudata_agent::tunnel::{Backoff, FrpCredentials, TunnelSettings};
 pub fn standin() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe path");
     // target/debug/deps/tunnel-<hash> → target/debug/examples/frpc_standin
-    let path = exe.parent().and_then(Path::parent).expect("target dir").join("examples/frpc_standin");
+    let path =
+        exe.parent().and_then(Path::parent).expect("target dir").join("examples/frpc_standin");
     assert!(
         path.is_file(),
         "{} is missing: run `cargo test --all-targets` or `cargo build --example frpc_standin`",
@@ -59,11 +60,10 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         // A failed test must not leave an frpc (stand-in) running: kill its process group.
         let pidfile = self.run.join("frpc.pid");
-        if let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
-            if pid > 1 {
-                // SAFETY: plain syscall on a process group this test started.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
+        let pid = std::fs::read_to_string(pidfile).ok().and_then(|t| t.trim().parse::<i32>().ok());
+        if let Some(pid) = pid.filter(|&p| p > 1) {
+            // SAFETY: plain syscall on a process group this test started.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
     }
 }
