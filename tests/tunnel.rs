@@ -3,8 +3,9 @@
 
 mod support;
 
-use std::sync::Arc;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use qudata_agent::secret::Secret;
@@ -33,7 +34,33 @@ fn instance(id: &str, ports: &[(u16, u16, u16, TunnelProto)]) -> InstanceTunnels
     }
 }
 
+/// Everything the agent logs in this test process (tests share one global subscriber).
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let writer = move || Sink(sink.clone());
+        let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(writer).try_init();
+        buf
+    })
+    .clone()
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 async fn start(sb: &Sandbox, backoff: Backoff) -> Tunnels {
+    captured_log();
     Tunnels::start(sb.settings(&standin(), backoff), Ok(creds(TEST_TOKEN))).await.expect("start")
 }
 
@@ -85,6 +112,20 @@ async fn publish_and_unpublish_reload_without_restart() {
     assert_eq!(ssh.local_addr, "127.0.0.1:42022");
     assert_eq!(status[&proxy_name(AGENT, "i-1", 8888)].remote_addr, "lease-7:20000");
     assert_eq!(t.frpc_pid().await, Some(pid), "publishing must not restart frpc");
+
+    let include = sb.config.with_file_name("frpc.d").join("i-1.toml");
+    for file in [&sb.config, &include] {
+        let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    // frpc's output reaches the agent's log, at frp's level, under the `frpc` target.
+    let log = captured_log();
+    let seen = |needle: &str| {
+        let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        text.lines().any(|l| l.contains(" INFO frpc:") && l.contains(needle))
+    };
+    let line = format!("[{}] start proxy", proxy_name(AGENT, "i-1", 22));
+    eventually("frpc output in the log", async || seen(&line)).await;
 
     t.unpublish("i-1").await.unwrap();
     let status = admin.status().await.unwrap();

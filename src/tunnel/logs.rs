@@ -37,10 +37,11 @@ fn emit(line: &str) {
     }
 }
 
-/// Follows `path` from its current end (earlier lines were logged by an earlier agent) until
-/// the task is aborted.
-pub async fn forward(path: PathBuf) {
-    let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+/// Follows `path` until the task is aborted: from its start for an frpc just spawned, from its
+/// end for an adopted one (earlier lines were logged by the earlier agent).
+pub async fn forward(path: PathBuf, from_start: bool) {
+    let end = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let mut offset = if from_start { 0 } else { end };
     let mut pending = String::new();
     loop {
         tokio::time::sleep(POLL).await;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+mod credentials;
 mod logs;
 pub mod process;
 mod publish;
@@ -14,9 +15,8 @@ use std::path::PathBuf;
 
 pub use admin::{AdminClient, AdminError, ProxyStatus};
 pub use config::{FrpCredentials, InstanceTunnels, TunnelPort, TunnelProto};
-pub use publish::{
-    MissingCredentials, PortOutcome, PublishReport, TunnelSettings, Tunnels, resolve_credentials,
-};
+pub use credentials::{MissingCredentials, resolve_credentials};
+pub use publish::{PortOutcome, PublishReport, TunnelSettings, Tunnels};
 pub use supervisor::{Backoff, Started, Supervisor, SupervisorOptions};
 pub use validate::validate_instance;
 

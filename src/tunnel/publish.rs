@@ -10,9 +10,9 @@ use rand::Rng;
 
 use super::admin::AdminClient;
 use super::config::{self, ClientConfig, FrpCredentials, InstanceTunnels, WebServerConfig};
+use super::credentials::MissingCredentials;
 use super::supervisor::{Backoff, Started, Supervisor, SupervisorOptions};
 use super::{TunnelError, validate};
-use crate::config::FrpOverrides;
 use crate::fsutil;
 use crate::secret::Secret;
 
@@ -42,44 +42,6 @@ impl TunnelSettings {
             backoff: Backoff::PRODUCTION,
             ready_timeout: Duration::from_secs(15),
         }
-    }
-}
-
-/// Why frpc is not running: which credential is missing.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "no FRP credentials ({missing} missing from /init and QUDATA_FRP_*): frpc not started, nothing is published"
-)]
-pub struct MissingCredentials {
-    pub missing: String,
-}
-
-/// The environment wins over `/init`, field by field (PROTOCOL.md §1).
-pub fn resolve_credentials(
-    env: &FrpOverrides,
-    init: Option<&FrpCredentials>,
-) -> Result<FrpCredentials, MissingCredentials> {
-    let server = env.server.clone().or_else(|| init.map(|i| i.server_addr.clone()));
-    let port = env.port.or_else(|| init.map(|i| i.server_port));
-    let token = env.token.clone().or_else(|| init.map(|i| i.token.clone()));
-    let subdomain = env.subdomain.clone().or_else(|| init.map(|i| i.subdomain.clone()));
-    let nonempty = |s: &Option<String>| s.as_deref().is_some_and(|v| !v.is_empty());
-    let missing: Vec<&str> = [
-        ("server", nonempty(&server)),
-        ("port", port.is_some_and(|p| p != 0)),
-        ("token", token.as_ref().is_some_and(|t| !t.is_empty())),
-        ("subdomain", nonempty(&subdomain)),
-    ]
-    .into_iter()
-    .filter_map(|(name, ok)| (!ok).then_some(name))
-    .collect();
-    match (server, port, token, subdomain) {
-        (Some(server_addr), Some(server_port), Some(token), Some(subdomain))
-            if missing.is_empty() =>
-        {
-            Ok(FrpCredentials { server_addr, server_port, token, subdomain })
-        }
-        _ => Err(MissingCredentials { missing: missing.join(", ") }),
     }
 }
 

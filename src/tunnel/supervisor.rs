@@ -140,7 +140,8 @@ impl Supervisor {
         };
         let state = Arc::new(Mutex::new(State { pid: Some(running.pid()), restarts: 0 }));
         let (control, rx) = mpsc::unbounded_channel();
-        let logs = tokio::spawn(super::logs::forward(process::log_file(&opts.run_dir)));
+        let fresh = matches!(started, Started::Spawned(_));
+        let logs = tokio::spawn(super::logs::forward(process::log_file(&opts.run_dir), fresh));
         let run_dir = opts.run_dir.clone();
         let task = tokio::spawn(supervise(opts, running, state.clone(), rx));
         Ok((Supervisor { state, control, task, logs, run_dir }, started))
