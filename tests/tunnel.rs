@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use qudata_agent::secret::Secret;
-use qudata_agent::tunnel::config::{WebServerConfig, agent_proxy_name, proxy_name};
+use qudata_agent::tunnel::config::{self, WebServerConfig, agent_proxy_name, proxy_name};
 use qudata_agent::tunnel::{
     AdminClient, AdminError, Backoff, InstanceTunnels, MissingCredentials, TunnelError, TunnelPort,
     TunnelProto, Tunnels,
@@ -198,12 +198,22 @@ async fn a_restarted_agent_adopts_the_same_frpc() {
     let pid = t.frpc_pid().await.unwrap();
     t.publish(&instance("i-4", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
     drop(t); // the agent dies (kill -9, upgrade): frpc keeps running
+    // An include changed while no agent ran: the adopting agent makes frpc reload it.
+    let late = instance("i-9", &[(22, 42099, 10009, TunnelProto::Tcp)]);
+    let text = config::render(&config::include_config(AGENT, &late)).unwrap();
+    std::fs::write(config::include_path(&sb.config, "i-9"), text).unwrap();
 
     let t = start(&sb, FAST).await;
     assert_eq!(t.frpc_pid().await, Some(pid), "a second frpc was started");
-    let status = t.admin().await.unwrap().status().await.unwrap();
+    let admin = t.admin().await.unwrap();
+    let i9 = proxy_name(AGENT, "i-9", 22);
+    eventually("i-9 running", async || {
+        admin.status().await.unwrap().get(&i9).is_some_and(|p| p.status == "running")
+    })
+    .await;
+    let status = admin.status().await.unwrap();
     assert_eq!(status[&proxy_name(AGENT, "i-4", 22)].status, "running");
-    assert_eq!(t.published_ids(), ["i-4"]);
+    assert_eq!(t.published_ids(), ["i-4", "i-9"]);
 
     // A new token changes the main file: only then is frpc restarted.
     t.set_credentials(creds("frp-test-token-rotated-Kp2")).await.unwrap();
@@ -213,6 +223,34 @@ async fn a_restarted_agent_adopts_the_same_frpc() {
     assert_eq!(status[&proxy_name(AGENT, "i-4", 22)].status, "running");
     t.teardown().await;
     assert!(!sb.run.join("frpc.pid").exists());
+}
+
+#[tokio::test]
+async fn a_taken_admin_port_moves_to_a_new_one() {
+    let sb = Sandbox::new();
+    // Another program holds the admin port the main file on disk names.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    std::thread::spawn(move || squatter.incoming().for_each(drop));
+    let web = WebServerConfig {
+        addr: "127.0.0.1".into(),
+        port: taken,
+        user: "qudata".into(),
+        password: Secret::new("pw-squatted"),
+    };
+    let main = config::main_config(&creds(TEST_TOKEN), &web, &sb.config, AGENT, 18123);
+    std::fs::create_dir_all(sb.config.parent().unwrap()).unwrap();
+    std::fs::write(&sb.config, config::render(&main).unwrap()).unwrap();
+
+    let mut settings = sb.settings(&standin(), FAST);
+    settings.ready_timeout = Duration::from_secs(2);
+    let t = Tunnels::start(settings, Ok(creds(TEST_TOKEN))).await.expect("start recovers");
+    let now: config::ClientConfig =
+        toml::from_str(&std::fs::read_to_string(&sb.config).unwrap()).unwrap();
+    assert_ne!(now.web_server.port, taken);
+    let status = t.admin().await.unwrap().status().await.unwrap();
+    assert_eq!(status[&agent_proxy_name(AGENT)].status, "running");
+    t.teardown().await;
 }
 
 #[tokio::test]

@@ -71,7 +71,6 @@ impl PublishReport {
 struct Active {
     supervisor: Supervisor,
     admin: AdminClient,
-    main: ClientConfig,
 }
 
 #[derive(Default)]
@@ -127,20 +126,7 @@ impl Tunnels {
             return Err(TunnelError::Invalid { what: "subdomain".into(), value });
         }
         let mut inner = self.inner.lock().await;
-        let path = &s.config_path;
-        fsutil::ensure_private_dir(&config::include_dir(path))?;
-        let old = fsutil::read_optional(path)?;
-        // Keep the admin credentials of the file on disk: a running frpc listens with them.
-        let old_model = old
-            .as_deref()
-            .and_then(|b| toml::from_str::<ClientConfig>(&String::from_utf8_lossy(b)).ok());
-        let admin = old_model.map(|m| m.web_server).unwrap_or_else(random_admin);
-        let main = config::main_config(&creds, &admin, path, &s.agent_id, s.agent_port);
-        let text = config::render(&main)?;
-        let changed = old.as_deref() != Some(text.as_bytes());
-        if changed {
-            fsutil::write_atomic(path, text.as_bytes())?;
-        }
+        let (main, changed) = self.write_main(&creds, None)?;
         let client = AdminClient::new(&main.web_server);
         match inner.active.as_mut() {
             Some(active) => {
@@ -149,12 +135,11 @@ impl Tunnels {
                     active.supervisor.restart().await;
                 }
                 active.admin = client;
-                active.main = main;
             }
             None => {
                 let opts = SupervisorOptions {
                     binary: s.frpc_binary.clone(),
-                    config: path.clone(),
+                    config: s.config_path.clone(),
                     run_dir: s.run_dir.clone(),
                     backoff: s.backoff,
                 };
@@ -163,12 +148,20 @@ impl Tunnels {
                     tracing::info!("frpc config changed while the agent was down; restarting frpc");
                     supervisor.restart().await;
                 }
-                inner.active = Some(Active { supervisor, admin: client, main });
+                inner.active = Some(Active { supervisor, admin: client });
             }
         }
-        let active = inner.active.as_ref().expect("set above");
+        let active = inner.active.as_mut().expect("set above");
+        if let Err(e) = super::wait::admin_up(&active.admin, s.ready_timeout).await {
+            // Its admin port may have been taken by another program, or an adopted frpc may be
+            // wedged: a fresh port and password and one restart settle both.
+            tracing::warn!(error = %e, "frpc's admin API does not answer; restarting frpc on a new admin port");
+            let (main, _) = self.write_main(&creds, Some(random_admin()))?;
+            active.admin = AdminClient::new(&main.web_server);
+            active.supervisor.restart().await;
+            super::wait::admin_up(&active.admin, s.ready_timeout).await?;
+        }
         // An adopted frpc may hold includes of another moment: make it read the disk now.
-        super::wait::admin_up(&active.admin, s.ready_timeout).await?;
         active.admin.reload().await?;
         let agent = config::agent_proxy_name(&s.agent_id);
         let states =
@@ -182,6 +175,31 @@ impl Tunnels {
 }
 
 impl Tunnels {
+    /// Renders and writes the main file when its text differs; `admin: None` keeps the admin
+    /// credentials of the file on disk, since a running frpc listens with them.
+    fn write_main(
+        &self,
+        creds: &FrpCredentials,
+        admin: Option<WebServerConfig>,
+    ) -> Result<(ClientConfig, bool), TunnelError> {
+        let s = &self.settings;
+        let path = &s.config_path;
+        fsutil::ensure_private_dir(&config::include_dir(path))?;
+        let old = fsutil::read_optional(path)?;
+        let on_disk = || {
+            let text = String::from_utf8_lossy(old.as_deref()?).into_owned();
+            toml::from_str::<ClientConfig>(&text).ok().map(|m| m.web_server)
+        };
+        let admin = admin.or_else(on_disk).unwrap_or_else(random_admin);
+        let main = config::main_config(creds, &admin, path, &s.agent_id, s.agent_port);
+        let text = config::render(&main)?;
+        let changed = old.as_deref() != Some(text.as_bytes());
+        if changed {
+            fsutil::write_atomic(path, text.as_bytes())?;
+        }
+        Ok((main, changed))
+    }
+
     /// Publishes (or re-publishes) every port of an instance: writes its include file, reloads
     /// frpc, and waits for each proxy. A port the server refuses is reported in the answer, the
     /// others stay published. Err: invalid values, a file that cannot be written, or frpc's
