@@ -3,23 +3,45 @@
 #![allow(dead_code)] // each test binary uses a different part of the support code
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use qudata_agent::secret::Secret;
 use qudata_agent::tunnel::{Backoff, FrpCredentials, TunnelSettings};
 
-/// The stand-in binary, built by `cargo test --all-targets` next to this test's exe.
+/// The stand-in binary: `target/debug/examples/frpc_standin` (plain build) or
+/// `frpc_standin-<hash>` (`cargo test --all-targets` builds examples in test mode), the newer;
+/// built here with cargo when neither exists (e.g. `cargo test --test tunnel`).
 pub fn standin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe path");
-    // target/debug/deps/tunnel-<hash> → target/debug/examples/frpc_standin
-    let path =
-        exe.parent().and_then(Path::parent).expect("target dir").join("examples/frpc_standin");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo test --all-targets` or `cargo build --example frpc_standin`",
-        path.display()
-    );
-    path
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test exe path");
+            // target/debug/deps/tunnel-<hash> → target/debug/examples/
+            let dir = exe.parent().and_then(Path::parent).expect("target dir").join("examples");
+            if let Some(found) = find_standin(&dir) {
+                return found;
+            }
+            let cargo = option_env!("CARGO").unwrap_or("cargo");
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--example", "frpc_standin"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo");
+            assert!(status.success(), "cargo build --example frpc_standin failed");
+            find_standin(&dir).expect("frpc_standin built")
+        })
+        .clone()
+}
+
+/// The newest build: a stale plain build must not shadow a fresh test-mode one.
+fn find_standin(dir: &Path) -> Option<PathBuf> {
+    let builds = std::fs::read_dir(dir).ok()?.filter_map(Result::ok).filter(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name == "frpc_standin" || (name.starts_with("frpc_standin-") && !name.contains('.'))
+    });
+    let newest = builds.max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())?;
+    Some(newest.path())
 }
 
 /// One test's frpc files, and a guard that kills whatever frpc it left behind.
