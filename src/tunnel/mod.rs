@@ -23,8 +23,8 @@ pub use validate::validate_instance;
 /// Everything that can go wrong with tunnels.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
-    #[error("invalid {what} {value:?} for an FRP tunnel; use letters, digits and '-' only")]
-    Invalid { what: String, value: String },
+    #[error("invalid {what} {value:?} for an FRP tunnel: {hint}")]
+    Invalid { what: String, value: String, hint: &'static str },
     #[error(transparent)]
     Files(#[from] crate::fsutil::FsError),
     #[error("cannot read back {path}: {detail}; delete it so the agent writes a new one")]

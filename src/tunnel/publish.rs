@@ -123,7 +123,8 @@ impl Tunnels {
         let s = &self.settings;
         if !validate::is_subdomain(&creds.subdomain) {
             let value = creds.subdomain.clone();
-            return Err(TunnelError::Invalid { what: "subdomain".into(), value });
+            let hint = "use a DNS label: letters, digits, '-'";
+            return Err(TunnelError::Invalid { what: "subdomain".into(), value, hint });
         }
         let mut inner = self.inner.lock().await;
         let (main, changed) = self.write_main(&creds, None)?;
@@ -207,6 +208,11 @@ impl Tunnels {
     pub async fn publish(&self, tunnels: &InstanceTunnels) -> Result<PublishReport, TunnelError> {
         let s = &self.settings;
         validate::validate_instance(&s.agent_id, tunnels)?;
+        if let Some(p) = tunnels.ports.iter().find(|p| p.host_port == 0) {
+            let value = format!("0 (guest port {})", p.container_port);
+            let hint = "allocate a host port before publishing";
+            return Err(TunnelError::Invalid { what: "host port".into(), value, hint });
+        }
         let mut inner = self.inner.lock().await;
         let include = config::include_config(&s.agent_id, tunnels);
         let path = config::include_path(&s.config_path, &tunnels.instance_id);

@@ -21,39 +21,47 @@ pub fn is_subdomain(v: &str) -> bool {
     crate::config::is_dns_label(v)
 }
 
-/// Checks an instance's tunnels before anything is written: the subdomain is a DNS label, every
-/// proxy name is valid, ports are in range and neither guest nor remote ports repeat.
+/// Checks an instance's tunnels: the subdomain is a DNS label, every proxy name is valid, ports
+/// are in range and neither guest nor remote ports repeat. Pure, and blind to `host_port`, so
+/// the instance manager can call it at create (before host ports are allocated) and answer 400.
 pub fn validate_instance(agent_id: &str, tunnels: &InstanceTunnels) -> Result<(), TunnelError> {
-    let invalid = |what: &str, value: &str| TunnelError::Invalid {
+    let invalid = |what: &str, value: &str, hint| TunnelError::Invalid {
         what: what.to_owned(),
         value: value.to_owned(),
+        hint,
     };
+    const NAME: &str = "use letters, digits, '-' and '_' only (a proxy name has at most 128)";
+    const TWICE: &str = "publish each guest port and each remote port once";
     if !is_subdomain(&tunnels.subdomain) {
-        return Err(invalid("subdomain", &tunnels.subdomain));
+        return Err(invalid(
+            "subdomain",
+            &tunnels.subdomain,
+            "use a DNS label: letters, digits, '-'",
+        ));
     }
     if tunnels.instance_id.is_empty() || !is_proxy_name(&tunnels.instance_id) {
-        return Err(invalid("instance id", &tunnels.instance_id));
+        return Err(invalid("instance id", &tunnels.instance_id, NAME));
     }
     let mut guest = HashSet::new();
     let mut remote = HashSet::new();
     for p in &tunnels.ports {
         let name = proxy_name(agent_id, &tunnels.instance_id, p.container_port);
         if !is_proxy_name(&name) {
-            return Err(invalid("proxy name", &name));
+            return Err(invalid("proxy name", &name, NAME));
         }
-        if p.container_port == 0 || p.host_port == 0 {
-            return Err(invalid("port", &format!("{}:{}", p.container_port, p.host_port)));
+        if p.container_port == 0 {
+            return Err(invalid("guest port", "0", "use a port 1-65535"));
         }
         if p.proto == TunnelProto::Tcp && p.remote_port == 0 {
-            return Err(invalid("remote port", "0"));
+            return Err(invalid("remote port", "0", "a tcp port needs a remote port 1-65535"));
         }
         if !guest.insert(p.container_port) {
-            return Err(invalid("duplicate guest port", &p.container_port.to_string()));
+            return Err(invalid("guest port", &p.container_port.to_string(), TWICE));
         }
         // Two http proxies may share a label only if their domains differ, and they do
         // exactly when their remote ports differ, so one rule covers both protocols.
         if !remote.insert((p.proto, p.remote_port)) {
-            return Err(invalid("duplicate remote port", &p.remote_port.to_string()));
+            return Err(invalid("remote port", &p.remote_port.to_string(), TWICE));
         }
     }
     Ok(())
@@ -104,6 +112,11 @@ mod tests {
             let err = validate_instance(AGENT, &t).unwrap_err();
             assert!(matches!(err, TunnelError::Invalid { .. }), "{t:?}");
         }
+        let line = validate_instance(AGENT, &instance("a b", &[])).unwrap_err().to_string();
+        assert_eq!(
+            line,
+            "invalid subdomain \"a b\" for an FRP tunnel: use a DNS label: letters, digits, '-'"
+        );
         let mut t = instance("ok", &[]);
         t.instance_id = "x\"y".into();
         assert!(validate_instance(AGENT, &t).is_err());
