@@ -1,5 +1,15 @@
 //! FRP tunnels (PROTOCOL.md §3): frpc's files, its admin API, its supervision, and `Tunnels`,
-//! the façade the agent and the instance manager call.
+//! the façade the agent and the instance manager call:
+//!
+//! - start-up, after `/init`: `Tunnels::start(TunnelSettings::new(..), resolve_credentials(..))`
+//!   (adopts the frpc a previous agent left running, or starts one; none without credentials);
+//! - a later `/init` with other credentials: `set_credentials` (restarts frpc only if the main
+//!   file changed);
+//! - create: `validate_instance` (a refusal is a 400); once host ports exist: `publish`, whose
+//!   report carries a per-port error for a port the FRP server refused;
+//! - recovery: `publish` for each adopted instance, `unpublish` for each id of
+//!   `published_ids` that has no record; delete: `unpublish`;
+//! - status: `proxy_errors`; uninstall only: `teardown` (dropping `Tunnels` keeps frpc running).
 
 pub mod admin;
 pub mod config;

@@ -28,6 +28,13 @@ pub fn frpc_args(config: &Path) -> Vec<std::ffi::OsString> {
     vec!["-c".into(), config.as_os_str().to_owned()]
 }
 
+/// The environment frpc gets: not the agent's (which may hold its API key), only what frpc
+/// reads (`http_proxy` is its default for `transport.proxyURL`).
+pub fn frpc_env(agent_env: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    const KEEP: &[&str] = &["PATH", "TZ", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"];
+    agent_env.into_iter().filter(|(k, _)| KEEP.contains(&k.as_str())).collect()
+}
+
 /// Starts frpc. Not `kill_on_drop`: frpc must survive the agent; the supervisor waits on it
 /// while the agent lives, and init reaps it if the agent dies first.
 pub fn spawn(binary: &Path, config: &Path, run_dir: &Path) -> io::Result<tokio::process::Child> {
@@ -36,6 +43,8 @@ pub fn spawn(binary: &Path, config: &Path, run_dir: &Path) -> io::Result<tokio::
     log.set_len(0)?;
     let child = tokio::process::Command::new(binary)
         .args(frpc_args(config))
+        .env_clear()
+        .envs(frpc_env(std::env::vars()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -116,6 +125,15 @@ mod tests {
         assert!(!cmdline_matches(b"sleep\0-c\0/etc/qudata/frpc.toml\0", bin, cfg));
         assert!(!cmdline_matches(b"frpc\0/etc/qudata/frpc.toml\0", bin, cfg));
         assert!(!cmdline_matches(b"", bin, cfg));
+    }
+
+    #[test]
+    fn frpc_gets_none_of_the_agents_secrets() {
+        let env =
+            [("QUDATA_API_KEY", "ak-1"), ("PATH", "/usr/bin"), ("http_proxy", "http://p:3128")];
+        let kept = frpc_env(env.map(|(k, v)| (k.to_owned(), v.to_owned())));
+        let names: Vec<_> = kept.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["PATH", "http_proxy"]);
     }
 
     #[test]
