@@ -127,6 +127,10 @@ async fn publish_and_unpublish_reload_without_restart() {
     let line = format!("[{}] start proxy", proxy_name(AGENT, "i-1", 22));
     eventually("frpc output in the log", async || seen(&line)).await;
 
+    // Same credentials again (a repeated /init): the main file is unchanged, frpc stays.
+    t.set_credentials(creds(TEST_TOKEN)).await.unwrap();
+    assert_eq!(t.frpc_pid().await, Some(pid), "an unchanged main file must not restart frpc");
+
     t.unpublish("i-1").await.unwrap();
     let status = admin.status().await.unwrap();
     assert!(!status.contains_key(&proxy_name(AGENT, "i-1", 22)));
