@@ -348,3 +348,12 @@ fn no_frp_credential_is_compiled_into_the_agent() {
     assert_eq!(grep_binary(sample.path(), &hard_coded), ["token = \"abc\""], "the pattern works");
     assert_eq!(grep_binary(agent, &hard_coded), Vec::<String>::new(), "token in the agent");
 }
+
+#[tokio::test]
+async fn a_missing_frpc_binary_is_a_clear_error() {
+    let sb = Sandbox::new();
+    let settings = sb.settings(std::path::Path::new("/nonexistent/frpc"), FAST);
+    let err = Tunnels::start(settings, Ok(creds(TEST_TOKEN))).await.err().expect("refused");
+    assert!(matches!(err, TunnelError::Spawn { .. }), "{err:?}");
+    assert!(err.to_string().contains("QUDATA_FRPC_BINARY"), "{err}");
+}

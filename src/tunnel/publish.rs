@@ -105,14 +105,21 @@ fn random_admin() -> WebServerConfig {
 
 impl Tunnels {
     /// Writes the main file, then adopts the frpc an earlier agent left running or starts one.
-    /// Without credentials nothing is started and the log says why, in one line.
+    /// Without credentials nothing is started and the log says why, in one line. Err: bad
+    /// values, files that cannot be written, or no frpc binary. An frpc that is slow to answer
+    /// is only logged: it stays supervised and each `publish` waits for it again.
     pub async fn start(
         settings: TunnelSettings,
         creds: Result<FrpCredentials, MissingCredentials>,
     ) -> Result<Tunnels, TunnelError> {
         let tunnels = Tunnels { settings, inner: Default::default() };
         match creds {
-            Ok(creds) => tunnels.set_credentials(creds).await?,
+            Ok(creds) => match tunnels.set_credentials(creds).await {
+                Err(e @ (TunnelError::NotReady { .. } | TunnelError::Admin(_))) => {
+                    tracing::warn!(error = %e, "frpc is supervised but not ready yet");
+                }
+                other => other?,
+            },
             Err(why) => tracing::warn!("{why}"),
         }
         Ok(tunnels)
