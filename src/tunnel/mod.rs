@@ -15,6 +15,7 @@ pub mod admin;
 pub mod config;
 mod credentials;
 mod logs;
+mod mainfile;
 pub mod process;
 mod publish;
 pub mod supervisor;

@@ -2,19 +2,16 @@
 //! and publishes instance ports by include file + admin reload (never a restart).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rand::Rng;
-
 use super::admin::AdminClient;
-use super::config::{self, ClientConfig, FrpCredentials, InstanceTunnels, WebServerConfig};
+use super::config::{self, FrpCredentials, InstanceTunnels};
 use super::credentials::MissingCredentials;
+use super::mainfile;
 use super::supervisor::{Backoff, Started, Supervisor, SupervisorOptions};
 use super::{TunnelError, validate};
 use crate::fsutil;
-use crate::secret::Secret;
 
 /// Where frpc and its files live, and who this agent is.
 #[derive(Clone, Debug)]
@@ -87,22 +84,6 @@ pub struct Tunnels {
 
 const OFF: &str = "tunnels are off on this host (no FRP credentials)";
 
-fn random_admin() -> WebServerConfig {
-    // The port is free now; frpc binds it a moment later, on loopback only.
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(7400);
-    let password: String =
-        rand::rng().sample_iter(rand::distr::Alphanumeric).take(32).map(char::from).collect();
-    WebServerConfig {
-        addr: "127.0.0.1".into(),
-        port,
-        user: "qudata".into(),
-        password: Secret::new(password),
-    }
-}
-
 impl Tunnels {
     /// Writes the main file, then adopts the frpc an earlier agent left running or starts one.
     /// Without credentials nothing is started and the log says why, in one line. Err: bad
@@ -134,7 +115,7 @@ impl Tunnels {
             return Err(TunnelError::Invalid { what: "subdomain".into(), value, hint });
         }
         let mut inner = self.inner.lock().await;
-        let (main, changed) = self.write_main(&creds, None)?;
+        let (main, changed) = mainfile::write(&self.settings, &creds, None)?;
         let client = AdminClient::new(&main.web_server);
         match inner.active.as_mut() {
             Some(active) => {
@@ -164,7 +145,8 @@ impl Tunnels {
             // Its admin port may have been taken by another program, or an adopted frpc may be
             // wedged: a fresh port and password and one restart settle both.
             tracing::warn!(error = %e, "frpc's admin API does not answer; restarting frpc on a new admin port");
-            let (main, _) = self.write_main(&creds, Some(random_admin()))?;
+            let (main, _) =
+                mainfile::write(&self.settings, &creds, Some(mainfile::random_admin()))?;
             active.admin = AdminClient::new(&main.web_server);
             active.supervisor.restart().await;
             super::wait::admin_up(&active.admin, s.ready_timeout).await?;
@@ -183,31 +165,6 @@ impl Tunnels {
 }
 
 impl Tunnels {
-    /// Renders and writes the main file when its text differs; `admin: None` keeps the admin
-    /// credentials of the file on disk, since a running frpc listens with them.
-    fn write_main(
-        &self,
-        creds: &FrpCredentials,
-        admin: Option<WebServerConfig>,
-    ) -> Result<(ClientConfig, bool), TunnelError> {
-        let s = &self.settings;
-        let path = &s.config_path;
-        fsutil::ensure_private_dir(&config::include_dir(path))?;
-        let old = fsutil::read_optional(path)?;
-        let on_disk = || {
-            let text = String::from_utf8_lossy(old.as_deref()?).into_owned();
-            toml::from_str::<ClientConfig>(&text).ok().map(|m| m.web_server)
-        };
-        let admin = admin.or_else(on_disk).unwrap_or_else(random_admin);
-        let main = config::main_config(creds, &admin, path, &s.agent_id, s.agent_port);
-        let text = config::render(&main)?;
-        let changed = old.as_deref() != Some(text.as_bytes());
-        if changed {
-            fsutil::write_atomic(path, text.as_bytes())?;
-        }
-        Ok((main, changed))
-    }
-
     /// Publishes (or re-publishes) every port of an instance: writes its include file, reloads
     /// frpc, and waits for each proxy. A port the server refuses is reported in the answer, the
     /// others stay published. Err: invalid values, a file that cannot be written, or frpc's
