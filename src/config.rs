@@ -142,11 +142,39 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_OVMF_CODE",
+        None,
+        "a path to an OVMF code image",
+        "UEFI firmware code (default: detected under /usr/share/OVMF)",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_OVMF_VARS",
+        None,
+        "a path to an OVMF variables template",
+        "UEFI variables template copied per VM (default: the one matching the code image)",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_PUBLIC_ADDRESS",
         None,
         "an IPv4 or IPv6 address",
         "public address reported to /init (default: detected)",
         Scope::Run,
+    ),
+    row(
+        "QUDATA_QEMU_ACCEL",
+        Some("auto"),
+        "auto, kvm or tcg",
+        "VM accelerator (auto: KVM when a probe guest runs under it, else TCG)",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_QEMU_BINARY",
+        Some("qemu-system-x86_64"),
+        "a program name or path",
+        "QEMU system emulator",
+        Scope::Host,
     ),
     row(
         "QUDATA_RUN_DIR",
@@ -191,6 +219,18 @@ pub enum BackendChoice {
     Docker,
 }
 
+/// Which accelerator VMs run under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// KVM when a probe guest really runs under it, else TCG.
+    Auto,
+    /// KVM, or a clear error when the probe fails.
+    Kvm,
+    /// TCG (software emulation), never KVM.
+    Tcg,
+}
+
 /// FRP settings taken from the environment; each one wins over what `/init` sends.
 #[derive(Clone, Debug, Default)]
 pub struct FrpOverrides {
@@ -213,7 +253,13 @@ pub struct Config {
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
+    /// `None`: detected (see `backend::qemu::disk`).
+    pub ovmf_code: Option<PathBuf>,
+    /// `None`: detected next to the code image.
+    pub ovmf_vars: Option<PathBuf>,
     pub public_address: Option<IpAddr>,
+    pub qemu_accel: AccelChoice,
+    pub qemu_binary: PathBuf,
     pub run_dir: PathBuf,
     pub service_url: String,
     pub stats_interval: Duration,
@@ -405,9 +451,18 @@ impl Config {
                 })?,
             },
             gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            ovmf_code: r.parse("QUDATA_OVMF_CODE", parse_abs_path)?,
+            ovmf_vars: r.parse("QUDATA_OVMF_VARS", parse_abs_path)?,
             public_address: r.parse("QUDATA_PUBLIC_ADDRESS", |v| {
                 v.parse::<IpAddr>().map_err(|_| "is not an IP address".into())
             })?,
+            qemu_accel: r.required("QUDATA_QEMU_ACCEL", |v| match v {
+                "auto" => Ok(AccelChoice::Auto),
+                "kvm" => Ok(AccelChoice::Kvm),
+                "tcg" => Ok(AccelChoice::Tcg),
+                _ => Err("is not a known accelerator".into()),
+            })?,
+            qemu_binary: r.required("QUDATA_QEMU_BINARY", |v| Ok(PathBuf::from(v)))?,
             run_dir: r.required("QUDATA_RUN_DIR", parse_abs_path)?,
             service_url: r.required("QUDATA_SERVICE_URL", parse_url)?,
             stats_interval: Duration::from_millis(interval_ms),
@@ -451,6 +506,29 @@ mod tests {
         assert_eq!(c.stats_interval, Duration::from_millis(500));
         assert_eq!(c.backend, BackendChoice::Auto);
         assert_eq!(c.service_url, "https://internal.qudata.ai/v0");
+        assert_eq!(c.qemu_accel, AccelChoice::Auto);
+        assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-x86_64"));
+        assert!(c.ovmf_code.is_none() && c.ovmf_vars.is_none());
+    }
+
+    #[test]
+    fn qemu_settings_are_read() {
+        let c = Config::load(
+            &env(&[
+                ("QUDATA_QEMU_ACCEL", "tcg"),
+                ("QUDATA_QEMU_BINARY", "/opt/qemu/bin/qemu-system-x86_64"),
+                ("QUDATA_OVMF_CODE", "/fw/CODE.fd"),
+                ("QUDATA_OVMF_VARS", "/fw/VARS.fd"),
+            ]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.qemu_accel, AccelChoice::Tcg);
+        assert_eq!(c.qemu_binary, PathBuf::from("/opt/qemu/bin/qemu-system-x86_64"));
+        assert_eq!(c.ovmf_code, Some(PathBuf::from("/fw/CODE.fd")));
+        assert_eq!(c.ovmf_vars, Some(PathBuf::from("/fw/VARS.fd")));
+        let kvm = Config::load(&env(&[("QUDATA_QEMU_ACCEL", "kvm")]), true).unwrap();
+        assert_eq!(kvm.qemu_accel, AccelChoice::Kvm);
     }
 
     #[test]
@@ -481,7 +559,10 @@ mod tests {
             ("QUDATA_FRP_SUBDOMAIN", "-x-"),
             ("QUDATA_GPU_PCI_ADDRS", "65:00.0"),
             ("QUDATA_GPU_PCI_ADDRS", "0000:65:00.0,0000:65:00.0"),
+            ("QUDATA_OVMF_CODE", "OVMF_CODE.fd"),
+            ("QUDATA_OVMF_VARS", "vars.fd"),
             ("QUDATA_PUBLIC_ADDRESS", "1.2.3"),
+            ("QUDATA_QEMU_ACCEL", "hvf"),
             ("QUDATA_SERVICE_URL", "ftp://x"),
             ("QUDATA_STATS_INTERVAL_MS", "5"),
         ];

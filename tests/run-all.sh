@@ -4,19 +4,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=()
-need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$1"); }
-for pkg in $(cat tests/packages.txt | sed 's/#.*//'); do need "$pkg"; done
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  echo "== installing: ${need_pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
+./install.sh --packages tests/packages.txt
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
+# The tests write the agents' logs and every secret the mock control plane issued under here;
+# start empty so the scan below covers exactly this run.
+scratch="target/tmp"
+rm -rf "$scratch/agent-logs" "$scratch/issued-secrets"
 cargo test --locked --all-targets -- --test-threads="${QUDATA_TEST_THREADS:-2}"
+
+echo "== no secret in any agent log"
+if [ -s "$scratch/issued-secrets" ] && [ -d "$scratch/agent-logs" ]; then
+  if grep -rF -f "$scratch/issued-secrets" "$scratch/agent-logs" >/dev/null; then
+    echo "a secret issued by the mock control plane appears in an agent log:" >&2
+    grep -rlF -f "$scratch/issued-secrets" "$scratch/agent-logs" >&2
+    exit 1
+  fi
+  echo "$(wc -l <"$scratch/issued-secrets") secrets checked against $(ls "$scratch/agent-logs" | wc -l) logs"
+else
+  echo "no secrets were issued or no logs were written: the scan cannot run" >&2
+  exit 1
+fi

@@ -4,11 +4,14 @@
 //! → systemd told we are ready → (production) registration with the control plane, then the
 //! stats loop. A `SIGTERM` stops the agent and leaves every instance running.
 
+pub mod backends;
 pub mod limits;
 pub mod logging;
+mod production;
+
+pub use production::run;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
@@ -33,21 +36,18 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
-    #[error(
-        "production mode needs the control-plane client, which this build lacks; use `run --local`"
-    )]
-    NotWired,
+    #[error("cannot set up the control-plane client: {0}")]
+    ControlPlane(#[from] crate::control_plane::ClientError),
+    #[error("cannot load the agent identity: {0}")]
+    Identity(#[from] crate::control_plane::IdentityError),
+    #[error("QUDATA_API_KEY is not set; set it to the key issued by Qudata, or use `run --local`")]
+    NoApiKey,
 }
 
 /// Local mode's port when `QUDATA_AGENT_PORT` is unset.
 pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 
-/// Why no backend can build instances yet (until the VM backend lands).
-fn backend(_cfg: &Config) -> Result<Arc<dyn crate::backend::Backend>, String> {
-    Err("this build has no VM or container backend yet".into())
-}
-
-fn manager(
+async fn manager(
     cfg: &Config,
 ) -> Result<(Manager, mpsc::UnboundedReceiver<crate::backend::BackendEvent>), AgentError> {
     let store = Store::open(&cfg.data_dir)?;
@@ -56,8 +56,12 @@ fn manager(
         gpu_pool: cfg.gpu_pci_addrs.clone().unwrap_or_default(),
         host_ports: ports::HOST_PORTS,
     };
-    let (_sink, events) = mpsc::unbounded_channel();
-    Ok((Manager::new(backend(cfg), store, settings), events))
+    let (sink, events) = mpsc::unbounded_channel();
+    let backend = backends::build(cfg, sink).await;
+    if let Err(reason) = &backend {
+        tracing::warn!(%reason, "no backend: instances cannot be created");
+    }
+    Ok((Manager::new(backend, store, settings), events))
 }
 
 /// The local secret: made once, stored 0600, printed only when made.
@@ -90,7 +94,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
     fsutil::ensure_private_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
-    let (manager, events) = manager(&cfg)?;
+    let (manager, events) = manager(&cfg).await?;
     manager.spawn_event_loop(events);
     manager.restore().await?;
 
@@ -129,10 +133,4 @@ fn notify_ready() {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
-}
-
-/// `qudata-agent run`: production mode. Registration with the control plane is wired in by the
-/// control-plane module; until then this mode refuses to start rather than run half an agent.
-pub async fn run(_cfg: Config) -> Result<(), AgentError> {
-    Err(AgentError::NotWired)
 }

@@ -65,14 +65,8 @@ pub(super) struct JsonBody(pub Value);
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large()
-            } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "the request body could not be read")
-            }
-        })?;
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_limited(req).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "the request body is empty"));
         }
@@ -83,6 +77,46 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             )
         })
     }
+}
+
+/// An oversized body up to this size is read and dropped before the 413 goes out: a client
+/// still writing when the server closes gets a reset instead of the answer.
+const DRAIN_CAP: usize = 4 * 1024 * 1024;
+/// Time allowed for reading a body (and for draining an oversized one).
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The body, at most [`super::BODY_LIMIT`] bytes.
+async fn read_limited(req: Request) -> Result<Vec<u8>, ApiError> {
+    use futures_util::StreamExt;
+
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let mut stream = req.into_body().into_data_stream();
+    let unreadable =
+        || ApiError::new(StatusCode::BAD_REQUEST, "the request body could not be read");
+    let read = async {
+        let mut body = Vec::new();
+        let mut seen = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| unreadable())?;
+            seen += chunk.len();
+            if seen > DRAIN_CAP {
+                break;
+            }
+            if seen <= super::BODY_LIMIT && declared.is_none_or(|n| n <= super::BODY_LIMIT) {
+                body.extend_from_slice(&chunk);
+            }
+        }
+        if seen > super::BODY_LIMIT || declared.is_some_and(|n| n > super::BODY_LIMIT) {
+            return Err(too_large());
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(BODY_DEADLINE, read).await.map_err(|_| {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time")
+    })?
 }
 
 fn too_large() -> ApiError {

@@ -17,6 +17,7 @@ use super::model::{BackendKind, Instance, Status};
 use super::spec::{self, HostLimits, SpecError};
 use super::store::{Store, StoreError};
 use crate::backend::{Backend, BackendError, BackendEvent};
+use crate::guest::keys::same_public_key;
 use crate::ports::{self, PortError};
 
 mod flows;
@@ -322,7 +323,7 @@ impl Manager {
             let reason = "SSH is not enabled for this instance (ssh_enabled was false)".into();
             return Err(ManagerError::Conflict { status: current.status, reason });
         }
-        let present = current.ssh_keys.iter().any(|k| same_key(k, &key));
+        let present = current.ssh_keys.iter().any(|k| same_public_key(k, &key));
         if present == add {
             return Ok(()); // already as asked
         }
@@ -330,7 +331,7 @@ impl Manager {
             if add {
                 i.ssh_keys.push(key.clone());
             } else {
-                i.ssh_keys.retain(|k| !same_key(k, &key));
+                i.ssh_keys.retain(|k| !same_public_key(k, &key));
             }
         })?;
         // A guest that is not reachable now gets the keys when it is (end of boot or resume).
@@ -434,12 +435,5 @@ impl Manager {
 }
 
 /// Two key lines name the same key when type and body match (comments may differ).
-fn same_key(a: &str, b: &str) -> bool {
-    fn type_and_body(s: &str) -> Vec<&str> {
-        s.split_whitespace().take(2).collect()
-    }
-    type_and_body(a) == type_and_body(b)
-}
-
 #[cfg(test)]
 mod tests;

@@ -343,46 +343,9 @@ fn parse_env(v: Option<&Value>) -> Result<BTreeMap<String, String>, SpecError> {
     Ok(env)
 }
 
-/// Validates an `authorized_keys` line: key type, base64 body, optional comment; one line.
+/// Validates an `authorized_keys` line with the one key validator the guest code uses too.
 pub fn parse_ssh_pubkey(line: &str) -> Result<String, SpecError> {
-    const TYPES: &[&str] = &[
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    ];
-    let field = "ssh_pubkey";
-    check_text(field, line, 16 * 1024)?;
-    let line = line.trim();
-    if line.contains('\n') || line.contains('\r') {
-        return Err(bad(field, "must be a single line"));
-    }
-    let mut parts = line.splitn(3, [' ', '\t']);
-    let kind = parts.next().unwrap_or("");
-    let body = parts.next().unwrap_or("");
-    let comment = parts.next().map(str::trim);
-    if !TYPES.contains(&kind) {
-        return Err(bad(field, "is not an OpenSSH public key (unknown key type)"));
-    }
-    use base64::Engine as _;
-    let blob = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .map_err(|_| bad(field, "has a key body that is not base64"))?;
-    // The blob starts with the key type again, as an SSH string.
-    let declared = blob
-        .get(..4)
-        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
-        .and_then(|n| blob.get(4..4 + n));
-    if declared != Some(kind.as_bytes()) {
-        return Err(bad(field, "has a key body that does not match its key type"));
-    }
-    Ok(match comment {
-        Some(c) if !c.is_empty() => format!("{kind} {body} {c}"),
-        _ => format!("{kind} {body}"),
-    })
+    crate::guest::keys::parse_public_key_line(line).map_err(|e| bad("ssh_pubkey", e.to_string()))
 }
 
 #[cfg(test)]

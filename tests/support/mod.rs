@@ -3,4 +3,6 @@
 pub mod agent;
 pub mod frpc;
 pub mod host;
+pub mod mock_cp;
+pub mod sshd;
 pub mod sysfs;

@@ -1,0 +1,109 @@
+//! `qudata-agent run`: production mode. The API serves first (with the stored secret, or
+//! closed with 503 until registration gives one); registration and the stats loop run in the
+//! background, so a control plane that is down never stops the agent or its instances.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{AgentError, manager, notify_ready, termination};
+use crate::api::{self, SecretSlot};
+use crate::config::Config;
+use crate::control_plane::wire::InitRequest;
+use crate::control_plane::{self, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter};
+use crate::fsutil;
+use crate::host::{self, Sampler};
+use crate::instance::{BackendKind, Manager};
+
+pub async fn run(cfg: Config) -> Result<(), AgentError> {
+    fsutil::ensure_private_dir(&cfg.data_dir)?;
+    fsutil::ensure_private_dir(&cfg.run_dir)?;
+    let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
+    let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
+    let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
+    let (manager, events) = manager(&cfg).await?;
+    manager.spawn_event_loop(events);
+    manager.restore().await?;
+
+    let port = identity.agent_port;
+    let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;
+    // A secret from a previous run opens the API at once; else it stays closed (503).
+    let slot = SecretSlot::new(identity.secret().cloned());
+    let app = api::router(manager.clone(), slot.clone());
+    let (stop, stopped) = watch::channel(false);
+    let server = tokio::spawn(api::serve(listener, app, stopped.clone()));
+    notify_ready();
+    tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
+
+    let request = init_request(&cfg, &identity, &manager);
+    let background = ControlPlane { cfg, client, identity, request, slot, manager };
+    let control = tokio::spawn(background.run(stopped));
+
+    termination().await;
+    stop.send_replace(true);
+    control.abort();
+    server.await.expect("server task").map_err(AgentError::Serve)
+}
+
+/// Registration, then telemetry; lives as long as the agent.
+struct ControlPlane {
+    cfg: Config,
+    client: Client,
+    identity: Identity,
+    request: InitRequest,
+    slot: SecretSlot,
+    manager: Manager,
+}
+
+impl ControlPlane {
+    async fn run(mut self, stop: watch::Receiver<bool>) {
+        let roots = host::Roots::default();
+        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu: None };
+        let slot = self.slot.clone();
+        let on_secret = move |s: &crate::secret::Secret| slot.set(Some(s.clone()));
+        let registered = control_plane::register(
+            &self.client,
+            &mut self.identity,
+            &self.request,
+            &probe,
+            &on_secret,
+        )
+        .await;
+        if let Some(running) = registered.instance_running {
+            tracing::info!(instance_running = running, "control plane's view of the lease");
+        }
+        // The tunnel supervisor (PROTOCOL.md §3) takes these credentials once it exists.
+        let frp = self.identity.frp().with_overrides(&self.cfg.frp);
+        if !frp.is_complete() {
+            tracing::warn!(
+                "no complete FRP credentials (server, port, token) from /init or the environment; the agent is not reachable from outside"
+            );
+        }
+        let reporter = Reporter {
+            client: self.client,
+            secret: registered.secret,
+            source: Arc::new(self.manager),
+            sampler: Sampler::new(roots.proc.clone()),
+            interval: self.cfg.stats_interval,
+        };
+        reporter.run(stop).await;
+    }
+}
+
+fn init_request(cfg: &Config, identity: &Identity, manager: &Manager) -> InitRequest {
+    let address = cfg.public_address.unwrap_or_else(host::address::detect_public_ipv4);
+    InitRequest {
+        agent_id: identity.agent_id.to_string(),
+        agent_port: identity.agent_port,
+        address: address.to_string(),
+        fingerprint: host::facts::fingerprint(&host::Roots::default()),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        test_mode: false,
+        backend: manager.backend_kind().map(|k| match k {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Docker => "docker",
+        }),
+        gpus: cfg.gpu_pci_addrs.as_ref().map(|g| g.len() as u32),
+    }
+}

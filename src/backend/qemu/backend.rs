@@ -1,0 +1,373 @@
+//! `QemuBackend`: the [`Backend`] that runs each instance as a QEMU VM (DESIGN.md "Decisions").
+//!
+//! Everything it makes is named from the instance id ([`VmPaths`], the `-name qudata-<id>`
+//! marker), so the record alone is enough to adopt, reboot or clean up a VM after a restart.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::accel::Accel;
+use super::argv::{VmPlan, qemu_argv};
+use super::disk::{self, Ovmf};
+use super::layout::VmPaths;
+use super::process;
+use super::qmp::Qmp;
+use super::seed;
+use super::vm::{QMP_TIMEOUT, Vm};
+use crate::backend::{Adoption, Backend, BackendError, EventSink};
+use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
+use crate::instance::model::{BackendKind, Instance};
+use crate::instance::spec::Spec;
+
+/// What the QEMU backend needs to know about the host.
+#[derive(Clone, Debug)]
+pub struct QemuSettings {
+    pub qemu_binary: PathBuf,
+    pub qemu_img: PathBuf,
+    pub ovmf: Ovmf,
+    pub accel: Accel,
+    /// The default base image; named images live in `images_dir` as `<name>.qcow2`.
+    pub base_image: PathBuf,
+    pub images_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// How long a guest may take from power-on to answering SSH.
+    pub boot_deadline: Duration,
+    /// How long an ACPI power-down may take before QEMU is told to quit.
+    pub powerdown_grace: Duration,
+}
+
+pub struct QemuBackend {
+    settings: QemuSettings,
+    key: ManagementKey,
+    events: EventSink,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+}
+
+/// Time for QEMU to create its monitor socket after exec.
+const QMP_SOCKET_DEADLINE: Duration = Duration::from_secs(20);
+/// Time for QEMU to exit after `quit`, and for SIGTERM before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+impl QemuBackend {
+    pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
+        QemuBackend { settings, key, events, vms: Mutex::default() }
+    }
+
+    fn paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(&self.settings.data_dir, &self.settings.run_dir, id)
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<Vm>> {
+        let vms = self.vms.lock().expect("vms lock");
+        vms.get(id).filter(|vm| vm.exit_reason().is_none()).cloned()
+    }
+
+    fn running(
+        &self,
+        instance: &Instance,
+        operation: &'static str,
+    ) -> Result<Arc<Vm>, BackendError> {
+        self.live(&instance.id).ok_or_else(|| BackendError::Gone {
+            detail: format!("cannot {operation}: the VM's QEMU is not running"),
+        })
+    }
+
+    /// The base image of a spec: a named image must exist in the images dir.
+    fn base_image(&self, spec: &Spec) -> Result<PathBuf, BackendError> {
+        let Some(name) = spec.image.as_deref() else {
+            return Ok(self.settings.base_image.clone());
+        };
+        let plain = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            && !name.starts_with('.');
+        let path = self.settings.images_dir.join(format!("{name}.qcow2"));
+        if !plain || !path.is_file() {
+            let reason = format!(
+                "{name:?} is not a VM image known to this host (known: {})",
+                known_images(&self.settings.images_dir).join(", ")
+            );
+            return Err(BackendError::Unsupported { field: "image", reason });
+        }
+        Ok(path)
+    }
+
+    fn plan(&self, instance: &Instance, paths: &VmPaths) -> VmPlan {
+        VmPlan {
+            id: instance.id.clone(),
+            accel: self.settings.accel,
+            vcpus: instance.spec.cpus,
+            memory_mib: instance.spec.memory_mib,
+            ovmf_code: self.settings.ovmf.code.clone(),
+            ovmf_vars: paths.vars.clone(),
+            overlay: paths.overlay.clone(),
+            seed: paths.seed.clone(),
+            ports: forwards(instance),
+            qmp_socket: paths.qmp.clone(),
+            pidfile: paths.pidfile.clone(),
+            serial_log: paths.serial_log.clone(),
+            gpus: Vec::new(),
+        }
+    }
+
+    /// Builds the disk, firmware variables and seed of a new VM.
+    async fn prepare(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
+        let base = self.base_image(&instance.spec)?;
+        for dir in [&paths.dir, &paths.run_dir] {
+            crate::fsutil::ensure_private_dir(dir).map_err(|e| BackendError::op("create", e))?;
+        }
+        disk::create_overlay(
+            &self.settings.qemu_img,
+            &base,
+            &paths.overlay,
+            instance.spec.storage_gb,
+        )
+        .await
+        .map_err(|e| BackendError::op("create the disk", e))?;
+        disk::copy_vars(&self.settings.ovmf.vars_template, &paths.vars)
+            .map_err(|e| BackendError::op("create the firmware variables", e))?;
+        let hostname = instance.marker();
+        seed::build_seed(&paths.seed, &instance.id, &hostname, &self.key.public_line())
+            .await
+            .map_err(|e| BackendError::op("create the seed", e))
+    }
+
+    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
+    async fn start(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
+        if !instance.gpus.is_empty() {
+            return Err(BackendError::Unsupported {
+                field: "gpus",
+                reason: "GPU passthrough is not available in this build".into(),
+            });
+        }
+        crate::fsutil::ensure_private_dir(&paths.run_dir)
+            .map_err(|e| BackendError::op("start", e))?;
+        let _ = std::fs::remove_file(&paths.qmp);
+        let argv = qemu_argv(&self.plan(instance, paths));
+        let spawned = process::spawn(&self.settings.qemu_binary, &argv, &paths.qemu_log)
+            .map_err(|e| BackendError::op("start QEMU", e))?;
+        let pid = spawned.pid;
+        spawned
+            .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
+            .await
+            .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
+        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
+            .await
+            .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
+        qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
+        let vm =
+            Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
+        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
+        tracing::info!(id = %instance.id, pid, accel = self.settings.accel.as_str(), "VM started");
+        Ok(())
+    }
+
+    /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
+    async fn stop_vm(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
+        let vm = self.vms.lock().expect("vms lock").remove(&instance.id);
+        if let Some(vm) = vm.filter(|vm| vm.exit_reason().is_none()) {
+            vm.expect_exit();
+            let paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
+            // A paused guest cannot act on the power button.
+            if !paused
+                && vm.qmp.system_powerdown().await.is_ok()
+                && vm.wait_exited(self.settings.powerdown_grace).await
+            {
+                return Ok(());
+            }
+            if vm.qmp.quit().await.is_ok() && vm.wait_exited(QUIT_GRACE).await {
+                return Ok(());
+            }
+        }
+        // Adopted VMs we could not reach, or a QEMU that ignored `quit`.
+        process::terminate(&paths.pidfile, &instance.id, QUIT_GRACE)
+            .await
+            .map(drop)
+            .map_err(|e| BackendError::op("stop QEMU", e))
+    }
+
+    async fn client(
+        &self,
+        instance: &Instance,
+        deadline: Instant,
+    ) -> Result<GuestClient, BackendError> {
+        let target = self.target(instance)?;
+        GuestClient::wait_reachable(&target, &self.key, deadline)
+            .await
+            .map_err(|e| BackendError::op("reach the guest over SSH", e))
+    }
+
+    fn target(&self, instance: &Instance) -> Result<GuestTarget, BackendError> {
+        let port = instance.management_port.ok_or_else(|| {
+            BackendError::op("reach the guest", "the instance record has no management port")
+        })?;
+        Ok(GuestTarget::new(instance.id.clone(), port, self.paths(&instance.id).known_hosts))
+    }
+
+    async fn apply_keys(
+        &self,
+        client: &GuestClient,
+        instance: &Instance,
+    ) -> Result<(), BackendError> {
+        setup::set_authorized_keys(
+            client,
+            &GuestPaths::default(),
+            Some(&self.key.public_line()),
+            &instance.ssh_keys,
+        )
+        .await
+        .map_err(|e| BackendError::op("apply SSH keys", e))
+    }
+}
+
+/// `(host port, guest port)` of every forward: the published ports and the management port.
+fn forwards(instance: &Instance) -> Vec<(u16, u16)> {
+    let mut out: Vec<(u16, u16)> =
+        instance.ports.iter().map(|p| (p.host_port, p.guest_port)).collect();
+    // A second forward to guest port 22 is fine: QEMU's user network allows several.
+    out.extend(instance.management_port.map(|port| (port, 22)));
+    out
+}
+
+fn known_images(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".qcow2").map(str::to_owned))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        names.push("none".into());
+    }
+    names
+}
+
+fn with_log(e: process::ProcessError, paths: &VmPaths) -> String {
+    let log = std::fs::read_to_string(&paths.qemu_log).unwrap_or_default();
+    let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    if last.is_empty() { e.to_string() } else { format!("{e}: {last}") }
+}
+
+#[async_trait]
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn management_guest_port(&self) -> Option<u16> {
+        Some(22)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
+        self.base_image(spec).map(drop)
+    }
+
+    async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {
+        let paths = self.paths(&instance.id);
+        let result = match self.prepare(instance, &paths).await {
+            Ok(()) => self.start(instance, &paths).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(id = %instance.id, error = %e, "VM launch failed; removing what it made");
+            if let Err(cleanup) = self.destroy(instance).await {
+                tracing::error!(id = %instance.id, error = %cleanup, "launch rollback incomplete");
+            }
+        }
+        result
+    }
+
+    async fn wait_ready(&self, instance: &Instance) -> Result<(), BackendError> {
+        let vm = self.running(instance, "wait for the guest")?;
+        let deadline = Instant::now() + self.settings.boot_deadline;
+        tokio::select! {
+            client = self.client(instance, deadline) => {
+                client?.close().await;
+                Ok(())
+            }
+            reason = vm.exited() => Err(BackendError::Gone { detail: reason }),
+        }
+    }
+
+    async fn configure(&self, instance: &Instance) -> Result<(), BackendError> {
+        let deadline = Instant::now() + self.settings.boot_deadline;
+        let client = self.client(instance, deadline).await?;
+        self.apply_keys(&client, instance).await?;
+        if let Some(command) = &instance.spec.command {
+            setup::start_service(&client, &GuestPaths::default(), command, &instance.spec.env)
+                .await
+                .map_err(|e| BackendError::op("start the command", e))?;
+        }
+        client.close().await;
+        Ok(())
+    }
+
+    async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError> {
+        let client = self.client(instance, Instant::now() + Duration::from_secs(30)).await?;
+        let result = self.apply_keys(&client, instance).await;
+        client.close().await;
+        result
+    }
+
+    async fn pause(&self, instance: &Instance) -> Result<(), BackendError> {
+        let vm = self.running(instance, "stop")?;
+        vm.qmp.stop().await.map_err(|e| BackendError::op("stop", e))
+    }
+
+    async fn resume(&self, instance: &Instance) -> Result<(), BackendError> {
+        let vm = self.running(instance, "start")?;
+        vm.qmp.cont().await.map_err(|e| BackendError::op("start", e))
+    }
+
+    async fn reset(&self, instance: &Instance) -> Result<(), BackendError> {
+        let vm = self.running(instance, "restart")?;
+        let was_paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
+        vm.qmp.system_reset().await.map_err(|e| BackendError::op("restart", e))?;
+        if was_paused {
+            vm.qmp.cont().await.map_err(|e| BackendError::op("restart", e))?;
+        }
+        Ok(())
+    }
+
+    async fn boot(&self, instance: &Instance) -> Result<(), BackendError> {
+        let paths = self.paths(&instance.id);
+        if process::owned_pid(&paths.pidfile, &instance.id).is_some() {
+            return Err(BackendError::op("boot", "the VM's QEMU is still running"));
+        }
+        if !paths.overlay.is_file() {
+            let detail = format!("its disk {} is missing", paths.overlay.display());
+            return Err(BackendError::Gone { detail });
+        }
+        self.start(instance, &paths).await
+    }
+
+    async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
+        let paths = self.paths(&instance.id);
+        self.stop_vm(instance, &paths).await?;
+        paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;
+        tracing::info!(id = %instance.id, "VM and its files removed");
+        Ok(())
+    }
+
+    async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
+        let paths = self.paths(&instance.id);
+        let Some(pid) = process::owned_pid(&paths.pidfile, &instance.id) else {
+            let detail = "no QEMU process carries its marker".to_owned();
+            return Ok(Adoption::Gone { detail });
+        };
+        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
+            .await
+            .map_err(|e| BackendError::op("reconnect to QEMU's monitor", e))?;
+        let vm = Vm::watch(&instance.id, pid, qmp, None, paths, self.events.clone());
+        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
+        tracing::info!(id = %instance.id, pid, "VM adopted");
+        Ok(Adoption::Adopted)
+    }
+}

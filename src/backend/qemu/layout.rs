@@ -1,0 +1,89 @@
+//! Where one VM's files live. Every path derives from the data dir, the run dir and the
+//! instance id alone, so recovery finds (and cleans) them from the record, or from nothing.
+
+use std::path::{Path, PathBuf};
+
+/// The files of one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmPaths {
+    /// `<data>/vms/<id>`: survives reboots (disk, firmware variables, pinned host key).
+    pub dir: PathBuf,
+    pub overlay: PathBuf,
+    pub vars: PathBuf,
+    pub seed: PathBuf,
+    pub serial_log: PathBuf,
+    /// QEMU's own stdout and stderr.
+    pub qemu_log: PathBuf,
+    pub known_hosts: PathBuf,
+    /// `<run>/vms/<id>`: gone after a host reboot, like the process it describes.
+    pub run_dir: PathBuf,
+    pub qmp: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(data_dir: &Path, run_dir: &Path, id: &str) -> VmPaths {
+        let dir = data_dir.join("vms").join(id);
+        let run = run_dir.join("vms").join(id);
+        VmPaths {
+            overlay: dir.join("disk.qcow2"),
+            vars: dir.join("OVMF_VARS.fd"),
+            seed: dir.join("seed.img"),
+            serial_log: dir.join("serial.log"),
+            qemu_log: dir.join("qemu.log"),
+            known_hosts: dir.join("known_hosts"),
+            qmp: run.join("qmp.sock"),
+            pidfile: run.join("qemu.pid"),
+            dir,
+            run_dir: run,
+        }
+    }
+
+    /// Removes both directories and everything in them; what is already gone is fine.
+    pub fn remove_all(&self) -> std::io::Result<()> {
+        for dir in [&self.dir, &self.run_dir] {
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of the serial log, for an error message.
+    pub fn serial_tail(&self, lines: usize) -> String {
+        let text = std::fs::read(&self.serial_log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        tail[tail.len().saturating_sub(lines)..].join(" | ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_derive_from_the_id_only() {
+        let p = VmPaths::new(Path::new("/d"), Path::new("/r"), "abc");
+        assert_eq!(p.overlay, Path::new("/d/vms/abc/disk.qcow2"));
+        assert_eq!(p.vars, Path::new("/d/vms/abc/OVMF_VARS.fd"));
+        assert_eq!(p.seed, Path::new("/d/vms/abc/seed.img"));
+        assert_eq!(p.qmp, Path::new("/r/vms/abc/qmp.sock"));
+        assert_eq!(p.pidfile, Path::new("/r/vms/abc/qemu.pid"));
+    }
+
+    #[test]
+    fn remove_all_is_idempotent_and_serial_tail_skips_blank_lines() {
+        let root = tempfile::tempdir().unwrap();
+        let p = VmPaths::new(&root.path().join("d"), &root.path().join("r"), "x");
+        std::fs::create_dir_all(&p.dir).unwrap();
+        std::fs::create_dir_all(&p.run_dir).unwrap();
+        std::fs::write(&p.serial_log, "a\n\nb\nc\n").unwrap();
+        assert_eq!(p.serial_tail(2), "b | c");
+        p.remove_all().unwrap();
+        assert!(!p.dir.exists() && !p.run_dir.exists());
+        p.remove_all().unwrap();
+        assert_eq!(p.serial_tail(2), "");
+    }
+}

@@ -1,0 +1,29 @@
+//! Building blocks of the QEMU backend (DESIGN.md "Decisions": QMP, QEMU process).
+//!
+//! Each module does one thing and knows nothing of the instance manager:
+//! - [`argv`]: the QEMU command line, a pure function of a [`argv::VmPlan`];
+//! - [`accel`]: KVM or TCG, decided by a probe guest and cached per boot;
+//! - [`disk`]: the qcow2 overlay on the base image, OVMF detection, per-VM VARS copy;
+//! - [`seed`]: the NoCloud `cidata` seed, a vfat image built without mounting;
+//! - [`process`]: spawning QEMU so it outlives the agent, pidfile ownership, termination;
+//! - [`qmp`]: a QMP client over the monitor socket, typed with `qapi-qmp`.
+//!
+//! A launch, in order: [`accel::choose`] (once, at start-up) → [`disk::detect_ovmf`] →
+//! [`disk::copy_vars`] → [`disk::create_overlay`] → [`seed::build_seed`] →
+//! [`process::raise_memlock`] (only with GPUs) → [`process::spawn`] with [`argv::qemu_argv`] →
+//! [`process::Spawned::wait_for_path`] (QMP socket) → [`qmp::Qmp::connect`] →
+//! `query_status` is `prelaunch` → `cont`. After an agent restart: [`process::owned_pid`] →
+//! [`qmp::Qmp::connect`]. Teardown: `quit` over QMP, then [`process::terminate`] as backstop.
+
+pub mod accel;
+pub mod argv;
+pub mod disk;
+pub mod process;
+pub mod qmp;
+pub mod seed;
+
+pub mod backend;
+pub mod layout;
+pub mod vm;
+
+pub use backend::{QemuBackend, QemuSettings};

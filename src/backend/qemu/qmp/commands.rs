@@ -1,0 +1,39 @@
+//! The commands the backend uses, as methods.
+
+use super::{Qmp, QmpError};
+
+impl Qmp {
+    /// `query-status`: the VM's run state (`prelaunch`, `running`, `paused`, …).
+    pub async fn query_status(&self) -> Result<qapi_qmp::StatusInfo, QmpError> {
+        self.execute(qapi_qmp::query_status {}).await
+    }
+
+    /// `cont`: starts or resumes the vCPUs.
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.execute(qapi_qmp::cont {}).await.map(drop)
+    }
+
+    /// `stop`: pauses the vCPUs.
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.execute(qapi_qmp::stop {}).await.map(drop)
+    }
+
+    /// `system_reset`: a hard reset of the guest.
+    pub async fn system_reset(&self) -> Result<(), QmpError> {
+        self.execute(qapi_qmp::system_reset {}).await.map(drop)
+    }
+
+    /// `system_powerdown`: an ACPI power-button press (the guest decides).
+    pub async fn system_powerdown(&self) -> Result<(), QmpError> {
+        self.execute(qapi_qmp::system_powerdown {}).await.map(drop)
+    }
+
+    /// `quit`: QEMU exits at once. The reply may be lost to the exit, so a disconnection
+    /// counts as success.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.execute(qapi_qmp::quit {}).await {
+            Ok(_) | Err(QmpError::Disconnected { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The QEMU backend's building blocks against the real tools: qemu-system-x86_64 under TCG
+//! (q35 + OVMF, started paused; no guest disk is needed), qemu-img, mkfs.vfat and mtools.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use qapi_qmp::RunState;
+use qudata_agent::backend::qemu::accel::{self, Accel, ProbeOutcome};
+use qudata_agent::backend::qemu::argv::{VmPlan, qemu_argv};
+use qudata_agent::backend::qemu::process::{self, Spawned};
+use qudata_agent::backend::qemu::qmp::{Qmp, QmpEvent};
+use qudata_agent::backend::qemu::{disk, seed};
+use qudata_agent::config::AccelChoice;
+use tokio::sync::broadcast;
+
+const QEMU: &str = "qemu-system-x86_64";
+const STORAGE_GB: u64 = 2;
+const LIMIT: Duration = Duration::from_secs(30);
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0qudatatestkey agent@host";
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().expect(program);
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// A VM's files, built by the modules under test, in `dir`.
+async fn prepare(dir: &Path, id: &str) -> VmPlan {
+    let base = dir.join("base.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+    let overlay = dir.join("disk.qcow2");
+    let qemu_img = disk::qemu_img_for(Path::new(QEMU));
+    disk::create_overlay(&qemu_img, &base, &overlay, STORAGE_GB).await.unwrap();
+    let seed_path = dir.join("seed.img");
+    seed::build_seed(&seed_path, id, &format!("qudata-{id}"), KEY).await.unwrap();
+    let ovmf = disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap();
+    let vars = dir.join("OVMF_VARS.fd");
+    disk::copy_vars(&ovmf.vars_template, &vars).unwrap();
+    VmPlan {
+        id: id.to_owned(),
+        accel: Accel::Tcg,
+        vcpus: 1,
+        memory_mib: 256,
+        ovmf_code: ovmf.code,
+        ovmf_vars: vars,
+        overlay,
+        seed: seed_path,
+        ports: vec![(free_port(), 22)],
+        qmp_socket: dir.join("qmp.sock"),
+        pidfile: dir.join("qemu.pid"),
+        serial_log: dir.join("serial.log"),
+        gpus: vec![],
+    }
+}
+
+/// Kills a test's QEMU if the test fails half-way (QEMU is deliberately not killed on drop).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if process::is_alive(self.0) {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
+async fn start(plan: &VmPlan, log: &Path) -> (Spawned, Qmp, KillOnDrop) {
+    let spawned = process::spawn(Path::new(QEMU), &qemu_argv(plan), log).unwrap();
+    let guard = KillOnDrop(spawned.pid);
+    spawned.wait_for_path(&plan.qmp_socket, LIMIT).await.unwrap();
+    let qmp = Qmp::connect(&plan.qmp_socket, LIMIT).await.unwrap();
+    (spawned, qmp, guard)
+}
+
+/// The next event the backend acts on (QEMU may interleave others).
+async fn next_event(events: &mut broadcast::Receiver<QmpEvent>) -> QmpEvent {
+    loop {
+        match tokio::time::timeout(LIMIT, events.recv()).await.unwrap().unwrap() {
+            QmpEvent::Other(_) => continue,
+            event => return event,
+        }
+    }
+}
+
+/// The file's text once it contains `needle`.
+async fn wait_for_text(path: &Path, needle: &str, limit: Duration) -> String {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < end, "no {needle:?} in {path:?} yet: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn status(qmp: &Qmp) -> RunState {
+    qmp.query_status().await.unwrap().status
+}
+
+#[tokio::test]
+async fn a_paused_vm_is_driven_over_qmp_and_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = prepare(dir.path(), "it-qmp").await;
+    let log = dir.path().join("qemu.log");
+    let (mut spawned, qmp, _guard) = start(&plan, &log).await;
+    let mut events = qmp.subscribe();
+
+    assert_eq!(status(&qmp).await, RunState::prelaunch);
+    qmp.cont().await.unwrap();
+    assert_eq!(next_event(&mut events).await, QmpEvent::Resume);
+    assert_eq!(status(&qmp).await, RunState::running);
+    // OVMF from the pflash drives runs and tries the virtio disks (both empty of loaders).
+    let serial = wait_for_text(&plan.serial_log, "BdsDxe", Duration::from_secs(180)).await;
+    assert!(serial.contains("PciRoot"), "{serial}");
+    // The published port listens on loopback (user-mode networking forwards it to the guest).
+    let (host_port, _) = plan.ports[0];
+    std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, host_port)).unwrap();
+    qmp.stop().await.unwrap();
+    assert_eq!(next_event(&mut events).await, QmpEvent::Stop);
+    assert_eq!(status(&qmp).await, RunState::paused);
+    qmp.system_reset().await.unwrap();
+    assert_eq!(next_event(&mut events).await, QmpEvent::Reset);
+
+    // The pidfile names this QEMU, and only this instance owns it.
+    assert_eq!(process::read_pidfile(&plan.pidfile).unwrap(), spawned.pid);
+    assert_eq!(process::owned_pid(&plan.pidfile, "it-qmp"), Some(spawned.pid));
+    assert_eq!(process::owned_pid(&plan.pidfile, "it-other"), None);
+    let unrelated = dir.path().join("unrelated.pid");
+    std::fs::write(&unrelated, std::process::id().to_string()).unwrap();
+    assert_eq!(process::owned_pid(&unrelated, "it-qmp"), None);
+
+    qmp.quit().await.unwrap();
+    let shutdown = QmpEvent::Shutdown { guest: false, reason: "host-qmp-quit".into() };
+    assert_eq!(next_event(&mut events).await, shutdown);
+    let exit = spawned.wait_exit(LIMIT).await.unwrap();
+    assert!(exit.contains("exit status: 0"), "{exit}");
+    assert!(!process::is_alive(spawned.pid));
+    assert_eq!(process::owned_pid(&plan.pidfile, "it-qmp"), None);
+    tokio::time::timeout(LIMIT, qmp.closed()).await.unwrap();
+}
+
+#[tokio::test]
+async fn terminate_stops_only_the_owned_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = prepare(dir.path(), "it-term").await;
+    let (mut spawned, qmp, _guard) = start(&plan, &dir.path().join("qemu.log")).await;
+    // QEMU runs in its own process group, so a signal to the agent's group misses it.
+    let pgid = process_group(spawned.pid);
+    assert_eq!(pgid, spawned.pid);
+
+    assert!(!process::terminate(&plan.pidfile, "it-nobody", LIMIT).await.unwrap());
+    assert!(process::is_alive(spawned.pid));
+    assert!(process::terminate(&plan.pidfile, "it-term", LIMIT).await.unwrap());
+    spawned.wait_exit(LIMIT).await.unwrap();
+    tokio::time::timeout(LIMIT, qmp.closed()).await.unwrap();
+    assert!(!process::terminate(&plan.pidfile, "it-term", LIMIT).await.unwrap());
+}
+
+/// The process group of `pid`, from `/proc/<pid>/stat` (field 5).
+fn process_group(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn disks_and_seed_are_what_the_guest_expects() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = prepare(dir.path(), "it-disk").await;
+    let info = disk::image_info(Path::new("qemu-img"), &plan.overlay).await.unwrap();
+    let base = dir.path().join("base.qcow2").canonicalize().unwrap();
+    assert_eq!(info.backing_filename.map(PathBuf::from), Some(base));
+    assert_eq!(info.virtual_size, STORAGE_GB << 30);
+
+    let image = plan.seed.to_str().unwrap();
+    let listing = run("mdir", &["-i", image, "::"]);
+    assert!(listing.contains("CIDATA"), "{listing}");
+    let meta = run("mtype", &["-i", image, "::meta-data"]);
+    assert_eq!(meta, seed::meta_data("it-disk", "qudata-it-disk"));
+    let user = run("mtype", &["-i", image, "::user-data"]);
+    assert_eq!(user, seed::user_data("qudata-it-disk", KEY));
+    assert!(user.contains(KEY));
+}
+
+#[tokio::test]
+async fn the_probe_firmware_runs_under_tcg_and_auto_agrees_with_the_kvm_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let tcg = accel::run_probe(Path::new(QEMU), Accel::Tcg, dir.path(), LIMIT).await.unwrap();
+    assert_eq!(tcg, ProbeOutcome::Works);
+
+    let kvm = accel::kvm_probe(Path::new(QEMU), dir.path()).await.unwrap();
+    eprintln!("KVM probe on this host: {kvm:?}");
+    let chosen = accel::choose(AccelChoice::Auto, Path::new(QEMU), dir.path()).await.unwrap();
+    let forced = accel::choose(AccelChoice::Kvm, Path::new(QEMU), dir.path()).await;
+    match kvm {
+        ProbeOutcome::Works => {
+            assert_eq!(chosen, Accel::Kvm);
+            assert_eq!(forced.unwrap(), Accel::Kvm);
+        }
+        ProbeOutcome::Fails { .. } => {
+            assert_eq!(chosen, Accel::Tcg);
+            let err = forced.unwrap_err().to_string();
+            assert!(err.contains("QUDATA_QEMU_ACCEL=auto or tcg"), "{err}");
+        }
+    }
+    let forced_tcg = accel::choose(AccelChoice::Tcg, Path::new(QEMU), dir.path()).await.unwrap();
+    assert_eq!(forced_tcg, Accel::Tcg);
+    // The answer is cached for this boot.
+    let cached = std::fs::read_to_string(dir.path().join("accel-probe.json")).unwrap();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert!(cached.contains(boot_id.trim()), "{cached}");
+}
