@@ -12,33 +12,46 @@ pub struct MissingCredentials {
     pub missing: String,
 }
 
-/// The environment wins over `/init`, field by field (PROTOCOL.md §1).
-pub fn resolve_credentials(
-    env: &FrpOverrides,
-    init: Option<&FrpCredentials>,
+/// Complete credentials from optional parts (e.g. the control plane's stored and overridden
+/// `/init` values), or which parts are missing. Empty strings and port 0 count as missing.
+pub fn credentials_from_parts(
+    server: Option<String>,
+    port: Option<u16>,
+    token: Option<crate::secret::Secret>,
+    subdomain: Option<String>,
 ) -> Result<FrpCredentials, MissingCredentials> {
-    let server = env.server.clone().or_else(|| init.map(|i| i.server_addr.clone()));
-    let port = env.port.or_else(|| init.map(|i| i.server_port));
-    let token = env.token.clone().or_else(|| init.map(|i| i.token.clone()));
-    let subdomain = env.subdomain.clone().or_else(|| init.map(|i| i.subdomain.clone()));
-    let nonempty = |s: &Option<String>| s.as_deref().is_some_and(|v| !v.is_empty());
+    let server = server.filter(|v| !v.trim().is_empty());
+    let port = port.filter(|&p| p != 0);
+    let token = token.filter(|t| !t.is_empty());
+    let subdomain = subdomain.filter(|v| !v.trim().is_empty());
     let missing: Vec<&str> = [
-        ("server", nonempty(&server)),
-        ("port", port.is_some_and(|p| p != 0)),
-        ("token", token.as_ref().is_some_and(|t| !t.is_empty())),
-        ("subdomain", nonempty(&subdomain)),
+        ("server", server.is_some()),
+        ("port", port.is_some()),
+        ("token", token.is_some()),
+        ("subdomain", subdomain.is_some()),
     ]
     .into_iter()
     .filter_map(|(name, ok)| (!ok).then_some(name))
     .collect();
     match (server, port, token, subdomain) {
-        (Some(server_addr), Some(server_port), Some(token), Some(subdomain))
-            if missing.is_empty() =>
-        {
+        (Some(server_addr), Some(server_port), Some(token), Some(subdomain)) => {
             Ok(FrpCredentials { server_addr, server_port, token, subdomain })
         }
         _ => Err(MissingCredentials { missing: missing.join(", ") }),
     }
+}
+
+/// The environment wins over `/init`, field by field (PROTOCOL.md §1).
+pub fn resolve_credentials(
+    env: &FrpOverrides,
+    init: Option<&FrpCredentials>,
+) -> Result<FrpCredentials, MissingCredentials> {
+    credentials_from_parts(
+        env.server.clone().or_else(|| init.map(|i| i.server_addr.clone())),
+        env.port.or_else(|| init.map(|i| i.server_port)),
+        env.token.clone().or_else(|| init.map(|i| i.token.clone())),
+        env.subdomain.clone().or_else(|| init.map(|i| i.subdomain.clone())),
+    )
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! FRP tunnels (PROTOCOL.md §3): frpc's files, its admin API, its supervision, and `Tunnels`,
 //! the façade the agent and the instance manager call:
 //!
-//! - start-up, after `/init`: `Tunnels::start(TunnelSettings::new(..), resolve_credentials(..))`
+//! - start-up, after `/init`: `Tunnels::start(TunnelSettings::new(..), credentials_from_parts(..))`
 //!   (adopts the frpc a previous agent left running, or starts one; none without credentials);
 //! - a later `/init` with other credentials: `set_credentials` (restarts frpc only if the main
 //!   file changed);
@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 pub use admin::{AdminClient, AdminError, ProxyStatus};
 pub use config::{FrpCredentials, InstanceTunnels, TunnelPort, TunnelProto};
-pub use credentials::{MissingCredentials, resolve_credentials};
+pub use credentials::{MissingCredentials, credentials_from_parts, resolve_credentials};
 pub use publish::{PortOutcome, PublishReport, TunnelSettings, Tunnels};
 pub use supervisor::{Backoff, Started, Supervisor, SupervisorOptions};
 pub use validate::validate_instance;
