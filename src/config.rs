@@ -97,6 +97,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_FRPC_CONFIG",
+        Some("/etc/qudata/frpc.toml"),
+        "an absolute path",
+        "frpc main config (0600); per-instance includes go in frpc.d/ beside it",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_FRP_PORT",
         None,
         "a port number 1-65535",
@@ -243,6 +250,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub debug: bool,
     pub frpc_binary: PathBuf,
+    pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
     /// `None`: detected (see `backend::qemu::disk`).
@@ -429,6 +437,7 @@ impl Config {
             data_dir: r.required("QUDATA_DATA_DIR", parse_abs_path)?,
             debug: r.required("QUDATA_DEBUG", parse_bool)?,
             frpc_binary: r.required("QUDATA_FRPC_BINARY", |v| Ok(PathBuf::from(v)))?,
+            frpc_config: r.required("QUDATA_FRPC_CONFIG", parse_abs_path)?,
             frp: FrpOverrides {
                 server: r.parse("QUDATA_FRP_SERVER", parse_host)?,
                 port: r.parse("QUDATA_FRP_PORT", parse_port(1))?,
@@ -582,6 +591,14 @@ mod tests {
         assert_eq!(c.gpu_pci_addrs.unwrap(), ["0000:65:00.0", "0000:b3:00.0"]);
         assert!(c.debug);
         assert_eq!(c.api_key.unwrap().expose(), "ak-123");
+    }
+
+    #[test]
+    fn frpc_config_defaults_and_must_be_absolute() {
+        let c = Config::load(&env(&[]), true).unwrap();
+        assert_eq!(c.frpc_config, PathBuf::from("/etc/qudata/frpc.toml"));
+        let err = Config::load(&env(&[("QUDATA_FRPC_CONFIG", "frpc.toml")]), true).unwrap_err();
+        assert_eq!(err.variable, "QUDATA_FRPC_CONFIG");
     }
 
     #[test]

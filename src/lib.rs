@@ -15,4 +15,5 @@ pub mod host;
 pub mod instance;
 pub mod ports;
 pub mod secret;
+pub mod tunnel;
 pub mod vfio;

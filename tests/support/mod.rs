@@ -1,6 +1,7 @@
 //! Test support: the real agent binary, and doubles for what cannot exist here.
 
 pub mod agent;
+pub mod frpc;
 pub mod host;
 pub mod mock_cp;
 pub mod sshd;
