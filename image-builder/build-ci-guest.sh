@@ -6,7 +6,7 @@
 # Debian's package registry (through apt-get download), and only for packages not cached.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=image-builder/lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$here/lib.sh"
 
 out_dir=${1:-$here/out}
@@ -18,8 +18,8 @@ disk_mib=1024
 esp_mib=64
 # virtio for disks, network and the seed; fat/iso9660 for the seed; button+evdev so acpid
 # sees the ACPI power button; nls_ascii is vfat's default iocharset in this kernel.
-modules="virtio_pci virtio_blk virtio_net virtio_scsi sd_mod sr_mod virtio_rng vfat
-  nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii isofs button evdev"
+modules=(virtio_pci virtio_blk virtio_net virtio_scsi sd_mod sr_mod virtio_rng vfat
+  nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii isofs button evdev)
 
 require_tools apt-get apt-cache dpkg-deb objdump objcopy depmod cpio gzip mkfs.vfat mmd mcopy \
   sfdisk qemu-img sha256sum flock
@@ -34,12 +34,13 @@ pkgs=("$kernel_pkg" busybox-static dropbear-bin libc6 libcrypt1 zlib1g libtomcry
   libgmp10)
 declare -A ver=()
 stamp_text="cmdline=$cmdline"$'\n'"stub=$(sha256sum "$stub" | cut -d' ' -f1)"$'\n'
-for p in "${pkgs[@]}"; do
-  ver[$p]=$(deb_candidate "$p")
-  stamp_text+="$p=${ver[$p]}"$'\n'
-done
-stamp_text+="scripts=$(cd "$here" && files_digest lib.sh build-ci-guest.sh $(find ci-guest -type f | LC_ALL=C sort))"$'\n'
-stamp_text+="modules=$(echo $modules)"$'\n'
+while read -r p v; do
+  ver[$p]=$v
+  stamp_text+="$p=$v"$'\n'
+done < <(deb_candidates "${pkgs[@]}")
+mapfile -t guest_files < <(cd "$here" && find ci-guest -type f | LC_ALL=C sort)
+stamp_text+="scripts=$(cd "$here" && files_digest lib.sh build-ci-guest.sh "${guest_files[@]}")"$'\n'
+stamp_text+="modules=${modules[*]}"$'\n'
 
 qcow2="$out_dir/ci-guest.qcow2"
 stamp="$out_dir/ci-guest.stamp"
@@ -78,12 +79,12 @@ cp -a "$here/ci-guest/." "$rootfs/"
 
 depmod -b "$sysroot" "$kver"
 moddir="$sysroot/lib/modules/$kver"
-modules_closure "$moddir" $modules >"$rootfs/etc/ci-guest/modules.order"
+modules_closure "$moddir" "${modules[@]}" >"$rootfs/etc/ci-guest/modules.order"
 while read -r m; do
   mkdir -p "$rootfs/lib/modules/$kver/$(dirname "$m")"
   cp "$moddir/$m" "$rootfs/lib/modules/$kver/$m"
 done <"$rootfs/etc/ci-guest/modules.order"
-log "modules: $(wc -l <"$rootfs/etc/ci-guest/modules.order") ($(echo $modules))"
+log "modules: $(wc -l <"$rootfs/etc/ci-guest/modules.order") (${modules[*]})"
 
 initrd="$work/initrd.gz"
 initramfs_pack "$rootfs" "$initrd"

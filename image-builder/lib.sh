@@ -6,6 +6,9 @@
 # Partition type GUIDs (UEFI spec / Discoverable Partitions Specification).
 readonly GPT_TYPE_ESP=C12A7328-F81F-11D2-BA4B-00A0C93EC93B
 readonly GPT_TYPE_LINUX=0FC63DAF-8483-4772-8E79-3D69D8477DE4
+# Fixed identifiers, so two builds of the same inputs lay out the same disk.
+readonly GPT_UUID_ESP=51A7E500-E5B0-4C1E-9A7A-000000000001
+readonly GPT_UUID_DATA=51A7E500-E5B0-4C1E-9A7A-000000000002
 
 log() { printf '[image-builder] %s\n' "$*" >&2; }
 die() { printf '[image-builder] error: %s\n' "$*" >&2; exit 1; }
@@ -16,20 +19,27 @@ require_tools() {
   [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]}; install the packages listed in tests/packages.txt"
 }
 
-# Candidate version of a Debian package as apt sees it now.
-deb_candidate() {
-  local v
-  v=$(apt-cache policy "$1" 2>/dev/null | awk '/^  Candidate:/ {print $2}')
-  [ -n "$v" ] && [ "$v" != "(none)" ] || die "package $1 has no candidate version; run apt-get update"
-  printf '%s\n' "$v"
+# deb_candidates PKG... -> "PKG VERSION" lines: the versions apt would install now.
+# One apt-cache call for all of them (each call costs about a second).
+deb_candidates() {
+  local out
+  out=$(LC_ALL=C apt-cache policy "$@" 2>/dev/null |
+    awk '/^[^ ].*:$/ { pkg = substr($0, 1, length($0) - 1) }
+         /^  Candidate:/ && $2 != "(none)" { print pkg, $2 }')
+  local p
+  for p in "$@"; do
+    grep -q "^$p " <<<"$out" || die "package $p has no candidate version; run apt-get update"
+  done
+  printf '%s\n' "$out"
 }
 
-# The concrete package a metapackage (e.g. linux-image-cloud-amd64) depends on.
+# The concrete package a metapackage (e.g. linux-image-cloud-amd64) depends on, for the
+# metapackage's candidate version.
 deb_meta_target() {
   local meta=$1 prefix=$2 t
-  t=$(apt-cache depends "$meta=$(deb_candidate "$meta")" 2>/dev/null |
+  t=$(LC_ALL=C apt-cache depends "$meta" 2>/dev/null |
     awk -v p="$prefix" '$1 == "Depends:" && index($2, p) == 1 {print $2; exit}')
-  [ -n "$t" ] || die "cannot resolve $meta to a $prefix* package"
+  [ -n "$t" ] || die "cannot resolve $meta to a $prefix* package; run apt-get update"
   printf '%s\n' "$t"
 }
 
@@ -121,8 +131,8 @@ modules_closure() {
     }' "$moddir/modules.builtin" "$moddir/modules.dep"
 }
 
-# cpio_newc_node NAME MODE_OCTAL MAJOR MINOR: one newc entry for a device node, so the
-# initramfs carries /dev/console without mknod (which would need root on the build host).
+# cpio_newc_entry NAME MODE RDEV_MAJOR RDEV_MINOR INO: one empty newc entry (a directory or
+# a device node), so the initramfs carries /dev/console without mknod (root-only).
 cpio_newc_entry() {
   local name=$1 mode=$2 rmaj=$3 rmin=$4 ino=$5 namesize pad
   namesize=$(( ${#name} + 1 ))
@@ -173,13 +183,12 @@ uki_build() {
 # a plain file with mtools. Pairs of SRC DEST (e.g. EFI/BOOT/BOOTX64.EFI).
 esp_build() {
   local out=$1 size_mib=$2; shift 2
-  local src dest dir
+  local src dest dir part parts
   rm -f "$out"
   mkfs.vfat -F 32 -n ESP -i 51a7e500 -C "$out" $(( size_mib * 1024 )) >/dev/null
   while [ $# -gt 0 ]; do
     src=$1 dest=$2; shift 2
     dir=""
-    local part
     IFS=/ read -ra parts <<<"$(dirname "$dest")"
     for part in "${parts[@]}"; do
       dir="$dir/$part"
@@ -201,8 +210,8 @@ label: gpt
 label-id: 6A1C5C5E-0C1D-4C9E-9D55-7E51A7E5C0DE
 unit: sectors
 first-lba: 2048
-start=2048, size=$esp_sectors, type=$GPT_TYPE_ESP, name="ESP"
-type=$GPT_TYPE_LINUX, name="data"
+start=2048, size=$esp_sectors, type=$GPT_TYPE_ESP, uuid=$GPT_UUID_ESP, name="ESP"
+type=$GPT_TYPE_LINUX, uuid=$GPT_UUID_DATA, name="data"
 SFDISK
   dd if="$esp" of="$out" bs=1M seek=1 conv=notrunc,sparse status=none
 }

@@ -83,7 +83,12 @@ got=$(ssh "${ssh_opts[@]}" root@127.0.0.1 echo ok </dev/null)
 printf 'uploaded\n' | ssh "${ssh_opts[@]}" root@127.0.0.1 'cat > /tmp/upload && chmod 0600 /tmp/upload'
 got=$(ssh "${ssh_opts[@]}" root@127.0.0.1 sh -c "'cat /tmp/upload; setsid true; ps >/dev/null; command -v nohup kill mkdir >/dev/null && echo tools'" </dev/null)
 [ "$got" = "uploaded"$'\n'"tools" ] || fail "upload/tool check printed '$got'"
-say "hostname, echo, upload and tools OK"
+# PID 1 must reap orphans: leave one behind, then look for zombies.
+ssh "${ssh_opts[@]}" root@127.0.0.1 'sh -c "sleep 0.3 & exit 0"' </dev/null
+sleep 2
+got=$(ssh "${ssh_opts[@]}" root@127.0.0.1 "cat /proc/[0-9]*/stat 2>/dev/null | awk '\$3 == \"Z\"' | wc -l" </dev/null)
+[ "$got" = 0 ] || fail "$got zombie process(es) in the guest"
+say "hostname, echo, upload, tools and reaping OK"
 
 t_off=$(now)
 python3 - "$tmp/qmp.sock" <<'PY' || fail "QMP system_powerdown failed"
