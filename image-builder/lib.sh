@@ -28,7 +28,7 @@ deb_candidates() {
          /^  Candidate:/ && $2 != "(none)" { print pkg, $2 }')
   local p
   for p in "$@"; do
-    grep -q "^$p " <<<"$out" || die "package $p has no candidate version; run apt-get update"
+    awk -v p="$p" '$1 == p { found = 1 } END { exit !found }' <<<"$out" || die "package $p has no candidate version; run apt-get update"
   done
   printf '%s\n' "$out"
 }
