@@ -61,6 +61,9 @@ kver=$(ls "$sysroot/lib/modules")
 [ "$(echo "$kver" | wc -l)" = 1 ] || die "expected one kernel in $kernel_pkg, found: $kver"
 vmlinuz="$sysroot/boot/vmlinuz-$kver"
 log "kernel $kver"
+# Every timestamp in the image (cpio, FAT) is the kernel's, so equal inputs give equal bytes.
+SOURCE_DATE_EPOCH=$(stat -c %Y "$vmlinuz")
+export SOURCE_DATE_EPOCH
 
 # Root filesystem of the initramfs.
 mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib64,etc/ci-guest,root,dev,proc,sys,tmp,run,var/log}

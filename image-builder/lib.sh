@@ -147,6 +147,9 @@ cpio_newc_entry() {
 # gzip-compressed.
 initramfs_pack() {
   local dir=$1 out=$2
+  if [ -n "${SOURCE_DATE_EPOCH:-}" ]; then
+    find "$dir" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+  fi
   {
     (cd "$dir" && find . -mindepth 1 | LC_ALL=C sort |
       cpio --quiet -o -H newc -R 0:0 --reproducible)
@@ -177,6 +180,32 @@ uki_build() {
     end=$(( end + $(stat -c %s "$file") ))
   done
   objcopy "${args[@]}" "$stub" "$out"
+  pe_clear_timestamp "$out"
+}
+
+# pe_clear_timestamp FILE: objcopy stamps PE files with the current time (binutils 2.40 has
+# no option against it and ignores SOURCE_DATE_EPOCH); zero it and fix the PE checksum
+# incrementally (one's-complement sum of 16-bit words plus the file length), so equal inputs
+# give an identical UKI.
+u32_at() { od -An -t u4 -j "$2" -N 4 "$1" | tr -d ' '; }   # u32_at FILE OFFSET
+put_u32() {                                                  # put_u32 FILE OFFSET VALUE
+  printf '%b' "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($3 & 255)) $(($3 >> 8 & 255)) \
+    $(($3 >> 16 & 255)) $(($3 >> 24 & 255)))" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
+pe_clear_timestamp() {
+  local f=$1 pe ts csum len sum w
+  pe=$(u32_at "$f" 60)
+  ts=$(u32_at "$f" $((pe + 8)))
+  [ "$ts" -ne 0 ] || return 0
+  csum=$(u32_at "$f" $((pe + 88)))
+  len=$(stat -c %s "$f")
+  sum=$((csum - len))
+  for w in $((ts & 0xffff)) $((ts >> 16)); do
+    sum=$((sum + (0xffff ^ w)))
+    sum=$(((sum & 0xffff) + (sum >> 16)))
+  done
+  put_u32 "$f" $((pe + 8)) 0
+  put_u32 "$f" $((pe + 88)) $((sum + len))
 }
 
 # esp_build OUT SIZE_MIB SRC_FILE DEST_PATH...: a FAT32 EFI system partition image built on
@@ -185,7 +214,7 @@ esp_build() {
   local out=$1 size_mib=$2; shift 2
   local src dest dir part parts
   rm -f "$out"
-  mkfs.vfat -F 32 -n ESP -i 51a7e500 -C "$out" $(( size_mib * 1024 )) >/dev/null
+  mkfs.vfat -F 32 -n ESP -i 51a7e500 --invariant -C "$out" $(( size_mib * 1024 )) >/dev/null
   while [ $# -gt 0 ]; do
     src=$1 dest=$2; shift 2
     dir=""
