@@ -37,15 +37,16 @@ trap cleanup EXIT
 
 host="smoke-$$"
 ssh-keygen -q -t ed25519 -N '' -C smoke -f "$tmp/id"
+# Quoted the way the agent writes its seed (JSON strings are YAML double-quoted scalars).
 cat >"$tmp/meta-data" <<META
-instance-id: smoke-$$
-local-hostname: $host
+instance-id: "smoke-$$"
+local-hostname: "$host"
 META
 cat >"$tmp/user-data" <<USER
 #cloud-config
-hostname: $host
+hostname: "$host"
 ssh_authorized_keys:
-  - $(cat "$tmp/id.pub")
+  - "$(cat "$tmp/id.pub")"
 USER
 mkfs.vfat -n CIDATA -C "$tmp/seed.img" 1024 >/dev/null
 mcopy -i "$tmp/seed.img" "$tmp/meta-data" "$tmp/user-data" ::
@@ -55,12 +56,15 @@ cp "$ovmf_vars" "$tmp/vars.fd"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 t_qemu=$(now)
+# virtio-rng seeds the guest kernel's pool at once; without it dropbearkey waits about 1.5 s
+# under TCG for the pool to fill.
 qemu-system-x86_64 -machine q35 -accel tcg -m 512 -smp 1 -nodefaults -no-user-config \
   -display none \
   -drive "if=pflash,format=raw,unit=0,readonly=on,file=$ovmf_code" \
   -drive "if=pflash,format=raw,unit=1,file=$tmp/vars.fd" \
   -drive "if=virtio,format=qcow2,file=$tmp/disk.qcow2" \
   -drive "if=virtio,format=raw,readonly=on,file=$tmp/seed.img" \
+  -device virtio-rng-pci \
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0 \
   -serial "file:$tmp/serial.log" \
   -qmp "unix:$tmp/qmp.sock,server=on,wait=off" &
