@@ -103,7 +103,7 @@ uki_build "$stub" "$vmlinuz" "$initrd" "$work/cmdline" "$work/os-release" "$work
 log "UKI $(( $(stat -c %s "$work/BOOTX64.EFI") / 1024 )) KiB (initramfs $(( $(stat -c %s "$initrd") / 1024 )) KiB)"
 
 esp_build "$work/esp.img" "$esp_mib" "$work/BOOTX64.EFI" EFI/BOOT/BOOTX64.EFI
-gpt_assemble "$work/disk.raw" "$disk_mib" "$work/esp.img"
+gpt_assemble "$work/disk.raw" "$disk_mib" "$work/esp.img" ci-guest-state
 qemu-img convert -q -O qcow2 -c "$work/disk.raw" "$work/ci-guest.qcow2"
 mv "$work/ci-guest.qcow2" "$qcow2"
 (cd "$out_dir" && sha256sum ci-guest.qcow2 >ci-guest.qcow2.sha256)

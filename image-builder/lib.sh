@@ -227,10 +227,11 @@ esp_build() {
   done
 }
 
-# gpt_assemble OUT TOTAL_MIB ESP_IMG: raw GPT disk, ESP at 1 MiB, the rest an empty Linux
-# partition. sfdisk works on the plain file; the ESP is copied in with dd.
+# gpt_assemble OUT TOTAL_MIB ESP_IMG DATA_NAME: raw GPT disk, ESP at 1 MiB, the rest an
+# empty (zeroed) Linux partition named DATA_NAME. sfdisk works on the plain file; the ESP is
+# copied in with dd.
 gpt_assemble() {
-  local out=$1 total_mib=$2 esp=$3 esp_sectors
+  local out=$1 total_mib=$2 esp=$3 data_name=$4 esp_sectors
   esp_sectors=$(( $(stat -c %s "$esp") / 512 ))
   rm -f "$out"
   truncate -s "${total_mib}M" "$out"
@@ -240,7 +241,7 @@ label-id: 6A1C5C5E-0C1D-4C9E-9D55-7E51A7E5C0DE
 unit: sectors
 first-lba: 2048
 start=2048, size=$esp_sectors, type=$GPT_TYPE_ESP, uuid=$GPT_UUID_ESP, name="ESP"
-type=$GPT_TYPE_LINUX, uuid=$GPT_UUID_DATA, name="data"
+type=$GPT_TYPE_LINUX, uuid=$GPT_UUID_DATA, name="$data_name"
 SFDISK
   dd if="$esp" of="$out" bs=1M seek=1 conv=notrunc,sparse status=none
 }

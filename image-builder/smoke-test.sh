@@ -72,11 +72,34 @@ qemu_pid=$!
 
 ssh_opts=(-i "$tmp/id" -p "$port" -o BatchMode=yes -o ConnectTimeout=5
   -o StrictHostKeyChecking=accept-new -o "UserKnownHostsFile=$tmp/known_hosts" -o LogLevel=ERROR)
-until ssh "${ssh_opts[@]}" root@127.0.0.1 true </dev/null 2>/dev/null; do
-  kill -0 "$qemu_pid" 2>/dev/null || fail "QEMU exited before SSH came up"
-  [ "$(since "$t_qemu" | cut -d. -f1)" -lt "$ssh_deadline" ] || fail "no SSH within $ssh_deadline s"
-  sleep 1
-done
+wait_ssh() { # wait_ssh SINCE: until a login works, QEMU dies, or the deadline passes
+  until ssh "${ssh_opts[@]}" root@127.0.0.1 true </dev/null 2>/dev/null; do
+    kill -0 "$qemu_pid" 2>/dev/null || fail "QEMU exited before SSH came up"
+    [ "$(since "$1" | cut -d. -f1)" -lt "$ssh_deadline" ] || fail "no SSH within $ssh_deadline s"
+    sleep 1
+  done
+}
+# qmp CMD...: runs QMP commands in order; fails on an error reply.
+qmp() {
+  python3 - "$tmp/qmp.sock" "$@" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+json.loads(f.readline())  # greeting
+for cmd in ["qmp_capabilities"] + sys.argv[2:]:
+    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
+    while True:
+        msg = json.loads(f.readline())
+        if "event" in msg:
+            continue
+        if "return" not in msg:
+            sys.exit(f"{cmd}: {msg}")
+        break
+PY
+}
+wait_ssh "$t_qemu"
 say "SSH up $(since "$t_qemu") s after QEMU start"
 
 got=$(ssh "${ssh_opts[@]}" root@127.0.0.1 hostname </dev/null)
@@ -94,24 +117,19 @@ got=$(ssh "${ssh_opts[@]}" root@127.0.0.1 "cat /proc/[0-9]*/stat 2>/dev/null | a
 [ "$got" = 0 ] || fail "$got zombie process(es) in the guest"
 say "hostname, echo, upload, tools and reaping OK"
 
+# A reset (the agent's restart) must keep the host key the client pinned on first contact.
+t_reset=$(now)
+qmp system_reset || fail "QMP system_reset failed"
+ssh_opts+=(-o StrictHostKeyChecking=yes)
+sleep 1
+wait_ssh "$t_reset"
+got=$(ssh "${ssh_opts[@]}" root@127.0.0.1 hostname </dev/null)
+[ "$got" = "$host" ] || fail "after the reset the hostname is '$got'"
+[ "$(grep -c '^ci-guest: up' "$tmp/serial.log")" = 2 ] || fail "the guest did not boot twice"
+say "SSH up again $(since "$t_reset") s after system_reset, same host key"
+
 t_off=$(now)
-python3 - "$tmp/qmp.sock" <<'PY' || fail "QMP system_powerdown failed"
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(10)
-s.connect(sys.argv[1])
-f = s.makefile("rw")
-json.loads(f.readline())  # greeting
-for cmd in ("qmp_capabilities", "system_powerdown"):
-    f.write(json.dumps({"execute": cmd}) + "\n"); f.flush()
-    while True:
-        msg = json.loads(f.readline())
-        if "event" in msg:
-            continue
-        if "return" not in msg:
-            sys.exit(f"{cmd}: {msg}")
-        break
-PY
+qmp system_powerdown || fail "QMP system_powerdown failed"
 while kill -0 "$qemu_pid" 2>/dev/null; do
   [ "$(since "$t_off" | cut -d. -f1)" -lt "$off_deadline" ] || fail "guest did not power off within $off_deadline s"
   sleep 0.2
