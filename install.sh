@@ -5,8 +5,8 @@
 #   ./install.sh --packages FILE
 #                          install the Debian packages listed in FILE (used by the tests)
 #
-# Local mode needs no control plane and no frpc: the agent prints a generated secret and an
-# example curl, and serves its API on 127.0.0.1.
+# Local mode needs no control plane and no frpc: it builds the small CI guest (image-builder/)
+# as its base image, and the agent prints a generated secret and example curl commands.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -56,10 +56,26 @@ build_agent() {
   cargo build --release --locked
 }
 
+# What local mode runs: QEMU with OVMF, the seed tools, an SSH client for the newcomer.
+LOCAL_PKGS=(ca-certificates qemu-system-x86 qemu-utils ovmf dosfstools mtools openssh-client)
+
+# Local mode boots the small CI guest; build it (cached, skipped when up to date) and make it
+# the default base image unless one is already there.
+prepare_local_image() {
+  local data_dir="${QUDATA_DATA_DIR:-/var/lib/qudata}"
+  local images="$data_dir/images"
+  install -d -m 0700 "$data_dir"
+  install -d -m 0700 "$images"
+  image-builder/build-ci-guest.sh "$images" >/dev/null
+  [ -e "$images/base.qcow2" ] || ln -s ci-guest.qcow2 "$images/base.qcow2"
+}
+
 case "${1:-}" in
   --local)
-    install_packages ca-certificates
+    mapfile -t builder_pkgs < <(packages_in image-builder/packages.txt)
+    install_packages "${LOCAL_PKGS[@]}" "${builder_pkgs[@]}"
     build_agent
+    prepare_local_image
     exec ./target/release/qudata-agent run --local
     ;;
   --packages)

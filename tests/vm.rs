@@ -41,9 +41,15 @@ async fn create_running(dirs: &Dirs, api: &Api) -> String {
     assert_eq!(created.status, 200, "{:?}", created.body);
     let data = &created.body["data"];
     assert_eq!(data["status"], "pending");
-    assert_eq!(data["ports"]["8080"], "20000");
-    assert!(data["ports"]["22"].is_string(), "ssh_enabled publishes 22: {data}");
     let id = data["id"].as_str().unwrap().to_owned();
+    // Local mode has no tunnel: the answer shows the 127.0.0.1 ports that reach the guest.
+    assert_eq!(data["ports"]["8080"], host_port(dirs, &id, 8080).to_string());
+    assert_eq!(data["ports"]["22"], host_port(dirs, &id, 22).to_string(), "ssh_enabled: {data}");
+    assert_eq!(
+        record(dirs, &id)["ports"][0]["remote_port"],
+        20000,
+        "the request's remote port is kept"
+    );
     wait_status(api, "running", BOOT).await;
     assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the instance");
     let rec = record(dirs, &id);
@@ -137,6 +143,16 @@ async fn agent_kill9_adopts_the_running_vm_untouched() {
     let put = json!({"command": "stop"});
     assert_eq!(api.json("PUT", "/instances", &put).await.status, 200, "QMP after adoption");
     wait_status(&api, "paused", Duration::from_secs(10)).await;
+    let put = json!({"command": "start"});
+    assert_eq!(api.json("PUT", "/instances", &put).await.status, 200);
+    wait_status(&api, "running", Duration::from_secs(10)).await;
+
+    // A guest that powers itself off is noticed through the adopted QMP connection.
+    let _ = openssh(&key, host_port(&dirs, &id, 22), "poweroff");
+    let off = wait_status(&api, "error", Duration::from_secs(60)).await;
+    let reason = off["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("powered itself off"), "reason: {reason}");
+    assert!(qemu_pids(&id).is_empty(), "QEMU exits with its guest");
 
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id, Duration::from_secs(60)).await;

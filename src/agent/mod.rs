@@ -49,12 +49,14 @@ pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 
 async fn manager(
     cfg: &Config,
+    local: bool,
 ) -> Result<(Manager, mpsc::UnboundedReceiver<crate::backend::BackendEvent>), AgentError> {
     let store = Store::open(&cfg.data_dir)?;
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
         gpu_pool: cfg.gpu_pci_addrs.clone().unwrap_or_default(),
         host_ports: ports::HOST_PORTS,
+        local,
     };
     let (sink, events) = mpsc::unbounded_channel();
     let backend = backends::build(cfg, sink).await;
@@ -94,7 +96,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
     fsutil::ensure_private_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
-    let (manager, events) = manager(&cfg).await?;
+    let (manager, events) = manager(&cfg, true).await?;
     manager.spawn_event_loop(events);
     manager.restore().await?;
 
@@ -121,9 +123,13 @@ fn print_local_banner(cfg: &Config, port: u16, new_secret: Option<&Secret>) {
     }
     println!(
         "qudata-agent (local mode) listens on http://127.0.0.1:{port}\n\
-         Try:\n  S=$(cat {file})\n  \
+         Try (P is the port shown for \"22\" once the status is \"running\"):\n  \
+         S=$(cat {file})\n  \
          curl -s -H \"X-Agent-Secret: $S\" -d '{{\"ssh_enabled\":true}}' http://127.0.0.1:{port}/instances\n  \
-         curl -s -H \"X-Agent-Secret: $S\" http://127.0.0.1:{port}/instances",
+         curl -s -H \"X-Agent-Secret: $S\" http://127.0.0.1:{port}/instances\n  \
+         curl -s -H \"X-Agent-Secret: $S\" -d \"{{\\\"ssh_pubkey\\\":\\\"$(cat ~/.ssh/id_ed25519.pub)\\\"}}\" http://127.0.0.1:{port}/ssh\n  \
+         ssh -p P root@127.0.0.1\n  \
+         curl -s -H \"X-Agent-Secret: $S\" -X DELETE http://127.0.0.1:{port}/instances",
         file = file.display()
     );
 }

@@ -21,7 +21,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
-    let (manager, events) = manager(&cfg).await?;
+    let (manager, events) = manager(&cfg, false).await?;
     manager.spawn_event_loop(events);
     manager.restore().await?;
 

@@ -87,6 +87,9 @@ pub struct ManagerSettings {
     /// PCI addresses of the GPUs this host offers.
     pub gpu_pool: Vec<String>,
     pub host_ports: RangeInclusive<u16>,
+    /// Local mode: no tunnel publishes anything, so the ports a caller can reach are the
+    /// 127.0.0.1 host ports, and those are what the answers show.
+    pub local: bool,
 }
 
 /// One instance: its record and the lock held by whatever operation changes it.
@@ -167,7 +170,7 @@ impl Manager {
                 let i = slot.snapshot();
                 StatusView {
                     status: i.status,
-                    ports: Some(i.port_map()),
+                    ports: Some(self.port_map(&i)),
                     gpus: Some(i.gpus.len()),
                     error: i.error,
                     created_at: Some(i.created_at),
@@ -225,7 +228,7 @@ impl Manager {
         let created = Created {
             id: instance.id.clone(),
             status: instance.status,
-            ports: instance.port_map(),
+            ports: self.port_map(&instance),
         };
         let slot = Arc::new(Slot {
             record: Mutex::new(instance.clone()),
@@ -447,6 +450,15 @@ impl Manager {
         self.inner.store.remove(id)?;
         self.slots().remove(id);
         Ok(())
+    }
+
+    /// Guest port → the port a caller reaches it on (see [`ManagerSettings::local`]).
+    fn port_map(&self, instance: &Instance) -> BTreeMap<String, String> {
+        if !self.inner.settings.local {
+            return instance.port_map();
+        }
+        let ports = instance.ports.iter();
+        ports.map(|p| (p.guest_port.to_string(), p.host_port.to_string())).collect()
     }
 
     /// Which backend kind builds instances here, if any.

@@ -116,7 +116,9 @@ pub fn remember_secret(value: &str) {
         .append(true)
         .open(issued_secrets_file())
         .expect("issued-secrets file");
-    writeln!(f, "{value}").unwrap();
+    // One write per value: test binaries append concurrently, and O_APPEND keeps a single
+    // small write whole, where `writeln!` may split it and interleave lines.
+    f.write_all(format!("{value}\n").as_bytes()).unwrap();
 }
 
 pub fn issued_secrets_file() -> PathBuf {

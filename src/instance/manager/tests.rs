@@ -116,6 +116,7 @@ fn settings(gpus: &[&str]) -> ManagerSettings {
         },
         gpu_pool: gpus.iter().map(|s| s.to_string()).collect(),
         host_ports: crate::ports::HOST_PORTS,
+        local: false,
     }
 }
 
@@ -346,4 +347,19 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     assert_eq!(third.manager.current_status(), Status::Error);
     let error = third.manager.status().error.unwrap();
     assert!(error.contains("exited while the agent was down"), "{error}");
+}
+
+#[tokio::test]
+async fn local_mode_answers_with_the_host_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let local = ManagerSettings { local: true, ..settings(&[]) };
+    let manager = Manager::new(Ok(Scripted::new() as Arc<dyn Backend>), store, local);
+    let body = json!({"ports": [{"guest_port": 8080, "remote_port": 20000, "proto": "http"}]});
+    let created = manager.create(&body).unwrap();
+    let instance = &manager.instances()[0];
+    assert_eq!(instance.ports[0].remote_port, 20000, "the record keeps the remote port");
+    let host = instance.ports[0].host_port.to_string();
+    assert_eq!(created.ports["8080"], host);
+    assert_eq!(manager.status().ports.unwrap()["8080"], host);
 }
