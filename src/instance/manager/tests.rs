@@ -347,3 +347,5 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     let error = third.manager.status().error.unwrap();
     assert!(error.contains("exited while the agent was down"), "{error}");
 }
+
+mod publish;
