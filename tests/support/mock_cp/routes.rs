@@ -91,7 +91,8 @@ fn answer(
         ("GET", "/ping") if api_key_ok => ok(None),
         ("POST", "/init") if api_key_ok => {
             let secret = if inner.behaviour.empty_secret { String::new() } else { fresh("sk-") };
-            let token = fresh("frptok-");
+            let (token, subdomain) =
+                inner.frp.get_or_insert_with(|| (fresh("frptok-"), fresh("h"))).clone();
             remember_secret(&secret);
             remember_secret(&token);
             if !secret.is_empty() {
@@ -102,7 +103,7 @@ fn answer(
                 "host_exists": inner.behaviour.host_exists,
                 "instance_running": inner.behaviour.instance_running,
                 "frp": {"server_addr": "127.0.0.1", "server_port": 7000, "token": token,
-                        "subdomain": fresh("h")},
+                        "subdomain": subdomain},
                 "unknown_future_field": {"x": 1},
             })))
         }
