@@ -13,7 +13,7 @@ use qudata_agent::tunnel::config::{ClientConfig, agent_proxy_name};
 use qudata_agent::tunnel::{AdminClient, ProxyStatus};
 use support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use support::frpc::{TEST_TOKEN, standin};
-use support::mock_cp::{Behaviour, MockCp, api_key, count, remember_secret};
+use support::mock_cp::{Behaviour, MockCp, api_key, count, ok_stats, remember_secret};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -139,6 +139,43 @@ async fn agent_proxy_runs_after_registration_and_survives_agent_kill_9() {
     let log = again.output();
     assert!(log.contains("adopted the running frpc"), "{log}");
     assert!(!log.contains("frpc started"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn new_credentials_from_init_restart_frpc_with_them() {
+    let dirs = Dirs::new();
+    let config = frpc_config(&dirs);
+    let _reaper = FrpcReaper(config.clone());
+    let port = free_port();
+    let first_cp = MockCp::start(Behaviour::default());
+    let env = env_with_standin(&dirs, first_cp.agent_env(&api_key(), 200));
+    let mut agent = Agent::start(&dirs, &["run"], &env, port);
+    agent.wait_ready().await;
+    first_cp.until("/init", WAIT, |r| count(r, "/init") >= 1).await;
+    let name = agent_proxy_name(&agent_id(&first_cp));
+    running_proxy(&config, "the agent's proxy", |p| p.name == name).await;
+    let old_pid = pidfile(&dirs).expect("frpc pidfile");
+    agent.kill9();
+
+    // Another control plane: another token and subdomain in /init.
+    let cp = MockCp::start(Behaviour::default());
+    let env = env_with_standin(&dirs, cp.agent_env(&api_key(), 200));
+    let mut again = Agent::start(&dirs, &["run"], &env, port);
+    again.wait_ready().await;
+    cp.until("registration, then samples", WAIT, |r| ok_stats(r).len() >= 1).await;
+    let frp_file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dirs.data.join("frp.json")).unwrap()).unwrap();
+    let main: ClientConfig = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    assert_eq!(main.auth.token.expose(), frp_file["token"].as_str().unwrap());
+    let subdomain = frp_file["subdomain"].as_str().unwrap().to_owned();
+    let proxy = running_proxy(&config, "the agent's proxy on the new subdomain", |p| {
+        p.name == name && p.remote_addr == subdomain
+    })
+    .await;
+    assert_eq!(proxy.local_addr, format!("127.0.0.1:{port}"));
+    let new_pid = pidfile(&dirs).expect("frpc pidfile");
+    assert_ne!(new_pid, old_pid, "a new main file means a restarted frpc");
+    assert_eq!(frpc_processes(&config), [new_pid], "the old frpc is gone");
 }
 
 #[tokio::test(flavor = "multi_thread")]
