@@ -162,7 +162,7 @@ async fn new_credentials_from_init_restart_frpc_with_them() {
     let env = env_with_standin(&dirs, cp.agent_env(&api_key(), 200));
     let mut again = Agent::start(&dirs, &["run"], &env, port);
     again.wait_ready().await;
-    cp.until("registration, then samples", WAIT, |r| ok_stats(r).len() >= 1).await;
+    cp.until("registration, then samples", WAIT, |r| !ok_stats(r).is_empty()).await;
     let frp_file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dirs.data.join("frp.json")).unwrap()).unwrap();
     let main: ClientConfig = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
