@@ -1,7 +1,7 @@
 //! The real agent binary and the frpc stand-in (PROTOCOL.md §3): the agent's own proxy runs
-//! after registration; after `kill -9` of the agent the next one adopts the same frpc; frpc
-//! starts from stored/overridden credentials while the control plane is down; `run --local`
-//! never starts frpc. Instance publishing is covered by the manager's unit tests (no VM image
+//! after registration; after `kill -9` of the agent the next one adopts the same frpc; new
+//! credentials from `/init` restart it; it starts from the environment's credentials while the
+//! control plane is down; without credentials one line says so; `run --local` never starts it. Instance publishing is covered by the manager's unit tests (no VM image
 //! can exist in a temp dir, so creates answer 503 here).
 
 mod support;
@@ -203,6 +203,27 @@ async fn frpc_runs_from_the_environment_while_the_control_plane_is_down() {
     assert_eq!(frpc_processes(&config).len(), 1);
     agent.terminate();
     assert_eq!(frpc_processes(&config).len(), 1, "SIGTERM leaves frpc running too");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_credentials_one_line_says_so_and_no_frpc_starts() {
+    let cp = MockCp::start(Behaviour { without_frp: true, ..Behaviour::default() });
+    let dirs = Dirs::new();
+    let config = frpc_config(&dirs);
+    let _reaper = FrpcReaper(config.clone());
+    let env = env_with_standin(&dirs, cp.agent_env(&api_key(), 200));
+    let mut agent = Agent::start(&dirs, &["run"], &env, free_port());
+    agent.wait_ready().await;
+    // Samples follow the tunnel step, so it has run by then.
+    cp.until("registration, then samples", WAIT, |r| !ok_stats(r).is_empty()).await;
+    let log = agent.output();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("no FRP credentials")).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("server, port, token, subdomain missing"), "{}", lines[0]);
+    assert!(!config.exists(), "no frpc config written");
+    assert_eq!(pidfile(&dirs), None);
+    assert!(frpc_processes(&config).is_empty());
+    agent.terminate();
 }
 
 #[tokio::test(flavor = "multi_thread")]

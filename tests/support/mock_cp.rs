@@ -54,6 +54,8 @@ pub struct Behaviour {
     pub fail_next: u32,
     /// Delay before answering `/stats`.
     pub stats_latency: Duration,
+    /// `/init` sends no `frp` object (a host without tunnels).
+    pub without_frp: bool,
 }
 
 impl Default for Behaviour {
@@ -65,6 +67,7 @@ impl Default for Behaviour {
             down: false,
             fail_next: 0,
             stats_latency: Duration::ZERO,
+            without_frp: false,
         }
     }
 }

@@ -98,12 +98,13 @@ fn answer(
             if !secret.is_empty() {
                 inner.secrets.insert(secret.clone());
             }
+            let frp = json!({"server_addr": "127.0.0.1", "server_port": 7000, "token": token,
+                             "subdomain": subdomain});
             ok(Some(json!({
                 "secret_key": secret,
                 "host_exists": inner.behaviour.host_exists,
                 "instance_running": inner.behaviour.instance_running,
-                "frp": {"server_addr": "127.0.0.1", "server_port": 7000, "token": token,
-                        "subdomain": subdomain},
+                "frp": if inner.behaviour.without_frp { Value::Null } else { frp },
                 "unknown_future_field": {"x": 1},
             })))
         }
