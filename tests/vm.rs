@@ -44,8 +44,8 @@ async fn create_running(dirs: &Dirs, api: &Api) -> String {
     assert_eq!(data["ports"]["8080"], "20000");
     assert!(data["ports"]["22"].is_string(), "ssh_enabled publishes 22: {data}");
     let id = data["id"].as_str().unwrap().to_owned();
-    assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the instance");
     wait_status(api, "running", BOOT).await;
+    assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the instance");
     let rec = record(dirs, &id);
     assert!(rec["management_port"].is_u64(), "{rec}");
     id

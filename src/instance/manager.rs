@@ -25,6 +25,9 @@ mod publish;
 
 pub use publish::Publisher;
 
+/// How long a lifecycle command waits for the operation in progress on its instance.
+const OP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a command was refused or failed. The API maps each variant to an HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -273,23 +276,20 @@ impl Manager {
     /// `PUT /instances`.
     pub async fn lifecycle(&self, command: Lifecycle) -> Result<(), ManagerError> {
         let slot = self.current().ok_or(ManagerError::NotFound)?;
-        let status = slot.snapshot().status;
-        let flow = match (command, status) {
-            (Lifecycle::Stop, Status::Paused) | (Lifecycle::Start, Status::Running) => {
-                return Ok(());
-            }
-            (Lifecycle::Stop, Status::Running) => flows::Flow::Pause,
-            (Lifecycle::Start, Status::Paused) => flows::Flow::Resume,
-            (Lifecycle::Start, Status::Error) => flows::Flow::Boot,
-            (Lifecycle::Restart, Status::Running | Status::Paused) => flows::Flow::Reset,
-            (command, status) => {
-                let reason = format!("{command:?} does not fit now").to_lowercase();
-                return Err(ManagerError::Conflict { status, reason });
-            }
-        };
-        let Ok(guard) = Arc::clone(&slot.op).try_lock_owned() else {
-            let reason = "another operation on the instance is in progress".to_owned();
-            return Err(ManagerError::Conflict { status, reason });
+        // A state mismatch is answered at once; only a fitting command waits its turn.
+        self.flow_for(command, slot.snapshot().status)?;
+        // Short operations (re-applying keys after adoption, a pause) finish soon: wait for
+        // them rather than refuse. A boot holds the lock for long, but its state is refused
+        // above.
+        let guard = tokio::time::timeout(OP_WAIT, Arc::clone(&slot.op).lock_owned())
+            .await
+            .map_err(|_| ManagerError::Conflict {
+                status: slot.snapshot().status,
+                reason: "another operation on the instance is in progress".to_owned(),
+            })?;
+        // The state may have moved while waiting.
+        let Some(flow) = self.flow_for(command, slot.snapshot().status)? else {
+            return Ok(());
         };
         match flow {
             // Pause and resume are quick QMP calls: answer with their result.
@@ -304,6 +304,27 @@ impl Manager {
                 Ok(())
             }
         }
+    }
+
+    /// The flow a lifecycle command starts from `status`; `None` when already there.
+    fn flow_for(
+        &self,
+        command: Lifecycle,
+        status: Status,
+    ) -> Result<Option<flows::Flow>, ManagerError> {
+        Ok(Some(match (command, status) {
+            (Lifecycle::Stop, Status::Paused) | (Lifecycle::Start, Status::Running) => {
+                return Ok(None);
+            }
+            (Lifecycle::Stop, Status::Running) => flows::Flow::Pause,
+            (Lifecycle::Start, Status::Paused) => flows::Flow::Resume,
+            (Lifecycle::Start, Status::Error) => flows::Flow::Boot,
+            (Lifecycle::Restart, Status::Running | Status::Paused) => flows::Flow::Reset,
+            (command, status) => {
+                let reason = format!("{command:?} does not fit now").to_lowercase();
+                return Err(ManagerError::Conflict { status, reason });
+            }
+        }))
     }
 
     /// `DELETE /instances`: answered at once; teardown continues in the background.

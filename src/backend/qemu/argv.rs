@@ -61,6 +61,8 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     }
     a.pair("-netdev", netdev);
     a.pair("-device", "virtio-net-pci,netdev=net0");
+    // Guests make SSH host keys at first boot; without an entropy source they wait for one.
+    a.pair("-device", "virtio-rng-pci");
     a.pair("-qmp", format!("unix:{},server=on,wait=off", opt_path(&plan.qmp_socket)));
     // -pidfile and -serial file: take the rest of the argument verbatim.
     a.pair("-pidfile", plan.pidfile.display().to_string());

@@ -43,6 +43,7 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
         "-netdev",
         "user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:10888-:8888",
         "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
         "-qmp", "unix:/run/qudata/abc/qmp.sock,server=on,wait=off",
         "-pidfile", "/run/qudata/abc/qemu.pid",
         "-serial", "file:/var/lib/qudata/vms/abc/serial.log",
