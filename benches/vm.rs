@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use qudata_agent::backend::qemu::disk;
 use serde_json::json;
 use support::agent::{Api, Dirs, local_secret};
-use support::vm::{BOOT, ci_guest_image, fresh_agent, openssh, qemu_pids, ssh_keygen, wait_gone, wait_status};
+use support::vm::{
+    BOOT, ci_guest_image, fresh_agent, openssh, qemu_pids, ssh_keygen, wait_gone, wait_status,
+};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -28,7 +30,13 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// One create through the agent: the time to `running`, and the QEMU command line it ran.
 async fn through_agent(api: &Api, dirs: &Dirs) -> (Duration, Vec<String>) {
     let started = Instant::now();
-    let created = api.json("POST", "/instances", &json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2})).await;
+    let created = api
+        .json(
+            "POST",
+            "/instances",
+            &json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2}),
+        )
+        .await;
     assert_eq!(created.status, 200, "{:?}", created.body);
     wait_status(api, "running", BOOT).await;
     let took = started.elapsed();
@@ -47,7 +55,14 @@ async fn through_agent(api: &Api, dirs: &Dirs) -> (Duration, Vec<String>) {
 
 /// The agent's command line with its paths moved into `dir`, without `-S` (nothing will send
 /// `cont`), started by hand; the time until `ssh` logs in with `key`.
-fn by_hand(agent_argv: &[String], agent_vm_dir: &str, agent_run_dir: &str, dir: &Path, key: &Path, port: u16) -> Duration {
+fn by_hand(
+    agent_argv: &[String],
+    agent_vm_dir: &str,
+    agent_run_dir: &str,
+    dir: &Path,
+    key: &Path,
+    port: u16,
+) -> Duration {
     let dir_s = dir.display().to_string();
     let argv: Vec<String> = agent_argv[1..]
         .iter()
@@ -106,7 +121,10 @@ async fn overlay_on_20_gib_base() {
         disk::create_overlay(Path::new("qemu-img"), &base, &overlay, 40).await.unwrap();
         times.push(started.elapsed());
     }
-    println!("overlay on a 20 GiB sparse base (qemu-img info + create): median {:?} over 10", median(times));
+    println!(
+        "overlay on a 20 GiB sparse base (qemu-img info + create): median {:?} over 10",
+        median(times)
+    );
 }
 
 #[tokio::main]

@@ -1,13 +1,15 @@
 //! Start-up and shutdown order; wires the parts together.
 //!
 //! Order: directories → identity → instance records reattached (before serving) → API listens
-//! → systemd told we are ready → (production) registration with the control plane, then the
-//! stats loop. A `SIGTERM` stops the agent and leaves every instance running.
+//! → systemd told we are ready → (production) frpc with the stored FRP credentials, beside
+//! registration with the control plane; frpc updated with `/init`'s; then the stats loop.
+//! A `SIGTERM` stops the agent and leaves every instance and frpc running.
 
 pub mod backends;
 pub mod limits;
 pub mod logging;
 mod production;
+mod tunnels;
 
 pub use production::run;
 

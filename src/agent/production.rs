@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use super::tunnels::TunnelLink;
 use super::{AgentError, manager, notify_ready, termination};
 use crate::api::{self, SecretSlot};
 use crate::config::Config;
@@ -59,6 +60,16 @@ impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
         let roots = host::Roots::default();
         let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu: None };
+        // frpc first with what is stored (adopting a running one), beside registration, so the
+        // tunnels stay supervised and published while the control plane is down.
+        let agent_id = self.identity.agent_id.to_string();
+        let mut link =
+            TunnelLink::new(&self.cfg, &agent_id, self.identity.agent_port, self.manager.clone());
+        let stored = self.identity.frp().clone();
+        let early = tokio::spawn(async move {
+            link.apply(&stored, false).await;
+            link
+        });
         let slot = self.slot.clone();
         let on_secret = move |s: &crate::secret::Secret| slot.set(Some(s.clone()));
         let registered = control_plane::register(
@@ -72,13 +83,9 @@ impl ControlPlane {
         if let Some(running) = registered.instance_running {
             tracing::info!(instance_running = running, "control plane's view of the lease");
         }
-        // The tunnel supervisor (PROTOCOL.md §3) takes these credentials once it exists.
-        let frp = self.identity.frp().with_overrides(&self.cfg.frp);
-        if !frp.is_complete() {
-            tracing::warn!(
-                "no complete FRP credentials (server, port, token) from /init or the environment; the agent is not reachable from outside"
-            );
-        }
+        // Then what `/init` sent: frpc restarts only if its main file changes.
+        let mut link = early.await.expect("tunnel start-up task");
+        link.apply(self.identity.frp(), true).await;
         let reporter = Reporter {
             client: self.client,
             secret: registered.secret,
@@ -87,6 +94,7 @@ impl ControlPlane {
             interval: self.cfg.stats_interval,
         };
         reporter.run(stop).await;
+        drop(link); // frpc keeps running for the next agent to adopt
     }
 }
 

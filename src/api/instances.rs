@@ -10,7 +10,7 @@ use super::envelope::{self, ApiError, JsonBody};
 use crate::instance::Lifecycle;
 
 pub(super) async fn status(State(app): State<AppState>) -> Json<Value> {
-    envelope::data(app.manager.status())
+    envelope::data(app.manager.status_live().await)
 }
 
 pub(super) async fn create(

@@ -21,6 +21,9 @@ use crate::guest::keys::same_public_key;
 use crate::ports::{self, PortError};
 
 mod flows;
+mod publish;
+
+pub use publish::Publisher;
 
 /// How long a lifecycle command waits for the operation in progress on its instance.
 const OP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -70,6 +73,9 @@ pub struct StatusView {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime<Utc>>,
+    /// New, optional: guest port → why it is not public (e.g. the FRP server refused it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_errors: Option<BTreeMap<String, String>>,
 }
 
 /// What `POST /instances` answers.
@@ -111,6 +117,7 @@ struct Inner {
     store: Store,
     settings: ManagerSettings,
     slots: Mutex<BTreeMap<String, Arc<Slot>>>,
+    publish: publish::PublishState,
 }
 
 /// The instance manager. Cheap to clone.
@@ -126,7 +133,8 @@ impl Manager {
         store: Store,
         settings: ManagerSettings,
     ) -> Manager {
-        let inner = Inner { backend, store, settings, slots: Mutex::new(BTreeMap::new()) };
+        let slots = Mutex::new(BTreeMap::new());
+        let inner = Inner { backend, store, settings, slots, publish: Default::default() };
         Manager { inner: Arc::new(inner) }
     }
 
@@ -165,6 +173,7 @@ impl Manager {
                 gpus: None,
                 error: None,
                 created_at: None,
+                port_errors: None,
             },
             Some(slot) => {
                 let i = slot.snapshot();
@@ -174,6 +183,7 @@ impl Manager {
                     gpus: Some(i.gpus.len()),
                     error: i.error,
                     created_at: Some(i.created_at),
+                    port_errors: self.port_errors(&i.id),
                     id: Some(i.id),
                 }
             }
@@ -224,6 +234,7 @@ impl Manager {
             management_port,
             deleting: false,
         };
+        self.validate_tunnels(&instance)?;
         self.inner.store.save(&instance)?;
         let created = Created {
             id: instance.id.clone(),

@@ -6,5 +6,7 @@ pub mod model;
 pub mod spec;
 pub mod store;
 
-pub use manager::{Created, Lifecycle, Manager, ManagerError, ManagerSettings, StatusView};
+pub use manager::{
+    Created, Lifecycle, Manager, ManagerError, ManagerSettings, Publisher, StatusView,
+};
 pub use model::{BackendKind, Instance, Proto, PublishedPort, Status};

@@ -9,6 +9,7 @@
 //!   report carries a per-port error for a port the FRP server refused;
 //! - recovery: `publish` for each adopted instance, `unpublish` for each id of
 //!   `published_ids` that has no record; delete: `unpublish`;
+//! - the instance manager reaches all of this through `TunnelPublisher`;
 //! - status: `proxy_errors`; uninstall only: `teardown` (dropping `Tunnels` keeps frpc running).
 
 pub mod admin;
@@ -18,6 +19,7 @@ mod logs;
 mod mainfile;
 pub mod process;
 mod publish;
+mod publisher;
 pub mod supervisor;
 pub mod validate;
 mod wait;
@@ -28,6 +30,7 @@ pub use admin::{AdminClient, AdminError, ProxyStatus};
 pub use config::{FrpCredentials, InstanceTunnels, TunnelPort, TunnelProto};
 pub use credentials::{MissingCredentials, credentials_from_parts, resolve_credentials};
 pub use publish::{PortOutcome, PublishReport, TunnelSettings, Tunnels};
+pub use publisher::{TunnelPublisher, instance_tunnels};
 pub use supervisor::{Backoff, Started, Supervisor, SupervisorOptions};
 pub use validate::validate_instance;
 

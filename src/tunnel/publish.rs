@@ -265,6 +265,11 @@ impl Tunnels {
         ids
     }
 
+    /// The agent id its proxy names start with.
+    pub fn agent_id(&self) -> &str {
+        &self.settings.agent_id
+    }
+
     /// The frpc pid now, if one runs.
     pub async fn frpc_pid(&self) -> Option<u32> {
         self.inner.lock().await.active.as_ref().and_then(|a| a.supervisor.pid())

@@ -80,6 +80,8 @@ impl Agent {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("QUDATA_DATA_DIR", &dirs.data)
             .env("QUDATA_RUN_DIR", &dirs.run)
+            // frpc's files stay in the test's dir, never /etc/qudata.
+            .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
             .env("QUDATA_AGENT_PORT", port.to_string())
             .env("QUDATA_DEBUG", "true")
             .env("RUST_LOG", "debug,hyper=info,reqwest=info,h2=info,rustls=info")

@@ -1,9 +1,9 @@
 //! A mock Qudata control plane (PROTOCOL.md §1) for tests of the real binary.
 //!
 //! Runs axum on 127.0.0.1:0 in its own thread and runtime, so sync and async tests can use it.
-//! Records every request; issues fresh `sk-…` secrets and FRP tokens; can be down (503 for
-//! everything), fail the next N requests, answer slowly, send an empty `secret_key`, say the
-//! host exists or an instance runs. Every secret, token and key it issues or receives is
+//! Records every request; issues fresh `sk-…` secrets and one FRP token per mock; can be down
+//! (503 for everything), fail the next N requests, answer slowly, send an empty `secret_key`,
+//! say the host exists or an instance runs. Every secret, token and key it issues or receives is
 //! appended to `$CARGO_TARGET_TMPDIR/issued-secrets` (one per line) for the log scan.
 
 #![allow(dead_code)] // each test binary uses a different part of the support code
@@ -54,6 +54,8 @@ pub struct Behaviour {
     pub fail_next: u32,
     /// Delay before answering `/stats`.
     pub stats_latency: Duration,
+    /// `/init` sends no `frp` object (a host without tunnels).
+    pub without_frp: bool,
 }
 
 impl Default for Behaviour {
@@ -65,6 +67,7 @@ impl Default for Behaviour {
             down: false,
             fail_next: 0,
             stats_latency: Duration::ZERO,
+            without_frp: false,
         }
     }
 }
@@ -77,6 +80,9 @@ pub(crate) struct Inner {
     secrets: BTreeSet<String>,
     stats_in_flight: u32,
     max_stats_in_flight: u32,
+    /// This host's FRP token and subdomain: made at the first `/init`, the same ever after,
+    /// as a control plane keeps them per host.
+    frp: Option<(String, String)>,
 }
 
 pub(crate) type Shared = Arc<Mutex<Inner>>;

@@ -70,6 +70,8 @@ async fn launch_and_bring_up(manager: &Manager, slot: &Arc<Slot>) -> FlowResult 
         return Ok(None);
     }
     backend.launch(&slot.snapshot()).await?;
+    // The guest boots meanwhile; a port that cannot be published does not fail the instance.
+    manager.publish_ports(slot).await;
     bring_up(manager, slot).await
 }
 
@@ -115,6 +117,7 @@ async fn rollback(manager: &Manager, slot: &Arc<Slot>) {
 
 async fn delete(manager: &Manager, slot: &Arc<Slot>) {
     let instance = slot.snapshot();
+    manager.unpublish_ports(&instance.id).await;
     if let Ok(backend) = manager.backend()
         && let Err(e) = backend.destroy(&instance).await
     {

@@ -363,3 +363,5 @@ async fn local_mode_answers_with_the_host_ports() {
     assert_eq!(created.ports["8080"], host);
     assert_eq!(manager.status().ports.unwrap()["8080"], host);
 }
+
+mod publish;

@@ -91,18 +91,20 @@ fn answer(
         ("GET", "/ping") if api_key_ok => ok(None),
         ("POST", "/init") if api_key_ok => {
             let secret = if inner.behaviour.empty_secret { String::new() } else { fresh("sk-") };
-            let token = fresh("frptok-");
+            let (token, subdomain) =
+                inner.frp.get_or_insert_with(|| (fresh("frptok-"), fresh("h"))).clone();
             remember_secret(&secret);
             remember_secret(&token);
             if !secret.is_empty() {
                 inner.secrets.insert(secret.clone());
             }
+            let frp = json!({"server_addr": "127.0.0.1", "server_port": 7000, "token": token,
+                             "subdomain": subdomain});
             ok(Some(json!({
                 "secret_key": secret,
                 "host_exists": inner.behaviour.host_exists,
                 "instance_running": inner.behaviour.instance_running,
-                "frp": {"server_addr": "127.0.0.1", "server_port": 7000, "token": token,
-                        "subdomain": fresh("h")},
+                "frp": if inner.behaviour.without_frp { Value::Null } else { frp },
                 "unknown_future_field": {"x": 1},
             })))
         }

@@ -1,0 +1,161 @@
+//! `Tunnels` as the instance manager's `Publisher`: an instance's published ports become one
+//! include file, its HTTP proxies on the request's `tunnel_token` or else the host's subdomain.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::config::{InstanceTunnels, TunnelPort, TunnelProto};
+use super::{TunnelError, Tunnels, validate};
+use crate::instance::model::{Instance, Proto};
+use crate::instance::spec::SpecError;
+
+/// The adapter the agent hands to `Manager::set_publisher` (a new one for new credentials).
+pub struct TunnelPublisher {
+    tunnels: Arc<Tunnels>,
+    /// The host's subdomain (from the FRP credentials in force).
+    subdomain: String,
+}
+
+impl TunnelPublisher {
+    pub fn new(tunnels: Arc<Tunnels>, host_subdomain: &str) -> TunnelPublisher {
+        TunnelPublisher { tunnels, subdomain: host_subdomain.to_owned() }
+    }
+}
+
+/// What frpc is told about one instance. Pure.
+pub fn instance_tunnels(instance: &Instance, host_subdomain: &str) -> InstanceTunnels {
+    let subdomain = instance.spec.tunnel_token.as_deref().unwrap_or(host_subdomain);
+    let ports = instance
+        .ports
+        .iter()
+        .map(|p| TunnelPort {
+            container_port: p.guest_port,
+            host_port: p.host_port,
+            remote_port: p.remote_port,
+            proto: match p.proto {
+                Proto::Tcp => TunnelProto::Tcp,
+                Proto::Http => TunnelProto::Http,
+            },
+        })
+        .collect();
+    InstanceTunnels { instance_id: instance.id.clone(), subdomain: subdomain.to_owned(), ports }
+}
+
+/// A tunnel refusal as a create-request error naming the request field at fault.
+fn spec_error(e: TunnelError) -> SpecError {
+    let field = match &e {
+        TunnelError::Invalid { what, .. } if what == "subdomain" => "tunnel_token",
+        TunnelError::Invalid { what, .. } if what == "instance id" => "id",
+        _ => "ports",
+    };
+    SpecError { field: field.to_owned(), reason: e.to_string() }
+}
+
+#[async_trait]
+impl crate::instance::Publisher for TunnelPublisher {
+    fn validate(&self, instance: &Instance) -> Result<(), SpecError> {
+        let tunnels = instance_tunnels(instance, &self.subdomain);
+        validate::validate_instance(self.tunnels.agent_id(), &tunnels).map_err(spec_error)
+    }
+
+    async fn publish(&self, instance: &Instance) -> Result<BTreeMap<u16, String>, String> {
+        let tunnels = instance_tunnels(instance, &self.subdomain);
+        let report = self.tunnels.publish(&tunnels).await.map_err(|e| e.to_string())?;
+        Ok(report.errors())
+    }
+
+    async fn unpublish(&self, instance_id: &str) -> Result<(), String> {
+        self.tunnels.unpublish(instance_id).await.map_err(|e| e.to_string())
+    }
+
+    async fn errors(&self, instance_id: &str) -> BTreeMap<u16, String> {
+        self.tunnels.proxy_errors(instance_id).await
+    }
+
+    fn published_ids(&self) -> Vec<String> {
+        self.tunnels.published_ids()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::model::{BackendKind, PublishedPort, Status};
+
+    fn instance(tunnel_token: Option<&str>) -> Instance {
+        let body = serde_json::json!({"ssh_enabled": true, "tunnel_token": tunnel_token});
+        let limits = crate::instance::spec::HostLimits {
+            cpus: 2,
+            memory_mib: 2048,
+            storage_gb: 10,
+            default_cpus: 1,
+            default_memory_mib: 512,
+            default_storage_gb: 5,
+        };
+        Instance {
+            id: "0b9c4d1e".into(),
+            backend: BackendKind::Qemu,
+            spec: crate::instance::spec::parse_create(&body, &limits).unwrap(),
+            status: Status::Pending,
+            error: None,
+            created_at: chrono::Utc::now(),
+            ports: vec![
+                PublishedPort {
+                    guest_port: 22,
+                    host_port: 42022,
+                    remote_port: 10001,
+                    proto: Proto::Tcp,
+                },
+                PublishedPort {
+                    guest_port: 8888,
+                    host_port: 42888,
+                    remote_port: 443,
+                    proto: Proto::Http,
+                },
+            ],
+            gpus: Vec::new(),
+            ssh_keys: Vec::new(),
+            management_port: Some(42100),
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn maps_published_ports_and_picks_the_subdomain() {
+        let t = instance_tunnels(&instance(None), "host-a1");
+        let want = InstanceTunnels {
+            instance_id: "0b9c4d1e".into(),
+            subdomain: "host-a1".into(),
+            ports: vec![
+                TunnelPort {
+                    container_port: 22,
+                    host_port: 42022,
+                    remote_port: 10001,
+                    proto: TunnelProto::Tcp,
+                },
+                TunnelPort {
+                    container_port: 8888,
+                    host_port: 42888,
+                    remote_port: 443,
+                    proto: TunnelProto::Http,
+                },
+            ],
+        };
+        assert_eq!(t, want, "the management port is never published");
+        assert_eq!(instance_tunnels(&instance(Some("lease-7")), "host-a1").subdomain, "lease-7");
+    }
+
+    #[test]
+    fn refusals_name_the_request_field() {
+        let e = TunnelError::Invalid { what: "subdomain".into(), value: "x".into(), hint: "h" };
+        assert_eq!(spec_error(e).field, "tunnel_token");
+        let e = TunnelError::Invalid { what: "remote port".into(), value: "0".into(), hint: "h" };
+        let e = spec_error(e);
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("ports", "invalid remote port \"0\" for an FRP tunnel: h")
+        );
+    }
+}
