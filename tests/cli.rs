@@ -66,3 +66,15 @@ fn version_is_the_crate_version() {
         format!("qudata-agent {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn the_readme_documents_every_setting_and_run_help_lists_them() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let help = String::from_utf8(agent(&["run", "--help"], &[]).stdout).unwrap();
+    for setting in qudata_agent::config::SETTINGS {
+        let row = format!("| `{}` |", setting.name);
+        assert!(readme.contains(&row), "README.md has no row for {}", setting.name);
+        assert!(help.contains(setting.name), "`run --help` does not list {}", setting.name);
+    }
+}
