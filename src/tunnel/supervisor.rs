@@ -201,14 +201,8 @@ async fn supervise(
                 delay = Some(wait);
                 tracing::warn!(how, uptime_s = uptime.as_secs(), wait_ms = wait.as_millis() as u64,
                     "frpc exited; restarting after back-off");
-                // A stop asked for during the back-off is honoured at once.
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    cmd = rx.recv() => match cmd {
-                        Some(Command::Stop(ack)) => { let _ = ack.send(()); return; }
-                        Some(Command::Restart(ack)) => restart_ack = Some(ack),
-                        None => return,
-                    },
+                if !back_off(wait, &mut rx, &mut restart_ack).await {
+                    return;
                 }
                 state.lock().unwrap_or_else(|e| e.into_inner()).restarts += 1;
             }
@@ -239,13 +233,8 @@ async fn supervise(
                     let wait = opts.backoff.next_delay(delay, Duration::ZERO);
                     delay = Some(wait);
                     tracing::error!(error = %e, wait_ms = wait.as_millis() as u64, "cannot start frpc");
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        cmd = rx.recv() => match cmd {
-                            Some(Command::Stop(ack)) => { let _ = ack.send(()); return; }
-                            Some(Command::Restart(ack)) => restart_ack = Some(ack),
-                            None => return,
-                        },
+                    if !back_off(wait, &mut rx, &mut restart_ack).await {
+                        return;
                     }
                 }
             }
@@ -255,6 +244,30 @@ async fn supervise(
         if let Some(ack) = restart_ack {
             let _ = ack.send(());
         }
+    }
+}
+
+/// Sleeps `wait` before the next start. A stop asked for meanwhile is honoured at once
+/// (`false`: the supervisor ends); a restart asked for ends the wait and is acknowledged once
+/// frpc runs again.
+async fn back_off(
+    wait: Duration,
+    rx: &mut mpsc::UnboundedReceiver<Command>,
+    restart_ack: &mut Option<oneshot::Sender<()>>,
+) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        cmd = rx.recv() => match cmd {
+            Some(Command::Stop(ack)) => {
+                let _ = ack.send(());
+                false
+            }
+            Some(Command::Restart(ack)) => {
+                *restart_ack = Some(ack);
+                true
+            }
+            None => false,
+        },
     }
 }
 
