@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod limits;
 pub mod logging;
+pub mod notify;
 mod production;
 mod tunnels;
 
@@ -82,7 +83,7 @@ fn local_secret(cfg: &Config) -> Result<(Secret, bool), AgentError> {
     Ok((secret, true))
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT, having told systemd that the shutdown has begun.
 async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -91,6 +92,7 @@ async fn termination() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down, instances keep running"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down, instances keep running"),
     }
+    notify::stopping();
 }
 
 /// `qudata-agent run --local`: no control plane, no frpc, a generated secret.
@@ -108,7 +110,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), SecretSlot::new(Some(secret.clone())));
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped));
-    notify_ready();
+    notify::ready(port);
     print_local_banner(&cfg, port, fresh.then_some(&secret));
     tracing::info!(port, "agent API listening on 127.0.0.1 (local mode)");
 
@@ -134,11 +136,4 @@ fn print_local_banner(cfg: &Config, port: u16, new_secret: Option<&Secret>) {
          curl -s -H \"X-Agent-Secret: $S\" -X DELETE http://127.0.0.1:{port}/instances",
         file = file.display()
     );
-}
-
-/// Tells systemd (`Type=notify`) that the API listens; a no-op outside systemd.
-fn notify_ready() {
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        tracing::debug!(error = %e, "sd_notify failed");
-    }
 }

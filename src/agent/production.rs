@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::tunnels::TunnelLink;
-use super::{AgentError, manager, notify_ready, termination};
+use super::{AgentError, manager, notify, termination};
 use crate::api::{self, SecretSlot};
 use crate::config::Config;
 use crate::control_plane::wire::InitRequest;
@@ -33,7 +33,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), slot.clone());
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped.clone()));
-    notify_ready();
+    notify::ready(port);
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
