@@ -72,6 +72,7 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
             Accel::Tcg => BOOT_DEADLINE_TCG,
         },
         powerdown_grace: POWERDOWN_GRACE,
+        proc_root: Default::default(),
     };
     tracing::info!(accel = accel.as_str(), base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))

@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::backend::{Adoption, BackendEvent, EventSink};
+use crate::backend::{Adoption, BackendEvent, EventSink, Owned};
 use crate::instance::spec::Spec;
 
 /// Records every call; `wait_ready` waits for a permit of `ready` so tests control boot time.
@@ -18,6 +18,8 @@ struct Scripted {
     fail: StdMutex<Option<&'static str>>,
     adoption: StdMutex<Adoption>,
     keys_seen: StdMutex<Vec<Vec<String>>>,
+    /// What `find_owned` reports; `reap` removes from it.
+    owned: StdMutex<Vec<Owned>>,
 }
 
 impl Scripted {
@@ -28,6 +30,7 @@ impl Scripted {
             fail: StdMutex::default(),
             adoption: StdMutex::new(Adoption::Adopted),
             keys_seen: StdMutex::default(),
+            owned: StdMutex::default(),
         })
     }
 
@@ -94,6 +97,15 @@ impl Backend for Scripted {
     async fn adopt(&self, _: &Instance) -> Result<Adoption, BackendError> {
         self.step("adopt")?;
         Ok(self.adoption.lock().unwrap().clone())
+    }
+    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
+        self.step("find_owned")?;
+        Ok(self.owned.lock().unwrap().clone())
+    }
+    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
+        self.step("reap")?;
+        self.owned.lock().unwrap().retain(|o| o != owned);
+        Ok(())
     }
 }
 
