@@ -14,6 +14,7 @@ pub mod guest;
 pub mod host;
 pub mod instance;
 pub mod ports;
+pub mod recovery;
 pub mod secret;
 pub mod tunnel;
 pub mod vfio;

@@ -342,7 +342,8 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     drop(manager);
 
     let again = harness_in(dir, Scripted::new(), &[]);
-    again.manager.restore().await.unwrap();
+    let records = again.manager.stored_records().unwrap();
+    again.manager.restore_with(records.into_iter().map(|i| (i, Restore::Adopt)).collect()).await;
     wait_for(&again.manager, Status::Running).await;
     for _ in 0..100 {
         if again.backend.calls().len() == 2 {
@@ -355,7 +356,8 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     let gone = Scripted::new();
     *gone.adoption.lock().unwrap() = Adoption::Gone { detail: "no QEMU process".into() };
     let third = harness_in(again.dir, gone, &[]);
-    third.manager.restore().await.unwrap();
+    let records = third.manager.stored_records().unwrap();
+    third.manager.restore_with(records.into_iter().map(|i| (i, Restore::Adopt)).collect()).await;
     assert_eq!(third.manager.current_status(), Status::Error);
     let error = third.manager.status().error.unwrap();
     assert!(error.contains("exited while the agent was down"), "{error}");
