@@ -8,6 +8,7 @@ pub mod backend;
 pub mod config;
 pub mod control_plane;
 pub mod doctor;
+pub mod fault;
 pub mod fsutil;
 pub mod gpu;
 pub mod guest;

@@ -73,15 +73,23 @@ const GONE: &str = "the VM exited while the agent was down";
 const CUT_SHORT: &str = "the agent stopped before the VM was up; what the create made was removed — delete the \
      instance and create it again";
 
+/// What was found of one record's instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// Its process or container carries the marker now.
+    pub alive: bool,
+    /// Its disk is there to boot from.
+    pub has_disk: bool,
+    /// It has run at least once (QEMU: its serial log exists). A `pending` record that never
+    /// ran is a create cut short, safe to roll back; one that ran may be a boot from the
+    /// renter's disk, which is never removed without a `DELETE`.
+    pub has_run: bool,
+}
+
 /// The decision for one record (PROTOCOL.md §4), and why.
-pub fn decide(
-    record: &Instance,
-    alive: bool,
-    has_disk: bool,
-    lease: Option<bool>,
-) -> (Restore, String) {
-    let status = record.status;
-    let (restore, why) = match (alive, lease) {
+pub fn decide(record: &Instance, seen: Seen, lease: Option<bool>) -> (Restore, String) {
+    let (status, has_disk) = (record.status, seen.has_disk);
+    let (restore, why) = match (seen.alive, lease) {
         _ if record.deleting => (Restore::TearDown, "its deletion was interrupted".to_owned()),
         (_, Some(false)) => {
             (Restore::TearDown, "the control plane says the lease is over".to_owned())
@@ -90,7 +98,7 @@ pub fn decide(
             (Restore::Keep, "in error; DELETE stops its process".to_owned())
         }
         (true, _) => (Restore::Adopt, format!("its process is alive ({status})")),
-        (false, _) if status == Status::Pending => {
+        (false, _) if status == Status::Pending && !seen.has_run => {
             (Restore::RollBack { reason: CUT_SHORT.to_owned() }, CUT_SHORT.to_owned())
         }
         (false, Some(true)) if has_disk => {
@@ -117,12 +125,15 @@ pub fn plan(facts: &Facts, mode: Mode) -> Plan {
 
     for record in &facts.records {
         let id = record.id.as_str();
-        let has_disk = record.backend == BackendKind::Docker
-            || facts
-                .files
-                .iter()
-                .any(|f| f.id.as_deref() == Some(id) && f.kind == FileKind::Overlay);
-        let (restore, why) = decide(record, alive(id), has_disk, facts.lease);
+        let has = |kind| facts.files.iter().any(|f| f.id.as_deref() == Some(id) && f.kind == kind);
+        // A container's disk is the engine's business: never rolled back, booted by the backend.
+        let docker = record.backend == BackendKind::Docker;
+        let seen = Seen {
+            alive: alive(id),
+            has_disk: docker || has(FileKind::Overlay),
+            has_run: docker || has(FileKind::SerialLog),
+        };
+        let (restore, why) = decide(record, seen, facts.lease);
         let action = match &restore {
             Restore::Adopt if mode == Mode::Command => Action::Kept,
             Restore::Adopt => Action::Adopted,

@@ -134,6 +134,7 @@ impl QemuBackend {
         )
         .await
         .map_err(|e| BackendError::op("create the disk", e))?;
+        crate::fault::crash_point(crate::fault::Phase::AfterOverlay);
         disk::copy_vars(&self.settings.ovmf.vars_template, &paths.vars)
             .map_err(|e| BackendError::op("create the firmware variables", e))?;
         let hostname = instance.marker();
@@ -164,6 +165,7 @@ impl QemuBackend {
         let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
+        crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
         qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
         let vm =
             Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
@@ -369,6 +371,13 @@ impl Backend for QemuBackend {
         let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("reconnect to QEMU's monitor", e))?;
+        // Only a start cut short between spawn and `cont` leaves a VM in prelaunch: finish it.
+        // (A VM paused by `stop` is `paused`, and stays so.)
+        let state = qmp.query_status().await.map_err(|e| BackendError::op("adopt", e))?;
+        if state.status == qapi_qmp::RunState::prelaunch {
+            tracing::info!(id = %instance.id, "adopted VM never started its vCPUs: starting them");
+            qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
+        }
         let vm = Vm::watch(&instance.id, pid, qmp, None, paths, self.events.clone());
         self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, "VM adopted");

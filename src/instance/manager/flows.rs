@@ -72,6 +72,7 @@ async fn launch_and_bring_up(manager: &Manager, slot: &Arc<Slot>) -> FlowResult 
     backend.launch(&slot.snapshot()).await?;
     // The guest boots meanwhile; a port that cannot be published does not fail the instance.
     manager.publish_ports(slot).await;
+    crate::fault::crash_point(crate::fault::Phase::BeforeGuestAnswers);
     bring_up(manager, slot).await
 }
 

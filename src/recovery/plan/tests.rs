@@ -46,8 +46,8 @@ fn short(r: &Restore) -> &'static str {
     }
 }
 
-/// One case: status, deleting, alive, has disk, lease → decision.
-type Case = (Status, bool, bool, bool, Option<bool>, &'static str);
+/// One case: status, deleting, alive, has disk, has run, lease → decision.
+type Case = (Status, bool, bool, bool, bool, Option<bool>, &'static str);
 
 /// PROTOCOL.md §4 for one record.
 #[test]
@@ -55,42 +55,47 @@ fn each_record_gets_the_policy_decision() {
     use Status::*;
     let table: &[Case] = &[
         // The lease unknown (`recover`, or before /init answers): adopt or report.
-        (Running, false, true, true, None, "adopt"),
-        (Paused, false, true, true, None, "adopt"),
-        (Pending, false, true, true, None, "adopt"),
-        (Rebooting, false, true, true, None, "adopt"),
-        (Running, false, false, true, None, "gone"),
-        (Paused, false, false, true, None, "gone"),
-        (Pending, false, false, true, None, "rollback"),
-        (Pending, false, false, false, None, "rollback"),
-        (Error, false, false, true, None, "keep"),
-        (Error, false, true, true, None, "keep"),
+        (Running, false, true, true, true, None, "adopt"),
+        (Paused, false, true, true, true, None, "adopt"),
+        (Pending, false, true, true, true, None, "adopt"),
+        (Rebooting, false, true, true, true, None, "adopt"),
+        (Running, false, false, true, true, None, "gone"),
+        (Paused, false, false, true, true, None, "gone"),
+        (Pending, false, false, true, false, None, "rollback"),
+        (Pending, false, false, false, false, None, "rollback"),
+        (Error, false, false, true, true, None, "keep"),
+        (Error, false, true, true, true, None, "keep"),
+        // Pending that ran before: a boot from the renter's disk, never rolled back.
+        (Pending, false, false, true, true, None, "gone"),
+        (Pending, false, false, true, true, Some(true), "reboot"),
         // An interrupted deletion always finishes.
-        (Running, true, true, true, None, "teardown"),
-        (Error, true, false, false, Some(true), "teardown"),
+        (Running, true, true, true, true, None, "teardown"),
+        (Error, true, false, false, true, Some(true), "teardown"),
         // The lease is over: everything goes.
-        (Running, false, true, true, Some(false), "teardown"),
-        (Running, false, false, true, Some(false), "teardown"),
-        (Pending, false, true, true, Some(false), "teardown"),
-        (Error, false, false, true, Some(false), "teardown"),
+        (Running, false, true, true, true, Some(false), "teardown"),
+        (Running, false, false, true, true, Some(false), "teardown"),
+        (Pending, false, true, true, true, Some(false), "teardown"),
+        (Error, false, false, true, true, Some(false), "teardown"),
         // The lease goes on: what lives is adopted, what died boots from its disk.
-        (Running, false, true, true, Some(true), "adopt"),
-        (Running, false, false, true, Some(true), "reboot"),
-        (Error, false, false, true, Some(true), "reboot"),
-        (Running, false, false, false, Some(true), "gone"),
-        (Pending, false, false, true, Some(true), "rollback"),
+        (Running, false, true, true, true, Some(true), "adopt"),
+        (Running, false, false, true, true, Some(true), "reboot"),
+        (Error, false, false, true, true, Some(true), "reboot"),
+        (Running, false, false, false, true, Some(true), "gone"),
+        (Pending, false, false, true, false, Some(true), "rollback"),
     ];
-    for &(status, deleting, alive, disk, lease, want) in table {
+    for &(status, deleting, alive, has_disk, has_run, lease, want) in table {
         let mut r = record("a", status, &[]);
         r.deleting = deleting;
-        let (got, why) = decide(&r, alive, disk, lease);
+        let seen = Seen { alive, has_disk, has_run };
+        let (got, why) = decide(&r, seen, lease);
         assert_eq!(
             short(&got),
             want,
-            "{status} deleting={deleting} alive={alive} disk={disk} lease={lease:?}: {why}"
+            "{status} deleting={deleting} {seen:?} lease={lease:?}: {why}"
         );
     }
-    let (gone, _) = decide(&record("a", Status::Running, &[]), false, true, None);
+    let seen = Seen { alive: false, has_disk: true, has_run: true };
+    let (gone, _) = decide(&record("a", Status::Running, &[]), seen, None);
     assert_eq!(gone, Restore::Gone { reason: "the VM exited while the agent was down".into() });
 }
 
