@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod frpc;
 pub mod host;
+pub mod kernel;
 pub mod mock_cp;
 pub mod sshd;
 pub mod sysfs;
