@@ -1,6 +1,7 @@
 //! Start-up and shutdown order; wires the parts together.
 //!
-//! Order: directories → identity → instance records reattached (before serving) → API listens
+//! Order: directories → identity → instance records reattached → stale GPU binds undone
+//! (both before serving) → API listens
 //! → systemd told we are ready → (production) frpc with the stored FRP credentials, beside
 //! registration with the control plane; frpc updated with `/init`'s; then the stats loop.
 //! A `SIGTERM` stops the agent and leaves every instance and frpc running.
@@ -44,6 +45,9 @@ pub enum AgentError {
     Identity(#[from] crate::control_plane::IdentityError),
     #[error("QUDATA_API_KEY is not set; set it to the key issued by Qudata, or use `run --local`")]
     NoApiKey,
+    /// A setting that only the host can check (a listed GPU that is not there).
+    #[error(transparent)]
+    Setting(#[from] crate::config::ConfigError),
 }
 
 /// Local mode's port when `QUDATA_AGENT_PORT` is unset.
@@ -56,7 +60,13 @@ async fn manager(
     let store = Store::open(&cfg.data_dir)?;
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
-        gpu_pool: cfg.gpu_pci_addrs.clone().unwrap_or_default(),
+        gpu_pool: crate::gpu::pool::offered(
+            &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
+            cfg.gpu_pci_addrs.as_deref(),
+        )?
+        .iter()
+        .map(ToString::to_string)
+        .collect(),
         host_ports: ports::HOST_PORTS,
         local,
     };
@@ -66,6 +76,35 @@ async fn manager(
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
     Ok((Manager::new(backend, store, settings), events))
+}
+
+/// Undoes the binds a crash left (DESIGN.md "VFIO"): every bind record whose instance has no
+/// live VM goes back to the host drivers. Runs after the instances are reattached and before
+/// the API serves, so no create can race it. A failure is logged, never fatal: the agent must
+/// still serve, and a device left on vfio-pci is refused to new instances by its record.
+async fn reconcile_gpus(cfg: &Config, manager: &Manager) {
+    let in_use: Vec<String> = manager
+        .instances()
+        .into_iter()
+        .filter(|i| i.status != crate::instance::Status::Error || i.deleting)
+        .map(|i| i.id)
+        .collect();
+    let vfio = std::sync::Arc::new(backends::vfio(cfg));
+    match vfio.off_runtime(move |v| v.reconcile(&in_use)).await {
+        Ok(outcomes) => {
+            for o in outcomes {
+                match &o.error {
+                    None => {
+                        tracing::info!(instance = %o.instance, device = %o.address, driver = ?o.driver, "device returned to the host")
+                    }
+                    Some(e) => {
+                        tracing::error!(instance = %o.instance, device = %o.address, error = %e, "device not returned; run `qudata-agent recover`")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot reconcile GPU bind records"),
+    }
 }
 
 /// The local secret: made once, stored 0600, printed only when made.
@@ -101,6 +140,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     let (manager, events) = manager(&cfg, true).await?;
     manager.spawn_event_loop(events);
     manager.restore().await?;
+    reconcile_gpus(&cfg, &manager).await;
 
     let port = cfg.agent_port.unwrap_or(LOCAL_DEFAULT_PORT);
     let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;

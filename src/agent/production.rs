@@ -25,6 +25,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let (manager, events) = manager(&cfg, false).await?;
     manager.spawn_event_loop(events);
     manager.restore().await?;
+    super::reconcile_gpus(&cfg, &manager).await;
 
     let port = identity.agent_port;
     let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;
@@ -112,6 +113,6 @@ fn init_request(cfg: &Config, identity: &Identity, manager: &Manager) -> InitReq
             BackendKind::Qemu => "qemu",
             BackendKind::Docker => "docker",
         }),
-        gpus: cfg.gpu_pci_addrs.as_ref().map(|g| g.len() as u32),
+        gpus: Some(manager.gpu_pool().len() as u32),
     }
 }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::accel::Accel;
 use super::argv::{VmPlan, qemu_argv};
 use super::disk::{self, Ovmf};
+use super::gpus;
 use super::layout::VmPaths;
 use super::process;
 use super::qmp::Qmp;
@@ -40,6 +41,8 @@ pub struct QemuSettings {
     pub boot_deadline: Duration,
     /// How long an ACPI power-down may take before QEMU is told to quit.
     pub powerdown_grace: Duration,
+    /// Binds and releases the GPUs of VMs.
+    pub vfio: Arc<crate::vfio::Vfio>,
 }
 
 pub struct QemuBackend {
@@ -138,20 +141,46 @@ impl QemuBackend {
             .map_err(|e| BackendError::op("create the seed", e))
     }
 
-    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
+    /// Binds the GPUs, starts QEMU on them, and on failure stops QEMU and releases them.
     async fn start(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        if !instance.gpus.is_empty() {
-            return Err(BackendError::Unsupported {
-                field: "gpus",
-                reason: "GPU passthrough is not available in this build".into(),
-            });
+        let passthrough = gpus::bind(&self.settings.vfio, instance).await?;
+        let result = self.start_qemu(instance, paths, passthrough).await;
+        if let Err(e) = &result
+            && !instance.gpus.is_empty()
+        {
+            tracing::warn!(id = %instance.id, error = %e, "VM start failed; releasing its GPUs");
+            // QEMU holds the devices open until it is gone.
+            if let Err(stop) = self.stop_vm(instance, paths).await {
+                tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
+            } else if let Err(release) = gpus::release(&self.settings.vfio, &instance.id).await {
+                tracing::error!(id = %instance.id, error = %release, "GPU release incomplete");
+            }
         }
+        result
+    }
+
+    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
+    async fn start_qemu(
+        &self,
+        instance: &Instance,
+        paths: &VmPaths,
+        passthrough: Vec<super::argv::GpuPassthrough>,
+    ) -> Result<(), BackendError> {
         crate::fsutil::ensure_private_dir(&paths.run_dir)
             .map_err(|e| BackendError::op("start", e))?;
         let _ = std::fs::remove_file(&paths.qmp);
-        let argv = qemu_argv(&self.plan(instance, paths));
-        let spawned = process::spawn(&self.settings.qemu_binary, &argv, &paths.qemu_log)
-            .map_err(|e| BackendError::op("start QEMU", e))?;
+        let mut plan = self.plan(instance, paths);
+        plan.gpus = passthrough;
+        // VFIO pins all guest memory for DMA.
+        let memlock = (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib));
+        let argv = qemu_argv(&plan);
+        let spawned = process::spawn_with_memlock(
+            &self.settings.qemu_binary,
+            &argv,
+            &paths.qemu_log,
+            memlock,
+        )
+        .map_err(|e| BackendError::op("start QEMU", e))?;
         let pid = spawned.pid;
         spawned
             .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
@@ -269,6 +298,10 @@ impl Backend for QemuBackend {
         self.base_image(spec).map(drop)
     }
 
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        gpus::check(&self.settings.vfio, gpus)
+    }
+
     async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         let result = match self.prepare(instance, &paths).await {
@@ -351,6 +384,8 @@ impl Backend for QemuBackend {
     async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         self.stop_vm(instance, &paths).await?;
+        // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
+        gpus::release(&self.settings.vfio, &instance.id).await?;
         paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;
         tracing::info!(id = %instance.id, "VM and its files removed");
         Ok(())

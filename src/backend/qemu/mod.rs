@@ -19,6 +19,7 @@
 pub mod accel;
 pub mod argv;
 pub mod disk;
+pub mod gpus;
 pub mod process;
 pub mod qmp;
 pub mod seed;
