@@ -188,3 +188,49 @@ fn a_listed_gpu_that_is_not_there_stops_the_agent_with_status_2() {
     }
     assert!(!Path::new(&dirs.data).join("instances").exists(), "nothing started");
 }
+
+/// The passthrough argv as the real QEMU reads it: every option parses, and QEMU gets as far
+/// as opening the host device, which is where a machine without VFIO stops it.
+#[tokio::test]
+async fn real_qemu_accepts_the_passthrough_argv_up_to_the_host_device() {
+    use qudata_agent::backend::qemu::accel::Accel;
+    use qudata_agent::backend::qemu::argv::{GpuPassthrough, VmPlan, qemu_argv};
+    use qudata_agent::backend::qemu::{disk, process};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name);
+    let dirs = Dirs::new();
+    let overlay = base_image(&dirs);
+    std::fs::write(file("seed.img"), vec![0u8; 1 << 20]).unwrap();
+    let ovmf = disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap();
+    disk::copy_vars(&ovmf.vars_template, &file("vars.fd")).unwrap();
+    let plan = VmPlan {
+        id: "argv".into(),
+        accel: Accel::Tcg,
+        vcpus: 1,
+        memory_mib: 256,
+        ovmf_code: ovmf.code,
+        ovmf_vars: file("vars.fd"),
+        overlay: overlay.into(),
+        seed: file("seed.img"),
+        ports: vec![],
+        qmp_socket: file("qmp.sock"),
+        pidfile: file("qemu.pid"),
+        serial_log: file("serial.log"),
+        gpus: vec![GpuPassthrough {
+            functions: vec![GPU.into(), AUDIO.into()],
+            bar_bytes: 32 << 30,
+        }],
+    };
+    let log = file("qemu.log");
+    let mut qemu =
+        process::spawn(Path::new("qemu-system-x86_64"), &qemu_argv(&plan), &log).unwrap();
+    let status = qemu.wait_exit(Duration::from_secs(60)).await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.contains("exit status: 0"), "{status}: {text}");
+    let first = text.lines().next().unwrap_or_default();
+    // The first error is the GPU's own device: the CPU, fw_cfg and root port were accepted.
+    let device = "-device vfio-pci,host=0000:65:00.0,bus=gpu0,addr=00.0,multifunction=on:";
+    assert!(first.contains(device), "{text}");
+    assert!(!text.contains("Invalid parameter") && !text.contains("not found"), "{text}");
+}
