@@ -42,10 +42,7 @@ fn gpu_line(view: &HostView, gpu: &NvidiaGpu) -> Check {
         timeouts: Default::default(),
     };
     let detail = describe(gpu);
-    let refusal = match vfio.plan(None, std::slice::from_ref(&gpu.address)) {
-        Ok(_) => None,
-        Err(e) => Some(e),
-    };
+    let refusal = vfio.plan(None, std::slice::from_ref(&gpu.address)).err();
     let line = |status, note: String, fix: Option<String>| Check {
         check: "gpu",
         status,

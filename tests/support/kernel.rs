@@ -141,11 +141,11 @@ impl Shared {
             .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         for driver in &names {
-            if let Some(dev) = take(&drivers.join(driver).join("unbind")) {
-                if self.driver_of(&dev).as_deref() == Some(driver) {
-                    self.detach(&dev, driver);
-                    self.note(format!("unbind {dev} {driver}"));
-                }
+            if let Some(dev) = take(&drivers.join(driver).join("unbind"))
+                && self.driver_of(&dev).as_deref() == Some(driver)
+            {
+                self.detach(&dev, driver);
+                self.note(format!("unbind {dev} {driver}"));
             }
         }
         for driver in &names {
