@@ -83,10 +83,19 @@ async fn manager(
 /// the API serves, so no create can race it. A failure is logged, never fatal: the agent must
 /// still serve, and a device left on vfio-pci is refused to new instances by its record.
 async fn reconcile_gpus(cfg: &Config, manager: &Manager) {
+    use crate::backend::qemu::{layout::VmPaths, process};
+    // A VM that still runs keeps its devices, even in `error` (adoption failed but its QEMU
+    // lives): vfio-pci cannot let go of a device QEMU holds open. A deletion in progress
+    // releases them itself.
     let in_use: Vec<String> = manager
         .instances()
         .into_iter()
-        .filter(|i| i.status != crate::instance::Status::Error || i.deleting)
+        .filter(|i| {
+            let pidfile = VmPaths::new(&cfg.data_dir, &cfg.run_dir, &i.id).pidfile;
+            i.status != crate::instance::Status::Error
+                || i.deleting
+                || process::owned_pid(&pidfile, &i.id).is_some()
+        })
         .map(|i| i.id)
         .collect();
     let vfio = std::sync::Arc::new(backends::vfio(cfg));

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::accel::Accel;
-use super::argv::{VmPlan, qemu_argv};
+use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
 use super::gpus;
 use super::layout::VmPaths;
@@ -24,6 +24,8 @@ use crate::backend::{Adoption, Backend, BackendError, EventSink};
 use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
+
+mod start;
 
 /// What the QEMU backend needs to know about the host.
 #[derive(Clone, Debug)]
@@ -139,62 +141,6 @@ impl QemuBackend {
         seed::build_seed(&paths.seed, &instance.id, &hostname, &self.key.public_line())
             .await
             .map_err(|e| BackendError::op("create the seed", e))
-    }
-
-    /// Binds the GPUs, starts QEMU on them, and on failure stops QEMU and releases them.
-    async fn start(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        let passthrough = gpus::bind(&self.settings.vfio, instance).await?;
-        let result = self.start_qemu(instance, paths, passthrough).await;
-        if let Err(e) = &result
-            && !instance.gpus.is_empty()
-        {
-            tracing::warn!(id = %instance.id, error = %e, "VM start failed; releasing its GPUs");
-            // QEMU holds the devices open until it is gone.
-            if let Err(stop) = self.stop_vm(instance, paths).await {
-                tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
-            } else if let Err(release) = gpus::release(&self.settings.vfio, &instance.id).await {
-                tracing::error!(id = %instance.id, error = %release, "GPU release incomplete");
-            }
-        }
-        result
-    }
-
-    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
-    async fn start_qemu(
-        &self,
-        instance: &Instance,
-        paths: &VmPaths,
-        passthrough: Vec<super::argv::GpuPassthrough>,
-    ) -> Result<(), BackendError> {
-        crate::fsutil::ensure_private_dir(&paths.run_dir)
-            .map_err(|e| BackendError::op("start", e))?;
-        let _ = std::fs::remove_file(&paths.qmp);
-        let mut plan = self.plan(instance, paths);
-        plan.gpus = passthrough;
-        // VFIO pins all guest memory for DMA.
-        let memlock = (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib));
-        let argv = qemu_argv(&plan);
-        let spawned = process::spawn_with_memlock(
-            &self.settings.qemu_binary,
-            &argv,
-            &paths.qemu_log,
-            memlock,
-        )
-        .map_err(|e| BackendError::op("start QEMU", e))?;
-        let pid = spawned.pid;
-        spawned
-            .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
-            .await
-            .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
-        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
-            .await
-            .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
-        qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
-        let vm =
-            Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
-        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
-        tracing::info!(id = %instance.id, pid, accel = self.settings.accel.as_str(), "VM started");
-        Ok(())
     }
 
     /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
