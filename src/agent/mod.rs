@@ -14,12 +14,14 @@ mod tunnels;
 pub use production::run;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, SecretSlot};
 use crate::config::Config;
 use crate::fsutil::{self, FsError};
+use crate::guest::metrics::GpuStreams;
 use crate::instance::manager::{Manager, ManagerError, ManagerSettings};
 use crate::instance::store::{Store, StoreError};
 use crate::ports;
@@ -52,6 +54,7 @@ pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 async fn manager(
     cfg: &Config,
     local: bool,
+    gpu_streams: Option<Arc<GpuStreams>>,
 ) -> Result<(Manager, mpsc::UnboundedReceiver<crate::backend::BackendEvent>), AgentError> {
     let store = Store::open(&cfg.data_dir)?;
     let settings = ManagerSettings {
@@ -61,7 +64,7 @@ async fn manager(
         local,
     };
     let (sink, events) = mpsc::unbounded_channel();
-    let backend = backends::build(cfg, sink).await;
+    let backend = backends::build(cfg, sink, gpu_streams).await;
     if let Err(reason) = &backend {
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
@@ -98,7 +101,8 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
     fsutil::ensure_private_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
-    let (manager, events) = manager(&cfg, true).await?;
+    // Local mode reports no stats, so it runs no in-guest GPU metrics.
+    let (manager, events) = manager(&cfg, true, None).await?;
     manager.spawn_event_loop(events);
     manager.restore().await?;
 
