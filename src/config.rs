@@ -361,11 +361,7 @@ fn parse_abs_path(v: &str) -> Result<PathBuf, String> {
 /// A bare file name for the dynamic loader's search, or an absolute path.
 fn parse_library(v: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(v);
-    if path.is_absolute() || !v.contains('/') {
-        Ok(path)
-    } else {
-        Err("is a relative path".into())
-    }
+    if path.is_absolute() || !v.contains('/') { Ok(path) } else { Err("is a relative path".into()) }
 }
 
 fn parse_url(v: &str) -> Result<String, String> {

@@ -17,9 +17,9 @@ use crate::control_plane::{
 use crate::fsutil;
 use crate::gpu::{self, GpuMetrics, facts::FactsInputs};
 use crate::guest::metrics::{GpuStreams, GuestGpuBoard};
-use crate::vfio::SysfsRoot;
 use crate::host::{self, Sampler};
 use crate::instance::{BackendKind, Manager};
+use crate::vfio::SysfsRoot;
 
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;

@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
+use super::GpuFacts;
 use super::models;
 use super::nvml::Nvml;
 use super::pci::Inventory;
 use super::selftest::SelfTestInventory;
-use super::GpuFacts;
 use crate::vfio::{PciAddress, SysfsRoot};
 
 /// The source that answered.
@@ -53,7 +53,9 @@ pub fn host_facts(inputs: &FactsInputs<'_>) -> Option<(GpuFacts, FactsSource)> {
             }
             tracing::warn!(file = %inputs.selftest_file.display(), "the GPU inventory lists none of the offered GPUs");
         }
-        Ok(None) => tracing::debug!(file = %inputs.selftest_file.display(), "no GPU inventory from a self-test"),
+        Ok(None) => {
+            tracing::debug!(file = %inputs.selftest_file.display(), "no GPU inventory from a self-test")
+        }
         Err(e) => tracing::warn!(error = %e, "ignoring the GPU inventory"),
     }
     from_pci(inputs).map(|facts| (facts, FactsSource::PciIds))

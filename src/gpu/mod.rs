@@ -3,11 +3,11 @@
 //! decides where `/init/host` facts and `/stats` metrics come from.
 
 pub mod facts;
-pub mod selftest;
 pub mod metrics;
 pub mod models;
 pub mod nvml;
 pub mod pci;
+pub mod selftest;
 
 pub use metrics::GpuMetrics;
 pub use nvml::{Nvml, NvmlError};

@@ -82,7 +82,10 @@ impl Nvml {
                 temp: device.temperature(TemperatureSensor::Gpu).map(i64::from).unwrap_or(0),
                 mem_used_mib: memory.as_ref().map(|m| m.used / MIB).unwrap_or(0),
                 mem_total_mib: memory.as_ref().map(|m| m.total / MIB).unwrap_or(0),
-                power_w: device.power_usage().map(|mw| round2(f64::from(mw) / 1000.0)).unwrap_or(0.0),
+                power_w: device
+                    .power_usage()
+                    .map(|mw| round2(f64::from(mw) / 1000.0))
+                    .unwrap_or(0.0),
             });
         }
         Ok(out)

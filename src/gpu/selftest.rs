@@ -39,9 +39,13 @@ pub const VERSION: u32 = 1;
 pub enum SelfTestError {
     #[error("cannot read the GPU inventory {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("the GPU inventory {path} is not valid JSON ({source}); run the installer's GPU self-test again")]
+    #[error(
+        "the GPU inventory {path} is not valid JSON ({source}); run the installer's GPU self-test again"
+    )]
     Parse { path: PathBuf, source: serde_json::Error },
-    #[error("the GPU inventory {path} has version {found}, this agent reads {VERSION}; update the agent")]
+    #[error(
+        "the GPU inventory {path} has version {found}, this agent reads {VERSION}; update the agent"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("the GPU inventory {path}: {field} {problem}; run the installer's GPU self-test again")]
     Invalid { path: PathBuf, field: String, problem: &'static str },

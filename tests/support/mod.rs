@@ -4,6 +4,7 @@ pub mod agent;
 pub mod frpc;
 pub mod host;
 pub mod mock_cp;
+pub mod nvml;
 pub mod sshd;
 pub mod sysfs;
 pub mod vm;

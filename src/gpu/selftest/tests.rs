@@ -26,7 +26,12 @@ fn the_documented_example_reads_into_facts() {
     let facts = inventory.facts(None);
     assert_eq!(
         facts,
-        GpuFacts { name: "NVIDIA H100 80GB HBM3".into(), count: 1, vram_gib: 79.65, max_cuda: 12.4 }
+        GpuFacts {
+            name: "NVIDIA H100 80GB HBM3".into(),
+            count: 1,
+            vram_gib: 79.65,
+            max_cuda: 12.4
+        }
     );
     assert!(facts.unknown().is_empty());
 }
@@ -83,6 +88,7 @@ fn bad_files_say_which_field() {
 
 #[test]
 fn fields_added_later_are_ignored() {
-    let (_dir, path) = write(&DOCUMENTED.replace("\"version\": 1,", "\"version\": 1, \"ecc\": true,"));
+    let (_dir, path) =
+        write(&DOCUMENTED.replace("\"version\": 1,", "\"version\": 1, \"ecc\": true,"));
     assert!(SelfTestInventory::read(&path).unwrap().is_some());
 }

@@ -107,8 +107,10 @@ mod tests {
         let line = parse_line("1, Tesla T4, 0, 38, 0, 15360, [N/A]\r\n").unwrap();
         assert_eq!((line.index, line.power_w, line.mem_total_mib), (1, None, Some(15360.0)));
         assert_eq!(line.stats().power_w, 0.0);
-        let line = parse_line("2, NVIDIA GeForce RTX 3090, [Not Supported], [Unknown Error], 5, 24576, 30.1")
-            .unwrap();
+        let line = parse_line(
+            "2, NVIDIA GeForce RTX 3090, [Not Supported], [Unknown Error], 5, 24576, 30.1",
+        )
+        .unwrap();
         assert_eq!((line.util, line.temp), (None, None));
         assert_eq!((line.stats().util, line.stats().temp, line.stats().mem_used_mib), (0.0, 0, 5));
     }
@@ -124,7 +126,9 @@ mod tests {
         assert_eq!(parse_line(""), Err(ParseError::Fields { found: 1 }));
         assert_eq!(parse_line("index, name"), Err(ParseError::Fields { found: 2 }));
         assert!(matches!(
-            parse_line("Failed to initialize NVML: Driver/library version mismatch, a, b, c, d, e, f"),
+            parse_line(
+                "Failed to initialize NVML: Driver/library version mismatch, a, b, c, d, e, f"
+            ),
             Err(ParseError::Number { field: "index", .. })
         ));
         assert!(matches!(

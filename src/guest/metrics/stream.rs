@@ -51,9 +51,15 @@ enum Ended {
     /// The guest has no `nvidia-smi`.
     NotFound,
     /// The command or channel ended after `lines` good lines.
-    Closed { lines: u64, status: Option<u32>, stderr: String },
+    Closed {
+        lines: u64,
+        status: Option<u32>,
+        stderr: String,
+    },
     /// No line within the idle deadline.
-    Idle { lines: u64 },
+    Idle {
+        lines: u64,
+    },
     Failed(GuestError),
     Stopped,
 }

@@ -37,7 +37,8 @@ impl GpuStreams {
         let id = spec.target.instance.clone();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(stream::run(spec, self.board.clone(), stopped, Box::pin(gone)));
-        let previous = self.running.lock().expect("streams lock").insert(id, Running { stop, task });
+        let previous =
+            self.running.lock().expect("streams lock").insert(id, Running { stop, task });
         if let Some(old) = previous {
             let _ = old.stop.send(true);
         }
