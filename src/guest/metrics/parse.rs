@@ -61,7 +61,7 @@ pub fn parse_line(line: &str) -> Result<GpuLine, ParseError> {
     };
     Ok(GpuLine {
         index,
-        name: fields[1..n - 5].join(","),
+        name: fields[1..n - 5].join(", "),
         util: number("utilization.gpu", fields[n - 5])?,
         temp: number("temperature.gpu", fields[n - 4])?,
         mem_used_mib: number("memory.used", fields[n - 3])?,
