@@ -4,12 +4,16 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::board::GuestGpuBoard;
 use super::stream::{self, StreamSpec};
+
+/// Time a stream gets to close its SSH connection when told to stop.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 struct Running {
     stop: watch::Sender<bool>,
@@ -48,11 +52,12 @@ impl GpuStreams {
     /// none runs.
     pub async fn stop(&self, instance: &str) {
         let running = self.running.lock().expect("streams lock").remove(instance);
-        if let Some(Running { stop, task }) = running {
+        if let Some(Running { stop, mut task }) = running {
             let _ = stop.send(true);
             // The stream answers `stop` at once; the limit guards against a stuck close.
-            if tokio::time::timeout(std::time::Duration::from_secs(5), task).await.is_err() {
-                tracing::warn!(%instance, "GPU metrics stream did not stop in 5 s");
+            if tokio::time::timeout(STOP_DEADLINE, &mut task).await.is_err() {
+                task.abort();
+                tracing::warn!(%instance, "GPU metrics stream did not stop in time; aborted");
             }
         }
         self.board.clear(instance);
