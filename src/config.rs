@@ -142,6 +142,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_NVML_LIBRARY",
+        Some("libnvidia-ml.so.1"),
+        "a library file name (found by the dynamic loader) or an absolute path",
+        "NVIDIA management library for GPU facts and metrics (absent: no driver, reported cleanly)",
+        Scope::Run,
+    ),
+    row(
         "QUDATA_OVMF_CODE",
         None,
         "a path to an OVMF code image",
@@ -260,6 +267,7 @@ pub struct Config {
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
+    pub nvml_library: PathBuf,
     /// `None`: detected (see `backend::qemu::disk`).
     pub ovmf_code: Option<PathBuf>,
     /// `None`: detected next to the code image.
@@ -357,6 +365,12 @@ fn parse_port(min: u16) -> impl FnOnce(&str) -> Result<u16, String> {
 fn parse_abs_path(v: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(v);
     if path.is_absolute() { Ok(path) } else { Err("is not an absolute path".into()) }
+}
+
+/// A bare file name for the dynamic loader's search, or an absolute path.
+fn parse_library(v: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(v);
+    if path.is_absolute() || !v.contains('/') { Ok(path) } else { Err("is a relative path".into()) }
 }
 
 fn parse_url(v: &str) -> Result<String, String> {
@@ -460,6 +474,7 @@ impl Config {
                 })?,
             },
             gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            nvml_library: r.required("QUDATA_NVML_LIBRARY", parse_library)?,
             ovmf_code: r.parse("QUDATA_OVMF_CODE", parse_abs_path)?,
             ovmf_vars: r.parse("QUDATA_OVMF_VARS", parse_abs_path)?,
             public_address: r.parse("QUDATA_PUBLIC_ADDRESS", |v| {
@@ -520,6 +535,7 @@ mod tests {
         assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-x86_64"));
         assert!(c.ovmf_code.is_none() && c.ovmf_vars.is_none());
         assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(c.nvml_library, PathBuf::from("libnvidia-ml.so.1"));
     }
 
     #[test]
@@ -570,6 +586,7 @@ mod tests {
             ("QUDATA_FRP_SUBDOMAIN", "-x-"),
             ("QUDATA_GPU_PCI_ADDRS", "65:00.0"),
             ("QUDATA_GPU_PCI_ADDRS", "0000:65:00.0,0000:65:00.0"),
+            ("QUDATA_NVML_LIBRARY", "lib/libnvidia-ml.so.1"),
             ("QUDATA_OVMF_CODE", "OVMF_CODE.fd"),
             ("QUDATA_OVMF_VARS", "vars.fd"),
             ("QUDATA_PUBLIC_ADDRESS", "1.2.3"),

@@ -13,6 +13,7 @@ use crate::backend::qemu::{QemuBackend, QemuSettings};
 use crate::backend::{Backend, EventSink};
 use crate::config::{BackendChoice, Config};
 use crate::guest::ManagementKey;
+use crate::guest::metrics::GpuStreams;
 use crate::vfio::{SysfsRoot, Vfio};
 
 /// Boot-to-SSH allowance: software emulation is an order of magnitude slower than KVM.
@@ -32,13 +33,21 @@ pub fn vfio(cfg: &Config) -> Vfio {
 }
 
 /// Builds the configured backend, or says in one sentence why none can run here.
-pub async fn build(cfg: &Config, events: EventSink) -> Result<Arc<dyn Backend>, String> {
+/// `gpu_streams`: in-guest GPU metrics for the stats loop (production mode).
+pub async fn build(
+    cfg: &Config,
+    events: EventSink,
+    gpu_streams: Option<Arc<GpuStreams>>,
+) -> Result<Arc<dyn Backend>, String> {
     match cfg.backend {
         BackendChoice::Docker => {
             Err("QUDATA_BACKEND=docker, but this build has no Docker backend yet".into())
         }
         BackendChoice::Qemu | BackendChoice::Auto => {
-            let backend = qemu(cfg, events).await?;
+            let mut backend = qemu(cfg, events).await?;
+            if let Some(streams) = gpu_streams {
+                backend = backend.with_gpu_streams(streams, cfg.stats_interval);
+            }
             Ok(Arc::new(backend))
         }
     }

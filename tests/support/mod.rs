@@ -6,6 +6,7 @@ pub mod host;
 pub mod install;
 pub mod kernel;
 pub mod mock_cp;
+pub mod nvml;
 pub mod orphans;
 pub mod sshd;
 pub mod sysfs;
