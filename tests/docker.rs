@@ -136,16 +136,11 @@ async fn a_bad_image_is_an_error_with_the_engines_message_and_leaves_nothing() {
     let failed = wait_status(&api, "error", START).await;
     let reason = failed["error"].as_str().unwrap_or_default();
     assert!(reason.contains("pulling the image qudata-test/no-such-image:1 failed: "), "{reason}");
+    eprintln!("bad image: {reason}");
     assert!(engine.labelled(&format!("ai.qudata.instance={id}")).is_empty());
-    // A request the backend cannot take at all is refused before anything starts.
-    let refused_create = api.json("POST", "/instances", &json!({"image": "bad image"})).await;
-    assert_eq!(
-        refused_create.status, 409,
-        "an instance (in error) exists: {:?}",
-        refused_create.body
-    );
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_status(&api, "destroyed", Duration::from_secs(30)).await;
+    // A request the backend cannot take at all is refused before anything starts.
     let refused_create = api.json("POST", "/instances", &json!({"image": "bad image"})).await;
     assert_eq!(refused_create.status, 400, "{:?}", refused_create.body);
     let missing = api.json("POST", "/instances", &json!({"cpus": 1})).await;
