@@ -76,11 +76,14 @@ pub fn passthrough(sysfs: &SysfsRoot, gpus: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Builds the configured backend, or says in one sentence why none can run here. The choice
-/// and its reason are logged.
-pub async fn build(cfg: &Config, events: EventSink) -> Result<Arc<dyn Backend>, String> {
-    let gpus = cfg.gpu_pci_addrs.clone().unwrap_or_default();
-    let order = order(cfg.backend, gpus.len(), &passthrough(&SysfsRoot::default(), &gpus));
+/// Builds the backend for `gpus` (the ones offered to renters), or says in one sentence why
+/// none can run here. The choice and its reason are logged.
+pub async fn build(
+    cfg: &Config,
+    gpus: &[String],
+    events: EventSink,
+) -> Result<Arc<dyn Backend>, String> {
+    let order = order(cfg.backend, gpus.len(), &passthrough(&SysfsRoot::default(), gpus));
     let mut failures = Vec::new();
     for kind in &order.try_in_order {
         let built: Result<Arc<dyn Backend>, String> = match kind {

@@ -54,14 +54,16 @@ async fn manager(
     local: bool,
 ) -> Result<(Manager, mpsc::UnboundedReceiver<crate::backend::BackendEvent>), AgentError> {
     let store = Store::open(&cfg.data_dir)?;
+    let gpu_pool = cfg.gpu_pci_addrs.clone().unwrap_or_default();
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
-        gpu_pool: cfg.gpu_pci_addrs.clone().unwrap_or_default(),
+        gpu_pool: gpu_pool.clone(),
         host_ports: ports::HOST_PORTS,
         local,
     };
     let (sink, events) = mpsc::unbounded_channel();
-    let backend = backends::build(cfg, sink).await;
+    // The backend is chosen for the GPUs the manager hands out.
+    let backend = backends::build(cfg, &gpu_pool, sink).await;
     if let Err(reason) = &backend {
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
