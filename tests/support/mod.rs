@@ -1,6 +1,9 @@
 //! Test support: the real agent binary, and doubles for what cannot exist here.
 
 pub mod agent;
+pub mod docker;
+pub mod docker_agent;
+pub mod docker_images;
 pub mod frpc;
 pub mod host;
 pub mod install;
