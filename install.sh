@@ -317,7 +317,7 @@ install_grub_dropin() {
     elif dry; then
       say "would run: update-grub"
     else
-      update-grub || die "update-grub failed; $dropin is in place, run update-grub again"
+      update-grub || die "update-grub failed (see above); run install.sh again once it works"
     fi
     say "reboot to turn the IOMMU on (the kernel command line changed)"
   elif [ "$ROOT" = / ] && ! grep -q 'iommu=' /proc/cmdline; then
