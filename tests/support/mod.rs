@@ -5,6 +5,7 @@ pub mod frpc;
 pub mod host;
 pub mod install;
 pub mod mock_cp;
+pub mod orphans;
 pub mod sshd;
 pub mod sysfs;
 pub mod vm;
