@@ -283,15 +283,19 @@ write_env_file() {
   private_dir "$(dirname "$env_file")"
   if [ -z "${QUDATA_API_KEY:-}" ]; then say "up to date: $env_file (QUDATA_API_KEY not given)"; return 0; fi
   new="$SCRATCH/agent.env"
+  # printf is a builtin: the key never appears in a process's argv. The umask covers the
+  # redirection too, so the file is never readable by others, even for a moment.
   (
     umask 077
-    if [ -f "$env_file" ]; then
-      grep -v '^QUDATA_API_KEY=' "$env_file" || true
-    else
-      printf '%s\n' "# qudata-agent settings (README.md, Configuration). 0600: holds the API key."
-    fi
-    printf 'QUDATA_API_KEY=%s\n' "$QUDATA_API_KEY"
-  ) >"$new"
+    {
+      if [ -f "$env_file" ]; then
+        grep -v '^QUDATA_API_KEY=' "$env_file" || true
+      else
+        printf '%s\n' "# qudata-agent settings (README.md, Configuration). 0600: holds the API key."
+      fi
+      printf 'QUDATA_API_KEY=%s\n' "$QUDATA_API_KEY"
+    } >"$new"
+  )
   if put_file "$new" "$env_file" 0600; then CHANGED=1; fi
 }
 
