@@ -230,7 +230,14 @@ check_inputs() {
 
 install_production_packages() {
   if [ "$ROOT" != / ]; then say "skip: packages (installing into $ROOT)"; return 0; fi
-  if dry; then say "would install the missing ones of: ${PROD_PKGS[*]}"; return 0; fi
+  if dry; then
+    local pkg missing=()
+    for pkg in "${PROD_PKGS[@]}"; do
+      dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    say "would install packages: ${missing[*]:-none missing}"
+    return 0
+  fi
   install_packages "${PROD_PKGS[@]}"
 }
 
