@@ -6,6 +6,7 @@ pub mod host;
 pub mod install;
 pub mod mock_cp;
 pub mod orphans;
+pub mod sandbox;
 pub mod sshd;
 pub mod sysfs;
 pub mod vm;
