@@ -16,6 +16,7 @@ use qudata_agent::guest::ManagementKey;
 use qudata_agent::instance::spec::{HostLimits, parse_create};
 use qudata_agent::instance::store::Store;
 use qudata_agent::instance::{BackendKind, Instance, Status};
+use qudata_agent::vfio::{SysfsRoot, Vfio};
 use serde_json::Value;
 use support::agent::{Agent, Dirs, free_port};
 use support::orphans::{TestQemu, foreign, orphan};
@@ -33,6 +34,7 @@ fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
         boot_deadline: Duration::from_secs(60),
         powerdown_grace: Duration::from_secs(5),
         proc_root: Default::default(),
+        vfio: Arc::new(Vfio::new(SysfsRoot::new(data.join("sys")), data)),
     };
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
     Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))

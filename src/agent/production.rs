@@ -125,6 +125,6 @@ fn init_request(cfg: &Config, identity: &Identity, manager: &Manager) -> InitReq
             BackendKind::Qemu => "qemu",
             BackendKind::Docker => "docker",
         }),
-        gpus: cfg.gpu_pci_addrs.as_ref().map(|g| g.len() as u32),
+        gpus: Some(manager.gpu_pool().len() as u32),
     }
 }
