@@ -323,17 +323,22 @@ install_grub_dropin() {
     return 0
   fi
   if put_file grub/qudata-iommu.cfg "$dropin" 0644; then
-    if [ "$ROOT" != / ]; then
-      say "skip: update-grub (installing into $ROOT)"
-    elif dry; then
-      say "would run: update-grub"
-    else
-      update-grub || die "update-grub failed (see above); run install.sh again once it works"
+    :
+  elif [ "$ROOT" != / ] || grep -qs 'iommu=' /boot/grub/grub.cfg; then
+    # Up to date, and grub.cfg was regenerated with it (else an earlier update-grub failed).
+    if [ "$ROOT" = / ] && ! grep -q 'iommu=' /proc/cmdline; then
+      say "the running kernel has no IOMMU parameters yet: reboot to apply them"
     fi
-    say "reboot to turn the IOMMU on (the kernel command line changed)"
-  elif [ "$ROOT" = / ] && ! grep -q 'iommu=' /proc/cmdline; then
-    say "the running kernel has no IOMMU parameters yet: reboot to apply them"
+    return 0
   fi
+  if [ "$ROOT" != / ]; then
+    say "skip: update-grub (installing into $ROOT)"
+  elif dry; then
+    say "would run: update-grub"
+  else
+    update-grub || die "update-grub failed (see above); run install.sh again once it works"
+  fi
+  say "reboot to turn the IOMMU on (the kernel command line changed)"
 }
 
 start_service() {
@@ -342,8 +347,10 @@ start_service() {
   if dry; then say "would run: systemctl daemon-reload && systemctl enable --now $UNIT"; return 0; fi
   systemctl daemon-reload
   # KillMode=process: a restart replaces the agent and leaves its VMs running.
-  if [ "$CHANGED" = 1 ] && systemctl is-active --quiet "$UNIT"; then systemctl restart "$UNIT"; fi
-  systemctl enable --now "$UNIT"
+  if [ "$CHANGED" = 1 ] && systemctl is-active --quiet "$UNIT"; then
+    systemctl restart "$UNIT" || die "$UNIT did not restart: journalctl -u $UNIT"
+  fi
+  systemctl enable --now "$UNIT" || die "$UNIT did not start: journalctl -u $UNIT"
   say "$UNIT is running; logs: journalctl -u $UNIT"
 }
 
@@ -371,6 +378,9 @@ production() {
   write_env_file
   install_vfio_modules
   install_grub_dropin
+  # Everything is in place: a service that then fails to start is for the operator to look
+  # at (journalctl), not a reason to remove files systemd may already have loaded.
+  CREATED=()
   start_service
   if dry; then say "dry run: nothing was changed"; else say "done"; fi
 }
