@@ -59,7 +59,7 @@ struct ControlPlane {
 
 impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
-        let roots = host::Roots::default();
+        let roots = host::Roots { sys: self.cfg.sysfs_root.clone(), ..Default::default() };
         let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu: None };
         // frpc first with what is stored (adopting a running one), beside registration, so the
         // tunnels stay supervised and published while the control plane is down.
