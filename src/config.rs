@@ -108,21 +108,21 @@ pub const SETTINGS: &[Setting] = &[
         None,
         "a port number 1-65535",
         "FRP server port (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     row(
         "QUDATA_FRP_SERVER",
         None,
         "a host name or IP address",
         "FRP server address (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     row(
         "QUDATA_FRP_SUBDOMAIN",
         None,
         "a DNS label",
         "FRP subdomain of this host (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     Setting {
         secret: true,
@@ -131,7 +131,7 @@ pub const SETTINGS: &[Setting] = &[
             None,
             "a non-empty token",
             "FRP server token (wins over /init)",
-            Scope::Run,
+            Scope::Host,
         )
     },
     row(

@@ -44,6 +44,34 @@ pub async fn build(cfg: &Config, events: EventSink) -> Result<Arc<dyn Backend>, 
     }
 }
 
+/// A backend good only for finding, stopping and removing what the agent made, never for
+/// launching: no accelerator probe, no base image or firmware needed. For `recover`, and for
+/// the agent's start-up recovery when no backend can run here.
+pub fn for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
+    let ovmf = disk::detect_ovmf(
+        cfg.ovmf_code.as_deref(),
+        cfg.ovmf_vars.as_deref(),
+        disk::OVMF_CANDIDATES,
+    )
+    .unwrap_or(disk::Ovmf { code: PathBuf::new(), vars_template: PathBuf::new() });
+    let settings = QemuSettings {
+        qemu_img: disk::qemu_img_for(&cfg.qemu_binary),
+        qemu_binary: cfg.qemu_binary.clone(),
+        ovmf,
+        accel: Accel::Tcg,
+        base_image: cfg.base_image.clone().unwrap_or_else(|| default_base_image(cfg)),
+        images_dir: cfg.data_dir.join("images"),
+        data_dir: cfg.data_dir.clone(),
+        run_dir: cfg.run_dir.clone(),
+        boot_deadline: BOOT_DEADLINE_TCG,
+        powerdown_grace: POWERDOWN_GRACE,
+        proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
+    };
+    // Never used to reach a guest: a throwaway key, nothing written.
+    Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
+}
+
 async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
     let ovmf = disk::detect_ovmf(
         cfg.ovmf_code.as_deref(),
@@ -78,6 +106,7 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
             Accel::Tcg => BOOT_DEADLINE_TCG,
         },
         powerdown_grace: POWERDOWN_GRACE,
+        proc_root: Default::default(),
         vfio: Arc::new(vfio(cfg)),
     };
     tracing::info!(accel = accel.as_str(), base = %settings.base_image.display(), "QEMU backend ready");

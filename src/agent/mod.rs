@@ -9,6 +9,7 @@
 pub mod backends;
 pub mod limits;
 pub mod logging;
+pub mod notify;
 mod production;
 mod tunnels;
 
@@ -16,14 +17,19 @@ pub use production::run;
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, SecretSlot};
+use crate::backend::{Backend, BackendEvent};
 use crate::config::Config;
 use crate::fsutil::{self, FsError};
-use crate::instance::manager::{Manager, ManagerError, ManagerSettings};
+use crate::instance::manager::{Manager, ManagerSettings};
 use crate::instance::store::{Store, StoreError};
 use crate::ports;
+use crate::recovery::lock::{LockError, RunLock};
+use crate::recovery::{self, RecoveryError};
 use crate::secret::Secret;
 
 /// Start-up failed; each variant is one sentence for the operator.
@@ -33,8 +39,10 @@ pub enum AgentError {
     Listen { port: u16, source: std::io::Error },
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("cannot reattach instances: {0}")]
-    Restore(#[from] ManagerError),
+    #[error("cannot start: {0}")]
+    Lock(#[from] LockError),
+    #[error("start-up recovery failed: {0}")]
+    Recovery(#[from] RecoveryError),
     #[error("cannot open the instance records: {0}")]
     Store(#[from] StoreError),
     #[error("the API server failed: {0}")]
@@ -53,10 +61,15 @@ pub enum AgentError {
 /// Local mode's port when `QUDATA_AGENT_PORT` is unset.
 pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 
-async fn manager(
-    cfg: &Config,
-    local: bool,
-) -> Result<(Manager, mpsc::UnboundedReceiver<crate::backend::BackendEvent>), AgentError> {
+/// The instance manager, and the backend recovery cleans up with (the manager's, or one good
+/// only for cleaning up when no backend can run here).
+pub(crate) struct Built {
+    manager: Manager,
+    events: mpsc::UnboundedReceiver<BackendEvent>,
+    cleanup: Arc<dyn Backend>,
+}
+
+async fn manager(cfg: &Config, local: bool) -> Result<Built, AgentError> {
     let store = Store::open(&cfg.data_dir)?;
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
@@ -71,11 +84,26 @@ async fn manager(
         local,
     };
     let (sink, events) = mpsc::unbounded_channel();
-    let backend = backends::build(cfg, sink).await;
+    let backend = backends::build(cfg, sink.clone()).await;
     if let Err(reason) = &backend {
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
-    Ok((Manager::new(backend, store, settings), events))
+    let cleanup = match &backend {
+        Ok(b) => b.clone(),
+        Err(_) => backends::for_cleanup(cfg, sink),
+    };
+    Ok(Built { manager: Manager::new(backend, store, settings), events, cleanup })
+}
+
+/// Before anything else: the run lock (held for the agent's life, so a `recover` waits), then
+/// the manager, then the start-up reconciliation (PROTOCOL.md §4). Returns the ids restored.
+async fn start_up(cfg: &Config, local: bool) -> Result<(RunLock, Built, Vec<String>), AgentError> {
+    let lock = RunLock::acquire(&cfg.run_dir, "run", recovery::AGENT_LOCK_WAIT).await?;
+    let built = manager(cfg, local).await?;
+    let manager = built.manager.clone();
+    let restored = recovery::at_startup(&manager, Some(built.cleanup.clone()), cfg).await?;
+    reconcile_gpus(cfg, &manager).await;
+    Ok((lock, built, restored))
 }
 
 /// Undoes the binds a crash left (DESIGN.md "VFIO"): every bind record whose instance has no
@@ -130,7 +158,7 @@ fn local_secret(cfg: &Config) -> Result<(Secret, bool), AgentError> {
     Ok((secret, true))
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT, having told systemd that the shutdown has begun.
 async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -139,6 +167,7 @@ async fn termination() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down, instances keep running"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down, instances keep running"),
     }
+    notify::stopping();
 }
 
 /// `qudata-agent run --local`: no control plane, no frpc, a generated secret.
@@ -146,10 +175,8 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
     fsutil::ensure_private_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
-    let (manager, events) = manager(&cfg, true).await?;
+    let (_lock, Built { manager, events, .. }, _) = start_up(&cfg, true).await?;
     manager.spawn_event_loop(events);
-    manager.restore().await?;
-    reconcile_gpus(&cfg, &manager).await;
 
     let port = cfg.agent_port.unwrap_or(LOCAL_DEFAULT_PORT);
     let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;
@@ -157,7 +184,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), SecretSlot::new(Some(secret.clone())));
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped));
-    notify_ready();
+    notify::ready(port);
     print_local_banner(&cfg, port, fresh.then_some(&secret));
     tracing::info!(port, "agent API listening on 127.0.0.1 (local mode)");
 
@@ -183,11 +210,4 @@ fn print_local_banner(cfg: &Config, port: u16, new_secret: Option<&Secret>) {
          curl -s -H \"X-Agent-Secret: $S\" -X DELETE http://127.0.0.1:{port}/instances",
         file = file.display()
     );
-}
-
-/// Tells systemd (`Type=notify`) that the API listens; a no-op outside systemd.
-fn notify_ready() {
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        tracing::debug!(error = %e, "sd_notify failed");
-    }
 }

@@ -7,14 +7,16 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::tunnels::TunnelLink;
-use super::{AgentError, manager, notify_ready, termination};
+use super::{AgentError, Built, notify, start_up, termination};
 use crate::api::{self, SecretSlot};
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::control_plane::wire::InitRequest;
 use crate::control_plane::{self, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter};
 use crate::fsutil;
 use crate::host::{self, Sampler};
 use crate::instance::{BackendKind, Manager};
+use crate::recovery;
 
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
@@ -22,10 +24,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
-    let (manager, events) = manager(&cfg, false).await?;
+    let (_lock, built, restored) = start_up(&cfg, false).await?;
+    let Built { manager, events, cleanup } = built;
     manager.spawn_event_loop(events);
-    manager.restore().await?;
-    super::reconcile_gpus(&cfg, &manager).await;
 
     let port = identity.agent_port;
     let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;
@@ -34,11 +35,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), slot.clone());
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped.clone()));
-    notify_ready();
+    notify::ready(port);
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
-    let background = ControlPlane { cfg, client, identity, request, slot, manager };
+    let background =
+        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored };
     let control = tokio::spawn(background.run(stopped));
 
     termination().await;
@@ -55,6 +57,10 @@ struct ControlPlane {
     request: InitRequest,
     slot: SecretSlot,
     manager: Manager,
+    /// The backend recovery uses, and the instances restored at start-up: the lease from
+    /// `/init` applies to those.
+    cleanup: Arc<dyn Backend>,
+    restored: Vec<String>,
 }
 
 impl ControlPlane {
@@ -83,6 +89,12 @@ impl ControlPlane {
         .await;
         if let Some(running) = registered.instance_running {
             tracing::info!(instance_running = running, "control plane's view of the lease");
+            let backend = Some(self.cleanup.as_ref());
+            let lease =
+                recovery::apply_lease(&self.manager, backend, &self.cfg, &self.restored, running);
+            if let Err(e) = lease.await {
+                tracing::error!(error = %e, "cannot apply the lease to the restored instances");
+            }
         }
         // Then what `/init` sent: frpc restarts only if its main file changes.
         let mut link = early.await.expect("tunnel start-up task");

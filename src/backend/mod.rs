@@ -57,6 +57,15 @@ pub enum Adoption {
     Gone { detail: String },
 }
 
+/// A VM or container on the host that carries this agent's marker, found without the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    /// The instance id in the marker.
+    pub instance_id: String,
+    /// What it is, for logs and `recover`'s table ("QEMU pid 1234", "container 3f2a…").
+    pub what: String,
+}
+
 /// One implementation per way of running an instance.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -108,4 +117,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Reattaches to the instance after an agent restart, without touching the guest.
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError>;
+
+    /// Everything on the host carrying this agent's marker (QEMU: `-name qudata-<id>` in
+    /// `/proc/<pid>/cmdline`; Docker: the agent's label), with or without a record.
+    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError>;
+
+    /// Stops and removes an orphan that [`Backend::find_owned`] returned and no record claims:
+    /// graceful stop with a deadline, then kill; everything it made removed. Idempotent.
+    async fn reap(&self, owned: &Owned) -> Result<(), BackendError>;
 }

@@ -22,8 +22,10 @@ use crate::ports::{self, PortError};
 
 mod flows;
 mod publish;
+mod restore;
 
 pub use publish::Publisher;
+pub use restore::Restore;
 
 /// How long a lifecycle command waits for the operation in progress on its instance.
 const OP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -380,23 +382,6 @@ impl Manager {
             // Not applied: the record goes back to what the guest has.
             self.update(&slot, |i| i.ssh_keys = current.ssh_keys.clone())?;
             return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Loads the records and reattaches to what still runs (PROTOCOL.md §4). Called once at
-    /// start-up, before the API serves.
-    pub async fn restore(&self) -> Result<(), ManagerError> {
-        let records = self.inner.store.load_all()?;
-        for instance in records {
-            let id = instance.id.clone();
-            let slot = Arc::new(Slot {
-                record: Mutex::new(instance),
-                op: Arc::default(),
-                cancel: watch::channel(false).0,
-            });
-            self.slots().insert(id, Arc::clone(&slot));
-            flows::restore_one(self, slot).await;
         }
         Ok(())
     }

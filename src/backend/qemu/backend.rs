@@ -16,11 +16,13 @@ use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
 use super::gpus;
 use super::layout::VmPaths;
+use super::orphan::Orphan;
 use super::process;
+use super::procfs::ProcRoot;
 use super::qmp::Qmp;
 use super::seed;
 use super::vm::{QMP_TIMEOUT, Vm};
-use crate::backend::{Adoption, Backend, BackendError, EventSink};
+use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
 use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
@@ -43,6 +45,8 @@ pub struct QemuSettings {
     pub boot_deadline: Duration,
     /// How long an ACPI power-down may take before QEMU is told to quit.
     pub powerdown_grace: Duration,
+    /// Where QEMUs are looked for (`/proc`; a tree of their own in tests).
+    pub proc_root: ProcRoot,
     /// Binds and releases the GPUs of VMs.
     pub vfio: Arc<crate::vfio::Vfio>,
 }
@@ -135,6 +139,7 @@ impl QemuBackend {
         )
         .await
         .map_err(|e| BackendError::op("create the disk", e))?;
+        crate::fault::crash_point(crate::fault::Phase::AfterOverlay);
         disk::copy_vars(&self.settings.ovmf.vars_template, &paths.vars)
             .map_err(|e| BackendError::op("create the firmware variables", e))?;
         let hostname = instance.marker();
@@ -346,9 +351,44 @@ impl Backend for QemuBackend {
         let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("reconnect to QEMU's monitor", e))?;
+        // Only a start cut short between spawn and `cont` leaves a VM in prelaunch: finish it.
+        // (A VM paused by `stop` is `paused`, and stays so.)
+        let state = qmp.query_status().await.map_err(|e| BackendError::op("adopt", e))?;
+        if state.status == qapi_qmp::RunState::prelaunch {
+            tracing::info!(id = %instance.id, "adopted VM never started its vCPUs: starting them");
+            qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
+        }
         let vm = Vm::watch(&instance.id, pid, qmp, None, paths, self.events.clone());
         self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, "VM adopted");
         Ok(Adoption::Adopted)
+    }
+
+    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
+        let found = self.settings.proc_root.scan(&self.settings.run_dir);
+        let owned = found
+            .into_iter()
+            .map(|f| Owned { what: format!("QEMU pid {}", f.pid), instance_id: f.instance_id });
+        Ok(owned.collect())
+    }
+
+    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
+        let id = &owned.instance_id;
+        let paths = self.paths(id);
+        if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
+            vm.expect_exit();
+        }
+        let orphan = Orphan {
+            proc: &self.settings.proc_root,
+            run_dir: &self.settings.run_dir,
+            paths: &paths,
+            id,
+            powerdown_grace: self.settings.powerdown_grace,
+        };
+        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the orphan QEMU", e))?;
+        let removed =
+            paths.remove_known().map_err(|e| BackendError::op("remove the orphan's files", e))?;
+        tracing::info!(%id, stopped = ?how, files = removed.len(), "orphan VM reaped");
+        Ok(())
     }
 }

@@ -15,12 +15,16 @@
 //! [`process::Spawned::wait_for_path`] (QMP socket) → [`qmp::Qmp::connect`] →
 //! `query_status` is `prelaunch` → `cont`. After an agent restart: [`process::owned_pid`] →
 //! [`qmp::Qmp::connect`]. Teardown: `quit` over QMP, then [`process::terminate`] as backstop.
+//! Recovery: [`procfs::ProcRoot::scan`] finds every QEMU of this agent, record or not;
+//! [`orphan::Orphan::stop`] stops one no record claims.
 
 pub mod accel;
 pub mod argv;
 pub mod disk;
 pub mod gpus;
+pub mod orphan;
 pub mod process;
+pub mod procfs;
 pub mod qmp;
 pub mod seed;
 

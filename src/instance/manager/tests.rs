@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::backend::{Adoption, BackendEvent, EventSink};
+use crate::backend::{Adoption, BackendEvent, EventSink, Owned};
 use crate::instance::spec::Spec;
 
 /// Records every call; `wait_ready` waits for a permit of `ready` so tests control boot time.
@@ -18,6 +18,8 @@ struct Scripted {
     fail: StdMutex<Option<&'static str>>,
     adoption: StdMutex<Adoption>,
     keys_seen: StdMutex<Vec<Vec<String>>>,
+    /// What `find_owned` reports; `reap` removes from it.
+    owned: StdMutex<Vec<Owned>>,
 }
 
 impl Scripted {
@@ -28,6 +30,7 @@ impl Scripted {
             fail: StdMutex::default(),
             adoption: StdMutex::new(Adoption::Adopted),
             keys_seen: StdMutex::default(),
+            owned: StdMutex::default(),
         })
     }
 
@@ -100,6 +103,15 @@ impl Backend for Scripted {
     async fn adopt(&self, _: &Instance) -> Result<Adoption, BackendError> {
         self.step("adopt")?;
         Ok(self.adoption.lock().unwrap().clone())
+    }
+    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
+        self.step("find_owned")?;
+        Ok(self.owned.lock().unwrap().clone())
+    }
+    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
+        self.step("reap")?;
+        self.owned.lock().unwrap().retain(|o| o != owned);
+        Ok(())
     }
 }
 
@@ -351,7 +363,8 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     drop(manager);
 
     let again = harness_in(dir, Scripted::new(), &[]);
-    again.manager.restore().await.unwrap();
+    let records = again.manager.stored_records().unwrap();
+    again.manager.restore_with(records.into_iter().map(|i| (i, Restore::Adopt)).collect()).await;
     wait_for(&again.manager, Status::Running).await;
     for _ in 0..100 {
         if again.backend.calls().len() == 2 {
@@ -364,7 +377,8 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     let gone = Scripted::new();
     *gone.adoption.lock().unwrap() = Adoption::Gone { detail: "no QEMU process".into() };
     let third = harness_in(again.dir, gone, &[]);
-    third.manager.restore().await.unwrap();
+    let records = third.manager.stored_records().unwrap();
+    third.manager.restore_with(records.into_iter().map(|i| (i, Restore::Adopt)).collect()).await;
     assert_eq!(third.manager.current_status(), Status::Error);
     let error = third.manager.status().error.unwrap();
     assert!(error.contains("exited while the agent was down"), "{error}");

@@ -63,6 +63,7 @@ impl QemuBackend {
         let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
+        crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
         qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
         let vm =
             Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
