@@ -155,7 +155,7 @@ async fn an_agent_killed_in_the_middle_of_a_bind_is_undone_at_the_next_start() {
     assert!(bind_records(&dirs).is_empty());
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
     let status = wait_status(&api, "error", Duration::from_secs(30)).await;
-    assert!(status["error"].as_str().unwrap().contains("while the agent was down"), "{status}");
+    assert!(status["error"].as_str().unwrap().contains("the agent stopped"), "{status}");
 
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id, Duration::from_secs(60)).await;
