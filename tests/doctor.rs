@@ -190,6 +190,7 @@ fn a_bad_setting_exits_2_and_no_api_key_is_needed() {
 #[test]
 fn doctor_reads_the_sysfs_root_it_is_given() {
     let fake = support::sysfs::FakeSysfs::new()
+        .driver_available("vfio-pci")
         .gpu("0000:65:00.0", 0x2330)
         .driver("nvidia")
         .group(12)
