@@ -115,21 +115,21 @@ pub const SETTINGS: &[Setting] = &[
         None,
         "a port number 1-65535",
         "FRP server port (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     row(
         "QUDATA_FRP_SERVER",
         None,
         "a host name or IP address",
         "FRP server address (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     row(
         "QUDATA_FRP_SUBDOMAIN",
         None,
         "a DNS label",
         "FRP subdomain of this host (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     Setting {
         secret: true,
@@ -138,7 +138,7 @@ pub const SETTINGS: &[Setting] = &[
             None,
             "a non-empty token",
             "FRP server token (wins over /init)",
-            Scope::Run,
+            Scope::Host,
         )
     },
     row(
@@ -147,6 +147,13 @@ pub const SETTINGS: &[Setting] = &[
         "comma-separated PCI addresses like 0000:65:00.0",
         "GPUs offered to renters (default: every NVIDIA GPU found)",
         Scope::Host,
+    ),
+    row(
+        "QUDATA_NVML_LIBRARY",
+        Some("libnvidia-ml.so.1"),
+        "a library file name (found by the dynamic loader) or an absolute path",
+        "NVIDIA management library for GPU facts and metrics (absent: no driver, reported cleanly)",
+        Scope::Run,
     ),
     row(
         "QUDATA_OVMF_CODE",
@@ -203,6 +210,13 @@ pub const SETTINGS: &[Setting] = &[
         "milliseconds, 100-60000",
         "telemetry period",
         Scope::Run,
+    ),
+    row(
+        "QUDATA_SYSFS_ROOT",
+        Some("/sys"),
+        "an absolute path",
+        "where sysfs is mounted (GPU discovery and VFIO binding; tests point it elsewhere)",
+        Scope::Host,
     ),
 ];
 
@@ -262,6 +276,7 @@ pub struct Config {
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
+    pub nvml_library: PathBuf,
     /// `None`: detected (see `backend::qemu::disk`).
     pub ovmf_code: Option<PathBuf>,
     /// `None`: detected next to the code image.
@@ -272,6 +287,8 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub service_url: String,
     pub stats_interval: Duration,
+    /// Root of every sysfs path the agent reads or writes.
+    pub sysfs_root: PathBuf,
 }
 
 /// Reads values by name; the process environment in production, a map in tests.
@@ -367,6 +384,12 @@ fn parse_docker_host(v: &str) -> Result<PathBuf, String> {
         return Err("is not a unix:// socket".into());
     }
     parse_abs_path(path)
+}
+
+/// A bare file name for the dynamic loader's search, or an absolute path.
+fn parse_library(v: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(v);
+    if path.is_absolute() || !v.contains('/') { Ok(path) } else { Err("is a relative path".into()) }
 }
 
 fn parse_url(v: &str) -> Result<String, String> {
@@ -471,6 +494,7 @@ impl Config {
                 })?,
             },
             gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            nvml_library: r.required("QUDATA_NVML_LIBRARY", parse_library)?,
             ovmf_code: r.parse("QUDATA_OVMF_CODE", parse_abs_path)?,
             ovmf_vars: r.parse("QUDATA_OVMF_VARS", parse_abs_path)?,
             public_address: r.parse("QUDATA_PUBLIC_ADDRESS", |v| {
@@ -486,6 +510,7 @@ impl Config {
             run_dir: r.required("QUDATA_RUN_DIR", parse_abs_path)?,
             service_url: r.required("QUDATA_SERVICE_URL", parse_url)?,
             stats_interval: Duration::from_millis(interval_ms),
+            sysfs_root: r.required("QUDATA_SYSFS_ROOT", parse_abs_path)?,
         })
     }
 }
@@ -529,6 +554,8 @@ mod tests {
         assert_eq!(c.qemu_accel, AccelChoice::Auto);
         assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-x86_64"));
         assert!(c.ovmf_code.is_none() && c.ovmf_vars.is_none());
+        assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(c.nvml_library, PathBuf::from("libnvidia-ml.so.1"));
     }
 
     #[test]
@@ -594,12 +621,14 @@ mod tests {
             ("QUDATA_FRP_SUBDOMAIN", "-x-"),
             ("QUDATA_GPU_PCI_ADDRS", "65:00.0"),
             ("QUDATA_GPU_PCI_ADDRS", "0000:65:00.0,0000:65:00.0"),
+            ("QUDATA_NVML_LIBRARY", "lib/libnvidia-ml.so.1"),
             ("QUDATA_OVMF_CODE", "OVMF_CODE.fd"),
             ("QUDATA_OVMF_VARS", "vars.fd"),
             ("QUDATA_PUBLIC_ADDRESS", "1.2.3"),
             ("QUDATA_QEMU_ACCEL", "hvf"),
             ("QUDATA_SERVICE_URL", "ftp://x"),
             ("QUDATA_STATS_INTERVAL_MS", "5"),
+            ("QUDATA_SYSFS_ROOT", "sys"),
         ];
         for (name, value) in cases {
             let err = Config::load(&env(&[(name, value)]), true).unwrap_err();

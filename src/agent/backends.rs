@@ -14,8 +14,9 @@ use crate::backend::qemu::{QemuBackend, QemuSettings};
 use crate::backend::{Backend, EventSink};
 use crate::config::{BackendChoice, Config};
 use crate::guest::ManagementKey;
+use crate::guest::metrics::GpuStreams;
 use crate::instance::model::BackendKind;
-use crate::vfio::{PciAddress, SysfsRoot};
+use crate::vfio::{PciAddress, SysfsRoot, Vfio};
 
 /// Boot-to-SSH allowance: software emulation is an order of magnitude slower than KVM.
 const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(180);
@@ -26,6 +27,11 @@ const POWERDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The default base image when `QUDATA_BASE_IMAGE` is unset.
 pub fn default_base_image(cfg: &Config) -> PathBuf {
     cfg.data_dir.join("images").join("base.qcow2")
+}
+
+/// The VFIO side of this host, as the settings place it.
+pub fn vfio(cfg: &Config) -> Vfio {
+    Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir)
 }
 
 /// What `auto` (or the setting) says to try, in order, and why.
@@ -77,17 +83,25 @@ pub fn passthrough(sysfs: &SysfsRoot, gpus: &[String]) -> Result<(), String> {
 }
 
 /// Builds the backend for `gpus` (the ones offered to renters), or says in one sentence why
-/// none can run here. The choice and its reason are logged.
+/// none can run here. The choice and its reason are logged. `gpu_streams`: in-guest GPU
+/// metrics for the stats loop (production mode, VMs).
 pub async fn build(
     cfg: &Config,
     gpus: &[String],
     events: EventSink,
+    gpu_streams: Option<Arc<GpuStreams>>,
 ) -> Result<Arc<dyn Backend>, String> {
-    let order = order(cfg.backend, gpus.len(), &passthrough(&SysfsRoot::default(), gpus));
+    let sysfs = SysfsRoot::new(&cfg.sysfs_root);
+    let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, gpus));
     let mut failures = Vec::new();
     for kind in &order.try_in_order {
         let built: Result<Arc<dyn Backend>, String> = match kind {
-            BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|b| Arc::new(b) as _),
+            BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|mut b| {
+                if let Some(streams) = gpu_streams.clone() {
+                    b = b.with_gpu_streams(streams, cfg.stats_interval);
+                }
+                Arc::new(b) as _
+            }),
             BackendKind::Docker => docker(cfg, events.clone()).await.map(|b| Arc::new(b) as _),
         };
         match built {
@@ -115,6 +129,34 @@ async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String
     let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
     tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
     Ok(backend)
+}
+
+/// A backend good only for finding, stopping and removing what the agent made, never for
+/// launching: no accelerator probe, no base image or firmware needed. For `recover`, and for
+/// the agent's start-up recovery when no backend can run here.
+pub fn for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
+    let ovmf = disk::detect_ovmf(
+        cfg.ovmf_code.as_deref(),
+        cfg.ovmf_vars.as_deref(),
+        disk::OVMF_CANDIDATES,
+    )
+    .unwrap_or(disk::Ovmf { code: PathBuf::new(), vars_template: PathBuf::new() });
+    let settings = QemuSettings {
+        qemu_img: disk::qemu_img_for(&cfg.qemu_binary),
+        qemu_binary: cfg.qemu_binary.clone(),
+        ovmf,
+        accel: Accel::Tcg,
+        base_image: cfg.base_image.clone().unwrap_or_else(|| default_base_image(cfg)),
+        images_dir: cfg.data_dir.join("images"),
+        data_dir: cfg.data_dir.clone(),
+        run_dir: cfg.run_dir.clone(),
+        boot_deadline: BOOT_DEADLINE_TCG,
+        powerdown_grace: POWERDOWN_GRACE,
+        proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
+    };
+    // Never used to reach a guest: a throwaway key, nothing written.
+    Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
 }
 
 async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
@@ -152,6 +194,7 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
         },
         powerdown_grace: POWERDOWN_GRACE,
         proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
     };
     tracing::info!(accel = accel.as_str(), base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))

@@ -7,14 +7,21 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::tunnels::TunnelLink;
-use super::{AgentError, manager, notify_ready, termination};
+use super::{AgentError, Built, notify, start_up, termination};
 use crate::api::{self, SecretSlot};
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::control_plane::wire::InitRequest;
-use crate::control_plane::{self, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter};
+use crate::control_plane::{
+    self, AgentStats, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter,
+};
 use crate::fsutil;
+use crate::gpu::{self, GpuMetrics, facts::FactsInputs};
+use crate::guest::metrics::{GpuStreams, GuestGpuBoard};
 use crate::host::{self, Sampler};
 use crate::instance::{BackendKind, Manager};
+use crate::recovery;
+use crate::vfio::SysfsRoot;
 
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
@@ -22,9 +29,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
-    let (manager, events) = manager(&cfg, false).await?;
+    let gpu_streams = Arc::new(GpuStreams::new(GuestGpuBoard::default()));
+    let (_lock, built, restored) = start_up(&cfg, false, Some(gpu_streams.clone())).await?;
+    let Built { manager, events, cleanup } = built;
     manager.spawn_event_loop(events);
-    manager.restore().await?;
 
     let port = identity.agent_port;
     let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;
@@ -33,11 +41,13 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), slot.clone());
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped.clone()));
-    notify_ready();
+    notify::ready(port);
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
-    let background = ControlPlane { cfg, client, identity, request, slot, manager };
+    let board = gpu_streams.board().clone();
+    let background =
+        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored, board };
     let control = tokio::spawn(background.run(stopped));
 
     termination().await;
@@ -54,12 +64,20 @@ struct ControlPlane {
     request: InitRequest,
     slot: SecretSlot,
     manager: Manager,
+    /// The backend recovery uses, and the instances restored at start-up: the lease from
+    /// `/init` applies to those.
+    cleanup: Arc<dyn Backend>,
+    restored: Vec<String>,
+    /// In-guest GPU values, written by the VM backend's streams.
+    board: GuestGpuBoard,
 }
 
 impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
         let roots = host::Roots::default();
-        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu: None };
+        let nvml = gpu::metrics::load_host_nvml(&self.cfg.nvml_library);
+        let gpu = self.gpu_facts(nvml.as_ref(), &roots);
+        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu };
         // frpc first with what is stored (adopting a running one), beside registration, so the
         // tunnels stay supervised and published while the control plane is down.
         let agent_id = self.identity.agent_id.to_string();
@@ -82,6 +100,12 @@ impl ControlPlane {
         .await;
         if let Some(running) = registered.instance_running {
             tracing::info!(instance_running = running, "control plane's view of the lease");
+            let backend = Some(self.cleanup.as_ref());
+            let lease =
+                recovery::apply_lease(&self.manager, backend, &self.cfg, &self.restored, running);
+            if let Err(e) = lease.await {
+                tracing::error!(error = %e, "cannot apply the lease to the restored instances");
+            }
         }
         // Then what `/init` sent: frpc restarts only if its main file changes.
         let mut link = early.await.expect("tunnel start-up task");
@@ -89,12 +113,30 @@ impl ControlPlane {
         let reporter = Reporter {
             client: self.client,
             secret: registered.secret,
-            source: Arc::new(self.manager),
+            source: Arc::new(AgentStats {
+                manager: self.manager,
+                gpus: Arc::new(GpuMetrics::new(nvml, self.board, self.cfg.stats_interval)),
+            }),
             sampler: Sampler::new(roots.proc.clone()),
             interval: self.cfg.stats_interval,
         };
         reporter.run(stop).await;
         drop(link); // frpc keeps running for the next agent to adopt
+    }
+
+    /// `/init/host` GPU facts: NVML, else the self-test inventory, else PCI ids.
+    fn gpu_facts(&self, nvml: Option<&gpu::Nvml>, roots: &host::Roots) -> Option<gpu::GpuFacts> {
+        let selftest_file = self.cfg.data_dir.join(gpu::selftest::FILE_NAME);
+        let sysfs = SysfsRoot::new(&roots.sys);
+        let inputs = FactsInputs {
+            nvml,
+            selftest_file: &selftest_file,
+            sysfs: &sysfs,
+            only: self.cfg.gpu_pci_addrs.as_deref(),
+        };
+        let (facts, source) = gpu::facts::host_facts(&inputs)?;
+        tracing::info!(?source, name = %facts.name, count = facts.count, vram_gib = facts.vram_gib, max_cuda = facts.max_cuda, "GPU facts");
+        Some(facts)
     }
 }
 
@@ -112,6 +154,6 @@ fn init_request(cfg: &Config, identity: &Identity, manager: &Manager) -> InitReq
             BackendKind::Qemu => "qemu",
             BackendKind::Docker => "docker",
         }),
-        gpus: cfg.gpu_pci_addrs.as_ref().map(|g| g.len() as u32),
+        gpus: Some(manager.gpu_pool().len() as u32),
     }
 }

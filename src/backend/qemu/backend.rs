@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::accel::Accel;
-use super::argv::{VmPlan, qemu_argv};
+use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
+use super::gpus;
 use super::layout::VmPaths;
 use super::orphan::Orphan;
 use super::process;
@@ -22,9 +23,12 @@ use super::qmp::Qmp;
 use super::seed;
 use super::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
+use crate::guest::metrics::{GpuStreams, StreamSpec};
 use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
+
+mod start;
 
 /// What the QEMU backend needs to know about the host.
 #[derive(Clone, Debug)]
@@ -44,6 +48,8 @@ pub struct QemuSettings {
     pub powerdown_grace: Duration,
     /// Where QEMUs are looked for (`/proc`; a tree of their own in tests).
     pub proc_root: ProcRoot,
+    /// Binds and releases the GPUs of VMs.
+    pub vfio: Arc<crate::vfio::Vfio>,
 }
 
 pub struct QemuBackend {
@@ -51,6 +57,8 @@ pub struct QemuBackend {
     key: ManagementKey,
     events: EventSink,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// In-guest GPU metrics and their period (production mode only).
+    gpu_streams: Option<(Arc<GpuStreams>, Duration)>,
 }
 
 /// Time for QEMU to create its monitor socket after exec.
@@ -60,7 +68,31 @@ const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 impl QemuBackend {
     pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
-        QemuBackend { settings, key, events, vms: Mutex::default() }
+        QemuBackend { settings, key, events, vms: Mutex::default(), gpu_streams: None }
+    }
+
+    /// Runs an in-guest GPU metrics stream (`guest::metrics`) for every configured VM.
+    pub fn with_gpu_streams(mut self, streams: Arc<GpuStreams>, interval: Duration) -> Self {
+        self.gpu_streams = Some((streams, interval));
+        self
+    }
+
+    /// (Re)starts the instance's GPU metrics stream; it ends by itself when QEMU exits.
+    fn start_gpu_stream(&self, instance: &Instance) {
+        let (Some((streams, interval)), Some(vm)) = (&self.gpu_streams, self.live(&instance.id))
+        else {
+            return;
+        };
+        let Ok(target) = self.target(instance) else { return };
+        let spec = StreamSpec {
+            target,
+            key: self.key.clone(),
+            has_gpus: !instance.gpus.is_empty(),
+            interval: *interval,
+        };
+        streams.start(spec, async move {
+            vm.exited().await;
+        });
     }
 
     fn paths(&self, id: &str) -> VmPaths {
@@ -134,6 +166,7 @@ impl QemuBackend {
         )
         .await
         .map_err(|e| BackendError::op("create the disk", e))?;
+        crate::fault::crash_point(crate::fault::Phase::AfterOverlay);
         disk::copy_vars(&self.settings.ovmf.vars_template, &paths.vars)
             .map_err(|e| BackendError::op("create the firmware variables", e))?;
         let hostname = instance.marker();
@@ -142,38 +175,11 @@ impl QemuBackend {
             .map_err(|e| BackendError::op("create the seed", e))
     }
 
-    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
-    async fn start(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        if !instance.gpus.is_empty() {
-            return Err(BackendError::Unsupported {
-                field: "gpus",
-                reason: "GPU passthrough is not available in this build".into(),
-            });
-        }
-        crate::fsutil::ensure_private_dir(&paths.run_dir)
-            .map_err(|e| BackendError::op("start", e))?;
-        let _ = std::fs::remove_file(&paths.qmp);
-        let argv = qemu_argv(&self.plan(instance, paths));
-        let spawned = process::spawn(&self.settings.qemu_binary, &argv, &paths.qemu_log)
-            .map_err(|e| BackendError::op("start QEMU", e))?;
-        let pid = spawned.pid;
-        spawned
-            .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
-            .await
-            .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
-        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
-            .await
-            .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
-        qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
-        let vm =
-            Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
-        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
-        tracing::info!(id = %instance.id, pid, accel = self.settings.accel.as_str(), "VM started");
-        Ok(())
-    }
-
     /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
     async fn stop_vm(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
+        if let Some((streams, _)) = &self.gpu_streams {
+            streams.stop(&instance.id).await;
+        }
         let vm = self.vms.lock().expect("vms lock").remove(&instance.id);
         if let Some(vm) = vm.filter(|vm| vm.exit_reason().is_none()) {
             vm.expect_exit();
@@ -273,6 +279,10 @@ impl Backend for QemuBackend {
         self.base_image(spec).map(drop)
     }
 
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        gpus::check(&self.settings.vfio, gpus)
+    }
+
     async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         let result = match self.prepare(instance, &paths).await {
@@ -310,6 +320,7 @@ impl Backend for QemuBackend {
                 .map_err(|e| BackendError::op("start the command", e))?;
         }
         client.close().await;
+        self.start_gpu_stream(instance);
         Ok(())
     }
 
@@ -355,6 +366,8 @@ impl Backend for QemuBackend {
     async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         self.stop_vm(instance, &paths).await?;
+        // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
+        gpus::release(&self.settings.vfio, &instance.id).await?;
         paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;
         tracing::info!(id = %instance.id, "VM and its files removed");
         Ok(())
@@ -369,6 +382,13 @@ impl Backend for QemuBackend {
         let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("reconnect to QEMU's monitor", e))?;
+        // Only a start cut short between spawn and `cont` leaves a VM in prelaunch: finish it.
+        // (A VM paused by `stop` is `paused`, and stays so.)
+        let state = qmp.query_status().await.map_err(|e| BackendError::op("adopt", e))?;
+        if state.status == qapi_qmp::RunState::prelaunch {
+            tracing::info!(id = %instance.id, "adopted VM never started its vCPUs: starting them");
+            qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
+        }
         let vm = Vm::watch(&instance.id, pid, qmp, None, paths, self.events.clone());
         self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, "VM adopted");
