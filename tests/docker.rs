@@ -51,6 +51,8 @@ async fn lifecycle_ports_env_command_and_cleanup() {
         engine.inspect(&name, "{{index .Config.Labels \"ai.qudata.instance\"}}"),
         Some(id.clone())
     );
+    let owner = engine.inspect(&name, "{{index .Config.Labels \"ai.qudata.owner\"}}");
+    assert_eq!(owner, Some(dirs.data.display().to_string()));
     assert_eq!(engine.inspect(&name, "{{.HostConfig.Init}}").as_deref(), Some("true"));
     assert_eq!(
         engine.inspect(&name, "{{.HostConfig.RestartPolicy.Name}}").as_deref(),

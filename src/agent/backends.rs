@@ -125,7 +125,8 @@ pub fn kind_name(kind: BackendKind) -> &'static str {
 }
 
 async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
-    let settings = DockerSettings::new(cfg.docker_host.clone());
+    let owner = cfg.data_dir.display().to_string();
+    let settings = DockerSettings::new(cfg.docker_host.clone(), owner);
     let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
     tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
     Ok(backend)
