@@ -116,3 +116,41 @@ async fn the_agent_reaps_its_orphan_containers_at_start_up_and_nothing_else() {
     assert_eq!(engine.inspect(&foreign, "{{.State.Running}}").as_deref(), Some("true"));
     engine.must(&["rm", "-f", &foreign]);
 }
+
+#[tokio::test]
+async fn recover_lists_then_reaps_orphan_containers() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let dirs = support::agent::Dirs::new();
+    let orphan_id = uuid::Uuid::new_v4().to_string();
+    let orphan = container(&orphan_id);
+    let labels = [
+        format!("ai.qudata.instance={orphan_id}"),
+        format!("ai.qudata.owner={}", dirs.data.display()),
+    ];
+    engine.must(&[
+        "run", "-d", "--name", &orphan, "--label", &labels[0], "--label", &labels[1], image,
+        "sleep", "600",
+    ]);
+    let recover = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
+            .arg("recover")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("QUDATA_DATA_DIR", &dirs.data)
+            .env("QUDATA_RUN_DIR", &dirs.run)
+            .env("QUDATA_BACKEND", "docker")
+            .env("QUDATA_DOCKER_HOST", engine.host())
+            .output()
+            .unwrap()
+    };
+    let dry = recover(&["--dry-run"]);
+    let listing = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(dry.status.success(), "{listing}{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(listing.contains(&orphan_id), "{listing}");
+    assert!(engine.inspect(&orphan, "{{.Id}}").is_some(), "a dry run touches nothing");
+    let done = recover(&[]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(engine.inspect(&orphan, "{{.Id}}"), None, "recover reaps the orphan");
+}

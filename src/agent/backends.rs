@@ -132,6 +132,23 @@ async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String
     Ok(backend)
 }
 
+/// The backend `recover` cleans up with: Docker where the configured choice puts containers
+/// first and the engine answers, else [`for_cleanup`] (QEMU).
+pub async fn for_recover(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
+    let sysfs = SysfsRoot::new(&cfg.sysfs_root);
+    // The same GPUs the agent would offer (none when they cannot be listed).
+    let offered = crate::gpu::pool::offered(&sysfs, cfg.gpu_pci_addrs.as_deref());
+    let gpus: Vec<String> = offered.iter().flatten().map(ToString::to_string).collect();
+    let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, &gpus));
+    if order.try_in_order.first() == Some(&BackendKind::Docker) {
+        match docker(cfg, events.clone()).await {
+            Ok(backend) => return Arc::new(backend),
+            Err(e) => tracing::warn!(error = %e, "no Docker engine: recovering VMs only"),
+        }
+    }
+    for_cleanup(cfg, events)
+}
+
 /// A backend good only for finding, stopping and removing what the agent made, never for
 /// launching: no accelerator probe, no base image or firmware needed. For `recover`, and for
 /// the agent's start-up recovery when no backend can run here.
