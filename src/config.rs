@@ -376,6 +376,12 @@ fn parse_abs_path(v: &str) -> Result<PathBuf, String> {
     if path.is_absolute() { Ok(path) } else { Err("is not an absolute path".into()) }
 }
 
+/// A bare file name for the dynamic loader's search, or an absolute path.
+fn parse_library(v: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(v);
+    if path.is_absolute() || !v.contains('/') { Ok(path) } else { Err("is a relative path".into()) }
+}
+
 /// `unix:///run/docker.sock` or `/run/docker.sock`: only a local socket (the engine's TCP API
 /// would be reachable by others on the host).
 fn parse_docker_host(v: &str) -> Result<PathBuf, String> {
@@ -384,12 +390,6 @@ fn parse_docker_host(v: &str) -> Result<PathBuf, String> {
         return Err("is not a unix:// socket".into());
     }
     parse_abs_path(path)
-}
-
-/// A bare file name for the dynamic loader's search, or an absolute path.
-fn parse_library(v: &str) -> Result<PathBuf, String> {
-    let path = PathBuf::from(v);
-    if path.is_absolute() || !v.contains('/') { Ok(path) } else { Err("is a relative path".into()) }
 }
 
 fn parse_url(v: &str) -> Result<String, String> {

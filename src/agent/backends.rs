@@ -84,7 +84,7 @@ pub fn passthrough(sysfs: &SysfsRoot, gpus: &[String]) -> Result<(), String> {
 
 /// Builds the backend for `gpus` (the ones offered to renters), or says in one sentence why
 /// none can run here. The choice and its reason are logged. `gpu_streams`: in-guest GPU
-/// metrics for the stats loop (production mode, VMs).
+/// metrics for the stats loop (production mode; VMs only).
 pub async fn build(
     cfg: &Config,
     gpus: &[String],
@@ -96,11 +96,12 @@ pub async fn build(
     let mut failures = Vec::new();
     for kind in &order.try_in_order {
         let built: Result<Arc<dyn Backend>, String> = match kind {
-            BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|mut b| {
-                if let Some(streams) = gpu_streams.clone() {
-                    b = b.with_gpu_streams(streams, cfg.stats_interval);
-                }
-                Arc::new(b) as _
+            BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|backend| {
+                let backend = match gpu_streams.clone() {
+                    Some(streams) => backend.with_gpu_streams(streams, cfg.stats_interval),
+                    None => backend,
+                };
+                Arc::new(backend) as _
             }),
             BackendKind::Docker => docker(cfg, events.clone()).await.map(|b| Arc::new(b) as _),
         };

@@ -76,6 +76,7 @@ async fn manager(
     gpu_streams: Option<Arc<GpuStreams>>,
 ) -> Result<Built, AgentError> {
     let store = Store::open(&cfg.data_dir)?;
+    // QUDATA_GPU_PCI_ADDRS checked against sysfs, or every NVIDIA GPU found.
     let gpu_pool: Vec<String> = crate::gpu::pool::offered(
         &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
         cfg.gpu_pci_addrs.as_deref(),
