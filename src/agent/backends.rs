@@ -125,6 +125,31 @@ pub fn kind_name(kind: BackendKind) -> &'static str {
     }
 }
 
+async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
+    let owner = cfg.data_dir.display().to_string();
+    let settings = DockerSettings::new(cfg.docker_host.clone(), owner);
+    let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
+    tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
+    Ok(backend)
+}
+
+/// The backend `recover` cleans up with: Docker where the configured choice puts containers
+/// first and the engine answers, else [`for_cleanup`] (QEMU).
+pub async fn for_recover(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
+    let sysfs = SysfsRoot::new(&cfg.sysfs_root);
+    // The same GPUs the agent would offer (none when they cannot be listed).
+    let offered = crate::gpu::pool::offered(&sysfs, cfg.gpu_pci_addrs.as_deref());
+    let gpus: Vec<String> = offered.iter().flatten().map(ToString::to_string).collect();
+    let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, &gpus));
+    if order.try_in_order.first() == Some(&BackendKind::Docker) {
+        match docker(cfg, events.clone()).await {
+            Ok(backend) => return Arc::new(backend),
+            Err(e) => tracing::warn!(error = %e, "no Docker engine: recovering VMs only"),
+        }
+    }
+    for_cleanup(cfg, events)
+}
+
 /// A backend good only for finding, stopping and removing what the agent made, never for
 /// launching: no accelerator probe, no base image or firmware needed. For `recover`, and for
 /// the agent's start-up recovery when no backend can run here.
@@ -151,13 +176,6 @@ pub fn for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
     };
     // Never used to reach a guest: a throwaway key, nothing written.
     Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
-}
-
-async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
-    let settings = DockerSettings::new(cfg.docker_host.clone());
-    let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
-    tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
-    Ok(backend)
 }
 
 async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
