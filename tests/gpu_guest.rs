@@ -66,7 +66,7 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
     // The stand-in's values: two H100s, GPU 0 moving every sample, GPU 1 without power draw.
     let before = cp.requests().len();
     cp.until("guest GPU values in /stats", WAIT, |r| {
-        ok_stats(&r[before..]).iter().filter(|s| has_guest_gpus(&s.body)).count() >= 6
+        ok_stats(&r[before..]).iter().filter(|s| has_guest_gpus(&s.body)).count() >= 10
     })
     .await;
     let samples: Vec<Value> = stats_after(&cp, before).into_iter().filter(has_guest_gpus).collect();

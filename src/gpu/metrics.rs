@@ -68,3 +68,27 @@ impl GpuMetrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_guest_values_are_reported_else_none_without_nvml() {
+        let board = GuestGpuBoard::default();
+        let metrics = GpuMetrics::new(None, board.clone(), Duration::from_millis(500));
+        assert!(metrics.current().is_empty(), "no driver, no guest: no GPU");
+        let gpu = GpuStats {
+            index: 3,
+            util: 50.0,
+            temp: 60,
+            mem_used_mib: 1,
+            mem_total_mib: 2,
+            power_w: 70.5,
+        };
+        board.record("vm", gpu.clone());
+        assert_eq!(metrics.current(), [GpuStats { index: 0, ..gpu }], "renumbered from 0");
+        board.clear("vm");
+        assert!(metrics.current().is_empty());
+    }
+}
