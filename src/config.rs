@@ -204,6 +204,13 @@ pub const SETTINGS: &[Setting] = &[
         "telemetry period",
         Scope::Run,
     ),
+    row(
+        "QUDATA_SYSFS_ROOT",
+        Some("/sys"),
+        "an absolute path",
+        "where sysfs is mounted (GPU discovery and VFIO binding; tests point it elsewhere)",
+        Scope::Host,
+    ),
 ];
 
 /// A setting whose value cannot be used.
@@ -271,6 +278,8 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub service_url: String,
     pub stats_interval: Duration,
+    /// Root of every sysfs path the agent reads or writes.
+    pub sysfs_root: PathBuf,
 }
 
 /// Reads values by name; the process environment in production, a map in tests.
@@ -481,6 +490,7 @@ impl Config {
             run_dir: r.required("QUDATA_RUN_DIR", parse_abs_path)?,
             service_url: r.required("QUDATA_SERVICE_URL", parse_url)?,
             stats_interval: Duration::from_millis(interval_ms),
+            sysfs_root: r.required("QUDATA_SYSFS_ROOT", parse_abs_path)?,
         })
     }
 }
@@ -524,6 +534,7 @@ mod tests {
         assert_eq!(c.qemu_accel, AccelChoice::Auto);
         assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-x86_64"));
         assert!(c.ovmf_code.is_none() && c.ovmf_vars.is_none());
+        assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
         assert_eq!(c.nvml_library, PathBuf::from("libnvidia-ml.so.1"));
     }
 
@@ -582,6 +593,7 @@ mod tests {
             ("QUDATA_QEMU_ACCEL", "hvf"),
             ("QUDATA_SERVICE_URL", "ftp://x"),
             ("QUDATA_STATS_INTERVAL_MS", "5"),
+            ("QUDATA_SYSFS_ROOT", "sys"),
         ];
         for (name, value) in cases {
             let err = Config::load(&env(&[(name, value)]), true).unwrap_err();

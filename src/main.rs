@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use qudata_agent::config::{self, Config, Scope};
+use qudata_agent::recovery::{self, report};
 use qudata_agent::{agent, doctor};
 
 #[derive(Parser)]
@@ -30,6 +31,23 @@ enum Command {
         /// Print a JSON array of {"check","status","detail","fix"} instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Reconcile this host once, without the control plane (what `run` does at start-up):
+    /// adopt-or-report each recorded instance, stop QEMUs carrying the agent's marker that no
+    /// record claims, remove leaked disks, seeds, sockets, pidfiles and FRP include files,
+    /// return GPUs left on vfio-pci. Prints what it found and did; exits 1 if an action
+    /// failed. Waits for a running agent to let go of its lock, or refuses.
+    #[command(after_help = config::help_text(&[Scope::Host]))]
+    Recover {
+        /// Only list what would be done; change nothing (runs beside a running agent).
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON ({"dry_run", "rows": [{"subject","name","action","why","failed"?}]}).
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the agent (or another recover) to release the lock.
+        #[arg(long, value_name = "SECONDS", default_value_t = recovery::COMMAND_LOCK_WAIT.as_secs())]
+        wait: u64,
     },
     /// Print the version.
     Version,
@@ -71,11 +89,44 @@ fn main() -> ExitCode {
             }
             if doctor::any_failed(&checks) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
         }
+        Command::Recover { dry_run, json, wait } => {
+            // Like doctor: no control plane, so no API key; every other setting is checked.
+            let cfg = match load_config(true) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            agent::logging::init_for_command(cfg.debug);
+            let wait = std::time::Duration::from_secs(wait);
+            let result = runtime().block_on(async {
+                let (events, _) = tokio::sync::mpsc::unbounded_channel();
+                let backend = agent::backends::for_cleanup(&cfg, events);
+                recovery::command(&cfg, Some(backend), dry_run, wait).await
+            });
+            let report = match result {
+                Ok(report) => report,
+                Err(e) => {
+                    eprintln!("qudata-agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if json {
+                println!("{}", report::render_json(&report));
+            } else {
+                print!("{}", report::render_text(&report));
+            }
+            if report.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
         Command::Run { local } => {
             let cfg = match load_config(local) {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
+            // Listed GPUs must exist here: a typo must not start an agent offering nothing.
+            let sysfs = qudata_agent::vfio::SysfsRoot::new(&cfg.sysfs_root);
+            if let Err(e) = qudata_agent::gpu::pool::offered(&sysfs, cfg.gpu_pci_addrs.as_deref()) {
+                eprintln!("qudata-agent: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             agent::logging::init(cfg.debug);
             let result = if local {
                 runtime().block_on(agent::run_local(cfg))

@@ -186,3 +186,25 @@ fn a_bad_setting_exits_2_and_no_api_key_is_needed() {
     assert!(help.contains("QUDATA_DATA_DIR") && help.contains("QUDATA_GPU_PCI_ADDRS"), "{help}");
     assert!(!help.contains("QUDATA_API_KEY"), "doctor does not read the API key");
 }
+
+#[test]
+fn doctor_reads_the_sysfs_root_it_is_given() {
+    let fake = support::sysfs::FakeSysfs::new()
+        .gpu("0000:65:00.0", 0x2330)
+        .driver("nvidia")
+        .group(12)
+        .function("0000:65:00.1", support::sysfs::CLASS_AUDIO)
+        .group(12);
+    let root = fake.path().display().to_string();
+    let (out, _dir) = doctor(&["--json"], &[("QUDATA_SYSFS_ROOT", &root)]);
+    let report = json_report(&out);
+    let gpus: Vec<&Value> = report.iter().filter(|c| c["check"] == "gpu").collect();
+    assert_eq!(gpus.len(), 1, "{report:?}");
+    assert_eq!(
+        gpus[0]["detail"],
+        "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1; \
+         passthrough ready (vfio-pci when a VM starts)"
+    );
+    let iommu = report.iter().find(|c| c["check"] == "iommu").unwrap();
+    assert!(iommu["detail"].as_str().unwrap().starts_with("1 IOMMU group"), "{iommu}");
+}

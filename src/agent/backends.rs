@@ -14,6 +14,7 @@ use crate::backend::{Backend, EventSink};
 use crate::config::{BackendChoice, Config};
 use crate::guest::ManagementKey;
 use crate::guest::metrics::GpuStreams;
+use crate::vfio::{SysfsRoot, Vfio};
 
 /// Boot-to-SSH allowance: software emulation is an order of magnitude slower than KVM.
 const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(180);
@@ -24,6 +25,11 @@ const POWERDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The default base image when `QUDATA_BASE_IMAGE` is unset.
 pub fn default_base_image(cfg: &Config) -> PathBuf {
     cfg.data_dir.join("images").join("base.qcow2")
+}
+
+/// The VFIO side of this host, as the settings place it.
+pub fn vfio(cfg: &Config) -> Vfio {
+    Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir)
 }
 
 /// Builds the configured backend, or says in one sentence why none can run here.
@@ -45,6 +51,34 @@ pub async fn build(
             Ok(Arc::new(backend))
         }
     }
+}
+
+/// A backend good only for finding, stopping and removing what the agent made, never for
+/// launching: no accelerator probe, no base image or firmware needed. For `recover`, and for
+/// the agent's start-up recovery when no backend can run here.
+pub fn for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
+    let ovmf = disk::detect_ovmf(
+        cfg.ovmf_code.as_deref(),
+        cfg.ovmf_vars.as_deref(),
+        disk::OVMF_CANDIDATES,
+    )
+    .unwrap_or(disk::Ovmf { code: PathBuf::new(), vars_template: PathBuf::new() });
+    let settings = QemuSettings {
+        qemu_img: disk::qemu_img_for(&cfg.qemu_binary),
+        qemu_binary: cfg.qemu_binary.clone(),
+        ovmf,
+        accel: Accel::Tcg,
+        base_image: cfg.base_image.clone().unwrap_or_else(|| default_base_image(cfg)),
+        images_dir: cfg.data_dir.join("images"),
+        data_dir: cfg.data_dir.clone(),
+        run_dir: cfg.run_dir.clone(),
+        boot_deadline: BOOT_DEADLINE_TCG,
+        powerdown_grace: POWERDOWN_GRACE,
+        proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
+    };
+    // Never used to reach a guest: a throwaway key, nothing written.
+    Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
 }
 
 async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
@@ -81,6 +115,8 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
             Accel::Tcg => BOOT_DEADLINE_TCG,
         },
         powerdown_grace: POWERDOWN_GRACE,
+        proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
     };
     tracing::info!(accel = accel.as_str(), base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))

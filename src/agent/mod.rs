@@ -1,6 +1,7 @@
 //! Start-up and shutdown order; wires the parts together.
 //!
-//! Order: directories → identity → instance records reattached (before serving) → API listens
+//! Order: directories → identity → instance records reattached → stale GPU binds undone
+//! (both before serving) → API listens
 //! → systemd told we are ready → (production) frpc with the stored FRP credentials, beside
 //! registration with the control plane; frpc updated with `/init`'s; then the stats loop.
 //! A `SIGTERM` stops the agent and leaves every instance and frpc running.
@@ -8,6 +9,7 @@
 pub mod backends;
 pub mod limits;
 pub mod logging;
+pub mod notify;
 mod production;
 mod tunnels;
 
@@ -19,12 +21,15 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, SecretSlot};
+use crate::backend::{Backend, BackendEvent};
 use crate::config::Config;
 use crate::fsutil::{self, FsError};
 use crate::guest::metrics::GpuStreams;
-use crate::instance::manager::{Manager, ManagerError, ManagerSettings};
+use crate::instance::manager::{Manager, ManagerSettings};
 use crate::instance::store::{Store, StoreError};
 use crate::ports;
+use crate::recovery::lock::{LockError, RunLock};
+use crate::recovery::{self, RecoveryError};
 use crate::secret::Secret;
 
 /// Start-up failed; each variant is one sentence for the operator.
@@ -34,8 +39,10 @@ pub enum AgentError {
     Listen { port: u16, source: std::io::Error },
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("cannot reattach instances: {0}")]
-    Restore(#[from] ManagerError),
+    #[error("cannot start: {0}")]
+    Lock(#[from] LockError),
+    #[error("start-up recovery failed: {0}")]
+    Recovery(#[from] RecoveryError),
     #[error("cannot open the instance records: {0}")]
     Store(#[from] StoreError),
     #[error("the API server failed: {0}")]
@@ -46,29 +53,104 @@ pub enum AgentError {
     Identity(#[from] crate::control_plane::IdentityError),
     #[error("QUDATA_API_KEY is not set; set it to the key issued by Qudata, or use `run --local`")]
     NoApiKey,
+    /// A setting that only the host can check (a listed GPU that is not there).
+    #[error(transparent)]
+    Setting(#[from] crate::config::ConfigError),
 }
 
 /// Local mode's port when `QUDATA_AGENT_PORT` is unset.
 pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 
+/// The instance manager, and the backend recovery cleans up with (the manager's, or one good
+/// only for cleaning up when no backend can run here).
+pub(crate) struct Built {
+    manager: Manager,
+    events: mpsc::UnboundedReceiver<BackendEvent>,
+    cleanup: Arc<dyn Backend>,
+}
+
+/// `gpu_streams`: where the VM backend's in-guest GPU metrics go (`None` in local mode).
 async fn manager(
     cfg: &Config,
     local: bool,
     gpu_streams: Option<Arc<GpuStreams>>,
-) -> Result<(Manager, mpsc::UnboundedReceiver<crate::backend::BackendEvent>), AgentError> {
+) -> Result<Built, AgentError> {
     let store = Store::open(&cfg.data_dir)?;
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
-        gpu_pool: cfg.gpu_pci_addrs.clone().unwrap_or_default(),
+        gpu_pool: crate::gpu::pool::offered(
+            &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
+            cfg.gpu_pci_addrs.as_deref(),
+        )?
+        .iter()
+        .map(ToString::to_string)
+        .collect(),
         host_ports: ports::HOST_PORTS,
         local,
     };
     let (sink, events) = mpsc::unbounded_channel();
-    let backend = backends::build(cfg, sink, gpu_streams).await;
+    let backend = backends::build(cfg, sink.clone(), gpu_streams).await;
     if let Err(reason) = &backend {
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
-    Ok((Manager::new(backend, store, settings), events))
+    let cleanup = match &backend {
+        Ok(b) => b.clone(),
+        Err(_) => backends::for_cleanup(cfg, sink),
+    };
+    Ok(Built { manager: Manager::new(backend, store, settings), events, cleanup })
+}
+
+/// Before anything else: the run lock (held for the agent's life, so a `recover` waits), then
+/// the manager, then the start-up reconciliation (PROTOCOL.md §4). Returns the ids restored.
+async fn start_up(
+    cfg: &Config,
+    local: bool,
+    gpu_streams: Option<Arc<GpuStreams>>,
+) -> Result<(RunLock, Built, Vec<String>), AgentError> {
+    let lock = RunLock::acquire(&cfg.run_dir, "run", recovery::AGENT_LOCK_WAIT).await?;
+    let built = manager(cfg, local, gpu_streams).await?;
+    let manager = built.manager.clone();
+    let restored = recovery::at_startup(&manager, Some(built.cleanup.clone()), cfg).await?;
+    reconcile_gpus(cfg, &manager).await;
+    Ok((lock, built, restored))
+}
+
+/// Undoes the binds a crash left (DESIGN.md "VFIO"): every bind record whose instance has no
+/// live VM goes back to the host drivers. Runs after the instances are reattached and before
+/// the API serves, so no create can race it. A failure is logged, never fatal: the agent must
+/// still serve, and a device left on vfio-pci is refused to new instances by its record.
+async fn reconcile_gpus(cfg: &Config, manager: &Manager) {
+    use crate::backend::qemu::{layout::VmPaths, process};
+    // A VM that still runs keeps its devices, even in `error` (adoption failed but its QEMU
+    // lives): vfio-pci cannot let go of a device QEMU holds open. A deletion in progress
+    // releases them itself.
+    let in_use: Vec<String> = manager
+        .instances()
+        .into_iter()
+        .filter(|i| {
+            let pidfile = VmPaths::new(&cfg.data_dir, &cfg.run_dir, &i.id).pidfile;
+            i.status != crate::instance::Status::Error
+                || i.deleting
+                || process::owned_pid(&pidfile, &i.id).is_some()
+        })
+        .map(|i| i.id)
+        .collect();
+    let vfio = std::sync::Arc::new(backends::vfio(cfg));
+    match vfio.off_runtime(move |v| v.reconcile(&in_use)).await {
+        Ok(outcomes) => {
+            for o in outcomes {
+                match &o.error {
+                    None => {
+                        tracing::info!(instance = %o.instance, device = %o.address, driver = ?o.driver, "device returned to the host")
+                    }
+                    Some(e) => {
+                        tracing::error!(instance = %o.instance, device = %o.address, error = %e, "device not returned; run `qudata-agent recover`")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot reconcile GPU bind records"),
+    }
 }
 
 /// The local secret: made once, stored 0600, printed only when made.
@@ -85,7 +167,7 @@ fn local_secret(cfg: &Config) -> Result<(Secret, bool), AgentError> {
     Ok((secret, true))
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT, having told systemd that the shutdown has begun.
 async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -94,6 +176,7 @@ async fn termination() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down, instances keep running"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down, instances keep running"),
     }
+    notify::stopping();
 }
 
 /// `qudata-agent run --local`: no control plane, no frpc, a generated secret.
@@ -102,9 +185,8 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
     // Local mode reports no stats, so it runs no in-guest GPU metrics.
-    let (manager, events) = manager(&cfg, true, None).await?;
+    let (_lock, Built { manager, events, .. }, _) = start_up(&cfg, true, None).await?;
     manager.spawn_event_loop(events);
-    manager.restore().await?;
 
     let port = cfg.agent_port.unwrap_or(LOCAL_DEFAULT_PORT);
     let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;
@@ -112,7 +194,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), SecretSlot::new(Some(secret.clone())));
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped));
-    notify_ready();
+    notify::ready(port);
     print_local_banner(&cfg, port, fresh.then_some(&secret));
     tracing::info!(port, "agent API listening on 127.0.0.1 (local mode)");
 
@@ -138,11 +220,4 @@ fn print_local_banner(cfg: &Config, port: u16, new_secret: Option<&Secret>) {
          curl -s -H \"X-Agent-Secret: $S\" -X DELETE http://127.0.0.1:{port}/instances",
         file = file.display()
     );
-}
-
-/// Tells systemd (`Type=notify`) that the API listens; a no-op outside systemd.
-fn notify_ready() {
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        tracing::debug!(error = %e, "sd_notify failed");
-    }
 }

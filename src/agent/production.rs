@@ -7,8 +7,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::tunnels::TunnelLink;
-use super::{AgentError, manager, notify_ready, termination};
+use super::{AgentError, Built, notify, start_up, termination};
 use crate::api::{self, SecretSlot};
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::control_plane::wire::InitRequest;
 use crate::control_plane::{
@@ -19,6 +20,7 @@ use crate::gpu::{self, GpuMetrics, facts::FactsInputs};
 use crate::guest::metrics::{GpuStreams, GuestGpuBoard};
 use crate::host::{self, Sampler};
 use crate::instance::{BackendKind, Manager};
+use crate::recovery;
 use crate::vfio::SysfsRoot;
 
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
@@ -28,9 +30,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
     let gpu_streams = Arc::new(GpuStreams::new(GuestGpuBoard::default()));
-    let (manager, events) = manager(&cfg, false, Some(gpu_streams.clone())).await?;
+    let (_lock, built, restored) = start_up(&cfg, false, Some(gpu_streams.clone())).await?;
+    let Built { manager, events, cleanup } = built;
     manager.spawn_event_loop(events);
-    manager.restore().await?;
 
     let port = identity.agent_port;
     let listener = api::bind(port).await.map_err(|source| AgentError::Listen { port, source })?;
@@ -39,12 +41,13 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), slot.clone());
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped.clone()));
-    notify_ready();
+    notify::ready(port);
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
     let board = gpu_streams.board().clone();
-    let background = ControlPlane { cfg, client, identity, request, slot, manager, board };
+    let background =
+        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored, board };
     let control = tokio::spawn(background.run(stopped));
 
     termination().await;
@@ -61,6 +64,10 @@ struct ControlPlane {
     request: InitRequest,
     slot: SecretSlot,
     manager: Manager,
+    /// The backend recovery uses, and the instances restored at start-up: the lease from
+    /// `/init` applies to those.
+    cleanup: Arc<dyn Backend>,
+    restored: Vec<String>,
     /// In-guest GPU values, written by the VM backend's streams.
     board: GuestGpuBoard,
 }
@@ -93,6 +100,12 @@ impl ControlPlane {
         .await;
         if let Some(running) = registered.instance_running {
             tracing::info!(instance_running = running, "control plane's view of the lease");
+            let backend = Some(self.cleanup.as_ref());
+            let lease =
+                recovery::apply_lease(&self.manager, backend, &self.cfg, &self.restored, running);
+            if let Err(e) = lease.await {
+                tracing::error!(error = %e, "cannot apply the lease to the restored instances");
+            }
         }
         // Then what `/init` sent: frpc restarts only if its main file changes.
         let mut link = early.await.expect("tunnel start-up task");
@@ -141,6 +154,6 @@ fn init_request(cfg: &Config, identity: &Identity, manager: &Manager) -> InitReq
             BackendKind::Qemu => "qemu",
             BackendKind::Docker => "docker",
         }),
-        gpus: cfg.gpu_pci_addrs.as_ref().map(|g| g.len() as u32),
+        gpus: Some(manager.gpu_pool().len() as u32),
     }
 }

@@ -20,6 +20,10 @@ pub enum BackendError {
     /// An operation on the instance failed.
     #[error("{operation} failed: {detail}")]
     Operation { operation: &'static str, detail: String },
+    /// The host cannot give what the request needs now (a GPU in use, on nouveau, …):
+    /// answered with 409.
+    #[error("{reason}")]
+    Refused { reason: String },
     /// The request asks for something this backend cannot give (answered with 400).
     #[error("{field}: {reason}")]
     Unsupported { field: &'static str, reason: String },
@@ -53,6 +57,15 @@ pub enum Adoption {
     Gone { detail: String },
 }
 
+/// A VM or container on the host that carries this agent's marker, found without the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    /// The instance id in the marker.
+    pub instance_id: String,
+    /// What it is, for logs and `recover`'s table ("QEMU pid 1234", "container 3f2a…").
+    pub what: String,
+}
+
 /// One implementation per way of running an instance.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -66,6 +79,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Checks what only the backend knows (known image names, …), before anything starts.
     fn validate(&self, spec: &Spec) -> Result<(), BackendError>;
+
+    /// Checks, reading only, that these GPUs (PCI addresses) can be given to a new instance
+    /// now; a refusal is [`BackendError::Refused`].
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        let _ = gpus;
+        Ok(())
+    }
 
     /// Builds and starts the instance. On failure everything it made is already removed.
     async fn launch(&self, instance: &Instance) -> Result<(), BackendError>;
@@ -97,4 +117,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Reattaches to the instance after an agent restart, without touching the guest.
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError>;
+
+    /// Everything on the host carrying this agent's marker (QEMU: `-name qudata-<id>` in
+    /// `/proc/<pid>/cmdline`; Docker: the agent's label), with or without a record.
+    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError>;
+
+    /// Stops and removes an orphan that [`Backend::find_owned`] returned and no record claims:
+    /// graceful stop with a deadline, then kill; everything it made removed. Idempotent.
+    async fn reap(&self, owned: &Owned) -> Result<(), BackendError>;
 }

@@ -131,7 +131,7 @@ impl HostView {
             .map(|list| list.iter().filter_map(|a| a.parse().ok()).collect());
         HostView {
             proc_root: "/proc".into(),
-            sysfs: SysfsRoot::default(),
+            sysfs: SysfsRoot::new(&cfg.sysfs_root),
             dev_root: "/dev".into(),
             lib_modules: "/lib/modules".into(),
             ovmf_dir: "/usr/share/OVMF".into(),

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod models;
 pub mod nvml;
 pub mod pci;
+pub mod pool;
 pub mod selftest;
 
 pub use metrics::GpuMetrics;

@@ -22,8 +22,10 @@ use crate::ports::{self, PortError};
 
 mod flows;
 mod publish;
+mod restore;
 
 pub use publish::Publisher;
+pub use restore::Restore;
 
 /// How long a lifecycle command waits for the operation in progress on its instance.
 const OP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -214,6 +216,10 @@ impl Manager {
         }
         let held: Vec<Instance> = slots.values().map(|s| s.snapshot()).collect();
         let gpus = self.pick_gpus(spec.gpus, &held)?;
+        backend.check_gpus(&gpus).map_err(|e| match e {
+            BackendError::Refused { reason } => ManagerError::Resources(reason),
+            other => ManagerError::Backend(other),
+        })?;
         let taken = ports::Taken::from_instances(&held);
         let host_range = self.inner.settings.host_ports.clone();
         let ports = ports::allocate(&spec.ports, &taken, host_range.clone())?;
@@ -380,23 +386,6 @@ impl Manager {
         Ok(())
     }
 
-    /// Loads the records and reattaches to what still runs (PROTOCOL.md §4). Called once at
-    /// start-up, before the API serves.
-    pub async fn restore(&self) -> Result<(), ManagerError> {
-        let records = self.inner.store.load_all()?;
-        for instance in records {
-            let id = instance.id.clone();
-            let slot = Arc::new(Slot {
-                record: Mutex::new(instance),
-                op: Arc::default(),
-                cancel: watch::channel(false).0,
-            });
-            self.slots().insert(id, Arc::clone(&slot));
-            flows::restore_one(self, slot).await;
-        }
-        Ok(())
-    }
-
     /// Listens to backend events (VM crashed, guest powered off) until the sender closes.
     pub fn spawn_event_loop(&self, mut events: mpsc::UnboundedReceiver<BackendEvent>) {
         let manager = self.clone();
@@ -470,6 +459,11 @@ impl Manager {
         }
         let ports = instance.ports.iter();
         ports.map(|p| (p.guest_port.to_string(), p.host_port.to_string())).collect()
+    }
+
+    /// The PCI addresses of the GPUs this host offers.
+    pub fn gpu_pool(&self) -> &[String] {
+        &self.inner.settings.gpu_pool
     }
 
     /// Which backend kind builds instances here, if any.

@@ -7,6 +7,6 @@ pub mod spec;
 pub mod store;
 
 pub use manager::{
-    Created, Lifecycle, Manager, ManagerError, ManagerSettings, Publisher, StatusView,
+    Created, Lifecycle, Manager, ManagerError, ManagerSettings, Publisher, Restore, StatusView,
 };
 pub use model::{BackendKind, Instance, Proto, PublishedPort, Status};

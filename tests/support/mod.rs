@@ -3,8 +3,11 @@
 pub mod agent;
 pub mod frpc;
 pub mod host;
+pub mod install;
+pub mod kernel;
 pub mod mock_cp;
 pub mod nvml;
+pub mod orphans;
 pub mod sshd;
 pub mod sysfs;
 pub mod vm;

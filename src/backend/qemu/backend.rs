@@ -12,18 +12,23 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::accel::Accel;
-use super::argv::{VmPlan, qemu_argv};
+use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
+use super::gpus;
 use super::layout::VmPaths;
+use super::orphan::Orphan;
 use super::process;
+use super::procfs::ProcRoot;
 use super::qmp::Qmp;
 use super::seed;
 use super::vm::{QMP_TIMEOUT, Vm};
-use crate::backend::{Adoption, Backend, BackendError, EventSink};
+use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
 use crate::guest::metrics::{GpuStreams, StreamSpec};
 use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
+
+mod start;
 
 /// What the QEMU backend needs to know about the host.
 #[derive(Clone, Debug)]
@@ -41,6 +46,10 @@ pub struct QemuSettings {
     pub boot_deadline: Duration,
     /// How long an ACPI power-down may take before QEMU is told to quit.
     pub powerdown_grace: Duration,
+    /// Where QEMUs are looked for (`/proc`; a tree of their own in tests).
+    pub proc_root: ProcRoot,
+    /// Binds and releases the GPUs of VMs.
+    pub vfio: Arc<crate::vfio::Vfio>,
 }
 
 pub struct QemuBackend {
@@ -157,42 +166,13 @@ impl QemuBackend {
         )
         .await
         .map_err(|e| BackendError::op("create the disk", e))?;
+        crate::fault::crash_point(crate::fault::Phase::AfterOverlay);
         disk::copy_vars(&self.settings.ovmf.vars_template, &paths.vars)
             .map_err(|e| BackendError::op("create the firmware variables", e))?;
         let hostname = instance.marker();
         seed::build_seed(&paths.seed, &instance.id, &hostname, &self.key.public_line())
             .await
             .map_err(|e| BackendError::op("create the seed", e))
-    }
-
-    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
-    async fn start(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        if !instance.gpus.is_empty() {
-            return Err(BackendError::Unsupported {
-                field: "gpus",
-                reason: "GPU passthrough is not available in this build".into(),
-            });
-        }
-        crate::fsutil::ensure_private_dir(&paths.run_dir)
-            .map_err(|e| BackendError::op("start", e))?;
-        let _ = std::fs::remove_file(&paths.qmp);
-        let argv = qemu_argv(&self.plan(instance, paths));
-        let spawned = process::spawn(&self.settings.qemu_binary, &argv, &paths.qemu_log)
-            .map_err(|e| BackendError::op("start QEMU", e))?;
-        let pid = spawned.pid;
-        spawned
-            .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
-            .await
-            .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
-        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
-            .await
-            .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
-        qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
-        let vm =
-            Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
-        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
-        tracing::info!(id = %instance.id, pid, accel = self.settings.accel.as_str(), "VM started");
-        Ok(())
     }
 
     /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
@@ -299,6 +279,10 @@ impl Backend for QemuBackend {
         self.base_image(spec).map(drop)
     }
 
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        gpus::check(&self.settings.vfio, gpus)
+    }
+
     async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         let result = match self.prepare(instance, &paths).await {
@@ -382,6 +366,8 @@ impl Backend for QemuBackend {
     async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         self.stop_vm(instance, &paths).await?;
+        // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
+        gpus::release(&self.settings.vfio, &instance.id).await?;
         paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;
         tracing::info!(id = %instance.id, "VM and its files removed");
         Ok(())
@@ -396,9 +382,44 @@ impl Backend for QemuBackend {
         let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("reconnect to QEMU's monitor", e))?;
+        // Only a start cut short between spawn and `cont` leaves a VM in prelaunch: finish it.
+        // (A VM paused by `stop` is `paused`, and stays so.)
+        let state = qmp.query_status().await.map_err(|e| BackendError::op("adopt", e))?;
+        if state.status == qapi_qmp::RunState::prelaunch {
+            tracing::info!(id = %instance.id, "adopted VM never started its vCPUs: starting them");
+            qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
+        }
         let vm = Vm::watch(&instance.id, pid, qmp, None, paths, self.events.clone());
         self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, "VM adopted");
         Ok(Adoption::Adopted)
+    }
+
+    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
+        let found = self.settings.proc_root.scan(&self.settings.run_dir);
+        let owned = found
+            .into_iter()
+            .map(|f| Owned { what: format!("QEMU pid {}", f.pid), instance_id: f.instance_id });
+        Ok(owned.collect())
+    }
+
+    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
+        let id = &owned.instance_id;
+        let paths = self.paths(id);
+        if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
+            vm.expect_exit();
+        }
+        let orphan = Orphan {
+            proc: &self.settings.proc_root,
+            run_dir: &self.settings.run_dir,
+            paths: &paths,
+            id,
+            powerdown_grace: self.settings.powerdown_grace,
+        };
+        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the orphan QEMU", e))?;
+        let removed =
+            paths.remove_known().map_err(|e| BackendError::op("remove the orphan's files", e))?;
+        tracing::info!(%id, stopped = ?how, files = removed.len(), "orphan VM reaped");
+        Ok(())
     }
 }

@@ -50,6 +50,41 @@ impl VmPaths {
         Ok(())
     }
 
+    /// Every file the agent makes for a VM, in both directories.
+    pub fn files(&self) -> [&Path; 8] {
+        [
+            &self.overlay,
+            &self.vars,
+            &self.seed,
+            &self.serial_log,
+            &self.qemu_log,
+            &self.known_hosts,
+            &self.qmp,
+            &self.pidfile,
+        ]
+    }
+
+    /// Removes the files of [`VmPaths::files`], then each directory if that left it empty.
+    /// Anything else in them is left alone (the agent did not make it). Returns the removed
+    /// paths; what is already gone is fine.
+    pub fn remove_known(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for path in self.files() {
+            match std::fs::remove_file(path) {
+                Ok(()) => removed.push(path.to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for dir in [&self.dir, &self.run_dir] {
+            // Fails on a directory that still holds something: that is the point.
+            if std::fs::remove_dir(dir).is_ok() {
+                removed.push(dir.clone());
+            }
+        }
+        Ok(removed)
+    }
+
     /// The last `lines` lines of the serial log, for an error message.
     pub fn serial_tail(&self, lines: usize) -> String {
         let text = std::fs::read(&self.serial_log).unwrap_or_default();
@@ -85,5 +120,22 @@ mod tests {
         assert!(!p.dir.exists() && !p.run_dir.exists());
         p.remove_all().unwrap();
         assert_eq!(p.serial_tail(2), "");
+    }
+
+    #[test]
+    fn remove_known_leaves_foreign_files_and_their_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let p = VmPaths::new(&root.path().join("d"), &root.path().join("r"), "x");
+        std::fs::create_dir_all(&p.dir).unwrap();
+        std::fs::create_dir_all(&p.run_dir).unwrap();
+        for f in [&p.overlay, &p.seed, &p.pidfile, &p.qmp] {
+            std::fs::write(f, "").unwrap();
+        }
+        let foreign = p.dir.join("notes.txt");
+        std::fs::write(&foreign, "mine").unwrap();
+        let removed = p.remove_known().unwrap();
+        assert_eq!(removed.len(), 5, "{removed:?}"); // four files and the run dir
+        assert!(foreign.exists() && !p.overlay.exists() && !p.run_dir.exists());
+        assert_eq!(p.remove_known().unwrap(), Vec::<PathBuf>::new());
     }
 }

@@ -10,15 +10,21 @@
 //!
 //! A launch, in order: [`accel::choose`] (once, at start-up) → [`disk::detect_ovmf`] →
 //! [`disk::copy_vars`] → [`disk::create_overlay`] → [`seed::build_seed`] →
-//! [`process::raise_memlock`] (only with GPUs) → [`process::spawn`] with [`argv::qemu_argv`] →
+//! (with GPUs: [`crate::vfio::Vfio::bind`]) → [`process::spawn_with_memlock`] with
+//! [`argv::qemu_argv`] →
 //! [`process::Spawned::wait_for_path`] (QMP socket) → [`qmp::Qmp::connect`] →
 //! `query_status` is `prelaunch` → `cont`. After an agent restart: [`process::owned_pid`] →
 //! [`qmp::Qmp::connect`]. Teardown: `quit` over QMP, then [`process::terminate`] as backstop.
+//! Recovery: [`procfs::ProcRoot::scan`] finds every QEMU of this agent, record or not;
+//! [`orphan::Orphan::stop`] stops one no record claims.
 
 pub mod accel;
 pub mod argv;
 pub mod disk;
+pub mod gpus;
+pub mod orphan;
 pub mod process;
+pub mod procfs;
 pub mod qmp;
 pub mod seed;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{Manager, ManagerError, Slot};
-use crate::backend::{Adoption, BackendError};
+use crate::backend::BackendError;
 use crate::instance::model::Status;
 
 /// Proof that the instance's operation lock is held.
@@ -72,6 +72,7 @@ async fn launch_and_bring_up(manager: &Manager, slot: &Arc<Slot>) -> FlowResult 
     backend.launch(&slot.snapshot()).await?;
     // The guest boots meanwhile; a port that cannot be published does not fail the instance.
     manager.publish_ports(slot).await;
+    crate::fault::crash_point(crate::fault::Phase::BeforeGuestAnswers);
     bring_up(manager, slot).await
 }
 
@@ -165,43 +166,4 @@ pub(super) async fn apply_keys_now(
     }
     manager.backend()?.apply_ssh_keys(&instance).await?;
     Ok(())
-}
-
-/// Reattaches one recorded instance at start-up (PROTOCOL.md §4).
-pub(super) async fn restore_one(manager: &Manager, slot: Arc<Slot>) {
-    let instance = slot.snapshot();
-    let id = instance.id.clone();
-    if instance.deleting {
-        tracing::info!(%id, "resuming an interrupted deletion");
-        return manager.spawn_flow(slot, Flow::Delete);
-    }
-    let backend = match manager.backend() {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = manager.set_status(&slot, Status::Error, Some(e.to_string()));
-            return;
-        }
-    };
-    if instance.status == Status::Error {
-        return;
-    }
-    match backend.adopt(&instance).await {
-        Ok(Adoption::Adopted) => {
-            tracing::info!(%id, status = %instance.status, "instance adopted");
-            match instance.status {
-                Status::Pending | Status::Rebooting => manager.spawn_flow(slot, Flow::Settle),
-                Status::Running => manager.spawn_flow(slot, Flow::Reconfigure),
-                _ => {}
-            }
-        }
-        Ok(Adoption::Gone { detail }) => {
-            tracing::warn!(%id, %detail, "instance exited while the agent was down");
-            let reason = format!("the instance exited while the agent was down ({detail})");
-            let _ = manager.set_status(&slot, Status::Error, Some(reason));
-        }
-        Err(e) => {
-            tracing::warn!(%id, error = %e, "instance could not be adopted");
-            let _ = manager.set_status(&slot, Status::Error, Some(e.to_string()));
-        }
-    }
 }

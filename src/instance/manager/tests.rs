@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::backend::{Adoption, BackendEvent, EventSink};
+use crate::backend::{Adoption, BackendEvent, EventSink, Owned};
 use crate::instance::spec::Spec;
 
 /// Records every call; `wait_ready` waits for a permit of `ready` so tests control boot time.
@@ -18,6 +18,8 @@ struct Scripted {
     fail: StdMutex<Option<&'static str>>,
     adoption: StdMutex<Adoption>,
     keys_seen: StdMutex<Vec<Vec<String>>>,
+    /// What `find_owned` reports; `reap` removes from it.
+    owned: StdMutex<Vec<Owned>>,
 }
 
 impl Scripted {
@@ -28,6 +30,7 @@ impl Scripted {
             fail: StdMutex::default(),
             adoption: StdMutex::new(Adoption::Adopted),
             keys_seen: StdMutex::default(),
+            owned: StdMutex::default(),
         })
     }
 
@@ -58,6 +61,12 @@ impl Backend for Scripted {
                 Err(BackendError::Unsupported { field: "image", reason: "is not known".into() })
             }
             _ => Ok(()),
+        }
+    }
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        match gpus.iter().find(|g| g.as_str() == "0000:99:00.0") {
+            Some(g) => Err(BackendError::Refused { reason: format!("GPU {g} is on nouveau") }),
+            None => Ok(()),
         }
     }
     async fn launch(&self, _: &Instance) -> Result<(), BackendError> {
@@ -94,6 +103,15 @@ impl Backend for Scripted {
     async fn adopt(&self, _: &Instance) -> Result<Adoption, BackendError> {
         self.step("adopt")?;
         Ok(self.adoption.lock().unwrap().clone())
+    }
+    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
+        self.step("find_owned")?;
+        Ok(self.owned.lock().unwrap().clone())
+    }
+    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
+        self.step("reap")?;
+        self.owned.lock().unwrap().retain(|o| o != owned);
+        Ok(())
     }
 }
 
@@ -189,6 +207,21 @@ async fn admission_refuses_a_second_instance_bad_input_and_missing_gpus() {
     let err = h.manager.create(&json!({})).unwrap_err();
     assert!(matches!(err, ManagerError::Conflict { .. }), "{err}");
     assert_eq!(record_files(&h).len(), 1);
+}
+
+#[tokio::test]
+async fn gpus_the_backend_cannot_give_are_refused_before_anything_starts() {
+    let h = harness(&["0000:65:00.0", "0000:99:00.0"]);
+    let err = h.manager.create(&json!({})).unwrap_err();
+    assert!(
+        matches!(err, ManagerError::Resources(ref m) if m == "GPU 0000:99:00.0 is on nouveau"),
+        "{err}"
+    );
+    assert!(record_files(&h).is_empty());
+    assert!(h.backend.calls().is_empty());
+    // The first free GPU alone is fine.
+    h.manager.create(&json!({"gpus": 1})).unwrap();
+    assert_eq!(h.manager.instances()[0].gpus, ["0000:65:00.0"]);
 }
 
 #[tokio::test]
@@ -330,7 +363,8 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     drop(manager);
 
     let again = harness_in(dir, Scripted::new(), &[]);
-    again.manager.restore().await.unwrap();
+    let records = again.manager.stored_records().unwrap();
+    again.manager.restore_with(records.into_iter().map(|i| (i, Restore::Adopt)).collect()).await;
     wait_for(&again.manager, Status::Running).await;
     for _ in 0..100 {
         if again.backend.calls().len() == 2 {
@@ -343,7 +377,8 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     let gone = Scripted::new();
     *gone.adoption.lock().unwrap() = Adoption::Gone { detail: "no QEMU process".into() };
     let third = harness_in(again.dir, gone, &[]);
-    third.manager.restore().await.unwrap();
+    let records = third.manager.stored_records().unwrap();
+    third.manager.restore_with(records.into_iter().map(|i| (i, Restore::Adopt)).collect()).await;
     assert_eq!(third.manager.current_status(), Status::Error);
     let error = third.manager.status().error.unwrap();
     assert!(error.contains("exited while the agent was down"), "{error}");

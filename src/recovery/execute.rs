@@ -1,0 +1,118 @@
+//! Carrying out a [`Plan`]: orphans stopped (all at once, each with its own deadlines), then
+//! leaked files removed, then GPUs returned (only once no orphan QEMU can still hold them).
+//! Records are the caller's: the agent hands them to the instance manager, `recover` applies
+//! them to the store ([`apply_records`]). A failure marks its row and the rest goes on.
+
+use futures_util::future::join_all;
+
+use super::plan::{Plan, Row, Subject};
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::instance::Restore;
+use crate::instance::model::{Instance, Status};
+use crate::instance::store::Store;
+
+const NO_BACKEND: &str = "no backend can run on this host";
+
+/// Stops every orphan of the plan.
+pub async fn reap_orphans(plan: &mut Plan, backend: Option<&dyn Backend>) {
+    let results: Vec<Result<(), String>> = match backend {
+        Some(backend) => join_all(plan.orphans.iter().map(|o| backend.reap(o)))
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect(),
+        None => plan.orphans.iter().map(|_| Err(NO_BACKEND.to_owned())).collect(),
+    };
+    let failures: Vec<(String, String)> = plan
+        .orphans
+        .iter()
+        .zip(results)
+        .filter_map(|(o, r)| r.err().map(|e| (o.what.clone(), e)))
+        .collect();
+    for (what, error) in failures {
+        tracing::error!(%what, %error, "cannot stop an orphan");
+        mark(&mut plan.rows, Subject::Process, &what, error);
+    }
+}
+
+/// Removes the leaked files of the plan, then each instance folder that this left empty.
+pub fn remove_files(plan: &mut Plan, cfg: &Config) {
+    let vm_roots = [cfg.data_dir.join("vms"), cfg.run_dir.join("vms")];
+    for path in plan.remove.clone() {
+        let result = match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+            _ => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::error!(path = %path.display(), %error, "cannot remove a leaked file");
+            mark(&mut plan.rows, Subject::File, &path.display().to_string(), error);
+            continue;
+        }
+        // Only a folder of the layout, and only when nothing is left in it.
+        if let Some(dir) = path.parent().filter(|d| vm_roots.iter().any(|r| d.parent() == Some(r)))
+        {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Returns the GPUs of the plan to their original driver.
+pub async fn return_gpus(plan: &mut Plan, cfg: &Config) {
+    for addr in plan.return_gpus.clone() {
+        if let Err(error) = super::gpus::give_back(cfg, &addr).await {
+            tracing::error!(%addr, %error, "cannot return a GPU to its driver");
+            mark(&mut plan.rows, Subject::Gpu, &addr, error);
+        }
+    }
+}
+
+/// `recover`'s side of the records (the agent is not running): what the instance manager
+/// would do at start-up, minus adoption (left to the agent).
+pub async fn apply_records(plan: &mut Plan, backend: Option<&dyn Backend>, store: &Store) {
+    for (instance, restore) in plan.records.clone() {
+        let result = apply_record(&instance, &restore, backend, store).await;
+        if let Err(error) = result {
+            tracing::error!(id = %instance.id, %error, "cannot recover an instance");
+            mark(&mut plan.rows, Subject::Instance, &format!("instance {}", instance.id), error);
+        }
+    }
+}
+
+async fn apply_record(
+    instance: &Instance,
+    restore: &Restore,
+    backend: Option<&dyn Backend>,
+    store: &Store,
+) -> Result<(), String> {
+    let needs_backend = matches!(restore, Restore::RollBack { .. } | Restore::TearDown);
+    let backend = match backend {
+        Some(b) => Some(b),
+        None if needs_backend => return Err(NO_BACKEND.into()),
+        None => None,
+    };
+    let set_error = |reason: &str| {
+        let mut next = instance.clone();
+        next.status = Status::Error;
+        next.error = Some(reason.to_owned());
+        store.save(&next).map_err(|e| e.to_string())
+    };
+    match restore {
+        Restore::Adopt | Restore::Keep | Restore::Reboot => Ok(()),
+        Restore::Gone { reason } => set_error(reason),
+        Restore::RollBack { reason } => {
+            backend.expect("checked").destroy(instance).await.map_err(|e| e.to_string())?;
+            set_error(reason)
+        }
+        Restore::TearDown => {
+            backend.expect("checked").destroy(instance).await.map_err(|e| e.to_string())?;
+            store.remove(&instance.id).map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn mark(rows: &mut [Row], subject: Subject, name: &str, error: String) {
+    if let Some(row) = rows.iter_mut().find(|r| r.subject == subject && r.name == name) {
+        row.failed = Some(error);
+    }
+}

@@ -1,0 +1,236 @@
+//! Recovery against real QEMUs (cheap ones: `-S`, no disk): the backend's view of what it owns,
+//! and orphans reaped without touching anything the agent did not make.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qudata_agent::backend::qemu::accel::Accel;
+use qudata_agent::backend::qemu::layout::VmPaths;
+use qudata_agent::backend::qemu::{QemuBackend, QemuSettings, disk};
+use qudata_agent::backend::{Backend, Owned};
+use qudata_agent::guest::ManagementKey;
+use qudata_agent::instance::spec::{HostLimits, parse_create};
+use qudata_agent::instance::store::Store;
+use qudata_agent::instance::{BackendKind, Instance, Status};
+use qudata_agent::vfio::{SysfsRoot, Vfio};
+use serde_json::Value;
+use support::agent::{Agent, Dirs, free_port};
+use support::orphans::{TestQemu, foreign, orphan};
+
+fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
+    let settings = QemuSettings {
+        qemu_binary: "qemu-system-x86_64".into(),
+        qemu_img: "qemu-img".into(),
+        ovmf: disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap(),
+        accel: Accel::Tcg,
+        base_image: data.join("images/base.qcow2"),
+        images_dir: data.join("images"),
+        data_dir: data.to_owned(),
+        run_dir: run.to_owned(),
+        boot_deadline: Duration::from_secs(60),
+        powerdown_grace: Duration::from_secs(5),
+        proc_root: Default::default(),
+        vfio: Arc::new(Vfio::new(SysfsRoot::new(data.join("sys")), data)),
+    };
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
+}
+
+#[tokio::test]
+async fn backend_finds_and_reaps_only_its_own_qemus() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, run) = (dir.path().join("data"), dir.path().join("run"));
+    let mut ours = orphan(&data, &run, "orphan-1");
+    // Another agent's VM (same marker, other run dir) and a QEMU without the marker.
+    let mut other_agent = orphan(&dir.path().join("d2"), &dir.path().join("r2"), "orphan-1");
+    let mut stranger = foreign(&dir.path().join("elsewhere"), "web-server");
+    let paths = ours.paths.clone().unwrap();
+    let stray = paths.dir.join("renter-notes.txt");
+    std::fs::write(&stray, "not the agent's").unwrap();
+
+    let qemu = backend(&data, &run);
+    let found = qemu.find_owned().await.unwrap();
+    let want = Owned { instance_id: "orphan-1".into(), what: format!("QEMU pid {}", ours.pid()) };
+    assert_eq!(found, vec![want.clone()]);
+
+    qemu.reap(&want).await.unwrap();
+    assert!(!ours.alive(), "the orphan is stopped");
+    assert!(other_agent.alive() && stranger.alive(), "nothing else is touched");
+    for file in [&paths.overlay, &paths.vars, &paths.seed, &paths.pidfile, &paths.qmp] {
+        assert!(!file.exists(), "{} removed", file.display());
+    }
+    assert!(!paths.run_dir.exists());
+    assert!(stray.exists(), "a file the agent did not make survives, and so does its folder");
+    assert_eq!(qemu.find_owned().await.unwrap(), vec![]);
+    qemu.reap(&want).await.unwrap(); // idempotent
+}
+
+/// A stored record of instance `id` in `status`, as the agent writes them.
+fn store_record(data: &Path, id: &str, status: Status) {
+    let limits = HostLimits {
+        cpus: 2,
+        memory_mib: 2048,
+        storage_gb: 10,
+        default_cpus: 1,
+        default_memory_mib: 512,
+        default_storage_gb: 2,
+    };
+    let instance = Instance {
+        id: id.into(),
+        backend: BackendKind::Qemu,
+        spec: parse_create(&serde_json::json!({}), &limits).unwrap(),
+        status,
+        error: None,
+        created_at: chrono::Utc::now(),
+        ports: Vec::new(),
+        gpus: Vec::new(),
+        ssh_keys: Vec::new(),
+        management_port: Some(free_port()),
+        deleting: false,
+    };
+    Store::open(data).unwrap().save(&instance).unwrap();
+}
+
+fn recover(dirs: &Dirs, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
+        .arg("recover")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("QUDATA_DATA_DIR", &dirs.data)
+        .env("QUDATA_RUN_DIR", &dirs.run)
+        .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
+        .output()
+        .expect("run qudata-agent recover")
+}
+
+fn rows(out: &Output) -> Vec<Value> {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    report["rows"].as_array().unwrap().clone()
+}
+
+fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
+    let found = rows.iter().find(|r| r["name"].as_str().unwrap().ends_with(name));
+    found.unwrap_or_else(|| panic!("no row for {name} in {rows:#?}"))
+}
+
+/// What a crashed agent leaves: an orphan QEMU with its files, the files of another instance
+/// with no record (stale pidfile, frpc include), a record whose VM is gone; beside them a
+/// QEMU of another agent, a QEMU without the marker and files the agent did not make.
+struct Crashed {
+    dirs: Dirs,
+    orphan: TestQemu,
+    other_agent: TestQemu,
+    stranger: TestQemu,
+    leaked: Vec<PathBuf>,
+    foreign_files: Vec<PathBuf>,
+    kept_disk: PathBuf,
+}
+
+fn crashed_host() -> Crashed {
+    let dirs = Dirs::new();
+    let orphan = orphan(&dirs.data, &dirs.run, "orphan-a");
+    let other_agent = orphan_of_other_agent(&dirs);
+    let stranger = foreign(&dirs.root.path().join("elsewhere"), "qudata-like-but-not");
+    let leak = VmPaths::new(&dirs.data, &dirs.run, "leak-b");
+    let include = dirs.root.path().join("etc/frpc.d/leak-b.toml");
+    for dir in [&leak.dir, &leak.run_dir, &include.parent().unwrap().to_owned()] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    // A pidfile naming a live process that is not QEMU: pid reuse must not fool recovery.
+    std::fs::write(&leak.pidfile, std::process::id().to_string()).unwrap();
+    std::fs::write(&leak.seed, "").unwrap();
+    std::fs::write(&include, "[[proxies]]\n").unwrap();
+    let foreign_files = vec![dirs.data.join("vms/README"), leak.dir.join("renter-notes.txt")];
+    for f in &foreign_files {
+        std::fs::write(f, "not the agent's").unwrap();
+    }
+    store_record(&dirs.data, "rec-c", Status::Running);
+    let kept = VmPaths::new(&dirs.data, &dirs.run, "rec-c");
+    std::fs::create_dir_all(&kept.dir).unwrap();
+    std::fs::write(&kept.overlay, "").unwrap();
+    let mut leaked = orphan.paths.as_ref().unwrap().files().map(Path::to_owned).to_vec();
+    leaked.retain(|p| p.exists());
+    leaked.extend([leak.pidfile.clone(), leak.seed.clone(), include]);
+    Crashed { dirs, orphan, other_agent, stranger, leaked, foreign_files, kept_disk: kept.overlay }
+}
+
+fn orphan_of_other_agent(dirs: &Dirs) -> TestQemu {
+    orphan(&dirs.root.path().join("other/data"), &dirs.root.path().join("other/run"), "orphan-a")
+}
+
+fn record_json(dirs: &Dirs, id: &str) -> Value {
+    let text = std::fs::read_to_string(dirs.data.join(format!("instances/{id}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn recover_lists_then_cleans_up_exactly_what_the_agent_left() {
+    let mut host = crashed_host();
+    let dirs = &host.dirs;
+
+    let planned = rows(&recover(dirs, &["--dry-run", "--json"]));
+    let orphan_row = row(&planned, &format!("QEMU pid {}", host.orphan.pid()));
+    assert_eq!(orphan_row["action"], "stopped", "{orphan_row}");
+    assert_eq!(row(&planned, "instance rec-c")["action"], "error");
+    assert_eq!(row(&planned, "leak-b.toml")["action"], "removed");
+    assert_eq!(row(&planned, "vms/README")["action"], "kept");
+    assert!(
+        host.orphan.alive() && host.leaked.iter().all(|p| p.exists()),
+        "dry run changed things"
+    );
+    assert_eq!(record_json(dirs, "rec-c")["status"], "running");
+
+    let out = recover(dirs, &[]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.starts_with("WHAT"), "{table}");
+    let line = |needle: &str| table.lines().find(|l| l.contains(needle)).unwrap_or("").to_owned();
+    assert!(line(&format!("QEMU pid {}", host.orphan.pid())).contains("stopped"), "{table}");
+    assert!(line("instance rec-c").contains("the VM exited while the agent was down"), "{table}");
+    assert!(!host.orphan.alive(), "the orphan QEMU is stopped");
+    for path in &host.leaked {
+        assert!(!path.exists(), "{} left behind:\n{table}", path.display());
+    }
+    assert!(!dirs.run.join("vms/orphan-a").exists() && !dirs.data.join("vms/orphan-a").exists());
+    assert!(host.other_agent.alive() && host.stranger.alive(), "a QEMU not ours was touched");
+    for path in host.foreign_files.iter().chain([&host.kept_disk]) {
+        assert!(path.exists(), "{} was removed:\n{table}", path.display());
+    }
+    let rec = record_json(dirs, "rec-c");
+    assert_eq!(rec["status"], "error");
+    assert_eq!(rec["error"], "the VM exited while the agent was down");
+
+    // Idempotent: a second run finds only what stays.
+    let again = rows(&recover(dirs, &["--json"]));
+    let acted: Vec<&Value> = again.iter().filter(|r| r["action"] != "kept").collect();
+    assert!(acted.is_empty(), "{acted:#?}");
+}
+
+#[tokio::test]
+async fn the_agent_reconciles_before_serving_and_holds_the_lock() {
+    let dirs = Dirs::new();
+    let mut stray = orphan(&dirs.data, &dirs.run, "orphan-z");
+    let mut agent = Agent::local(&dirs);
+    agent.wait_ready().await;
+    assert!(!stray.alive(), "an orphan is stopped before the API serves");
+    assert!(!dirs.data.join("vms/orphan-z").exists());
+
+    let out = recover(&dirs, &["--wait", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one sentence: {stderr}");
+    assert!(stderr.contains(&format!("pid {} (run) holds", agent.pid())), "{stderr}");
+    let dry = recover(&dirs, &["--dry-run"]);
+    assert!(dry.status.success());
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("(run) holds the lock"));
+
+    agent.kill9();
+    let after = recover(&dirs, &["--wait", "5"]);
+    assert!(after.status.success(), "the lock dies with its holder");
+}
