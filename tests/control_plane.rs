@@ -72,9 +72,10 @@ async fn registers_in_order_with_compat_bodies_and_headers() {
     let init = &reqs[first("/init")].body;
     assert_eq!(
         keys(init),
-        set(&["address", "agent_id", "agent_port", "fingerprint", "pid", "version"]),
-        "no test_mode unless true; backend and gpus only when known: {init}"
+        set(&["address", "agent_id", "agent_port", "fingerprint", "gpus", "pid", "version"]),
+        "no test_mode unless true; backend only when known; gpus: the pool's size: {init}"
     );
+    assert!(init["gpus"].is_u64(), "{init}");
     let id = uuid::Uuid::parse_str(init["agent_id"].as_str().unwrap()).unwrap();
     assert_eq!(id.get_version_num(), 4);
     assert_eq!(init["agent_port"], port);

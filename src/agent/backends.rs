@@ -12,8 +12,8 @@ use crate::backend::qemu::disk;
 use crate::backend::qemu::{QemuBackend, QemuSettings};
 use crate::backend::{Backend, EventSink};
 use crate::config::{BackendChoice, Config};
+use crate::gpu::GpuTelemetry;
 use crate::guest::ManagementKey;
-use crate::guest::metrics::GpuStreams;
 use crate::vfio::{SysfsRoot, Vfio};
 
 /// Boot-to-SSH allowance: software emulation is an order of magnitude slower than KVM.
@@ -33,11 +33,11 @@ pub fn vfio(cfg: &Config) -> Vfio {
 }
 
 /// Builds the configured backend, or says in one sentence why none can run here.
-/// `gpu_streams`: in-guest GPU metrics for the stats loop (production mode).
+/// `gpu`: in-guest GPU metrics and the host's NVML for the stats loop (production mode).
 pub async fn build(
     cfg: &Config,
     events: EventSink,
-    gpu_streams: Option<Arc<GpuStreams>>,
+    gpu: Option<GpuTelemetry>,
 ) -> Result<Arc<dyn Backend>, String> {
     match cfg.backend {
         BackendChoice::Docker => {
@@ -45,8 +45,8 @@ pub async fn build(
         }
         BackendChoice::Qemu | BackendChoice::Auto => {
             let mut backend = qemu(cfg, events).await?;
-            if let Some(streams) = gpu_streams {
-                backend = backend.with_gpu_streams(streams, cfg.stats_interval);
+            if let Some(gpu) = gpu {
+                backend = backend.with_gpu_telemetry(gpu);
             }
             Ok(Arc::new(backend))
         }
