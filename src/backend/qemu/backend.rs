@@ -382,8 +382,7 @@ impl Backend for QemuBackend {
         let paths = self.paths(&instance.id);
         self.stop_vm(instance, &paths).await?;
         // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
-        gpus::release(&self.settings.vfio, &instance.id).await?;
-        if !instance.gpus.is_empty() {
+        if gpus::release(&self.settings.vfio, &instance.id).await? > 0 {
             nvml_reload(self.host_nvml()).await;
         }
         paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;

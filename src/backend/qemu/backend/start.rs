@@ -26,10 +26,15 @@ impl QemuBackend {
             // QEMU holds the devices open until it is gone.
             if let Err(stop) = self.stop_vm(instance, paths).await {
                 tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
-            } else if let Err(release) = gpus::release(&self.settings.vfio, &instance.id).await {
-                tracing::error!(id = %instance.id, error = %release, "GPU release incomplete");
             } else {
-                super::nvml_reload(self.host_nvml()).await;
+                match gpus::release(&self.settings.vfio, &instance.id).await {
+                    Err(e) => {
+                        tracing::error!(id = %instance.id, error = %e, "GPU release incomplete")
+                    }
+                    // The GPUs are back on their driver: NVML opens again to see them.
+                    Ok(n) if n > 0 => super::nvml_reload(self.host_nvml()).await,
+                    Ok(_) => {}
+                }
             }
         }
         result
