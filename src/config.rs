@@ -90,6 +90,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_DOCKER_HOST",
+        Some("unix:///var/run/docker.sock"),
+        "unix:///<absolute path> (or an absolute socket path)",
+        "Docker engine socket of the docker backend",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_FRPC_BINARY",
         Some("frpc"),
         "a program name or path",
@@ -263,6 +270,8 @@ pub struct Config {
     pub base_image: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub debug: bool,
+    /// The Docker engine's socket (from `QUDATA_DOCKER_HOST`, `unix://` stripped).
+    pub docker_host: PathBuf,
     pub frpc_binary: PathBuf,
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
@@ -373,6 +382,16 @@ fn parse_library(v: &str) -> Result<PathBuf, String> {
     if path.is_absolute() || !v.contains('/') { Ok(path) } else { Err("is a relative path".into()) }
 }
 
+/// `unix:///run/docker.sock` or `/run/docker.sock`: only a local socket (the engine's TCP API
+/// would be reachable by others on the host).
+fn parse_docker_host(v: &str) -> Result<PathBuf, String> {
+    let path = v.strip_prefix("unix://").unwrap_or(v);
+    if v.contains("://") && !v.starts_with("unix://") {
+        return Err("is not a unix:// socket".into());
+    }
+    parse_abs_path(path)
+}
+
 fn parse_url(v: &str) -> Result<String, String> {
     let rest = v
         .strip_prefix("https://")
@@ -459,6 +478,7 @@ impl Config {
             base_image: r.parse("QUDATA_BASE_IMAGE", parse_abs_path)?,
             data_dir: r.required("QUDATA_DATA_DIR", parse_abs_path)?,
             debug: r.required("QUDATA_DEBUG", parse_bool)?,
+            docker_host: r.required("QUDATA_DOCKER_HOST", parse_docker_host)?,
             frpc_binary: r.required("QUDATA_FRPC_BINARY", |v| Ok(PathBuf::from(v)))?,
             frpc_config: r.required("QUDATA_FRPC_CONFIG", parse_abs_path)?,
             frp: FrpOverrides {
@@ -556,6 +576,21 @@ mod tests {
         assert_eq!(c.ovmf_vars, Some(PathBuf::from("/fw/VARS.fd")));
         let kvm = Config::load(&env(&[("QUDATA_QEMU_ACCEL", "kvm")]), true).unwrap();
         assert_eq!(kvm.qemu_accel, AccelChoice::Kvm);
+    }
+
+    #[test]
+    fn docker_host_is_a_local_socket() {
+        let c = Config::load(&env(&[]), true).unwrap();
+        assert_eq!(c.docker_host, PathBuf::from("/var/run/docker.sock"));
+        let set = env(&[("QUDATA_DOCKER_HOST", "unix:///tmp/d/docker.sock")]);
+        assert_eq!(
+            Config::load(&set, true).unwrap().docker_host,
+            PathBuf::from("/tmp/d/docker.sock")
+        );
+        for bad in ["tcp://127.0.0.1:2375", "unix://relative.sock", "docker.sock"] {
+            let err = Config::load(&env(&[("QUDATA_DOCKER_HOST", bad)]), true).unwrap_err();
+            assert_eq!(err.variable, "QUDATA_DOCKER_HOST", "{bad}");
+        }
     }
 
     #[test]

@@ -77,20 +77,23 @@ async fn manager(
     gpu: Option<GpuTelemetry>,
 ) -> Result<Built, AgentError> {
     let store = Store::open(&cfg.data_dir)?;
+    // QUDATA_GPU_PCI_ADDRS checked against sysfs, or every NVIDIA GPU found.
+    let gpu_pool: Vec<String> = crate::gpu::pool::offered(
+        &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
+        cfg.gpu_pci_addrs.as_deref(),
+    )?
+    .iter()
+    .map(ToString::to_string)
+    .collect();
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
-        gpu_pool: crate::gpu::pool::offered(
-            &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
-            cfg.gpu_pci_addrs.as_deref(),
-        )?
-        .iter()
-        .map(ToString::to_string)
-        .collect(),
+        gpu_pool: gpu_pool.clone(),
         host_ports: ports::HOST_PORTS,
         local,
     };
     let (sink, events) = mpsc::unbounded_channel();
-    let backend = backends::build(cfg, sink.clone(), gpu).await;
+    // The backend is chosen for the GPUs the manager hands out.
+    let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu).await;
     if let Err(reason) = &backend {
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
