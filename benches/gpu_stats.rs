@@ -14,9 +14,10 @@
 #[allow(dead_code)]
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qudata_agent::gpu::{GpuMetrics, Nvml};
+use qudata_agent::gpu::{GpuMetrics, HostNvml};
 use qudata_agent::guest::metrics::GuestGpuBoard;
 use qudata_agent::guest::metrics::parse::parse_line;
 use serde_json::json;
@@ -53,7 +54,9 @@ fn nvml_path(config: &std::path::Path) {
             ..Default::default()
         }
         .write(config);
-        let nvml = Nvml::load(&fake_library()).expect("fake NVML");
+        let nvml = Arc::new(HostNvml::new(fake_library()));
+        nvml.reload();
+        assert!(nvml.with(|_| ()).is_some(), "fake NVML loaded");
         let metrics =
             GpuMetrics::new(Some(nvml), GuestGpuBoard::default(), Duration::from_millis(500));
         assert_eq!(metrics.current().len(), count);

@@ -18,8 +18,17 @@ use support::sysfs::{CLASS_3D, CLASS_AUDIO, FakeSysfs};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The agent against the mock, with an empty simulated sysfs (no GPU by PCI id, whatever the
+/// machine running the test has).
 fn start(dirs: &Dirs, cp: &MockCp, extra: &[(&'static str, String)]) -> Agent {
+    let sysfs = dirs.root.path().join("sys");
+    if !sysfs.exists() {
+        for sub in ["bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups", "module"] {
+            std::fs::create_dir_all(sysfs.join(sub)).unwrap();
+        }
+    }
     let mut env = cp.agent_env(&api_key(), 200);
+    env.push(("QUDATA_SYSFS_ROOT", sysfs.display().to_string()));
     env.extend(extra.iter().cloned());
     Agent::start(dirs, &["run"], &env, free_port())
 }

@@ -1,7 +1,8 @@
 //! In-guest GPU metrics end to end: the real agent (production mode against the mock control
 //! plane), a real VM under TCG booting the CI guest, whose `nvidia-smi` stand-in prints the
 //! real CSV format; the values must reach `/stats` over one long-lived SSH channel, come back
-//! after the channel breaks, and stop with the instance.
+//! after the channel breaks and after the agent is killed and adopts the VM, and stop with the
+//! instance.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::agent::{Agent, Api, Dirs, free_port};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{BOOT, ci_guest_image, openssh, record, wait_status};
+use support::vm::{BOOT, ci_guest_image, openssh, record, wait_gone, wait_status};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -65,7 +66,7 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
     // The stand-in's values: two H100s, GPU 0 moving every sample, GPU 1 without power draw.
     let before = cp.requests().len();
     cp.until("guest GPU values in /stats", WAIT, |r| {
-        ok_stats(&r[before..]).iter().filter(|s| has_guest_gpus(&s.body)).count() >= 6
+        ok_stats(&r[before..]).iter().filter(|s| has_guest_gpus(&s.body)).count() >= 10
     })
     .await;
     let samples: Vec<Value> = stats_after(&cp, before).into_iter().filter(has_guest_gpus).collect();
@@ -102,6 +103,18 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
     .await;
     assert!(agent.output().contains("opening it again"), "{}", agent.output());
 
+    // The agent is killed and started again: it adopts the VM and opens a new stream.
+    agent.kill9();
+    let restarted = cp.requests().len();
+    let mut agent = Agent::start(&dirs, &["run"], &env, free_port());
+    agent.wait_ready().await;
+    cp.until("guest GPU values from the new agent", WAIT, |r| {
+        ok_stats(&r[restarted..]).iter().filter(|s| has_guest_gpus(&s.body)).count() >= 2
+    })
+    .await;
+    let secret = std::fs::read_to_string(dirs.data.join("agent-secret")).unwrap();
+    let api = Api::new(&agent, Some(secret.trim()));
+
     // Deleted: the stream stops with the VM; no GPU values after `destroyed`.
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_status(&api, "destroyed", WAIT).await;
@@ -113,10 +126,6 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
     let after = stats_after(&cp, gone);
     let destroyed: Vec<&Value> = after.iter().filter(|s| s["status"] == "destroyed").collect();
     assert!(destroyed.iter().all(|s| s.get("gpus").is_none()), "{destroyed:?}");
-    // QEMU is gone and reaped (no zombie left).
-    let until = std::time::Instant::now() + WAIT;
-    while !children(agent.pid()).is_empty() {
-        assert!(std::time::Instant::now() < until, "{:?}", children(agent.pid()));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // QEMU (adopted, so not the agent's child) and the VM's files are gone.
+    wait_gone(&dirs, &id, WAIT).await;
 }

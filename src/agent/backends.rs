@@ -13,8 +13,8 @@ use crate::backend::qemu::disk;
 use crate::backend::qemu::{QemuBackend, QemuSettings};
 use crate::backend::{Backend, EventSink};
 use crate::config::{BackendChoice, Config};
+use crate::gpu::GpuTelemetry;
 use crate::guest::ManagementKey;
-use crate::guest::metrics::GpuStreams;
 use crate::instance::model::BackendKind;
 use crate::vfio::{PciAddress, SysfsRoot, Vfio};
 
@@ -83,13 +83,13 @@ pub fn passthrough(sysfs: &SysfsRoot, gpus: &[String]) -> Result<(), String> {
 }
 
 /// Builds the backend for `gpus` (the ones offered to renters), or says in one sentence why
-/// none can run here. The choice and its reason are logged. `gpu_streams`: in-guest GPU
-/// metrics for the stats loop (production mode; VMs only).
+/// none can run here. The choice and its reason are logged. `gpu`: in-guest GPU metrics
+/// and the host's NVML for the stats loop (production mode; VMs only).
 pub async fn build(
     cfg: &Config,
     gpus: &[String],
     events: EventSink,
-    gpu_streams: Option<Arc<GpuStreams>>,
+    gpu: Option<GpuTelemetry>,
 ) -> Result<Arc<dyn Backend>, String> {
     let sysfs = SysfsRoot::new(&cfg.sysfs_root);
     let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, gpus));
@@ -97,8 +97,8 @@ pub async fn build(
     for kind in &order.try_in_order {
         let built: Result<Arc<dyn Backend>, String> = match kind {
             BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|backend| {
-                let backend = match gpu_streams.clone() {
-                    Some(streams) => backend.with_gpu_streams(streams, cfg.stats_interval),
+                let backend = match gpu.clone() {
+                    Some(gpu) => backend.with_gpu_telemetry(gpu),
                     None => backend,
                 };
                 Arc::new(backend) as _

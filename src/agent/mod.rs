@@ -24,7 +24,7 @@ use crate::api::{self, SecretSlot};
 use crate::backend::{Backend, BackendEvent};
 use crate::config::{BackendChoice, Config};
 use crate::fsutil::{self, FsError};
-use crate::guest::metrics::GpuStreams;
+use crate::gpu::GpuTelemetry;
 use crate::instance::manager::{Manager, ManagerSettings};
 use crate::instance::store::{Store, StoreError};
 use crate::ports;
@@ -72,11 +72,12 @@ pub(crate) struct Built {
     cleanup: Arc<dyn Backend>,
 }
 
-/// `gpu_streams`: where the VM backend's in-guest GPU metrics go (`None` in local mode).
+/// `gpu`: where the VM backend's in-guest GPU metrics go and the host's NVML (`None` in local
+/// mode).
 async fn manager(
     cfg: &Config,
     local: bool,
-    gpu_streams: Option<Arc<GpuStreams>>,
+    gpu: Option<GpuTelemetry>,
 ) -> Result<Built, AgentError> {
     let store = Store::open(&cfg.data_dir)?;
     // QUDATA_GPU_PCI_ADDRS checked against sysfs, or every NVIDIA GPU found.
@@ -95,7 +96,7 @@ async fn manager(
     };
     let (sink, events) = mpsc::unbounded_channel();
     // The backend is chosen for the GPUs the manager hands out.
-    let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu_streams).await;
+    let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu).await;
     // `auto` with nothing usable is a host that is not provisioned: stop with the reason
     // (systemd starts the agent again, so it runs once the image or the engine is there). An
     // explicit choice waits for its backend instead, serving and reporting meanwhile, with
@@ -119,10 +120,10 @@ async fn manager(
 async fn start_up(
     cfg: &Config,
     local: bool,
-    gpu_streams: Option<Arc<GpuStreams>>,
+    gpu: Option<GpuTelemetry>,
 ) -> Result<(RunLock, Built, Vec<String>), AgentError> {
     let lock = RunLock::acquire(&cfg.run_dir, "run", recovery::AGENT_LOCK_WAIT).await?;
-    let built = manager(cfg, local, gpu_streams).await?;
+    let built = manager(cfg, local, gpu).await?;
     let manager = built.manager.clone();
     let restored = recovery::at_startup(&manager, Some(built.cleanup.clone()), cfg).await?;
     reconcile_gpus(cfg, &manager).await;

@@ -16,7 +16,7 @@ use crate::control_plane::{
     self, AgentStats, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter,
 };
 use crate::fsutil;
-use crate::gpu::{self, GpuMetrics, facts::FactsInputs};
+use crate::gpu::{self, GpuMetrics, GpuTelemetry, HostNvml, facts::FactsInputs};
 use crate::guest::metrics::{GpuStreams, GuestGpuBoard};
 use crate::host::{self, Sampler};
 use crate::instance::{BackendKind, Manager};
@@ -29,8 +29,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
-    let gpu_streams = Arc::new(GpuStreams::new(GuestGpuBoard::default()));
-    let (_lock, built, restored) = start_up(&cfg, false, Some(gpu_streams.clone())).await?;
+    let gpu = GpuTelemetry {
+        streams: Arc::new(GpuStreams::new(GuestGpuBoard::default())),
+        host_nvml: Arc::new(HostNvml::new(cfg.nvml_library.clone())),
+        interval: cfg.stats_interval,
+    };
+    let (_lock, built, restored) = start_up(&cfg, false, Some(gpu.clone())).await?;
     let Built { manager, events, cleanup } = built;
     manager.spawn_event_loop(events);
 
@@ -45,9 +49,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
-    let board = gpu_streams.board().clone();
     let background =
-        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored, board };
+        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored, gpu };
     let control = tokio::spawn(background.run(stopped));
 
     termination().await;
@@ -68,15 +71,20 @@ struct ControlPlane {
     /// `/init` applies to those.
     cleanup: Arc<dyn Backend>,
     restored: Vec<String>,
-    /// In-guest GPU values, written by the VM backend's streams.
-    board: GuestGpuBoard,
+    /// In-guest GPU values and the host's NVML.
+    gpu: GpuTelemetry,
 }
 
 impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
         let roots = host::Roots { sys: self.cfg.sysfs_root.clone(), ..Default::default() };
-        let nvml = gpu::metrics::load_host_nvml(&self.cfg.nvml_library);
-        let gpu = self.gpu_facts(nvml.as_ref(), &roots);
+        // After start-up's reconcile, so GPUs it returned to the driver are seen.
+        let host_nvml = self.gpu.host_nvml.clone();
+        let _ = tokio::task::spawn_blocking(move || host_nvml.reload()).await;
+        let gpu = match self.gpu.host_nvml.with(|nvml| self.gpu_facts(Some(nvml))) {
+            Some(facts) => facts,
+            None => self.gpu_facts(None),
+        };
         let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu };
         // frpc first with what is stored (adopting a running one), beside registration, so the
         // tunnels stay supervised and published while the control plane is down.
@@ -115,7 +123,11 @@ impl ControlPlane {
             secret: registered.secret,
             source: Arc::new(AgentStats {
                 manager: self.manager,
-                gpus: Arc::new(GpuMetrics::new(nvml, self.board, self.cfg.stats_interval)),
+                gpus: Arc::new(GpuMetrics::new(
+                    Some(self.gpu.host_nvml.clone()),
+                    self.gpu.streams.board().clone(),
+                    self.cfg.stats_interval,
+                )),
             }),
             sampler: Sampler::new(roots.proc.clone()),
             interval: self.cfg.stats_interval,
@@ -125,9 +137,9 @@ impl ControlPlane {
     }
 
     /// `/init/host` GPU facts: NVML, else the self-test inventory, else PCI ids.
-    fn gpu_facts(&self, nvml: Option<&gpu::Nvml>, roots: &host::Roots) -> Option<gpu::GpuFacts> {
+    fn gpu_facts(&self, nvml: Option<&gpu::Nvml>) -> Option<gpu::GpuFacts> {
         let selftest_file = self.cfg.data_dir.join(gpu::selftest::FILE_NAME);
-        let sysfs = SysfsRoot::new(&roots.sys);
+        let sysfs = SysfsRoot::new(&self.cfg.sysfs_root);
         let inputs = FactsInputs {
             nvml,
             selftest_file: &selftest_file,

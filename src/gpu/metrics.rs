@@ -1,31 +1,27 @@
 //! Per-GPU metrics for `/stats`: the guests' streams when they have fresh values (GPUs on
 //! vfio-pci are visible only there), else NVML on the host, else none.
 
-use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::GpuStats;
+use super::host::HostNvml;
 use super::nvml::Nvml;
-use crate::guest::metrics::GuestGpuBoard;
+use crate::guest::metrics::{GpuStreams, GuestGpuBoard};
 
-/// Loads NVML for the host; without a driver the agent runs on, saying so in one line.
-pub fn load_host_nvml(library: &Path) -> Option<Nvml> {
-    match Nvml::load(library) {
-        Ok(nvml) => {
-            let count = nvml.count().unwrap_or(0);
-            tracing::info!(library = %library.display(), gpus = count, "NVML loaded");
-            Some(nvml)
-        }
-        Err(e) => {
-            tracing::info!(reason = %e, "no NVIDIA driver on the host: GPU facts from the self-test inventory or PCI ids, GPU metrics from the guests only");
-            None
-        }
-    }
+/// What the VM backend feeds for `/stats` (production mode): the in-guest streams, and the
+/// host's NVML, closed while GPUs are bound.
+#[derive(Clone)]
+pub struct GpuTelemetry {
+    pub streams: Arc<GpuStreams>,
+    pub host_nvml: Arc<HostNvml>,
+    /// The stats period, also the streams' `-lms`.
+    pub interval: Duration,
 }
 
 pub struct GpuMetrics {
-    host: Option<Nvml>,
+    host: Option<Arc<HostNvml>>,
     guests: GuestGpuBoard,
     /// Guest values older than this are not reported (a paused or hung guest).
     max_age: Duration,
@@ -36,13 +32,13 @@ pub struct GpuMetrics {
 impl GpuMetrics {
     /// `interval` is the stats period; guest values count as fresh for four of them (at
     /// least 2 s).
-    pub fn new(host: Option<Nvml>, guests: GuestGpuBoard, interval: Duration) -> GpuMetrics {
+    pub fn new(
+        host: Option<Arc<HostNvml>>,
+        guests: GuestGpuBoard,
+        interval: Duration,
+    ) -> GpuMetrics {
         let max_age = (interval * 4).max(Duration::from_secs(2));
         GpuMetrics { host, guests, max_age, failing: AtomicBool::new(false) }
-    }
-
-    pub fn host(&self) -> Option<&Nvml> {
-        self.host.as_ref()
     }
 
     /// The GPUs of one `/stats` sample, first GPU first.
@@ -51,8 +47,10 @@ impl GpuMetrics {
         if !guests.is_empty() {
             return guests;
         }
-        let Some(nvml) = &self.host else { return Vec::new() };
-        match nvml.sample() {
+        let Some(sample) = self.host.as_ref().and_then(|h| h.with(Nvml::sample)) else {
+            return Vec::new(); // no driver, or closed while GPUs are being bound
+        };
+        match sample {
             Ok(gpus) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("NVML answers again");
@@ -66,5 +64,29 @@ impl GpuMetrics {
                 Vec::new()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_guest_values_are_reported_else_none_without_nvml() {
+        let board = GuestGpuBoard::default();
+        let metrics = GpuMetrics::new(None, board.clone(), Duration::from_millis(500));
+        assert!(metrics.current().is_empty(), "no driver, no guest: no GPU");
+        let gpu = GpuStats {
+            index: 3,
+            util: 50.0,
+            temp: 60,
+            mem_used_mib: 1,
+            mem_total_mib: 2,
+            power_w: 70.5,
+        };
+        board.record("vm", gpu.clone());
+        assert_eq!(metrics.current(), [GpuStats { index: 0, ..gpu }], "renumbered from 0");
+        board.clear("vm");
+        assert!(metrics.current().is_empty());
     }
 }

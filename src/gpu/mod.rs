@@ -3,6 +3,7 @@
 //! decides where `/init/host` facts and `/stats` metrics come from.
 
 pub mod facts;
+pub mod host;
 pub mod metrics;
 pub mod models;
 pub mod nvml;
@@ -10,7 +11,8 @@ pub mod pci;
 pub mod pool;
 pub mod selftest;
 
-pub use metrics::GpuMetrics;
+pub use host::HostNvml;
+pub use metrics::{GpuMetrics, GpuTelemetry};
 pub use nvml::{Nvml, NvmlError};
 pub use pci::{GpuDriver, GpuError, Inventory, NvidiaGpu, PciFunction, RejectReason, Rejected};
 

@@ -23,7 +23,8 @@ use super::qmp::Qmp;
 use super::seed;
 use super::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
-use crate::guest::metrics::{GpuStreams, StreamSpec};
+use crate::gpu::{GpuTelemetry, HostNvml};
+use crate::guest::metrics::StreamSpec;
 use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
@@ -57,8 +58,8 @@ pub struct QemuBackend {
     key: ManagementKey,
     events: EventSink,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
-    /// In-guest GPU metrics and their period (production mode only).
-    gpu_streams: Option<(Arc<GpuStreams>, Duration)>,
+    /// In-guest GPU metrics and the host's NVML (production mode only).
+    gpu: Option<GpuTelemetry>,
 }
 
 /// Time for QEMU to create its monitor socket after exec.
@@ -68,19 +69,25 @@ const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 impl QemuBackend {
     pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
-        QemuBackend { settings, key, events, vms: Mutex::default(), gpu_streams: None }
+        QemuBackend { settings, key, events, vms: Mutex::default(), gpu: None }
     }
 
-    /// Runs an in-guest GPU metrics stream (`guest::metrics`) for every configured VM.
-    pub fn with_gpu_streams(mut self, streams: Arc<GpuStreams>, interval: Duration) -> Self {
-        self.gpu_streams = Some((streams, interval));
+    /// Runs an in-guest GPU metrics stream (`guest::metrics`) for every configured VM, and
+    /// closes the host's NVML while GPUs are bound (the driver cannot let go of a GPU that
+    /// NVML holds open).
+    pub fn with_gpu_telemetry(mut self, gpu: GpuTelemetry) -> Self {
+        self.gpu = Some(gpu);
         self
+    }
+
+    /// The host's NVML, if this backend reports GPU metrics.
+    pub(super) fn host_nvml(&self) -> Option<Arc<HostNvml>> {
+        self.gpu.as_ref().map(|g| g.host_nvml.clone())
     }
 
     /// (Re)starts the instance's GPU metrics stream; it ends by itself when QEMU exits.
     fn start_gpu_stream(&self, instance: &Instance) {
-        let (Some((streams, interval)), Some(vm)) = (&self.gpu_streams, self.live(&instance.id))
-        else {
+        let (Some(gpu), Some(vm)) = (&self.gpu, self.live(&instance.id)) else {
             return;
         };
         let Ok(target) = self.target(instance) else { return };
@@ -88,9 +95,9 @@ impl QemuBackend {
             target,
             key: self.key.clone(),
             has_gpus: !instance.gpus.is_empty(),
-            interval: *interval,
+            interval: gpu.interval,
         };
-        streams.start(spec, async move {
+        gpu.streams.start(spec, async move {
             vm.exited().await;
         });
     }
@@ -177,8 +184,8 @@ impl QemuBackend {
 
     /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
     async fn stop_vm(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        if let Some((streams, _)) = &self.gpu_streams {
-            streams.stop(&instance.id).await;
+        if let Some(gpu) = &self.gpu {
+            gpu.streams.stop(&instance.id).await;
         }
         let vm = self.vms.lock().expect("vms lock").remove(&instance.id);
         if let Some(vm) = vm.filter(|vm| vm.exit_reason().is_none()) {
@@ -243,6 +250,14 @@ fn forwards(instance: &Instance) -> Vec<(u16, u16)> {
     // A second forward to guest port 22 is fine: QEMU's user network allows several.
     out.extend(instance.management_port.map(|port| (port, 22)));
     out
+}
+
+/// Opens the host's NVML again after GPUs returned to the driver (blocking, so off the
+/// runtime).
+pub(super) async fn nvml_reload(host: Option<Arc<HostNvml>>) {
+    if let Some(host) = host {
+        let _ = tokio::task::spawn_blocking(move || host.reload()).await;
+    }
 }
 
 fn known_images(dir: &Path) -> Vec<String> {
@@ -367,7 +382,9 @@ impl Backend for QemuBackend {
         let paths = self.paths(&instance.id);
         self.stop_vm(instance, &paths).await?;
         // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
-        gpus::release(&self.settings.vfio, &instance.id).await?;
+        if gpus::release(&self.settings.vfio, &instance.id).await? > 0 {
+            nvml_reload(self.host_nvml()).await;
+        }
         paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;
         tracing::info!(id = %instance.id, "VM and its files removed");
         Ok(())

@@ -53,20 +53,21 @@ pub async fn bind(
         .collect())
 }
 
-/// Puts the instance's devices back on their host drivers, verified. Without a bind record
-/// (no GPUs, or already released) there is nothing to do.
-pub async fn release(vfio: &Arc<Vfio>, id: &str) -> Result<(), BackendError> {
+/// Puts the instance's devices back on their host drivers, verified; how many it released.
+/// Without a bind record (no GPUs, or already released) there is nothing to do.
+pub async fn release(vfio: &Arc<Vfio>, id: &str) -> Result<usize, BackendError> {
     let owned = id.to_owned();
     let outcomes = vfio
         .off_runtime(move |v| v.release(&owned))
         .await
         .map_err(|e| BackendError::op("release the GPUs", e))?;
+    let released = outcomes.len();
     let failed: Vec<String> = outcomes
         .into_iter()
         .filter_map(|o| o.error.map(|e| format!("{}: {e}", o.address)))
         .collect();
     if failed.is_empty() {
-        Ok(())
+        Ok(released)
     } else {
         Err(BackendError::op("release the GPUs", failed.join("; ")))
     }

@@ -8,6 +8,8 @@
  *   cuda 12040                       nvmlSystemGetCudaDriverVersion_v2
  *   driver 550.54.15                 nvmlSystemGetDriverVersion
  *   gpu TOTAL_MIB USED_MIB UTIL TEMP POWER_MW NAME...   one per GPU; POWER_MW -1: not supported
+ * With FAKE_NVML_LOG set, every successful nvmlInit_v2 and nvmlShutdown appends "init" or
+ * "shutdown" to that file, so a test sees when the agent holds the driver open.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -76,6 +78,14 @@ static void load(void) {
   gpu_count = n;
 }
 
+static void note(const char *event) {
+  const char *path = getenv("FAKE_NVML_LOG");
+  FILE *f = path ? fopen(path, "a") : NULL;
+  if (!f) return;
+  fprintf(f, "%s\n", event);
+  fclose(f);
+}
+
 static fake_gpu *gpu_of(void *device) {
   fake_gpu *g = device;
   if (!initialised) return NULL;
@@ -87,12 +97,14 @@ int nvmlInit_v2(void) {
   load();
   if (fail_init) return NVML_ERROR_DRIVER_NOT_LOADED;
   initialised = 1;
+  note("init");
   return NVML_SUCCESS;
 }
 
 int nvmlShutdown(void) {
   if (!initialised) return NVML_ERROR_UNINITIALIZED;
   initialised = 0;
+  note("shutdown");
   return NVML_SUCCESS;
 }
 

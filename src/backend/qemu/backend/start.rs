@@ -17,7 +17,7 @@ impl QemuBackend {
         instance: &Instance,
         paths: &VmPaths,
     ) -> Result<(), BackendError> {
-        let passthrough = gpus::bind(&self.settings.vfio, instance).await?;
+        let passthrough = self.bind_gpus(instance).await?;
         let result = self.start_qemu(instance, paths, passthrough).await;
         if let Err(e) = &result
             && !instance.gpus.is_empty()
@@ -26,11 +26,30 @@ impl QemuBackend {
             // QEMU holds the devices open until it is gone.
             if let Err(stop) = self.stop_vm(instance, paths).await {
                 tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
-            } else if let Err(release) = gpus::release(&self.settings.vfio, &instance.id).await {
-                tracing::error!(id = %instance.id, error = %release, "GPU release incomplete");
+            } else {
+                match gpus::release(&self.settings.vfio, &instance.id).await {
+                    Err(e) => {
+                        tracing::error!(id = %instance.id, error = %e, "GPU release incomplete")
+                    }
+                    // The GPUs are back on their driver: NVML opens again to see them.
+                    Ok(n) if n > 0 => super::nvml_reload(self.host_nvml()).await,
+                    Ok(_) => {}
+                }
             }
         }
         result
+    }
+
+    /// Binds the instance's GPUs with the host's NVML closed: the NVIDIA driver does not let
+    /// go of a GPU whose `/dev/nvidiaN` a process (this one, through NVML) holds open.
+    async fn bind_gpus(&self, instance: &Instance) -> Result<Vec<GpuPassthrough>, BackendError> {
+        let host = self.host_nvml().filter(|_| !instance.gpus.is_empty());
+        let Some(host) = host else { return gpus::bind(&self.settings.vfio, instance).await };
+        host.suspend();
+        let bound = gpus::bind(&self.settings.vfio, instance).await;
+        // Open again for the GPUs still on the driver (those now on vfio-pci are not seen).
+        let _ = tokio::task::spawn_blocking(move || host.resume()).await;
+        bound
     }
 
     /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
