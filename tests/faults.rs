@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{BOOT, ci_guest_image, leftovers, qemu_pids, record, wait_gone, wait_status};
+use support::vm::{
+    BOOT, ci_guest_image, leftovers, qemu_pids, record, ssh_keygen, wait_gone, wait_status,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -130,7 +132,8 @@ async fn kill_before_the_guest_answers_then_qemu_dies_then_outage_then_lease_reb
     let dirs = Dirs::new();
     let port = free_port();
     let key = api_key();
-    let cp = MockCp::start(Behaviour { host_exists: true, without_frp: true, ..Default::default() });
+    let cp =
+        MockCp::start(Behaviour { host_exists: true, without_frp: true, ..Default::default() });
     let mut agent = production(&dirs, &cp, &key, port, Some("before_guest_answers"));
     agent.wait_ready().await;
     cp.until("registration", WAIT, |r| !ok_stats(r).is_empty()).await;
@@ -152,9 +155,7 @@ async fn kill_before_the_guest_answers_then_qemu_dies_then_outage_then_lease_reb
     wait_status(&api, "error", WAIT).await;
     let seen = Instant::now();
     let reqs = cp
-        .until("a sample after the exit", WAIT, |r| {
-            ok_stats(r).iter().any(|s| s.at > seen)
-        })
+        .until("a sample after the exit", WAIT, |r| ok_stats(r).iter().any(|s| s.at > seen))
         .await;
     let next = ok_stats(&reqs).into_iter().find(|s| s.at > seen).unwrap().body.clone();
     assert_eq!(next["status"], "error", "{next}");
@@ -196,4 +197,74 @@ async fn kill_before_the_guest_answers_then_qemu_dies_then_outage_then_lease_reb
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id, Duration::from_secs(120)).await;
     drop(agent);
+}
+
+/// A tiny tmpfs mounted on a test's data dir (we run as root); unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount -t tmpfs on {} (the tests run as root)", dir.display());
+        Tmpfs(dir.to_owned())
+    }
+
+    /// Fills the filesystem until the kernel says it is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            match file.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_request_clearly_and_keeps_the_record() {
+    let dirs = Dirs::new();
+    let tmpfs = Tmpfs::mount(&dirs.data, "2m");
+    let id = "full-disk";
+    support::records::store_record(&dirs.data, id, qudata_agent::instance::Status::Error, true);
+    let path = dirs.data.join(format!("instances/{id}.json"));
+    let before = std::fs::read(&path).unwrap();
+    let mut agent = Agent::local(&dirs);
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let filler = tmpfs.fill();
+
+    let (_, public) = ssh_keygen(dirs.root.path(), "renter");
+    let key = json!({ "ssh_pubkey": public });
+    let answer = api.json("POST", "/ssh", &key).await;
+    assert_eq!(answer.status, 500, "{:?}", answer.body);
+    let error = answer.body["error"].as_str().unwrap();
+    assert!(error.contains("could not be saved") && error.contains("No space left"), "{error}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the previous record is intact");
+    let names: Vec<String> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, [format!("{id}.json")], "no temp file left behind");
+
+    // With room again the same request goes through: nothing was left half-done.
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(api.json("POST", "/ssh", &key).await.status, 200);
+    assert_eq!(record(&dirs, id)["ssh_keys"].as_array().unwrap().len(), 1);
+    agent.kill9();
 }

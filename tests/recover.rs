@@ -13,12 +13,11 @@ use qudata_agent::backend::qemu::layout::VmPaths;
 use qudata_agent::backend::qemu::{QemuBackend, QemuSettings, disk};
 use qudata_agent::backend::{Backend, Owned};
 use qudata_agent::guest::ManagementKey;
-use qudata_agent::instance::spec::{HostLimits, parse_create};
-use qudata_agent::instance::store::Store;
-use qudata_agent::instance::{BackendKind, Instance, Status};
+use qudata_agent::instance::Status;
 use serde_json::Value;
-use support::agent::{Agent, Dirs, free_port};
+use support::agent::{Agent, Dirs};
 use support::orphans::{TestQemu, foreign, orphan};
+use support::records::store_record;
 
 fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
     let settings = QemuSettings {
@@ -65,32 +64,6 @@ async fn backend_finds_and_reaps_only_its_own_qemus() {
     assert!(stray.exists(), "a file the agent did not make survives, and so does its folder");
     assert_eq!(qemu.find_owned().await.unwrap(), vec![]);
     qemu.reap(&want).await.unwrap(); // idempotent
-}
-
-/// A stored record of instance `id` in `status`, as the agent writes them.
-fn store_record(data: &Path, id: &str, status: Status) {
-    let limits = HostLimits {
-        cpus: 2,
-        memory_mib: 2048,
-        storage_gb: 10,
-        default_cpus: 1,
-        default_memory_mib: 512,
-        default_storage_gb: 2,
-    };
-    let instance = Instance {
-        id: id.into(),
-        backend: BackendKind::Qemu,
-        spec: parse_create(&serde_json::json!({}), &limits).unwrap(),
-        status,
-        error: None,
-        created_at: chrono::Utc::now(),
-        ports: Vec::new(),
-        gpus: Vec::new(),
-        ssh_keys: Vec::new(),
-        management_port: Some(free_port()),
-        deleting: false,
-    };
-    Store::open(data).unwrap().save(&instance).unwrap();
 }
 
 fn recover(dirs: &Dirs, args: &[&str]) -> Output {
@@ -148,7 +121,7 @@ fn crashed_host() -> Crashed {
     for f in &foreign_files {
         std::fs::write(f, "not the agent's").unwrap();
     }
-    store_record(&dirs.data, "rec-c", Status::Running);
+    store_record(&dirs.data, "rec-c", Status::Running, false);
     let kept = VmPaths::new(&dirs.data, &dirs.run, "rec-c");
     std::fs::create_dir_all(&kept.dir).unwrap();
     std::fs::write(&kept.overlay, "").unwrap();

@@ -5,6 +5,7 @@ pub mod frpc;
 pub mod host;
 pub mod mock_cp;
 pub mod orphans;
+pub mod records;
 pub mod sshd;
 pub mod sysfs;
 pub mod vm;
