@@ -364,7 +364,12 @@ impl Backend for QemuBackend {
 
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
         let paths = self.paths(&instance.id);
-        let Some(pid) = process::owned_pid(&paths.pidfile, &instance.id) else {
+        // The pidfile first; a QEMU whose pidfile was deleted is still found by its command line.
+        let scanned = || {
+            let found = self.settings.proc_root.scan(&self.settings.run_dir).into_iter();
+            found.filter(|f| f.instance_id == instance.id).map(|f| f.pid).next()
+        };
+        let Some(pid) = process::owned_pid(&paths.pidfile, &instance.id).or_else(scanned) else {
             let detail = "no QEMU process carries its marker".to_owned();
             return Ok(Adoption::Gone { detail });
         };
