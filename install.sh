@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # Provisions a Debian 12 host for qudata-agent (as root).
 #
+#   QUDATA_API_KEY=ak-... ./install.sh [--dry-run] [--root DIR]
+#                          production: packages, IOMMU (GRUB) and VFIO modules, the agent,
+#                          frpc and the base image (SHA-256 checked), the systemd unit
 #   ./install.sh --local   install what is missing, build the agent, run it in local mode
 #   ./install.sh --packages FILE
 #                          install the Debian packages listed in FILE (used by the tests)
+#
+# Production mode also reads INSTALL_AGENT_BINARY (default: built with cargo),
+# INSTALL_FRPC_URL + INSTALL_FRPC_SHA256 (default: frp v0.61.0, pinned) and
+# INSTALL_IMAGE_URL + INSTALL_IMAGE_SHA256 (the base image; none by default). --dry-run prints
+# what would be done; --root DIR installs into DIR and leaves the host alone (no packages,
+# modprobe, update-grub or systemctl). Running it again changes nothing that is up to date.
 #
 # Local mode needs no control plane and no frpc: it builds the small CI guest (image-builder/)
 # as its base image, and the agent prints a generated secret and example curl commands.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 # QEMU comes from bookworm-backports, like the qemu-utils these hosts already carry: mixing
 # QEMU 7.2 from bookworm with qemu-img 10 is not a combination anyone tests.
@@ -70,6 +79,291 @@ prepare_local_image() {
   [ -e "$images/base.qcow2" ] || ln -s ci-guest.qcow2 "$images/base.qcow2"
 }
 
+# ---------------------------------------------------------------------------------------------
+# Production mode. Every step is a function; each one is idempotent (compares before it
+# writes) and writes atomically (a temp file in the target's directory, then a rename).
+
+# frp v0.61.0, from frp's published frp_sha256_checksums.txt.
+FRPC_PINNED_URL=https://github.com/fatedier/frp/releases/download/v0.61.0/frp_0.61.0_linux_amd64.tar.gz
+FRPC_PINNED_SHA256=720a9fe2a3299346572544909a78c023344c88bde13c55b921e298e8c5ded21f
+PROD_PKGS=(ca-certificates curl tar qemu-system-x86 qemu-utils ovmf dosfstools mtools kmod pciutils)
+VFIO_MODULES=(vfio vfio_pci vfio_iommu_type1)
+UNIT=qudata-agent.service
+
+DRY_RUN=0
+ROOT=/
+CREATED=()  # paths this run created: removed again when the run fails
+SCRATCH=""  # a private temp dir, always removed
+CHANGED=0   # the agent's binary, unit or settings changed: a running agent is restarted
+IMAGE_UP_TO_DATE=0
+
+say() { printf 'install.sh: %s\n' "$*"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+# A host path inside the target root.
+at() { printf '%s%s' "${ROOT%/}" "$1"; }
+dry() { [ "$DRY_RUN" = 1 ]; }
+
+# On failure, removes what this run created (newest first), so nothing is left half-written.
+finish() {
+  local status=$? i p
+  [ -n "$SCRATCH" ] && rm -rf -- "$SCRATCH"
+  if [ "$status" -ne 0 ]; then
+    for ((i = ${#CREATED[@]} - 1; i >= 0; i--)); do
+      p=${CREATED[i]}
+      if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; else rm -f -- "$p"; fi
+    done
+    [ ${#CREATED[@]} -gt 0 ] && say "failed: removed what this run had created" >&2
+  fi
+  return "$status"
+}
+
+# make_dir DIR MODE: creates DIR (parents 0755) when missing, remembering what it created.
+make_dir() {
+  local dir=$1 mode=$2 d missing=()
+  while [ ! -d "$dir" ]; do
+    missing=("$dir" "${missing[@]}")
+    dir=$(dirname "$dir")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if dry; then say "would create ${missing[-1]}"; return 0; fi
+  for d in "${missing[@]}"; do
+    CREATED+=("$d")
+    if [ "$d" = "${missing[-1]}" ]; then mkdir -m "$mode" "$d"; else mkdir -m 0755 "$d"; fi
+  done
+}
+
+# private_dir DIR: DIR exists with mode 0700.
+private_dir() {
+  make_dir "$1" 0700
+  if [ -d "$1" ] && [ "$(stat -c %a "$1")" != 700 ]; then
+    if dry; then say "would chmod 0700 $1"; else chmod 0700 "$1"; fi
+  fi
+}
+
+sha256_of() { sha256sum -- "$1" | cut -d' ' -f1; }
+
+# put_file SRC DEST MODE: installs SRC as DEST atomically. Returns 1 ("up to date") when DEST
+# already has that content and mode.
+put_file() {
+  local src=$1 dest=$2 mode=$3 tmp
+  if [ -f "$dest" ] && cmp -s -- "$src" "$dest" && [ "$(stat -c %a "$dest")" = "${mode#0}" ]; then
+    say "up to date: $dest"
+    return 1
+  fi
+  if dry; then say "would install $dest (mode $mode)"; return 0; fi
+  make_dir "$(dirname "$dest")" 0755
+  tmp="$(dirname "$dest")/.$(basename "$dest").new"
+  [ -e "$dest" ] || CREATED+=("$dest")
+  CREATED+=("$tmp")
+  install -m "$mode" -- "$src" "$tmp"
+  sync -- "$tmp"
+  mv -f -- "$tmp" "$dest"
+  say "installed $dest"
+}
+
+# fetch_verified URL SHA256 DEST: downloads URL to DEST (0600) only if its SHA-256 is right;
+# a mismatch leaves nothing behind. Returns 1 when DEST already has that checksum.
+fetch_verified() {
+  local url=$1 sum=$2 dest=$3 tmp got
+  if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$sum" ]; then
+    say "up to date: $dest (sha256 ok)"
+    return 1
+  fi
+  if dry; then say "would download $url to $dest (sha256 $sum)"; return 0; fi
+  tmp="$(dirname "$dest")/.$(basename "$dest").part"
+  CREATED+=("$tmp")
+  say "downloading $url"
+  (umask 077 && curl --fail --silent --show-error --location --retry 3 \
+    --proto '=https,http,file' --proto-redir '=https' --output "$tmp" "$url") ||
+    die "cannot download $url"
+  got=$(sha256_of "$tmp")
+  [ "$got" = "$sum" ] || die "sha256 mismatch for $url: expected $sum, got $got; refusing it"
+  sync -- "$tmp"
+  [ -e "$dest" ] || CREATED+=("$dest")
+  mv -f -- "$tmp" "$dest"
+  say "verified and installed $dest"
+}
+
+valid_url() { [[ $1 =~ ^(https|http|file)://[^[:space:]]+$ ]]; }
+valid_sum() { [[ $1 =~ ^[0-9a-f]{64}$ ]]; }
+
+# Every input is checked before anything is touched.
+check_inputs() {
+  if [[ $ROOT != /* ]] || [ ! -d "$ROOT" ]; then die "--root $ROOT: not an existing absolute directory"; fi
+  if [ "$ROOT" = / ] && ! dry && [ "$(id -u)" != 0 ]; then die "run as root (or use --dry-run)"; fi
+  FRPC_URL=${INSTALL_FRPC_URL:-$FRPC_PINNED_URL}
+  FRPC_SHA256=${INSTALL_FRPC_SHA256:-}
+  if [ -z "${INSTALL_FRPC_URL:-}" ]; then
+    FRPC_SHA256=${FRPC_SHA256:-$FRPC_PINNED_SHA256}
+    [ "$(uname -m)" = x86_64 ] || die "frpc is pinned for x86_64 only: set INSTALL_FRPC_URL and INSTALL_FRPC_SHA256"
+  fi
+  IMAGE_URL=${INSTALL_IMAGE_URL:-}
+  IMAGE_SHA256=${INSTALL_IMAGE_SHA256:-}
+  FRPC_SHA256=${FRPC_SHA256,,}
+  IMAGE_SHA256=${IMAGE_SHA256,,}
+  valid_url "$FRPC_URL" || die "INSTALL_FRPC_URL must be an https://, http:// or file:// URL"
+  valid_sum "$FRPC_SHA256" || die "INSTALL_FRPC_SHA256 must be 64 hex digits (the SHA-256 of the frp archive)"
+  if [ -n "$IMAGE_URL$IMAGE_SHA256" ]; then
+    valid_url "$IMAGE_URL" || die "INSTALL_IMAGE_URL must be an https://, http:// or file:// URL"
+    valid_sum "$IMAGE_SHA256" || die "INSTALL_IMAGE_SHA256 must be 64 hex digits (the SHA-256 of the image)"
+    # One that is there with other contents is never replaced: instances' overlays use it.
+    IMAGE=$(at /var/lib/qudata/images/base.qcow2)
+    if [ -e "$IMAGE" ]; then
+      [ "$(sha256_of "$IMAGE")" = "$IMAGE_SHA256" ] ||
+        die "$IMAGE exists with other contents; instances are built on it, so it is not replaced (move it away first)"
+      IMAGE_UP_TO_DATE=1
+    fi
+  fi
+  AGENT_BINARY=${INSTALL_AGENT_BINARY:-}
+  if [ -n "$AGENT_BINARY" ] && [ ! -x "$AGENT_BINARY" ]; then
+    die "INSTALL_AGENT_BINARY=$AGENT_BINARY is not an executable file"
+  fi
+  local env_file; env_file=$(at /etc/qudata/agent.env)
+  if [ -n "${QUDATA_API_KEY:-}" ]; then
+    # Checked without echoing it; the character set keeps the EnvironmentFile line literal.
+    [[ $QUDATA_API_KEY =~ ^ak-[A-Za-z0-9._~+/=:@-]+$ ]] ||
+      die "QUDATA_API_KEY is not a Qudata API key (ak-...); nothing was written"
+  elif ! grep -qs '^QUDATA_API_KEY=' "$env_file"; then
+    die "QUDATA_API_KEY is not set: run QUDATA_API_KEY=ak-... ./install.sh"
+  fi
+}
+
+install_production_packages() {
+  if [ "$ROOT" != / ]; then say "skip: packages (installing into $ROOT)"; return 0; fi
+  if dry; then say "would install the missing ones of: ${PROD_PKGS[*]}"; return 0; fi
+  install_packages "${PROD_PKGS[@]}"
+}
+
+fetch_frpc_archive() {
+  FRPC_ARCHIVE="$(at /var/cache/qudata)/$(basename "${FRPC_URL%%[?#]*}")"
+  private_dir "$(dirname "$FRPC_ARCHIVE")"
+  fetch_verified "$FRPC_URL" "$FRPC_SHA256" "$FRPC_ARCHIVE" || true
+}
+
+fetch_base_image() {
+  local dest; dest=$(at /var/lib/qudata/images/base.qcow2)
+  if [ -z "$IMAGE_URL" ]; then
+    if [ -e "$dest" ]; then say "base image: keeping $dest"; return 0; fi
+    say "WARNING: no base image (set INSTALL_IMAGE_URL and INSTALL_IMAGE_SHA256): instances cannot be created until $dest exists" >&2
+    return 0
+  fi
+  # Checked by check_inputs: hashing a large image once is enough.
+  if [ "$IMAGE_UP_TO_DATE" = 1 ]; then say "up to date: $dest (sha256 ok)"; return 0; fi
+  private_dir "$(at /var/lib/qudata)"
+  private_dir "$(dirname "$dest")"
+  fetch_verified "$IMAGE_URL" "$IMAGE_SHA256" "$dest" || true
+}
+
+install_frpc() {
+  local bin
+  if dry && [ ! -f "$FRPC_ARCHIVE" ]; then say "would install $(at /usr/local/bin/frpc) from the archive"; return 0; fi
+  tar -xzf "$FRPC_ARCHIVE" -C "$SCRATCH" --no-same-owner
+  bin=$(find "$SCRATCH" -maxdepth 2 -type f -name frpc -print -quit)
+  [ -n "$bin" ] || die "$FRPC_ARCHIVE holds no frpc"
+  put_file "$bin" "$(at /usr/local/bin/frpc)" 0755 || true
+}
+
+install_agent() {
+  local bin=$AGENT_BINARY
+  if [ -z "$bin" ]; then
+    bin=target/release/qudata-agent
+    if dry; then say "would build the agent (cargo build --release)"; else build_agent; fi
+  fi
+  if put_file "$bin" "$(at /usr/local/bin/qudata-agent)" 0755; then CHANGED=1; fi
+}
+
+install_unit() {
+  if put_file "systemd/$UNIT" "$(at /etc/systemd/system/$UNIT)" 0644; then CHANGED=1; fi
+}
+
+# /etc/qudata/agent.env (0600): the API key, plus any setting the operator added, kept.
+write_env_file() {
+  local env_file new
+  env_file=$(at /etc/qudata/agent.env)
+  private_dir "$(dirname "$env_file")"
+  if [ -z "${QUDATA_API_KEY:-}" ]; then say "up to date: $env_file (QUDATA_API_KEY not given)"; return 0; fi
+  new="$SCRATCH/agent.env"
+  (
+    umask 077
+    if [ -f "$env_file" ]; then
+      grep -v '^QUDATA_API_KEY=' "$env_file" || true
+    else
+      printf '%s\n' "# qudata-agent settings (README.md, Configuration). 0600: holds the API key."
+    fi
+    printf 'QUDATA_API_KEY=%s\n' "$QUDATA_API_KEY"
+  ) >"$new"
+  if put_file "$new" "$env_file" 0600; then CHANGED=1; fi
+}
+
+install_vfio_modules() {
+  local conf="$SCRATCH/qudata-vfio.conf"
+  printf '%s\n' "# Installed by qudata-agent's install.sh: VFIO for GPU passthrough." \
+    "${VFIO_MODULES[@]}" >"$conf"
+  put_file "$conf" "$(at /etc/modules-load.d/qudata-vfio.conf)" 0644 || true
+  if [ "$ROOT" != / ]; then say "skip: modprobe (installing into $ROOT)"; return 0; fi
+  if dry; then say "would run: modprobe -a ${VFIO_MODULES[*]}"; return 0; fi
+  modprobe -a "${VFIO_MODULES[@]}" || say "WARNING: cannot load ${VFIO_MODULES[*]} now; they load at boot" >&2
+}
+
+install_grub_dropin() {
+  local dropin; dropin=$(at /etc/default/grub.d/qudata-iommu.cfg)
+  if [ ! -e "$(at /etc/default/grub)" ]; then
+    say "no /etc/default/grub: add intel_iommu=on iommu=pt to this boot loader's kernel command line"
+    return 0
+  fi
+  if put_file grub/qudata-iommu.cfg "$dropin" 0644; then
+    if [ "$ROOT" != / ]; then
+      say "skip: update-grub (installing into $ROOT)"
+    elif dry; then
+      say "would run: update-grub"
+    else
+      update-grub || die "update-grub failed; $dropin is in place, run update-grub again"
+    fi
+    say "reboot to turn the IOMMU on (the kernel command line changed)"
+  elif [ "$ROOT" = / ] && ! grep -q 'iommu=' /proc/cmdline; then
+    say "the running kernel has no IOMMU parameters yet: reboot to apply them"
+  fi
+}
+
+start_service() {
+  if [ "$ROOT" != / ]; then say "skip: systemctl (installing into $ROOT)"; return 0; fi
+  if [ ! -d /run/systemd/system ]; then say "skip: systemctl (systemd is not running here)"; return 0; fi
+  if dry; then say "would run: systemctl daemon-reload && systemctl enable --now $UNIT"; return 0; fi
+  systemctl daemon-reload
+  # KillMode=process: a restart replaces the agent and leaves its VMs running.
+  if [ "$CHANGED" = 1 ] && systemctl is-active --quiet "$UNIT"; then systemctl restart "$UNIT"; fi
+  systemctl enable --now "$UNIT"
+  say "$UNIT is running; logs: journalctl -u $UNIT"
+}
+
+production() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) DRY_RUN=1 ;;
+      --root) [ -n "${2:-}" ] || usage 2 >&2; ROOT=$2; shift ;;
+      --root=*) ROOT=${1#--root=} ;;
+      *) usage 2 >&2 ;;
+    esac
+    shift
+  done
+  check_inputs
+  SCRATCH=$(mktemp -d)
+  trap finish EXIT
+  install_production_packages
+  for tool in curl sha256sum tar; do command -v "$tool" >/dev/null || die "$tool is required"; done
+  # Downloads first: a bad checksum stops the run before anything else is installed.
+  fetch_frpc_archive
+  fetch_base_image
+  install_agent
+  install_frpc
+  install_unit
+  write_env_file
+  install_vfio_modules
+  install_grub_dropin
+  start_service
+  if dry; then say "dry run: nothing was changed"; else say "done"; fi
+}
+
 case "${1:-}" in
   --local)
     mapfile -t builder_pkgs < <(packages_in image-builder/packages.txt)
@@ -84,5 +378,5 @@ case "${1:-}" in
     install_packages "${pkgs[@]}"
     ;;
   -h|--help) usage 0 ;;
-  *) usage 2 >&2 ;;
+  *) production "$@" ;;
 esac

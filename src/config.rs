@@ -108,21 +108,21 @@ pub const SETTINGS: &[Setting] = &[
         None,
         "a port number 1-65535",
         "FRP server port (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     row(
         "QUDATA_FRP_SERVER",
         None,
         "a host name or IP address",
         "FRP server address (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     row(
         "QUDATA_FRP_SUBDOMAIN",
         None,
         "a DNS label",
         "FRP subdomain of this host (wins over /init)",
-        Scope::Run,
+        Scope::Host,
     ),
     Setting {
         secret: true,
@@ -131,7 +131,7 @@ pub const SETTINGS: &[Setting] = &[
             None,
             "a non-empty token",
             "FRP server token (wins over /init)",
-            Scope::Run,
+            Scope::Host,
         )
     },
     row(
@@ -196,6 +196,13 @@ pub const SETTINGS: &[Setting] = &[
         "milliseconds, 100-60000",
         "telemetry period",
         Scope::Run,
+    ),
+    row(
+        "QUDATA_SYSFS_ROOT",
+        Some("/sys"),
+        "an absolute path",
+        "where sysfs is mounted (GPU discovery and VFIO binding; tests point it elsewhere)",
+        Scope::Host,
     ),
 ];
 
@@ -263,6 +270,8 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub service_url: String,
     pub stats_interval: Duration,
+    /// Root of every sysfs path the agent reads or writes.
+    pub sysfs_root: PathBuf,
 }
 
 /// Reads values by name; the process environment in production, a map in tests.
@@ -466,6 +475,7 @@ impl Config {
             run_dir: r.required("QUDATA_RUN_DIR", parse_abs_path)?,
             service_url: r.required("QUDATA_SERVICE_URL", parse_url)?,
             stats_interval: Duration::from_millis(interval_ms),
+            sysfs_root: r.required("QUDATA_SYSFS_ROOT", parse_abs_path)?,
         })
     }
 }
@@ -509,6 +519,7 @@ mod tests {
         assert_eq!(c.qemu_accel, AccelChoice::Auto);
         assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-x86_64"));
         assert!(c.ovmf_code.is_none() && c.ovmf_vars.is_none());
+        assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
     }
 
     #[test]
@@ -565,6 +576,7 @@ mod tests {
             ("QUDATA_QEMU_ACCEL", "hvf"),
             ("QUDATA_SERVICE_URL", "ftp://x"),
             ("QUDATA_STATS_INTERVAL_MS", "5"),
+            ("QUDATA_SYSFS_ROOT", "sys"),
         ];
         for (name, value) in cases {
             let err = Config::load(&env(&[(name, value)]), true).unwrap_err();

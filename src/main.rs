@@ -121,6 +121,12 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
+            // Listed GPUs must exist here: a typo must not start an agent offering nothing.
+            let sysfs = qudata_agent::vfio::SysfsRoot::new(&cfg.sysfs_root);
+            if let Err(e) = qudata_agent::gpu::pool::offered(&sysfs, cfg.gpu_pci_addrs.as_deref()) {
+                eprintln!("qudata-agent: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             agent::logging::init(cfg.debug);
             let result = if local {
                 runtime().block_on(agent::run_local(cfg))

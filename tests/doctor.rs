@@ -17,7 +17,8 @@ use serde_json::Value;
 
 /// The checks the README documents; `gpu` repeats per GPU.
 const DOCUMENTED: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "docker", "datadir",
+    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "frp", "docker",
+    "datadir",
 ];
 
 /// Runs the binary with only `PATH` and the given settings (no `QUDATA_API_KEY`).
@@ -121,6 +122,52 @@ fn settings_reach_the_checks() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// Without credentials the report says why frpc will not start; the stored ones from `/init`
+/// and the overrides make it `ok`, and the token never shows.
+#[test]
+fn frp_credentials_are_explained_and_the_token_never_shown() {
+    let (out, _dir) = doctor(&["--json"], &[]);
+    let check = |out: &Output| {
+        json_report(out).into_iter().find(|c| c["check"] == "frp").expect("an frp check")
+    };
+    let missing = check(&out);
+    assert_eq!(missing["status"], "warn", "{missing}");
+    assert!(missing["detail"].as_str().unwrap().contains("frpc is not started"), "{missing}");
+    assert!(missing["fix"].as_str().unwrap().contains("QUDATA_FRP_TOKEN"), "{missing}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let token = "doctor-stored-token-77";
+    let stored = serde_json::json!({"server_addr": "frp.example", "server_port": 7000,
+        "token": token, "subdomain": null});
+    std::fs::write(data.join("frp.json"), stored.to_string()).unwrap();
+    let (out, _d) = doctor(&["--json"], &[("QUDATA_DATA_DIR", data.to_str().unwrap())]);
+    let stored = check(&out);
+    assert_eq!(stored["status"], "ok", "{stored}");
+    assert_eq!(stored["detail"], "server frp.example:7000, token set");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(token));
+
+    let (out, _d) = doctor(
+        &[],
+        &[
+            ("QUDATA_DATA_DIR", data.to_str().unwrap()),
+            ("QUDATA_FRP_SERVER", "127.0.0.9"),
+            ("QUDATA_FRP_TOKEN", "override-token-88"),
+        ],
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text.lines().find(|l| l[6..].starts_with("frp ")).expect(&text);
+    assert!(line.starts_with("ok") && line.contains("127.0.0.9:7000"), "{line}");
+    assert!(!text.contains("override-token-88") && !text.contains(token), "{text}");
+
+    std::fs::write(data.join("frp.json"), "{broken").unwrap();
+    let (out, _d) = doctor(&["--json"], &[("QUDATA_DATA_DIR", data.to_str().unwrap())]);
+    let damaged = check(&out);
+    assert_eq!(damaged["status"], "fail", "{damaged}");
+    assert!(damaged["detail"].as_str().unwrap().contains("frp.json"), "{damaged}");
+}
+
 fn owned_by_root(path: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap().uid() == 0
@@ -138,4 +185,26 @@ fn a_bad_setting_exits_2_and_no_api_key_is_needed() {
     let help = String::from_utf8(out.stdout).unwrap();
     assert!(help.contains("QUDATA_DATA_DIR") && help.contains("QUDATA_GPU_PCI_ADDRS"), "{help}");
     assert!(!help.contains("QUDATA_API_KEY"), "doctor does not read the API key");
+}
+
+#[test]
+fn doctor_reads_the_sysfs_root_it_is_given() {
+    let fake = support::sysfs::FakeSysfs::new()
+        .gpu("0000:65:00.0", 0x2330)
+        .driver("nvidia")
+        .group(12)
+        .function("0000:65:00.1", support::sysfs::CLASS_AUDIO)
+        .group(12);
+    let root = fake.path().display().to_string();
+    let (out, _dir) = doctor(&["--json"], &[("QUDATA_SYSFS_ROOT", &root)]);
+    let report = json_report(&out);
+    let gpus: Vec<&Value> = report.iter().filter(|c| c["check"] == "gpu").collect();
+    assert_eq!(gpus.len(), 1, "{report:?}");
+    assert_eq!(
+        gpus[0]["detail"],
+        "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1; \
+         passthrough ready (vfio-pci when a VM starts)"
+    );
+    let iommu = report.iter().find(|c| c["check"] == "iommu").unwrap();
+    assert!(iommu["detail"].as_str().unwrap().starts_with("1 IOMMU group"), "{iommu}");
 }

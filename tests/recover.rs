@@ -14,6 +14,7 @@ use qudata_agent::backend::qemu::{QemuBackend, QemuSettings, disk};
 use qudata_agent::backend::{Backend, Owned};
 use qudata_agent::guest::ManagementKey;
 use qudata_agent::instance::Status;
+use qudata_agent::vfio::{SysfsRoot, Vfio};
 use serde_json::Value;
 use support::agent::{Agent, Dirs};
 use support::orphans::{TestQemu, foreign, orphan};
@@ -32,6 +33,7 @@ fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
         boot_deadline: Duration::from_secs(60),
         powerdown_grace: Duration::from_secs(5),
         proc_root: Default::default(),
+        vfio: Arc::new(Vfio::new(SysfsRoot::new(data.join("sys")), data)),
     };
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
     Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))

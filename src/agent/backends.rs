@@ -13,6 +13,7 @@ use crate::backend::qemu::{QemuBackend, QemuSettings};
 use crate::backend::{Backend, EventSink};
 use crate::config::{BackendChoice, Config};
 use crate::guest::ManagementKey;
+use crate::vfio::{SysfsRoot, Vfio};
 
 /// Boot-to-SSH allowance: software emulation is an order of magnitude slower than KVM.
 const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(180);
@@ -23,6 +24,11 @@ const POWERDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The default base image when `QUDATA_BASE_IMAGE` is unset.
 pub fn default_base_image(cfg: &Config) -> PathBuf {
     cfg.data_dir.join("images").join("base.qcow2")
+}
+
+/// The VFIO side of this host, as the settings place it.
+pub fn vfio(cfg: &Config) -> Vfio {
+    Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir)
 }
 
 /// Builds the configured backend, or says in one sentence why none can run here.
@@ -60,6 +66,7 @@ pub fn for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
         boot_deadline: BOOT_DEADLINE_TCG,
         powerdown_grace: POWERDOWN_GRACE,
         proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
     };
     // Never used to reach a guest: a throwaway key, nothing written.
     Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
@@ -100,6 +107,7 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
         },
         powerdown_grace: POWERDOWN_GRACE,
         proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
     };
     tracing::info!(accel = accel.as_str(), base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))

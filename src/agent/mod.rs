@@ -1,6 +1,7 @@
 //! Start-up and shutdown order; wires the parts together.
 //!
-//! Order: directories → identity → instance records reattached (before serving) → API listens
+//! Order: directories → identity → instance records reattached → stale GPU binds undone
+//! (both before serving) → API listens
 //! → systemd told we are ready → (production) frpc with the stored FRP credentials, beside
 //! registration with the control plane; frpc updated with `/init`'s; then the stats loop.
 //! A `SIGTERM` stops the agent and leaves every instance and frpc running.
@@ -8,6 +9,7 @@
 pub mod backends;
 pub mod limits;
 pub mod logging;
+pub mod notify;
 mod production;
 mod tunnels;
 
@@ -51,6 +53,9 @@ pub enum AgentError {
     Identity(#[from] crate::control_plane::IdentityError),
     #[error("QUDATA_API_KEY is not set; set it to the key issued by Qudata, or use `run --local`")]
     NoApiKey,
+    /// A setting that only the host can check (a listed GPU that is not there).
+    #[error(transparent)]
+    Setting(#[from] crate::config::ConfigError),
 }
 
 /// Local mode's port when `QUDATA_AGENT_PORT` is unset.
@@ -68,7 +73,13 @@ async fn manager(cfg: &Config, local: bool) -> Result<Built, AgentError> {
     let store = Store::open(&cfg.data_dir)?;
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
-        gpu_pool: cfg.gpu_pci_addrs.clone().unwrap_or_default(),
+        gpu_pool: crate::gpu::pool::offered(
+            &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
+            cfg.gpu_pci_addrs.as_deref(),
+        )?
+        .iter()
+        .map(ToString::to_string)
+        .collect(),
         host_ports: ports::HOST_PORTS,
         local,
     };
@@ -91,7 +102,46 @@ async fn start_up(cfg: &Config, local: bool) -> Result<(RunLock, Built, Vec<Stri
     let built = manager(cfg, local).await?;
     let manager = built.manager.clone();
     let restored = recovery::at_startup(&manager, Some(built.cleanup.clone()), cfg).await?;
+    reconcile_gpus(cfg, &manager).await;
     Ok((lock, built, restored))
+}
+
+/// Undoes the binds a crash left (DESIGN.md "VFIO"): every bind record whose instance has no
+/// live VM goes back to the host drivers. Runs after the instances are reattached and before
+/// the API serves, so no create can race it. A failure is logged, never fatal: the agent must
+/// still serve, and a device left on vfio-pci is refused to new instances by its record.
+async fn reconcile_gpus(cfg: &Config, manager: &Manager) {
+    use crate::backend::qemu::{layout::VmPaths, process};
+    // A VM that still runs keeps its devices, even in `error` (adoption failed but its QEMU
+    // lives): vfio-pci cannot let go of a device QEMU holds open. A deletion in progress
+    // releases them itself.
+    let in_use: Vec<String> = manager
+        .instances()
+        .into_iter()
+        .filter(|i| {
+            let pidfile = VmPaths::new(&cfg.data_dir, &cfg.run_dir, &i.id).pidfile;
+            i.status != crate::instance::Status::Error
+                || i.deleting
+                || process::owned_pid(&pidfile, &i.id).is_some()
+        })
+        .map(|i| i.id)
+        .collect();
+    let vfio = std::sync::Arc::new(backends::vfio(cfg));
+    match vfio.off_runtime(move |v| v.reconcile(&in_use)).await {
+        Ok(outcomes) => {
+            for o in outcomes {
+                match &o.error {
+                    None => {
+                        tracing::info!(instance = %o.instance, device = %o.address, driver = ?o.driver, "device returned to the host")
+                    }
+                    Some(e) => {
+                        tracing::error!(instance = %o.instance, device = %o.address, error = %e, "device not returned; run `qudata-agent recover`")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot reconcile GPU bind records"),
+    }
 }
 
 /// The local secret: made once, stored 0600, printed only when made.
@@ -108,7 +158,7 @@ fn local_secret(cfg: &Config) -> Result<(Secret, bool), AgentError> {
     Ok((secret, true))
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT, having told systemd that the shutdown has begun.
 async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -117,6 +167,7 @@ async fn termination() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down, instances keep running"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down, instances keep running"),
     }
+    notify::stopping();
 }
 
 /// `qudata-agent run --local`: no control plane, no frpc, a generated secret.
@@ -133,7 +184,7 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), SecretSlot::new(Some(secret.clone())));
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped));
-    notify_ready();
+    notify::ready(port);
     print_local_banner(&cfg, port, fresh.then_some(&secret));
     tracing::info!(port, "agent API listening on 127.0.0.1 (local mode)");
 
@@ -159,11 +210,4 @@ fn print_local_banner(cfg: &Config, port: u16, new_secret: Option<&Secret>) {
          curl -s -H \"X-Agent-Secret: $S\" -X DELETE http://127.0.0.1:{port}/instances",
         file = file.display()
     );
-}
-
-/// Tells systemd (`Type=notify`) that the API listens; a no-op outside systemd.
-fn notify_ready() {
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        tracing::debug!(error = %e, "sd_notify failed");
-    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::tunnels::TunnelLink;
-use super::{AgentError, Built, notify_ready, start_up, termination};
+use super::{AgentError, Built, notify, start_up, termination};
 use crate::api::{self, SecretSlot};
 use crate::backend::Backend;
 use crate::config::Config;
@@ -35,7 +35,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let app = api::router(manager.clone(), slot.clone());
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(api::serve(listener, app, stopped.clone()));
-    notify_ready();
+    notify::ready(port);
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
@@ -125,6 +125,6 @@ fn init_request(cfg: &Config, identity: &Identity, manager: &Manager) -> InitReq
             BackendKind::Qemu => "qemu",
             BackendKind::Docker => "docker",
         }),
-        gpus: cfg.gpu_pci_addrs.as_ref().map(|g| g.len() as u32),
+        gpus: Some(manager.gpu_pool().len() as u32),
     }
 }

@@ -20,6 +20,10 @@ pub enum BackendError {
     /// An operation on the instance failed.
     #[error("{operation} failed: {detail}")]
     Operation { operation: &'static str, detail: String },
+    /// The host cannot give what the request needs now (a GPU in use, on nouveau, …):
+    /// answered with 409.
+    #[error("{reason}")]
+    Refused { reason: String },
     /// The request asks for something this backend cannot give (answered with 400).
     #[error("{field}: {reason}")]
     Unsupported { field: &'static str, reason: String },
@@ -75,6 +79,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Checks what only the backend knows (known image names, …), before anything starts.
     fn validate(&self, spec: &Spec) -> Result<(), BackendError>;
+
+    /// Checks, reading only, that these GPUs (PCI addresses) can be given to a new instance
+    /// now; a refusal is [`BackendError::Refused`].
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        let _ = gpus;
+        Ok(())
+    }
 
     /// Builds and starts the instance. On failure everything it made is already removed.
     async fn launch(&self, instance: &Instance) -> Result<(), BackendError>;

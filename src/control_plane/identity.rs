@@ -86,6 +86,11 @@ impl FrpCredentials {
         self.merged(&env)
     }
 
+    /// What the last `/init` left in `data_dir`; reads only, creates nothing (for `doctor`).
+    pub fn load_stored(data_dir: &Path) -> Result<FrpCredentials, IdentityError> {
+        Ok(read_json(&data_dir.join(FRP_FILE))?.unwrap_or_default())
+    }
+
     /// Enough to start frpc.
     pub fn is_complete(&self) -> bool {
         self.server_addr.is_some() && self.server_port.is_some() && self.token.is_some()

@@ -1,6 +1,8 @@
-//! One line per NVIDIA GPU, with the driver it is bound to.
+//! One line per NVIDIA GPU: address, ids, IOMMU group and peers, driver, and whether it can be
+//! passed through now, with the reason when not.
 
 use crate::gpu::{GpuDriver, Inventory, NvidiaGpu};
+use crate::vfio::{Vfio, VfioError};
 
 use super::{Check, HostView, Status};
 
@@ -26,44 +28,78 @@ pub fn gpus(view: &HostView) -> Vec<Check> {
             "check the card is seated and seen by lspci",
         ));
     }
-    checks.extend(inventory.gpus.iter().map(gpu_line));
+    checks.extend(inventory.gpus.iter().map(|gpu| gpu_line(view, gpu)));
     checks
 }
 
-fn gpu_line(gpu: &NvidiaGpu) -> Check {
+/// One line per GPU: what it is, its group and peers, its driver, and whether a VM can get
+/// it now, with the reason when not (the same checks a bind makes, reading only).
+fn gpu_line(view: &HostView, gpu: &NvidiaGpu) -> Check {
+    let vfio = Vfio {
+        sysfs: view.sysfs.clone(),
+        proc_root: view.proc_root.clone(),
+        record_dir: crate::vfio::record_dir(&view.data_dir),
+        timeouts: Default::default(),
+    };
     let detail = describe(gpu);
-    match &gpu.driver {
-        GpuDriver::Nvidia => Check::ok("gpu", format!("{detail} (vfio-pci when a VM starts)")),
-        GpuDriver::VfioPci => Check::ok("gpu", format!("{detail} (ready for a VM)")),
-        GpuDriver::Nouveau => Check::new(
-            "gpu",
+    let refusal = vfio.plan(None, std::slice::from_ref(&gpu.address)).err();
+    let line = |status, note: String, fix: Option<String>| Check {
+        check: "gpu",
+        status,
+        detail: format!("{detail}; {note}"),
+        fix,
+    };
+    match (refusal, &gpu.driver) {
+        (Some(VfioError::Nouveau { .. }), _) | (None, GpuDriver::Nouveau) => line(
             Status::Fail,
-            format!("{detail}: nouveau cannot be unbound safely"),
-            "blacklist nouveau, update-initramfs -u, reboot",
+            "no passthrough: nouveau cannot be unbound safely".into(),
+            Some("blacklist nouveau, update-initramfs -u, reboot".into()),
         ),
-        GpuDriver::None => Check::new(
-            "gpu",
+        (Some(VfioError::InUse { instance, .. }), _) => {
+            line(Status::Ok, format!("passed through to instance {instance}"), None)
+        }
+        (Some(VfioError::IommuOff { .. }), _) => line(
             Status::Warn,
-            format!("{detail}: usable by VMs, not by Docker"),
-            "install the NVIDIA driver",
+            "no passthrough: the IOMMU is off (Docker only)".into(),
+            Some("boot with intel_iommu=on iommu=pt (see grub/), enable VT-d/AMD-Vi".into()),
         ),
-        GpuDriver::Other(name) => Check::new(
-            "gpu",
+        (Some(e), _) => line(
             Status::Warn,
-            format!("{detail}: unexpected driver"),
-            format!("unbind {name}; install the NVIDIA driver"),
+            format!("no passthrough now: {e}"),
+            Some("see the reason; doctor shows it again when fixed".into()),
+        ),
+        (None, GpuDriver::Nvidia) => {
+            line(Status::Ok, "passthrough ready (vfio-pci when a VM starts)".into(), None)
+        }
+        (None, GpuDriver::VfioPci) => {
+            line(Status::Ok, "passthrough ready (ready for a VM)".into(), None)
+        }
+        (None, GpuDriver::None) => line(
+            Status::Warn,
+            "passthrough ready; usable by VMs, not by Docker".into(),
+            Some("install the NVIDIA driver".into()),
+        ),
+        (None, GpuDriver::Other(name)) => line(
+            Status::Warn,
+            "passthrough ready; unexpected driver".into(),
+            Some(format!("unbind {name}; install the NVIDIA driver")),
         ),
     }
 }
 
-/// `0000:65:00.0 10de:2330 on nvidia, iommu group 12 (1 device), slot also .1`.
+/// `0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1`.
 fn describe(gpu: &NvidiaGpu) -> String {
     let mut out = format!("{} 10de:{:04x} on {}", gpu.address, gpu.device, gpu.driver);
     match gpu.iommu_group {
         Some(group) => {
-            let n = gpu.group_devices.len();
-            let plural = if n == 1 { "" } else { "s" };
-            out.push_str(&format!(", iommu group {group} ({n} device{plural})"));
+            let peers: Vec<&str> = gpu
+                .group_devices
+                .iter()
+                .filter(|d| **d != gpu.address)
+                .map(|d| d.as_str())
+                .collect();
+            let peers = if peers.is_empty() { "none".to_owned() } else { peers.join(" ") };
+            out.push_str(&format!(", iommu group {group} (peers: {peers})"));
         }
         None => out.push_str(", no iommu group"),
     }

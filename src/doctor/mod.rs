@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::config::{BackendChoice, Config};
+use crate::config::{BackendChoice, Config, FrpOverrides};
 use crate::vfio::{PciAddress, SysfsRoot};
 
 pub use exec::{find_program, version_line};
@@ -26,7 +26,8 @@ pub use output::{render_json, render_text};
 
 /// The names of every check, in output order (`gpu` repeats once per GPU).
 pub const CHECKS: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "docker", "datadir",
+    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "frp", "docker",
+    "datadir",
 ];
 
 /// The outcome of one check.
@@ -111,6 +112,8 @@ pub struct HostView {
     pub search_path: OsString,
     pub data_dir: PathBuf,
     pub frpc_binary: PathBuf,
+    /// `QUDATA_FRP_*`, over the credentials stored under `data_dir`.
+    pub frp_overrides: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<PciAddress>>,
     pub backend: BackendChoice,
     /// Deadline of each `--version` run.
@@ -128,7 +131,7 @@ impl HostView {
             .map(|list| list.iter().filter_map(|a| a.parse().ok()).collect());
         HostView {
             proc_root: "/proc".into(),
-            sysfs: SysfsRoot::default(),
+            sysfs: SysfsRoot::new(&cfg.sysfs_root),
             dev_root: "/dev".into(),
             lib_modules: "/lib/modules".into(),
             ovmf_dir: "/usr/share/OVMF".into(),
@@ -136,6 +139,7 @@ impl HostView {
             search_path: std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
             data_dir: cfg.data_dir.clone(),
             frpc_binary: cfg.frpc_binary.clone(),
+            frp_overrides: cfg.frp.clone(),
             gpu_pci_addrs,
             backend: cfg.backend,
             command_timeout: Duration::from_secs(5),
@@ -165,6 +169,7 @@ pub fn run_all(view: &HostView) -> Vec<Check> {
         tools::qemu_img(view),
         tools::ovmf(view),
         tools::frpc(view),
+        tools::frp_credentials(view),
         services::docker(view),
         services::data_dir(view),
     ]);
@@ -179,4 +184,4 @@ pub fn any_failed(checks: &[Check]) -> bool {
 pub use gpus::gpus;
 pub use platform::{cpu, iommu, kvm, vfio_modules};
 pub use services::{data_dir, docker};
-pub use tools::{frpc, ovmf, qemu, qemu_img};
+pub use tools::{frp_credentials, frpc, ovmf, qemu, qemu_img};

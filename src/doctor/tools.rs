@@ -1,9 +1,10 @@
-//! QEMU, qemu-img, OVMF firmware and frpc.
+//! QEMU, qemu-img, OVMF firmware, frpc and its server credentials.
 
 use std::path::Path;
 
 use super::exec::{find_program, version_line};
 use super::{Check, HostView, Need, Status};
+use crate::control_plane::identity::FrpCredentials;
 
 /// OVMF code + vars pairs, in order of preference (Debian 12 ships the 4M ones).
 pub const OVMF_PAIRS: &[(&str, &str)] =
@@ -60,4 +61,35 @@ pub fn frpc(view: &HostView) -> Check {
         Ok(version) => Check::ok("frpc", format!("frpc {version} ({})", path.display())),
         Err(e) => Check::new("frpc", Status::Warn, e.to_string(), fix),
     }
+}
+
+/// The FRP server credentials frpc needs: stored by the last `/init`, or the `QUDATA_FRP_*`
+/// overrides. Missing before the first registration is normal (`warn`), but until then
+/// frpc is not started and nothing is published. The token is never shown.
+pub fn frp_credentials(view: &HostView) -> Check {
+    let stored = match FrpCredentials::load_stored(&view.data_dir) {
+        Ok(stored) => stored,
+        Err(e) => return Check::new("frp", Status::Fail, e.to_string(), "see the detail"),
+    };
+    let creds = stored.with_overrides(&view.frp_overrides);
+    let mut missing = Vec::new();
+    if creds.server_addr.is_none() {
+        missing.push("server");
+    }
+    if creds.server_port.is_none() {
+        missing.push("port");
+    }
+    if creds.token.is_none() {
+        missing.push("token");
+    }
+    if missing.is_empty() {
+        let (addr, port) = (creds.server_addr.unwrap_or_default(), creds.server_port.unwrap_or(0));
+        return Check::ok("frp", format!("server {addr}:{port}, token set"));
+    }
+    let detail = format!(
+        "no FRP {}: frpc is not started and nothing is published until /init sends them",
+        missing.join(", ")
+    );
+    let fix = "run the agent with QUDATA_API_KEY, or set QUDATA_FRP_SERVER, QUDATA_FRP_PORT and QUDATA_FRP_TOKEN";
+    Check::new("frp", Status::Warn, detail, fix)
 }

@@ -216,6 +216,10 @@ impl Manager {
         }
         let held: Vec<Instance> = slots.values().map(|s| s.snapshot()).collect();
         let gpus = self.pick_gpus(spec.gpus, &held)?;
+        backend.check_gpus(&gpus).map_err(|e| match e {
+            BackendError::Refused { reason } => ManagerError::Resources(reason),
+            other => ManagerError::Backend(other),
+        })?;
         let taken = ports::Taken::from_instances(&held);
         let host_range = self.inner.settings.host_ports.clone();
         let ports = ports::allocate(&spec.ports, &taken, host_range.clone())?;
@@ -455,6 +459,11 @@ impl Manager {
         }
         let ports = instance.ports.iter();
         ports.map(|p| (p.guest_port.to_string(), p.host_port.to_string())).collect()
+    }
+
+    /// The PCI addresses of the GPUs this host offers.
+    pub fn gpu_pool(&self) -> &[String] {
+        &self.inner.settings.gpu_pool
     }
 
     /// Which backend kind builds instances here, if any.

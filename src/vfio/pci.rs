@@ -17,8 +17,10 @@ pub const CLASS_AUDIO: u16 = 0x0403;
 pub const CLASS_BASE_BRIDGE: u8 = 0x06;
 
 /// A PCI function address, normalised to lowercase `DDDD:BB:DD.F`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(transparent)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(into = "String", try_from = "String")]
 pub struct PciAddress(String);
 
 /// Not a `DDDD:BB:DD.F` address.
@@ -49,6 +51,20 @@ impl FromStr for PciAddress {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         parse_pci_address(s).map(PciAddress).map_err(|_| BadPciAddress { value: s.to_owned() })
+    }
+}
+
+impl TryFrom<String> for PciAddress {
+    type Error = BadPciAddress;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<PciAddress> for String {
+    fn from(a: PciAddress) -> String {
+        a.0
     }
 }
 

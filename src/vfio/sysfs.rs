@@ -2,7 +2,7 @@
 //!
 //! Paths follow the kernel's layout: `bus/pci/devices/<addr>` (links to the device
 //! directories), `<dev>/driver` and `<dev>/iommu_group` (links), `kernel/iommu_groups/<n>/
-//! devices/<addr>`, `module/<name>`. Writes (bind, unbind) are added by the VFIO binding code.
+//! devices/<addr>`, `module/<name>`. Writes (bind, unbind) live in [`super::write`].
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -98,6 +98,31 @@ impl SysfsRoot {
     /// The driver bound to the device (basename of its `driver` link); `None` when unbound.
     pub fn driver(&self, addr: &PciAddress) -> Result<Option<String>, SysfsError> {
         optional_link_name(&self.device_dir(addr).join("driver"))
+    }
+
+    /// The device's `driver_override`; `None` when unset (the kernel shows `(null)`).
+    pub fn driver_override(&self, addr: &PciAddress) -> Result<Option<String>, SysfsError> {
+        let path = self.device_dir(addr).join("driver_override");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let text = text.trim();
+                Ok((!text.is_empty() && text != "(null)").then(|| text.to_owned()))
+            }
+            // Kernels before 3.16 have no override; nothing is set then.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SysfsError::Read { path, source }),
+        }
+    }
+
+    /// Sum of the device's 64-bit memory BARs (see [`super::resource`]); 0 without a
+    /// `resource` file.
+    pub fn bar64_bytes(&self, addr: &PciAddress) -> Result<u64, SysfsError> {
+        let path = self.device_dir(addr).join("resource");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(super::resource::bar64_bytes(&text)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(source) => Err(SysfsError::Read { path, source }),
+        }
     }
 
     /// The IOMMU group of the device; `None` when the IOMMU is off.

@@ -128,8 +128,8 @@ fn gpu_on_nvidia_or_vfio_pci_is_ok() {
     assert_eq!(checks[0].status, Status::Ok);
     assert_eq!(
         checks[0].detail,
-        "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (2 devices), slot also .1 \
-         (vfio-pci when a VM starts)"
+        "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1; \
+         passthrough ready (vfio-pci when a VM starts)"
     );
 
     let c = &doctor::gpus(&gpu_on(Some("vfio-pci")).view())[0];
@@ -150,6 +150,47 @@ fn gpu_on_nouveau_fails_and_unbound_warns() {
     let c = &doctor::gpus(&gpu_on(None).view())[0];
     assert_eq!(c.status, Status::Warn);
     assert!(c.detail.contains("on none"), "{}", c.detail);
+}
+
+#[test]
+fn gpus_that_cannot_be_passed_through_say_why() {
+    // No IOMMU group: Docker only.
+    let host =
+        FakeHost::new().with_sysfs(FakeSysfs::new().gpu("0000:65:00.0", 0x2330).driver("nvidia"));
+    let c = &doctor::gpus(&host.view())[0];
+    assert_eq!(c.status, Status::Warn);
+    assert!(
+        c.detail.ends_with("no iommu group; no passthrough: the IOMMU is off (Docker only)"),
+        "{}",
+        c.detail
+    );
+
+    // A NIC on its driver shares the group.
+    let sysfs = FakeSysfs::new()
+        .gpu("0000:65:00.0", 0x2330)
+        .driver("nvidia")
+        .group(12)
+        .device("0000:66:00.0", 0x8086, 0x1593, CLASS_ETHERNET)
+        .driver("ice")
+        .group(12);
+    let host = FakeHost::new().with_sysfs(sysfs);
+    let c = &doctor::gpus(&host.view())[0];
+    assert_eq!(c.status, Status::Warn);
+    assert!(c.detail.contains("(peers: 0000:66:00.0)"), "{}", c.detail);
+    assert!(
+        c.detail.contains("no passthrough now: 0000:66:00.0 shares the IOMMU group"),
+        "{}",
+        c.detail
+    );
+
+    // A process holds the GPU's device node.
+    let host = gpu_on(Some("nvidia"));
+    std::fs::create_dir_all(host.join("proc/31/fd")).unwrap();
+    host.write("proc/31/comm", "nvidia-persistenced\n");
+    symlink("/dev/nvidia0", host.join("proc/31/fd/4")).unwrap();
+    let c = &doctor::gpus(&host.view())[0];
+    assert_eq!(c.status, Status::Warn);
+    assert!(c.detail.contains("in use on the host by nvidia-persistenced (pid 31"), "{}", c.detail);
 }
 
 #[test]
@@ -180,6 +221,6 @@ fn a_listed_address_that_is_not_a_gpu_fails() {
         (Status::Fail, "0000:17:00.0: vendor 8086 class 020000 is not an NVIDIA GPU")
     );
     assert_eq!(checks[0].fix.as_deref(), Some("fix QUDATA_GPU_PCI_ADDRS"));
-    assert_eq!(summary[1].0, Status::Ok);
+    assert_eq!(summary[1].0, Status::Warn, "no IOMMU group in this tree: {}", summary[1].1);
     assert_eq!(checks.len(), 2);
 }

@@ -173,6 +173,8 @@ fn a_ready_host_is_all_ok_in_the_documented_order() {
     let _docker = UnixListener::bind(host.join("docker.sock")).unwrap();
     fs::create_dir(host.join("data")).unwrap();
     fs::set_permissions(host.join("data"), fs::Permissions::from_mode(0o700)).unwrap();
+    let frp = r#"{"server_addr":"frp.example","server_port":7000,"token":"t0ken-t0ken"}"#;
+    host.write("data/frp.json", frp);
     let kvm_works = doctor::kvm(&host.view()).status == Status::Ok;
     let as_root = fs::metadata(host.join("data")).unwrap().uid() == 0;
 

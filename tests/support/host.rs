@@ -80,6 +80,7 @@ impl FakeHost {
             search_path: self.join("bin").into_os_string(),
             data_dir: self.join("data"),
             frpc_binary: "frpc".into(),
+            frp_overrides: Default::default(),
             gpu_pci_addrs: None,
             backend: BackendChoice::Auto,
             command_timeout: Duration::from_secs(10),

@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod frpc;
 pub mod host;
+pub mod install;
+pub mod kernel;
 pub mod mock_cp;
 pub mod orphans;
 pub mod records;

@@ -3,8 +3,10 @@
 //! them, `driver` links into `bus/pci/drivers/<name>`, `iommu_group` links into
 //! `kernel/iommu_groups/<n>` whose `devices/` link back, and `module/<name>` directories.
 //!
-//! Built step by step: each `gpu`/`function`/`device` call adds a PCI function, and `driver`
-//! and `group` apply to the function added last.
+//! Built step by step: each `gpu`/`function`/`device` call adds a PCI function, and `driver`,
+//! `group` and `bar` apply to the function added last. The write-side files exist as on Linux
+//! (`driver_override` reading `(null)`, `bus/pci/drivers_probe`, each driver's `bind` and
+//! `unbind`); [`super::kernel::SimKernel`] reacts to writes into them.
 
 #![allow(dead_code)] // each test binary uses a different part of the support code
 
@@ -41,6 +43,7 @@ impl FakeSysfs {
         for sub in ["bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups", "module"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
+        fs::write(dir.path().join("bus/pci/drivers_probe"), "").unwrap();
         FakeSysfs { dir, last: None }
     }
 
@@ -70,22 +73,43 @@ impl FakeSysfs {
         fs::write(real.join("vendor"), format!("0x{vendor:04x}\n")).unwrap();
         fs::write(real.join("device"), format!("0x{device:04x}\n")).unwrap();
         fs::write(real.join("class"), format!("0x{class:06x}\n")).unwrap();
+        fs::write(real.join("driver_override"), "(null)\n").unwrap();
+        fs::write(real.join("resource"), resource_text(&[])).unwrap();
         let link = self.path().join("bus/pci/devices").join(addr);
         symlink(format!("../../../devices/pci{bus}/{addr}"), link).unwrap();
         self.last = Some(addr.to_owned());
         self
     }
 
+    /// A loaded driver (its directory with `bind` and `unbind`), e.g. `vfio-pci`.
+    pub fn driver_available(self, driver: &str) -> Self {
+        let driver_dir = self.path().join("bus/pci/drivers").join(driver);
+        fs::create_dir_all(&driver_dir).unwrap();
+        for file in ["bind", "unbind"] {
+            if !driver_dir.join(file).exists() {
+                fs::write(driver_dir.join(file), "").unwrap();
+            }
+        }
+        self
+    }
+
+    /// Gives the function added last these memory BARs: `(index, bytes, 64-bit)`.
+    pub fn bars(self, bars: &[(usize, u64, bool)]) -> Self {
+        let addr = self.last();
+        fs::write(self.real_dir(&addr).join("resource"), resource_text(bars)).unwrap();
+        self
+    }
+
     /// Binds the function added last to `driver`.
     pub fn driver(self, driver: &str) -> Self {
         let addr = self.last();
-        let driver_dir = self.path().join("bus/pci/drivers").join(driver);
-        fs::create_dir_all(&driver_dir).unwrap();
-        symlink(format!("../../../bus/pci/drivers/{driver}"), self.real_dir(&addr).join("driver"))
+        let this = self.driver_available(driver);
+        let driver_dir = this.path().join("bus/pci/drivers").join(driver);
+        symlink(format!("../../../bus/pci/drivers/{driver}"), this.real_dir(&addr).join("driver"))
             .unwrap();
         symlink(format!("../../../../devices/pci{}/{addr}", &addr[..7]), driver_dir.join(&addr))
             .unwrap();
-        self
+        this
     }
 
     /// Puts the function added last into IOMMU group `group` (created on first use).
@@ -109,11 +133,38 @@ impl FakeSysfs {
         self
     }
 
+    /// The driver the device is bound to now (basename of its `driver` link).
+    pub fn driver_of(&self, addr: &str) -> Option<String> {
+        let link = fs::read_link(self.real_dir(addr).join("driver")).ok()?;
+        Some(link.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// The device's `driver_override`, trimmed (`(null)` when unset).
+    pub fn override_of(&self, addr: &str) -> String {
+        let text = fs::read_to_string(self.real_dir(addr).join("driver_override")).unwrap();
+        let text = text.trim();
+        if text.is_empty() { "(null)".to_owned() } else { text.to_owned() }
+    }
+
     fn last(&self) -> String {
         self.last.clone().expect("add a device first")
     }
 
-    fn real_dir(&self, addr: &str) -> PathBuf {
+    pub fn real_dir(&self, addr: &str) -> PathBuf {
         self.path().join(format!("devices/pci{}/{addr}", &addr[..7]))
     }
+}
+
+/// A `resource` file as the kernel writes it: 13 lines of `start end flags`; BARs get
+/// addresses one after the other from 0x2000_0000_0000.
+pub fn resource_text(bars: &[(usize, u64, bool)]) -> String {
+    let mut lines = vec![(0u64, 0u64, 0u64); 13];
+    let mut next = 0x2000_0000_0000u64;
+    for &(index, bytes, is_64) in bars {
+        // IORESOURCE_MEM | PREFETCH (| MEM_64): the flags the kernel shows for GPU BARs.
+        let flags = 0x0004_2200 | if is_64 { 0x0010_0000 } else { 0 };
+        lines[index] = (next, next + bytes - 1, flags);
+        next += bytes.next_power_of_two();
+    }
+    lines.iter().map(|(s, e, f)| format!("0x{s:016x} 0x{e:016x} 0x{f:016x}\n")).collect()
 }

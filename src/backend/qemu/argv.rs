@@ -43,7 +43,12 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     let mut a = Args::default();
     a.pair("-name", marker(&plan.id));
     a.pair("-machine", format!("q35,accel={}", plan.accel.as_str()));
-    a.pair("-cpu", if plan.accel == Accel::Kvm { "host" } else { "max" });
+    let cpu = if plan.accel == Accel::Kvm { "host" } else { "max" };
+    // GPUs' BARs go high in the guest's physical address space: the guest must see the
+    // host's real address width, not QEMU's default 40 bits (1 TiB).
+    let cpu =
+        if plan.gpus.is_empty() { cpu.to_owned() } else { format!("{cpu},host-phys-bits=on") };
+    a.pair("-cpu", cpu);
     a.pair("-smp", plan.vcpus.to_string());
     a.pair("-m", format!("{}M", plan.memory_mib));
     a.flag("-nodefaults");
@@ -67,8 +72,9 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     // -pidfile and -serial file: take the rest of the argument verbatim.
     a.pair("-pidfile", plan.pidfile.display().to_string());
     a.pair("-serial", format!("file:{}", plan.serial_log.display()));
-    if let Some(size) = mmio64_window(&plan.gpus) {
-        a.pair("-global", format!("q35-pcihost.pci-hole64-size={size}"));
+    if let Some(mib) = mmio64_window_mib(&plan.gpus) {
+        // OVMF sizes the 64-bit PCI aperture from this, not from QEMU's pci-hole64 property.
+        a.pair("-fw_cfg", format!("name=opt/ovmf/X-PciMmio64Mb,string={mib}"));
     }
     for (index, gpu) in plan.gpus.iter().enumerate() {
         gpu_args(&mut a, index, gpu);
@@ -91,15 +97,29 @@ fn gpu_args(a: &mut Args, index: usize, gpu: &GpuPassthrough) {
     }
 }
 
-/// The 64-bit PCI hole that fits every GPU's BARs: their sum rounded up to a power of two
-/// (BARs are naturally aligned, so a power-of-two window packs them). `None` without GPUs:
-/// QEMU's default is right then.
-pub fn mmio64_window(gpus: &[GpuPassthrough]) -> Option<u64> {
+/// OVMF's own default 64-bit aperture (32 GiB): never ask for less.
+const MIN_MMIO64_MIB: u64 = 32 << 10;
+
+/// The 64-bit MMIO aperture, in MiB, that fits every GPU's 64-bit BARs. `None` without GPUs:
+/// OVMF's default is right then.
+///
+/// Each GPU sits behind its own root port, whose prefetchable window is aligned to, and
+/// rounded up to, its largest BAR: an H100's 128 GiB + 32 MiB takes a 256 GiB window. BARs
+/// are powers of two, so rounding each GPU's sum up to a power of two covers that. The total
+/// is rounded up again and doubled: OVMF aligns the aperture to its size and puts the 64-bit
+/// BARs of the other devices (virtio) there too, and a window too small leaves a GPU without
+/// its BARs in the guest, while guest address space costs nothing.
+pub fn mmio64_window_mib(gpus: &[GpuPassthrough]) -> Option<u64> {
     if gpus.is_empty() {
         return None;
     }
-    let sum = gpus.iter().fold(0u64, |acc, g| acc.saturating_add(g.bar_bytes));
-    Some(sum.max(1).checked_next_power_of_two().unwrap_or(1 << 63))
+    let windows = gpus.iter().fold(0u64, |acc, g| acc.saturating_add(pow2(g.bar_bytes)));
+    let bytes = pow2(windows).saturating_mul(2);
+    Some((bytes >> 20).max(MIN_MMIO64_MIB))
+}
+
+fn pow2(bytes: u64) -> u64 {
+    bytes.max(1).checked_next_power_of_two().unwrap_or(1 << 63)
 }
 
 /// A path inside a QEMU option list, where a comma is written as two.

@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::accel::Accel;
-use super::argv::{VmPlan, qemu_argv};
+use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
+use super::gpus;
 use super::layout::VmPaths;
 use super::orphan::Orphan;
 use super::process;
@@ -25,6 +26,8 @@ use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
 use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
+
+mod start;
 
 /// What the QEMU backend needs to know about the host.
 #[derive(Clone, Debug)]
@@ -44,6 +47,8 @@ pub struct QemuSettings {
     pub powerdown_grace: Duration,
     /// Where QEMUs are looked for (`/proc`; a tree of their own in tests).
     pub proc_root: ProcRoot,
+    /// Binds and releases the GPUs of VMs.
+    pub vfio: Arc<crate::vfio::Vfio>,
 }
 
 pub struct QemuBackend {
@@ -141,37 +146,6 @@ impl QemuBackend {
         seed::build_seed(&paths.seed, &instance.id, &hostname, &self.key.public_line())
             .await
             .map_err(|e| BackendError::op("create the seed", e))
-    }
-
-    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
-    async fn start(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        if !instance.gpus.is_empty() {
-            return Err(BackendError::Unsupported {
-                field: "gpus",
-                reason: "GPU passthrough is not available in this build".into(),
-            });
-        }
-        crate::fsutil::ensure_private_dir(&paths.run_dir)
-            .map_err(|e| BackendError::op("start", e))?;
-        let _ = std::fs::remove_file(&paths.qmp);
-        let argv = qemu_argv(&self.plan(instance, paths));
-        let spawned = process::spawn(&self.settings.qemu_binary, &argv, &paths.qemu_log)
-            .map_err(|e| BackendError::op("start QEMU", e))?;
-        let pid = spawned.pid;
-        spawned
-            .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
-            .await
-            .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
-        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
-            .await
-            .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
-        crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
-        qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
-        let vm =
-            Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
-        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
-        tracing::info!(id = %instance.id, pid, accel = self.settings.accel.as_str(), "VM started");
-        Ok(())
     }
 
     /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
@@ -275,6 +249,10 @@ impl Backend for QemuBackend {
         self.base_image(spec).map(drop)
     }
 
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        gpus::check(&self.settings.vfio, gpus)
+    }
+
     async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         let result = match self.prepare(instance, &paths).await {
@@ -357,6 +335,8 @@ impl Backend for QemuBackend {
     async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
         self.stop_vm(instance, &paths).await?;
+        // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
+        gpus::release(&self.settings.vfio, &instance.id).await?;
         paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;
         tracing::info!(id = %instance.id, "VM and its files removed");
         Ok(())

@@ -10,7 +10,8 @@
 //!
 //! A launch, in order: [`accel::choose`] (once, at start-up) → [`disk::detect_ovmf`] →
 //! [`disk::copy_vars`] → [`disk::create_overlay`] → [`seed::build_seed`] →
-//! [`process::raise_memlock`] (only with GPUs) → [`process::spawn`] with [`argv::qemu_argv`] →
+//! (with GPUs: [`crate::vfio::Vfio::bind`]) → [`process::spawn_with_memlock`] with
+//! [`argv::qemu_argv`] →
 //! [`process::Spawned::wait_for_path`] (QMP socket) → [`qmp::Qmp::connect`] →
 //! `query_status` is `prelaunch` → `cont`. After an agent restart: [`process::owned_pid`] →
 //! [`qmp::Qmp::connect`]. Teardown: `quit` over QMP, then [`process::terminate`] as backstop.
@@ -20,6 +21,7 @@
 pub mod accel;
 pub mod argv;
 pub mod disk;
+pub mod gpus;
 pub mod orphan;
 pub mod process;
 pub mod procfs;

@@ -100,43 +100,68 @@ pub fn memlock_bytes(memory_mib: u64) -> u64 {
     (memory_mib << 20) + (1 << 30)
 }
 
-/// Raises the agent's RLIMIT_MEMLOCK to at least `bytes` (never lowers it). The child inherits
-/// it at spawn, which is race-free: setting it on the child after spawn (`prlimit`) could come
-/// after QEMU has already mapped guest memory for VFIO, and `setrlimit` in `pre_exec` runs in a
-/// forked child where only async-signal-safe code is allowed.
-pub fn raise_memlock(bytes: u64) -> Result<(), ProcessError> {
+/// The RLIMIT_MEMLOCK a child needs for `bytes` of locked memory: `None` when the current
+/// limit already allows it (never lowered). The hard limit is raised with the soft one, which
+/// takes CAP_SYS_RESOURCE past the current hard limit.
+fn memlock_limit(bytes: u64) -> Result<Option<libc::rlimit>, ProcessError> {
     let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we own; no other memory is touched.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) } != 0 {
         return Err(ProcessError::Memlock { bytes, source: std::io::Error::last_os_error() });
     }
     if current.rlim_cur >= bytes {
-        return Ok(());
+        return Ok(None);
     }
-    let wanted = libc::rlimit { rlim_cur: bytes, rlim_max: current.rlim_max.max(bytes) };
-    // SAFETY: setrlimit reads the struct we own; it changes only this process's limit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &wanted) } != 0 {
-        return Err(ProcessError::Memlock { bytes, source: std::io::Error::last_os_error() });
-    }
-    Ok(())
+    Ok(Some(libc::rlimit { rlim_cur: bytes, rlim_max: current.rlim_max.max(bytes) }))
 }
 
 /// Starts `binary argv…` detached from the agent's process group, output appended to `log`.
-/// Raise RLIMIT_MEMLOCK first ([`raise_memlock`]) when the VM has passed-through devices.
 /// Call it inside a Tokio runtime: the child is reaped by a task on it.
 pub fn spawn(binary: &Path, argv: &[String], log: &Path) -> Result<Spawned, ProcessError> {
+    spawn_with_memlock(binary, argv, log, None)
+}
+
+/// [`spawn`], with the child's RLIMIT_MEMLOCK raised to at least `memlock` bytes (a VM with
+/// passed-through devices pins all of its memory; see [`memlock_bytes`]). Only the child's
+/// limit changes, set between fork and exec, so it holds before QEMU maps guest memory.
+pub fn spawn_with_memlock(
+    binary: &Path,
+    argv: &[String],
+    log: &Path,
+    memlock: Option<u64>,
+) -> Result<Spawned, ProcessError> {
     let log_err = |source| ProcessError::Log { path: log.to_owned(), source };
     let out = OpenOptions::new().create(true).append(true).open(log).map_err(log_err)?;
     let err = out.try_clone().map_err(log_err)?;
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .args(argv)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|source| ProcessError::Spawn { binary: binary.to_owned(), source })?;
+        .kill_on_drop(false);
+    let limit = match memlock {
+        Some(bytes) => memlock_limit(bytes)?,
+        None => None,
+    };
+    if let Some(limit) = limit {
+        // SAFETY: the closure runs in the forked child before exec. It only calls setrlimit,
+        // a plain system call that neither allocates nor takes locks, on a struct copied in
+        // before the fork, and builds its error from errno without allocating.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command.spawn().map_err(|source| match (limit, source.raw_os_error()) {
+        (Some(l), Some(libc::EPERM)) => ProcessError::Memlock { bytes: l.rlim_cur, source },
+        _ => ProcessError::Spawn { binary: binary.to_owned(), source },
+    })?;
     let pid = child.id().unwrap_or_default();
     let (tx, exit) = watch::channel(None);
     // Reaps the child; QEMU keeps running if the agent exits first.
@@ -245,27 +270,48 @@ mod tests {
         now
     }
 
-    /// Works unprivileged: lowers the soft limit below the hard one, then raises it back.
-    #[test]
-    fn raised_memlock_is_inherited_by_children() {
-        let hard = memlock().rlim_max;
-        let low = libc::rlimit { rlim_cur: 1 << 20, rlim_max: hard };
-        // SAFETY: setrlimit reads the struct we own; lowering the soft limit needs no privilege.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &low) }, 0);
-        let wanted = if hard == libc::RLIM_INFINITY { 64 << 20 } else { hard };
-        raise_memlock(wanted).unwrap();
-        raise_memlock(1).unwrap(); // never lowers
-        assert_eq!(memlock().rlim_cur, wanted);
-        let limits = std::process::Command::new("cat").arg("/proc/self/limits").output().unwrap();
-        let text = String::from_utf8(limits.stdout).unwrap();
+    /// The child's limits, as its own /proc/self/limits shows them: (soft, hard).
+    async fn child_memlock(memlock: u64) -> Result<(String, String), ProcessError> {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("out.log");
+        let argv = ["-c".to_owned(), "cat /proc/self/limits".to_owned()];
+        let mut child = spawn_with_memlock(Path::new("sh"), &argv, &log, Some(memlock))?;
+        child.wait_exit(Duration::from_secs(30)).await.unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
         let line = text.lines().find(|l| l.starts_with("Max locked memory")).unwrap();
-        assert_eq!(line.split_whitespace().nth(3), Some(wanted.to_string().as_str()), "{line}");
-        // Past the hard limit it takes CAP_SYS_RESOURCE; without it the error says what to do.
-        if hard != libc::RLIM_INFINITY
-            && let Err(err) = raise_memlock(hard + 1)
-        {
-            assert!(err.to_string().contains("LimitMEMLOCK"), "{err}");
+        let mut fields = line.split_whitespace().skip(3);
+        Ok((fields.next().unwrap().to_owned(), fields.next().unwrap().to_owned()))
+    }
+
+    #[tokio::test]
+    async fn the_child_gets_the_raised_memlock_and_the_agent_keeps_its_own() {
+        let before = memlock();
+        // CAP_SYS_RESOURCE (bit 24 of CapEff); root in a container may lack it.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let cap_eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap();
+        let privileged = u64::from_str_radix(cap_eff.trim(), 16).unwrap() & (1 << 24) != 0;
+        // Past the hard limit: with CAP_SYS_RESOURCE both limits of the child go up;
+        // anyone else gets an error that says what to do.
+        let past = (1u64 << 40) + 4096;
+        if before.rlim_max != libc::RLIM_INFINITY && before.rlim_max < past {
+            match child_memlock(past).await {
+                Ok(limits) => {
+                    assert!(privileged, "raised past the hard limit without privilege");
+                    assert_eq!(limits, (past.to_string(), past.to_string()));
+                }
+                Err(e) => {
+                    assert!(!privileged, "{e}");
+                    assert!(e.to_string().contains("LimitMEMLOCK"), "{e}");
+                }
+            }
         }
+        // Up to the hard limit anyone may raise the soft one.
+        if before.rlim_cur < before.rlim_max {
+            let (soft, _) = child_memlock(before.rlim_max).await.unwrap();
+            assert_eq!(soft, before.rlim_max.to_string());
+        }
+        let after = memlock();
+        assert_eq!((after.rlim_cur, after.rlim_max), (before.rlim_cur, before.rlim_max));
     }
 
     #[test]

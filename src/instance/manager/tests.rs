@@ -63,6 +63,12 @@ impl Backend for Scripted {
             _ => Ok(()),
         }
     }
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        match gpus.iter().find(|g| g.as_str() == "0000:99:00.0") {
+            Some(g) => Err(BackendError::Refused { reason: format!("GPU {g} is on nouveau") }),
+            None => Ok(()),
+        }
+    }
     async fn launch(&self, _: &Instance) -> Result<(), BackendError> {
         self.step("launch")
     }
@@ -201,6 +207,21 @@ async fn admission_refuses_a_second_instance_bad_input_and_missing_gpus() {
     let err = h.manager.create(&json!({})).unwrap_err();
     assert!(matches!(err, ManagerError::Conflict { .. }), "{err}");
     assert_eq!(record_files(&h).len(), 1);
+}
+
+#[tokio::test]
+async fn gpus_the_backend_cannot_give_are_refused_before_anything_starts() {
+    let h = harness(&["0000:65:00.0", "0000:99:00.0"]);
+    let err = h.manager.create(&json!({})).unwrap_err();
+    assert!(
+        matches!(err, ManagerError::Resources(ref m) if m == "GPU 0000:99:00.0 is on nouveau"),
+        "{err}"
+    );
+    assert!(record_files(&h).is_empty());
+    assert!(h.backend.calls().is_empty());
+    // The first free GPU alone is fine.
+    h.manager.create(&json!({"gpus": 1})).unwrap();
+    assert_eq!(h.manager.instances()[0].gpus, ["0000:65:00.0"]);
 }
 
 #[tokio::test]

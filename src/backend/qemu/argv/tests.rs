@@ -55,36 +55,115 @@ fn tcg_without_gpu() {
     assert_eq!(qemu_argv(&plan(Accel::Tcg)), common("tcg", "max"));
 }
 
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn gpu(functions: &[&str], bar_bytes: u64) -> GpuPassthrough {
+    GpuPassthrough { functions: strings(functions), bar_bytes }
+}
+
+/// The devices of GPU `index` (its root port, then its functions), as the argv has them.
+fn gpu_devices(index: usize, functions: &[&str]) -> Vec<String> {
+    let n = index + 1;
+    let mut out = strings(&[
+        "-device",
+        &format!("pcie-root-port,id=gpu{index},bus=pcie.0,chassis={n},slot={n}"),
+    ]);
+    for (f, host) in functions.iter().enumerate() {
+        let multi = if f == 0 { ",multifunction=on" } else { "" };
+        out.push("-device".into());
+        out.push(format!("vfio-pci,host={host},bus=gpu{index},addr=00.{f}{multi}"));
+    }
+    out
+}
+
+/// `common` with the CPU's host-phys-bits and the aperture of `mib` MiB.
+fn with_gpus(accel: &str, cpu: &str, mib: u64) -> Vec<String> {
+    let mut out = common(accel, &format!("{cpu},host-phys-bits=on"));
+    out.push("-fw_cfg".into());
+    out.push(format!("name=opt/ovmf/X-PciMmio64Mb,string={mib}"));
+    out
+}
+
 #[rustfmt::skip]
+#[test]
+fn kvm_with_one_h100() {
+    let mut p = plan(Accel::Kvm);
+    p.gpus = vec![gpu(&["0000:65:00.0"], 128 * GIB + 32 * MIB)];
+    let mut expected = common("kvm", "host,host-phys-bits=on");
+    expected.extend(strings(&[
+        // 128 GiB + 32 MiB needs a 256 GiB root-port window; doubled: 512 GiB.
+        "-fw_cfg", "name=opt/ovmf/X-PciMmio64Mb,string=524288",
+        "-device", "pcie-root-port,id=gpu0,bus=pcie.0,chassis=1,slot=1",
+        "-device", "vfio-pci,host=0000:65:00.0,bus=gpu0,addr=00.0,multifunction=on",
+    ]));
+    assert_eq!(qemu_argv(&p), expected);
+}
+
+#[test]
+fn kvm_with_a_gpu_and_its_audio_function_in_one_slot() {
+    let mut p = plan(Accel::Kvm);
+    let functions = ["0000:b3:00.0", "0000:b3:00.1"];
+    p.gpus = vec![gpu(&functions, 32 * GIB + 32 * MIB)];
+    // 64 GiB window, doubled.
+    let mut expected = with_gpus("kvm", "host", 131072);
+    expected.extend(gpu_devices(0, &functions));
+    assert_eq!(qemu_argv(&p), expected);
+}
+
 #[test]
 fn kvm_with_two_multifunction_gpus() {
     let mut p = plan(Accel::Kvm);
-    p.gpus = vec![
-        GpuPassthrough {
-            functions: vec!["0000:65:00.0".into(), "0000:65:00.1".into()],
-            bar_bytes: (32 << 30) + (16 << 20),
-        },
-        GpuPassthrough {
-            functions: vec![
-                "0000:b3:00.0".into(),
-                "0000:b3:00.1".into(),
-                "0000:b3:00.2".into(),
-            ],
-            bar_bytes: 16 << 30,
-        },
+    let first = ["0000:65:00.0", "0000:65:00.1"];
+    let second = ["0000:b3:00.0", "0000:b3:00.1", "0000:b3:00.2"];
+    p.gpus = vec![gpu(&first, 32 * GIB + 16 * MIB), gpu(&second, 16 * GIB)];
+    // 64 GiB + 16 GiB of windows round to 128 GiB, doubled.
+    let mut expected = with_gpus("kvm", "host", 262144);
+    expected.extend(gpu_devices(0, &first));
+    expected.extend(gpu_devices(1, &second));
+    assert_eq!(qemu_argv(&p), expected);
+    // Spelled out once, so the helper above cannot hide a mistake.
+    let argv = qemu_argv(&p);
+    let tail: Vec<&str> = argv[argv.len() - 4..].iter().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        [
+            "-device",
+            "vfio-pci,host=0000:b3:00.1,bus=gpu1,addr=00.1",
+            "-device",
+            "vfio-pci,host=0000:b3:00.2,bus=gpu1,addr=00.2"
+        ]
+    );
+}
+
+#[test]
+fn kvm_with_eight_h100s() {
+    let mut p = plan(Accel::Kvm);
+    let hosts = [
+        "0000:18:00.0",
+        "0000:2a:00.0",
+        "0000:3a:00.0",
+        "0000:5d:00.0",
+        "0000:9a:00.0",
+        "0000:ab:00.0",
+        "0000:ba:00.0",
+        "0000:db:00.0",
     ];
-    let mut expected = common("kvm", "host");
-    expected.extend(strings(&[
-        // 48 GiB + 16 MiB rounds up to 64 GiB.
-        "-global", "q35-pcihost.pci-hole64-size=68719476736",
-        "-device", "pcie-root-port,id=gpu0,bus=pcie.0,chassis=1,slot=1",
-        "-device", "vfio-pci,host=0000:65:00.0,bus=gpu0,addr=00.0,multifunction=on",
-        "-device", "vfio-pci,host=0000:65:00.1,bus=gpu0,addr=00.1",
-        "-device", "pcie-root-port,id=gpu1,bus=pcie.0,chassis=2,slot=2",
-        "-device", "vfio-pci,host=0000:b3:00.0,bus=gpu1,addr=00.0,multifunction=on",
-        "-device", "vfio-pci,host=0000:b3:00.1,bus=gpu1,addr=00.1",
-        "-device", "vfio-pci,host=0000:b3:00.2,bus=gpu1,addr=00.2",
-    ]));
+    p.gpus = hosts.iter().map(|h| gpu(&[h], 128 * GIB + 32 * MIB)).collect();
+    // 8 × 256 GiB = 2 TiB, doubled: 4 TiB.
+    let mut expected = with_gpus("kvm", "host", 4 << 20);
+    for (i, h) in hosts.iter().enumerate() {
+        expected.extend(gpu_devices(i, &[h]));
+    }
+    assert_eq!(qemu_argv(&p), expected);
+}
+
+#[test]
+fn tcg_with_a_gpu_keeps_the_max_cpu() {
+    let mut p = plan(Accel::Tcg);
+    p.gpus = vec![gpu(&["0000:65:00.0"], 0)];
+    let mut expected = with_gpus("tcg", "max", 32 << 10);
+    expected.extend(gpu_devices(0, &["0000:65:00.0"]));
     assert_eq!(qemu_argv(&p), expected);
 }
 
@@ -99,10 +178,11 @@ fn commas_in_option_paths_are_doubled() {
 }
 
 #[test]
-fn mmio_window_is_a_power_of_two_covering_every_bar() {
-    let gpu = |bar_bytes| GpuPassthrough { functions: vec![], bar_bytes };
-    assert_eq!(mmio64_window(&[]), None);
-    assert_eq!(mmio64_window(&[gpu(32 << 30)]), Some(32 << 30));
-    assert_eq!(mmio64_window(&[gpu(32 << 30), gpu(1)]), Some(64 << 30));
-    assert_eq!(mmio64_window(&[gpu(0)]), Some(1));
+fn mmio_window_rounds_each_gpu_then_the_total_and_doubles() {
+    let g = |bar_bytes| gpu(&[], bar_bytes);
+    assert_eq!(mmio64_window_mib(&[]), None);
+    assert_eq!(mmio64_window_mib(&[g(0)]), Some(32 << 10), "never below OVMF's default");
+    assert_eq!(mmio64_window_mib(&[g(32 * GIB)]), Some(64 << 10));
+    assert_eq!(mmio64_window_mib(&[g(32 * GIB), g(1)]), Some(128 << 10));
+    assert_eq!(mmio64_window_mib(&[g(u64::MAX)]), Some(u64::MAX >> 20), "saturates");
 }

@@ -1,0 +1,74 @@
+//! Starting a VM's QEMU: its GPUs bound first, QEMU spawned with the locked-memory limit
+//! passthrough needs, its monitor checked, then the vCPUs let go.
+
+use super::{QMP_SOCKET_DEADLINE, QemuBackend, with_log};
+use crate::backend::BackendError;
+use crate::backend::qemu::argv::{GpuPassthrough, qemu_argv};
+use crate::backend::qemu::layout::VmPaths;
+use crate::backend::qemu::qmp::Qmp;
+use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
+use crate::backend::qemu::{gpus, process};
+use crate::instance::model::Instance;
+
+impl QemuBackend {
+    /// Binds the GPUs, starts QEMU on them, and on failure stops QEMU and releases them.
+    pub(super) async fn start(
+        &self,
+        instance: &Instance,
+        paths: &VmPaths,
+    ) -> Result<(), BackendError> {
+        let passthrough = gpus::bind(&self.settings.vfio, instance).await?;
+        let result = self.start_qemu(instance, paths, passthrough).await;
+        if let Err(e) = &result
+            && !instance.gpus.is_empty()
+        {
+            tracing::warn!(id = %instance.id, error = %e, "VM start failed; releasing its GPUs");
+            // QEMU holds the devices open until it is gone.
+            if let Err(stop) = self.stop_vm(instance, paths).await {
+                tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
+            } else if let Err(release) = gpus::release(&self.settings.vfio, &instance.id).await {
+                tracing::error!(id = %instance.id, error = %release, "GPU release incomplete");
+            }
+        }
+        result
+    }
+
+    /// Starts QEMU paused on the prepared files, checks its monitor, then lets it run.
+    async fn start_qemu(
+        &self,
+        instance: &Instance,
+        paths: &VmPaths,
+        passthrough: Vec<GpuPassthrough>,
+    ) -> Result<(), BackendError> {
+        crate::fsutil::ensure_private_dir(&paths.run_dir)
+            .map_err(|e| BackendError::op("start", e))?;
+        let _ = std::fs::remove_file(&paths.qmp);
+        let mut plan = self.plan(instance, paths);
+        plan.gpus = passthrough;
+        // VFIO pins all guest memory for DMA.
+        let memlock = (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib));
+        let argv = qemu_argv(&plan);
+        let spawned = process::spawn_with_memlock(
+            &self.settings.qemu_binary,
+            &argv,
+            &paths.qemu_log,
+            memlock,
+        )
+        .map_err(|e| BackendError::op("start QEMU", e))?;
+        let pid = spawned.pid;
+        spawned
+            .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
+            .await
+            .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
+        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
+            .await
+            .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
+        crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
+        qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
+        let vm =
+            Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
+        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
+        tracing::info!(id = %instance.id, pid, accel = self.settings.accel.as_str(), "VM started");
+        Ok(())
+    }
+}

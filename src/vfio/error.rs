@@ -1,0 +1,64 @@
+//! Why a bind, release or reconcile did not happen. Each refusal is one sentence that says what
+//! to do; refusals are found before the first change, so nothing was touched.
+
+use std::path::PathBuf;
+
+use super::pci::PciAddress;
+use super::sysfs::SysfsError;
+use crate::fsutil::FsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioError {
+    /// Processes hold the GPU's device node: unbinding the NVIDIA driver would hang.
+    #[error(
+        "GPU {address} is in use on the host by {holders}; stop those processes (or \
+         nvidia-persistenced) and try again"
+    )]
+    Busy { address: PciAddress, holders: String },
+    /// A bind failed half-way and the rollback did not finish either.
+    #[error("{cause}; rolling back also failed: {rollback}; run `qudata-agent recover`")]
+    Incomplete { cause: Box<VfioError>, rollback: String },
+    /// A device of the GPU's IOMMU group is given to another instance.
+    #[error("{device} (IOMMU group of GPU {address}) is held by instance {instance}")]
+    InUse { address: PciAddress, device: PciAddress, instance: String },
+    /// The kernel made no IOMMU groups: VFIO cannot work.
+    #[error(
+        "the IOMMU is off (no IOMMU groups for {address}); boot with intel_iommu=on or \
+         amd_iommu=on and enable VT-d/AMD-Vi in the firmware"
+    )]
+    IommuOff { address: PciAddress },
+    /// The GPU is on nouveau, which does not survive an unbind.
+    #[error(
+        "GPU {address} is on the nouveau driver, which cannot be unbound safely; blacklist \
+         nouveau and reboot"
+    )]
+    Nouveau { address: PciAddress },
+    /// No such PCI device.
+    #[error("GPU {address} does not exist on this host; check QUDATA_GPU_PCI_ADDRS")]
+    NotFound { address: PciAddress },
+    /// A bind record could not be read, written or removed.
+    #[error("bind record: {0}")]
+    Record(#[from] FsError),
+    /// A bind record holds something else than a record.
+    #[error("bind record {path} is corrupt ({reason}); fix or remove it after checking the GPUs")]
+    RecordCorrupt { path: PathBuf, reason: String },
+    /// The `driver` link did not reach the wanted driver before the deadline.
+    #[error("{address} did not move to {want} within {millis} ms (driver now: {found})")]
+    Settle { address: PciAddress, want: String, found: String, millis: u128 },
+    /// Another driver (not vfio-pci) uses a device of the GPU's IOMMU group.
+    #[error(
+        "{device} shares the IOMMU group of GPU {address} and is used by the {driver} driver; \
+         the group can only be passed through whole: pick another GPU or move the device"
+    )]
+    SharedGroup { address: PciAddress, device: PciAddress, driver: String },
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+    /// A sysfs write returned an error.
+    #[error("writing {value:?} to {path} failed: {source}")]
+    Write { path: PathBuf, value: String, source: std::io::Error },
+    /// A sysfs write did not return before its deadline (bad hardware or a hung driver).
+    #[error(
+        "writing {value:?} to {path} did not return within {millis} ms; the device may be hung"
+    )]
+    WriteTimeout { path: PathBuf, value: String, millis: u128 },
+}

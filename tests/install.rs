@@ -1,0 +1,221 @@
+//! The real `install.sh` in production mode against a temporary root (`--root`): frpc and the
+//! base image come from file:// URLs with their SHA-256; packages, modprobe, update-grub and
+//! systemctl are skipped there by the script itself. Also: the GRUB drop-in sourced the way
+//! grub-mkconfig sources it, the other modes, and shellcheck.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO};
+
+#[test]
+fn installs_everything_private_and_a_second_run_changes_nothing() {
+    let fx = Fixture::new(true);
+    let run = fx.install(&[], &[]);
+    assert!(run.ok, "{}", run.text);
+
+    let read = |p: &str| std::fs::read(fx.at(p)).unwrap();
+    assert_eq!(read("/usr/local/bin/qudata-agent"), std::fs::read(AGENT).unwrap());
+    assert_eq!(fx.mode("/usr/local/bin/qudata-agent"), 0o755);
+    assert_eq!(read("/usr/local/bin/frpc"), FRPC_SCRIPT, "frpc taken out of the archive");
+    assert_eq!(fx.mode("/usr/local/bin/frpc"), 0o755);
+    let unit = std::fs::read(Path::new(REPO).join("systemd/qudata-agent.service")).unwrap();
+    assert_eq!(read("/etc/systemd/system/qudata-agent.service"), unit);
+    assert_eq!(fx.mode("/etc/systemd/system/qudata-agent.service"), 0o644);
+    assert_eq!(fx.mode("/etc/qudata"), 0o700);
+    assert_eq!(fx.mode("/etc/qudata/agent.env"), 0o600);
+    let env = String::from_utf8(read("/etc/qudata/agent.env")).unwrap();
+    assert!(env.lines().any(|l| l == format!("QUDATA_API_KEY={KEY}")), "{env}");
+    let modules = String::from_utf8(read("/etc/modules-load.d/qudata-vfio.conf")).unwrap();
+    let listed: Vec<&str> = modules.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(listed, ["vfio", "vfio_pci", "vfio_iommu_type1"]);
+    let dropin = std::fs::read(Path::new(REPO).join("grub/qudata-iommu.cfg")).unwrap();
+    assert_eq!(read("/etc/default/grub.d/qudata-iommu.cfg"), dropin);
+    assert_eq!(fx.mode("/var/lib/qudata"), 0o700);
+    assert_eq!(read("/var/lib/qudata/images/base.qcow2"), fx.image);
+    for skipped in ["skip: packages", "skip: modprobe", "skip: update-grub", "skip: systemctl"] {
+        assert!(run.text.contains(skipped), "{skipped} missing:\n{}", run.text);
+    }
+    assert!(run.text.contains("reboot"), "a changed command line needs a reboot:\n{}", run.text);
+    // The installed binary is the agent and runs.
+    let version = Command::new(fx.at("/usr/local/bin/qudata-agent")).arg("version").output();
+    assert!(version.unwrap().status.success());
+
+    // Again, with the downloads gone: anything but "up to date" would have to fetch and fail.
+    let before = fx.tree();
+    std::fs::remove_file(fx.src.join("frp.tar.gz")).unwrap();
+    std::fs::remove_file(fx.src.join("base.qcow2")).unwrap();
+    let again = fx.install(&[], &[]);
+    assert!(again.ok, "{}", again.text);
+    assert_eq!(fx.tree(), before, "a second run changed files:\n{}", again.text);
+    assert_eq!(again.text.matches("up to date:").count(), 8, "{}", again.text);
+    assert!(!again.text.contains("installed") && !again.text.contains("reboot"), "{}", again.text);
+}
+
+#[test]
+fn a_checksum_mismatch_is_refused_and_leaves_nothing_behind() {
+    let wrong = "0".repeat(64);
+    for (variable, what) in
+        [("INSTALL_FRPC_SHA256", "frp.tar.gz"), ("INSTALL_IMAGE_SHA256", "base.qcow2")]
+    {
+        let fx = Fixture::new(true);
+        let before = fx.tree();
+        let run = fx.install(&[], &[(variable, Some(wrong.clone()))]);
+        assert_eq!(run.code, Some(1), "{}", run.text);
+        assert!(
+            run.text
+                .contains(&format!("sha256 mismatch for file://{}", fx.src.join(what).display())),
+            "{}",
+            run.text
+        );
+        // Not even the frp archive verified before the image failed, nor an empty directory.
+        assert_eq!(fx.tree(), before, "{variable}: left behind:\n{}", run.text);
+    }
+}
+
+#[test]
+fn an_existing_base_image_with_other_contents_is_never_replaced() {
+    let fx = Fixture::new(false);
+    std::fs::create_dir_all(fx.at("/var/lib/qudata/images")).unwrap();
+    std::fs::write(fx.at("/var/lib/qudata/images/base.qcow2"), b"the image VMs are built on")
+        .unwrap();
+    let before = fx.tree();
+    let run = fx.install(&[], &[]);
+    assert!(!run.ok && run.text.contains("is not replaced"), "{}", run.text);
+    assert_eq!(fx.tree(), before, "{}", run.text);
+}
+
+#[test]
+fn dry_run_says_what_it_would_do_and_writes_nothing() {
+    let fx = Fixture::new(false);
+    let before = fx.tree();
+    let run = fx.install(&["--dry-run"], &[]);
+    assert!(run.ok, "{}", run.text);
+    assert_eq!(fx.tree(), before);
+    for line in [
+        format!("would download file://{}", fx.src.join("frp.tar.gz").display()),
+        format!("would install {} (mode 0755)", fx.at("/usr/local/bin/qudata-agent").display()),
+        format!("would install {} (mode 0600)", fx.at("/etc/qudata/agent.env").display()),
+        "no /etc/default/grub: add intel_iommu=on iommu=pt".to_owned(),
+        "dry run: nothing was changed".to_owned(),
+    ] {
+        assert!(run.text.contains(&line), "{line:?} missing:\n{}", run.text);
+    }
+}
+
+#[test]
+fn the_api_key_is_required_checked_and_rotated_without_losing_settings() {
+    let fx = Fixture::new(false);
+    let before = fx.tree();
+    let missing = fx.install(&[], &[("QUDATA_API_KEY", None)]);
+    assert!(!missing.ok && missing.text.contains("QUDATA_API_KEY is not set"), "{}", missing.text);
+    let quoted = fx.install(&[], &[("QUDATA_API_KEY", Some(format!("{KEY}'; touch /tmp/x #")))]);
+    assert!(!quoted.ok && quoted.text.contains("is not a Qudata API key"), "{}", quoted.text);
+    assert_eq!(fx.tree(), before, "refused before anything was written");
+
+    // An operator's setting survives a key rotation; the old key does not.
+    std::fs::create_dir_all(fx.at("/etc/qudata")).unwrap();
+    std::fs::write(fx.at("/etc/qudata/agent.env"), "QUDATA_DEBUG=true\nQUDATA_API_KEY=ak-old\n")
+        .unwrap();
+    let run = fx.install(&[], &[]);
+    assert!(run.ok, "{}", run.text);
+    let env = std::fs::read_to_string(fx.at("/etc/qudata/agent.env")).unwrap();
+    assert_eq!(env, format!("QUDATA_DEBUG=true\nQUDATA_API_KEY={KEY}\n"));
+    assert_eq!(fx.mode("/etc/qudata/agent.env"), 0o600);
+    assert_eq!(fx.mode("/etc/qudata"), 0o700, "a pre-existing dir is made private");
+    // Without a key in the environment, the stored one is kept.
+    let kept = fx.install(&[], &[("QUDATA_API_KEY", None)]);
+    assert!(kept.ok, "{}", kept.text);
+    assert_eq!(std::fs::read_to_string(fx.at("/etc/qudata/agent.env")).unwrap(), env);
+}
+
+/// GRUB_CMDLINE_LINUX_DEFAULT after /bin/sh sources `/etc/default/grub` content `preset`,
+/// then the drop-in (twice when `twice`), as grub-mkconfig does.
+fn cmdline_after_dropin(preset: &str, twice: bool) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let grub = dir.path().join("grub");
+    std::fs::write(&grub, preset).unwrap();
+    let dropin = Path::new(REPO).join("grub/qudata-iommu.cfg");
+    let script = if twice { ". \"$1\"; . \"$2\"; . \"$2\"" } else { ". \"$1\"; . \"$2\"" };
+    let out = Command::new("/bin/sh")
+        .args(["-euc", &format!("{script}; printf %s \"$GRUB_CMDLINE_LINUX_DEFAULT\""), "sh"])
+        .arg(&grub)
+        .arg(&dropin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_grub_dropin_appends_without_clobbering() {
+    let cases = [
+        ("GRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\n", "quiet intel_iommu=on iommu=pt"),
+        ("GRUB_CMDLINE_LINUX_DEFAULT=\"\"\n", "intel_iommu=on iommu=pt"),
+        ("", "intel_iommu=on iommu=pt"),
+        // An operator's own choice wins, whichever variable holds it.
+        (
+            "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet intel_iommu=off\"\n",
+            "quiet intel_iommu=off iommu=pt",
+        ),
+        (
+            "GRUB_CMDLINE_LINUX=\"iommu=soft\"\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\n",
+            "quiet intel_iommu=on",
+        ),
+        // amd_iommu= is another parameter than iommu=.
+        (
+            "GRUB_CMDLINE_LINUX_DEFAULT=\"amd_iommu=force_isolation\"\n",
+            "amd_iommu=force_isolation intel_iommu=on iommu=pt",
+        ),
+        (
+            "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet intel_iommu=on iommu=pt\"\n",
+            "quiet intel_iommu=on iommu=pt",
+        ),
+    ];
+    for (preset, want) in cases {
+        assert_eq!(cmdline_after_dropin(preset, false), want, "{preset:?}");
+        assert_eq!(cmdline_after_dropin(preset, true), want, "sourced twice: {preset:?}");
+    }
+}
+
+#[test]
+fn help_and_packages_modes_keep_working() {
+    let script = Path::new(REPO).join("install.sh");
+    let help = Command::new("bash").arg(&script).arg("--help").output().unwrap();
+    let text = String::from_utf8(help.stdout).unwrap();
+    assert!(help.status.success());
+    for mode in ["--local", "--packages FILE", "--dry-run", "--root DIR"] {
+        assert!(text.contains(mode), "{mode} missing from --help:\n{text}");
+    }
+    // Packages already installed: nothing to do, no apt-get.
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("packages.txt");
+    std::fs::write(&list, "# comment\nbash coreutils\n").unwrap();
+    let out = Command::new("bash").arg(&script).arg("--packages").arg(&list).output().unwrap();
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    let bare = Command::new("bash").arg(&script).arg("--packages").output().unwrap();
+    assert_eq!(bare.status.code(), Some(2));
+    let unknown = Command::new("bash").arg(&script).arg("--bogus").output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+}
+
+#[test]
+fn shellcheck_finds_nothing() {
+    let run = |args: &[&str]| {
+        let out = Command::new("shellcheck")
+            .args(args)
+            .current_dir(REPO)
+            .output()
+            .expect("shellcheck (tests/packages.txt) runs");
+        assert!(
+            out.status.success(),
+            "shellcheck {args:?}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    run(&["install.sh"]);
+    // grub-mkconfig sources drop-ins with /bin/sh.
+    run(&["--shell=sh", "grub/qudata-iommu.cfg"]);
+}
