@@ -80,7 +80,10 @@ async fn kill_after_the_overlay_rolls_the_create_back() {
     let mut agent = local(&dirs, port, None);
     agent.wait_ready().await;
     let data = wait_status(&api, "error", WAIT).await;
-    assert!(data["error"].as_str().unwrap().contains("stopped before the VM was up"), "{data}");
+    assert!(
+        data["error"].as_str().unwrap().contains("interrupted while the agent was down"),
+        "{data}"
+    );
     let record_path = dirs.data.join(format!("instances/{id}.json")).display().to_string();
     assert_eq!(leftovers(&dirs, &id), [record_path], "only the record (in error) is left");
     assert_ports_free(&dirs, &id);

@@ -57,12 +57,18 @@ pub fn remove_files(plan: &mut Plan, cfg: &Config) {
     }
 }
 
-/// Returns the GPUs of the plan to their original driver.
+/// Returns the devices of the plan's bind records to their original drivers.
 pub async fn return_gpus(plan: &mut Plan, cfg: &Config) {
-    for addr in plan.return_gpus.clone() {
-        if let Err(error) = super::gpus::give_back(cfg, &addr).await {
-            tracing::error!(%addr, %error, "cannot return a GPU to its driver");
-            mark(&mut plan.rows, Subject::Gpu, &addr, error);
+    for instance in plan.return_gpus.clone() {
+        let devices: Vec<String> =
+            plan.gpu_rows.iter().filter(|(i, _)| *i == instance).map(|(_, a)| a.clone()).collect();
+        let failures: Vec<(String, String)> = match super::gpus::release(cfg, &instance).await {
+            Ok(outcomes) => outcomes.into_iter().filter_map(|(a, e)| Some((a, e?))).collect(),
+            Err(error) => devices.into_iter().map(|a| (a, error.clone())).collect(),
+        };
+        for (address, error) in failures {
+            tracing::error!(%instance, %address, %error, "cannot return a GPU to its driver");
+            mark(&mut plan.rows, Subject::Gpu, &address, error);
         }
     }
 }

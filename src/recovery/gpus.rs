@@ -1,17 +1,51 @@
-//! The GPU step of recovery: GPUs the agent's bind record says it moved to vfio-pci, and
-//! giving one back to its original driver.
-//!
-//! The one seam to the VFIO layer (bind record, reconcile): until that layer exists in this
-//! build there is no bind record, so nothing is listed and nothing is returned.
+//! The GPU step of recovery: the devices the agent's bind records say it moved to vfio-pci,
+//! and giving an instance's devices back to their original drivers (through `crate::vfio`,
+//! whose records are written before the first sysfs write, so any crash can be undone).
+
+use std::sync::Arc;
 
 use crate::config::Config;
+use crate::vfio::{SysfsRoot, Vfio, record};
 
-/// PCI addresses in the agent's bind record.
-pub fn bound(_cfg: &Config) -> Vec<String> {
-    Vec::new()
+/// One device in a bind record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundGpu {
+    /// The instance the record belongs to.
+    pub instance: String,
+    /// Its PCI address.
+    pub address: String,
 }
 
-/// Returns `addr` to the driver the bind record names.
-pub async fn give_back(_cfg: &Config, addr: &str) -> Result<(), String> {
-    Err(format!("{addr}: this build cannot return GPUs from vfio-pci yet"))
+/// Every device in the agent's bind records. A record that cannot be read is logged and left
+/// alone (it may be the only note of a GPU's driver): never guessed at.
+pub fn bound(cfg: &Config) -> Vec<BoundGpu> {
+    match record::load_all(&crate::vfio::record_dir(&cfg.data_dir)) {
+        Ok(records) => records
+            .into_iter()
+            .flat_map(|r| {
+                let instance = r.instance;
+                r.devices.into_iter().map(move |d| BoundGpu {
+                    instance: instance.clone(),
+                    address: d.address.to_string(),
+                })
+            })
+            .collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the GPU bind records; no GPU is returned");
+            Vec::new()
+        }
+    }
+}
+
+/// Gives `instance`'s devices back (sysfs writes off the async workers, each with its
+/// deadline). `Ok`: each device's address and why it is not back, if it is not.
+pub async fn release(
+    cfg: &Config,
+    instance: &str,
+) -> Result<Vec<(String, Option<String>)>, String> {
+    let vfio = Arc::new(Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir));
+    let instance = instance.to_owned();
+    let outcomes =
+        vfio.off_runtime(move |v| v.release(&instance)).await.map_err(|e| e.to_string())?;
+    Ok(outcomes.into_iter().map(|o| (o.address.to_string(), o.error)).collect())
 }
