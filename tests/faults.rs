@@ -271,3 +271,49 @@ async fn a_full_disk_fails_the_request_clearly_and_keeps_the_record() {
     assert_eq!(record(&dirs, id)["ssh_keys"].as_array().unwrap().len(), 1);
     agent.kill9();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_after_the_gpu_bind_returns_the_gpu_and_rolls_back() {
+    use support::kernel::SimKernel;
+    use support::sysfs::{CLASS_AUDIO, FakeSysfs};
+    let (gpu, audio) = ("0000:65:00.0", "0000:65:00.1");
+    let fake = FakeSysfs::new()
+        .driver_available("vfio-pci")
+        .gpu(gpu, 0x2684)
+        .driver("nvidia")
+        .group(12)
+        .bars(&[(1, 32 << 30, true)])
+        .function(audio, CLASS_AUDIO)
+        .driver("snd_hda_intel")
+        .group(12);
+    let _kernel = SimKernel::start(&fake, &[]);
+    let drivers = || [gpu, audio].map(|d| fake.driver_of(d));
+    let dirs = Dirs::new();
+    let port = free_port();
+    let start = |crash_at: Option<&str>| {
+        let mut env = vm_env(crash_at);
+        env.push(("QUDATA_SYSFS_ROOT", fake.path().display().to_string()));
+        Agent::start(&dirs, &["run", "--local"], &env, port)
+    };
+    let mut agent = start(Some("after_gpu_bind"));
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let created = api.json("POST", "/instances", &json!({"gpus": 1, "memory": "256M"})).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(agent.wait_exit().signal(), Some(libc::SIGKILL));
+    assert_eq!(drivers(), [Some("vfio-pci".into()), Some("vfio-pci".into())], "died bound");
+
+    let mut agent = start(None);
+    agent.wait_ready().await;
+    assert_eq!(drivers(), [Some("nvidia".into()), Some("snd_hda_intel".into())]);
+    assert!(!dirs.data.join(format!("vfio/{id}.json")).exists(), "bind record released");
+    let data = wait_status(&api, "error", WAIT).await;
+    assert!(data["error"].as_str().unwrap().contains("interrupted"), "{data}");
+    let record_path = dirs.data.join(format!("instances/{id}.json")).display().to_string();
+    assert_eq!(leftovers(&dirs, &id), [record_path]);
+    assert_ports_free(&dirs, &id);
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, WAIT).await;
+    agent.kill9();
+}
