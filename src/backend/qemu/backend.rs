@@ -16,7 +16,6 @@ use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
 use super::gpus;
 use super::layout::VmPaths;
-use super::orphan::Orphan;
 use super::process;
 use super::procfs::ProcRoot;
 use super::qmp::Qmp;
@@ -27,6 +26,7 @@ use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
+mod reap;
 mod start;
 
 /// What the QEMU backend needs to know about the host.
@@ -370,30 +370,10 @@ impl Backend for QemuBackend {
     }
 
     async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
-        let found = self.settings.proc_root.scan(&self.settings.run_dir);
-        let owned = found
-            .into_iter()
-            .map(|f| Owned { what: format!("QEMU pid {}", f.pid), instance_id: f.instance_id });
-        Ok(owned.collect())
+        Ok(self.owned_vms())
     }
 
     async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
-        let id = &owned.instance_id;
-        let paths = self.paths(id);
-        if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
-            vm.expect_exit();
-        }
-        let orphan = Orphan {
-            proc: &self.settings.proc_root,
-            run_dir: &self.settings.run_dir,
-            paths: &paths,
-            id,
-            powerdown_grace: self.settings.powerdown_grace,
-        };
-        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the orphan QEMU", e))?;
-        let removed =
-            paths.remove_known().map_err(|e| BackendError::op("remove the orphan's files", e))?;
-        tracing::info!(%id, stopped = ?how, files = removed.len(), "orphan VM reaped");
-        Ok(())
+        self.reap_vm(&owned.instance_id).await
     }
 }
