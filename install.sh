@@ -230,7 +230,14 @@ check_inputs() {
 
 install_production_packages() {
   if [ "$ROOT" != / ]; then say "skip: packages (installing into $ROOT)"; return 0; fi
-  if dry; then say "would install the missing ones of: ${PROD_PKGS[*]}"; return 0; fi
+  if dry; then
+    local pkg missing=()
+    for pkg in "${PROD_PKGS[@]}"; do
+      dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    say "would install packages: ${missing[*]:-none missing}"
+    return 0
+  fi
   install_packages "${PROD_PKGS[@]}"
 }
 
@@ -283,15 +290,19 @@ write_env_file() {
   private_dir "$(dirname "$env_file")"
   if [ -z "${QUDATA_API_KEY:-}" ]; then say "up to date: $env_file (QUDATA_API_KEY not given)"; return 0; fi
   new="$SCRATCH/agent.env"
+  # printf is a builtin: the key never appears in a process's argv. The umask covers the
+  # redirection too, so the file is never readable by others, even for a moment.
   (
     umask 077
-    if [ -f "$env_file" ]; then
-      grep -v '^QUDATA_API_KEY=' "$env_file" || true
-    else
-      printf '%s\n' "# qudata-agent settings (README.md, Configuration). 0600: holds the API key."
-    fi
-    printf 'QUDATA_API_KEY=%s\n' "$QUDATA_API_KEY"
-  ) >"$new"
+    {
+      if [ -f "$env_file" ]; then
+        grep -v '^QUDATA_API_KEY=' "$env_file" || true
+      else
+        printf '%s\n' "# qudata-agent settings (README.md, Configuration). 0600: holds the API key."
+      fi
+      printf 'QUDATA_API_KEY=%s\n' "$QUDATA_API_KEY"
+    } >"$new"
+  )
   if put_file "$new" "$env_file" 0600; then CHANGED=1; fi
 }
 
@@ -312,17 +323,22 @@ install_grub_dropin() {
     return 0
   fi
   if put_file grub/qudata-iommu.cfg "$dropin" 0644; then
-    if [ "$ROOT" != / ]; then
-      say "skip: update-grub (installing into $ROOT)"
-    elif dry; then
-      say "would run: update-grub"
-    else
-      update-grub || die "update-grub failed; $dropin is in place, run update-grub again"
+    :
+  elif [ "$ROOT" != / ] || grep -qs 'iommu=' /boot/grub/grub.cfg; then
+    # Up to date, and grub.cfg was regenerated with it (else an earlier update-grub failed).
+    if [ "$ROOT" = / ] && ! grep -q 'iommu=' /proc/cmdline; then
+      say "the running kernel has no IOMMU parameters yet: reboot to apply them"
     fi
-    say "reboot to turn the IOMMU on (the kernel command line changed)"
-  elif [ "$ROOT" = / ] && ! grep -q 'iommu=' /proc/cmdline; then
-    say "the running kernel has no IOMMU parameters yet: reboot to apply them"
+    return 0
   fi
+  if [ "$ROOT" != / ]; then
+    say "skip: update-grub (installing into $ROOT)"
+  elif dry; then
+    say "would run: update-grub"
+  else
+    update-grub || die "update-grub failed (see above); run install.sh again once it works"
+  fi
+  say "reboot to turn the IOMMU on (the kernel command line changed)"
 }
 
 start_service() {
@@ -331,8 +347,10 @@ start_service() {
   if dry; then say "would run: systemctl daemon-reload && systemctl enable --now $UNIT"; return 0; fi
   systemctl daemon-reload
   # KillMode=process: a restart replaces the agent and leaves its VMs running.
-  if [ "$CHANGED" = 1 ] && systemctl is-active --quiet "$UNIT"; then systemctl restart "$UNIT"; fi
-  systemctl enable --now "$UNIT"
+  if [ "$CHANGED" = 1 ] && systemctl is-active --quiet "$UNIT"; then
+    systemctl restart "$UNIT" || die "$UNIT did not restart: journalctl -u $UNIT"
+  fi
+  systemctl enable --now "$UNIT" || die "$UNIT did not start: journalctl -u $UNIT"
   say "$UNIT is running; logs: journalctl -u $UNIT"
 }
 
@@ -360,6 +378,9 @@ production() {
   write_env_file
   install_vfio_modules
   install_grub_dropin
+  # Everything is in place: a service that then fails to start is for the operator to look
+  # at (journalctl), not a reason to remove files systemd may already have loaded.
+  CREATED=()
   start_service
   if dry; then say "dry run: nothing was changed"; else say "done"; fi
 }

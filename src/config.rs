@@ -90,6 +90,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_DOCKER_HOST",
+        Some("unix:///var/run/docker.sock"),
+        "unix:///<absolute path> (or an absolute socket path)",
+        "Docker engine socket of the docker backend",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_FRPC_BINARY",
         Some("frpc"),
         "a program name or path",
@@ -140,6 +147,13 @@ pub const SETTINGS: &[Setting] = &[
         "comma-separated PCI addresses like 0000:65:00.0",
         "GPUs offered to renters (default: every NVIDIA GPU found)",
         Scope::Host,
+    ),
+    row(
+        "QUDATA_NVML_LIBRARY",
+        Some("libnvidia-ml.so.1"),
+        "a library file name (found by the dynamic loader) or an absolute path",
+        "NVIDIA management library for GPU facts and metrics (absent: no driver, reported cleanly)",
+        Scope::Run,
     ),
     row(
         "QUDATA_OVMF_CODE",
@@ -256,10 +270,13 @@ pub struct Config {
     pub base_image: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub debug: bool,
+    /// The Docker engine's socket (from `QUDATA_DOCKER_HOST`, `unix://` stripped).
+    pub docker_host: PathBuf,
     pub frpc_binary: PathBuf,
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
+    pub nvml_library: PathBuf,
     /// `None`: detected (see `backend::qemu::disk`).
     pub ovmf_code: Option<PathBuf>,
     /// `None`: detected next to the code image.
@@ -359,6 +376,22 @@ fn parse_abs_path(v: &str) -> Result<PathBuf, String> {
     if path.is_absolute() { Ok(path) } else { Err("is not an absolute path".into()) }
 }
 
+/// A bare file name for the dynamic loader's search, or an absolute path.
+fn parse_library(v: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(v);
+    if path.is_absolute() || !v.contains('/') { Ok(path) } else { Err("is a relative path".into()) }
+}
+
+/// `unix:///run/docker.sock` or `/run/docker.sock`: only a local socket (the engine's TCP API
+/// would be reachable by others on the host).
+fn parse_docker_host(v: &str) -> Result<PathBuf, String> {
+    let path = v.strip_prefix("unix://").unwrap_or(v);
+    if v.contains("://") && !v.starts_with("unix://") {
+        return Err("is not a unix:// socket".into());
+    }
+    parse_abs_path(path)
+}
+
 fn parse_url(v: &str) -> Result<String, String> {
     let rest = v
         .strip_prefix("https://")
@@ -445,6 +478,7 @@ impl Config {
             base_image: r.parse("QUDATA_BASE_IMAGE", parse_abs_path)?,
             data_dir: r.required("QUDATA_DATA_DIR", parse_abs_path)?,
             debug: r.required("QUDATA_DEBUG", parse_bool)?,
+            docker_host: r.required("QUDATA_DOCKER_HOST", parse_docker_host)?,
             frpc_binary: r.required("QUDATA_FRPC_BINARY", |v| Ok(PathBuf::from(v)))?,
             frpc_config: r.required("QUDATA_FRPC_CONFIG", parse_abs_path)?,
             frp: FrpOverrides {
@@ -460,6 +494,7 @@ impl Config {
                 })?,
             },
             gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            nvml_library: r.required("QUDATA_NVML_LIBRARY", parse_library)?,
             ovmf_code: r.parse("QUDATA_OVMF_CODE", parse_abs_path)?,
             ovmf_vars: r.parse("QUDATA_OVMF_VARS", parse_abs_path)?,
             public_address: r.parse("QUDATA_PUBLIC_ADDRESS", |v| {
@@ -520,6 +555,7 @@ mod tests {
         assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-x86_64"));
         assert!(c.ovmf_code.is_none() && c.ovmf_vars.is_none());
         assert_eq!(c.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(c.nvml_library, PathBuf::from("libnvidia-ml.so.1"));
     }
 
     #[test]
@@ -540,6 +576,21 @@ mod tests {
         assert_eq!(c.ovmf_vars, Some(PathBuf::from("/fw/VARS.fd")));
         let kvm = Config::load(&env(&[("QUDATA_QEMU_ACCEL", "kvm")]), true).unwrap();
         assert_eq!(kvm.qemu_accel, AccelChoice::Kvm);
+    }
+
+    #[test]
+    fn docker_host_is_a_local_socket() {
+        let c = Config::load(&env(&[]), true).unwrap();
+        assert_eq!(c.docker_host, PathBuf::from("/var/run/docker.sock"));
+        let set = env(&[("QUDATA_DOCKER_HOST", "unix:///tmp/d/docker.sock")]);
+        assert_eq!(
+            Config::load(&set, true).unwrap().docker_host,
+            PathBuf::from("/tmp/d/docker.sock")
+        );
+        for bad in ["tcp://127.0.0.1:2375", "unix://relative.sock", "docker.sock"] {
+            let err = Config::load(&env(&[("QUDATA_DOCKER_HOST", bad)]), true).unwrap_err();
+            assert_eq!(err.variable, "QUDATA_DOCKER_HOST", "{bad}");
+        }
     }
 
     #[test]
@@ -570,6 +621,7 @@ mod tests {
             ("QUDATA_FRP_SUBDOMAIN", "-x-"),
             ("QUDATA_GPU_PCI_ADDRS", "65:00.0"),
             ("QUDATA_GPU_PCI_ADDRS", "0000:65:00.0,0000:65:00.0"),
+            ("QUDATA_NVML_LIBRARY", "lib/libnvidia-ml.so.1"),
             ("QUDATA_OVMF_CODE", "OVMF_CODE.fd"),
             ("QUDATA_OVMF_VARS", "vars.fd"),
             ("QUDATA_PUBLIC_ADDRESS", "1.2.3"),

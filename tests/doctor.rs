@@ -18,7 +18,7 @@ use serde_json::Value;
 /// The checks the README documents; `gpu` repeats per GPU.
 const DOCUMENTED: &[&str] = &[
     "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "frp", "docker",
-    "datadir",
+    "datadir", "backend",
 ];
 
 /// Runs the binary with only `PATH` and the given settings (no `QUDATA_API_KEY`).

@@ -219,3 +219,59 @@ fn shellcheck_finds_nothing() {
     // grub-mkconfig sources drop-ins with /bin/sh.
     run(&["--shell=sh", "grub/qudata-iommu.cfg"]);
 }
+
+/// `python3 -m http.server` on 127.0.0.1 serving `dir`; killed and reaped on drop.
+struct HttpServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn serve(dir: &Path) -> HttpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (tests/packages.txt) runs");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "http.server did not listen in 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        HttpServer { child, port }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn downloads_over_http_and_a_missing_file_leaves_nothing() {
+    let fx = Fixture::new(false);
+    let server = HttpServer::serve(&fx.src);
+    let before = fx.tree();
+    let gone = fx.install(&[], &[("INSTALL_IMAGE_URL", Some(server.url("missing.qcow2")))]);
+    assert_eq!(gone.code, Some(1), "{}", gone.text);
+    assert!(gone.text.contains("cannot download http://127.0.0.1"), "{}", gone.text);
+    assert_eq!(fx.tree(), before, "a failed download left files:\n{}", gone.text);
+
+    let http = [
+        ("INSTALL_FRPC_URL", Some(server.url("frp.tar.gz"))),
+        ("INSTALL_IMAGE_URL", Some(server.url("base.qcow2"))),
+    ];
+    let run = fx.install(&[], &http);
+    assert!(run.ok, "{}", run.text);
+    assert_eq!(std::fs::read(fx.at("/usr/local/bin/frpc")).unwrap(), FRPC_SCRIPT);
+    assert_eq!(std::fs::read(fx.at("/var/lib/qudata/images/base.qcow2")).unwrap(), fx.image);
+}

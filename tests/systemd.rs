@@ -197,3 +197,53 @@ async fn production_mode_notifies_ready_while_the_control_plane_is_down() {
     let env = [("QUDATA_API_KEY", "ak-notify-test".to_owned()), ("QUDATA_SERVICE_URL", service)];
     ready_then_stopping(&["run"], &env).await;
 }
+
+/// The unit's sandbox does not break QEMU: a VM boots under TCG and answers SSH with the
+/// agent inside it (see tests/support/sandbox.rs for what is reproduced and what is not).
+#[tokio::test]
+async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
+    use support::agent::{Api, local_secret};
+    use support::sandbox::{mount_options, unit_sandbox};
+    use support::vm::{
+        BOOT, ci_guest_image, host_port, openssh, ssh_keygen, wait_gone, wait_status,
+    };
+
+    // Outside /tmp, which the sandbox replaces; the one writable directory inside it.
+    let root = tempfile::Builder::new()
+        .prefix("qudata-sandbox-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let dirs = Dirs { data: root.path().join("data"), run: root.path().join("run"), root };
+    let image = ci_guest_image(); // read-only inside the sandbox, like /var/lib/qudata/images
+    let env = [
+        ("QUDATA_BASE_IMAGE", image.display().to_string()),
+        ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
+    ];
+    let wrapper = unit_sandbox(dirs.root.path());
+    let mut agent = Agent::start_via(&wrapper, &dirs, &["run", "--local"], &env, free_port());
+    agent.wait_ready().await;
+
+    // The sandbox is in force for the agent (unshare, sh, prlimit and setpriv all exec).
+    let pid = agent.pid();
+    let root_mount = mount_options(pid, "/").expect("the agent's / in its mountinfo");
+    assert!(root_mount.starts_with("ro,"), "/ is not read-only for the agent: {root_mount}");
+    let tmp = mount_options(pid, "/tmp").expect("a /tmp mount");
+    assert!(tmp.ends_with(" tmpfs"), "/tmp is not private: {tmp}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "no_new_privs is not set");
+
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let created = api.json("POST", "/instances", &serde_json::json!({"ssh_enabled": true})).await;
+    assert_eq!(created.status, 200, "{:?}\n{}", created.body, agent.output());
+    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
+    wait_status(&api, "running", BOOT).await;
+    let (key, public) = ssh_keygen(dirs.root.path(), "renter");
+    let added = api.json("POST", "/ssh", &serde_json::json!({"ssh_pubkey": public})).await;
+    assert_eq!(added.status, 200, "{:?}", added.body);
+    let ssh = host_port(&dirs, &id, 22);
+    let hostname = openssh(&key, ssh, "hostname").expect("the guest answers SSH");
+    assert!(!hostname.trim().is_empty());
+
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, Duration::from_secs(60)).await;
+}

@@ -17,7 +17,6 @@ mod tunnels;
 pub use production::run;
 
 use std::path::PathBuf;
-
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -26,6 +25,7 @@ use crate::api::{self, SecretSlot};
 use crate::backend::{Backend, BackendEvent};
 use crate::config::Config;
 use crate::fsutil::{self, FsError};
+use crate::guest::metrics::GpuStreams;
 use crate::instance::manager::{Manager, ManagerSettings};
 use crate::instance::store::{Store, StoreError};
 use crate::ports;
@@ -70,22 +70,30 @@ pub(crate) struct Built {
     cleanup: Arc<dyn Backend>,
 }
 
-async fn manager(cfg: &Config, local: bool) -> Result<Built, AgentError> {
+/// `gpu_streams`: where the VM backend's in-guest GPU metrics go (`None` in local mode).
+async fn manager(
+    cfg: &Config,
+    local: bool,
+    gpu_streams: Option<Arc<GpuStreams>>,
+) -> Result<Built, AgentError> {
     let store = Store::open(&cfg.data_dir)?;
+    // QUDATA_GPU_PCI_ADDRS checked against sysfs, or every NVIDIA GPU found.
+    let gpu_pool: Vec<String> = crate::gpu::pool::offered(
+        &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
+        cfg.gpu_pci_addrs.as_deref(),
+    )?
+    .iter()
+    .map(ToString::to_string)
+    .collect();
     let settings = ManagerSettings {
         limits: limits::probe(&cfg.data_dir),
-        gpu_pool: crate::gpu::pool::offered(
-            &crate::vfio::SysfsRoot::new(&cfg.sysfs_root),
-            cfg.gpu_pci_addrs.as_deref(),
-        )?
-        .iter()
-        .map(ToString::to_string)
-        .collect(),
+        gpu_pool: gpu_pool.clone(),
         host_ports: ports::HOST_PORTS,
         local,
     };
     let (sink, events) = mpsc::unbounded_channel();
-    let backend = backends::build(cfg, sink.clone()).await;
+    // The backend is chosen for the GPUs the manager hands out.
+    let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu_streams).await;
     if let Err(reason) = &backend {
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
@@ -98,9 +106,13 @@ async fn manager(cfg: &Config, local: bool) -> Result<Built, AgentError> {
 
 /// Before anything else: the run lock (held for the agent's life, so a `recover` waits), then
 /// the manager, then the start-up reconciliation (PROTOCOL.md §4). Returns the ids restored.
-async fn start_up(cfg: &Config, local: bool) -> Result<(RunLock, Built, Vec<String>), AgentError> {
+async fn start_up(
+    cfg: &Config,
+    local: bool,
+    gpu_streams: Option<Arc<GpuStreams>>,
+) -> Result<(RunLock, Built, Vec<String>), AgentError> {
     let lock = RunLock::acquire(&cfg.run_dir, "run", recovery::AGENT_LOCK_WAIT).await?;
-    let built = manager(cfg, local).await?;
+    let built = manager(cfg, local, gpu_streams).await?;
     let manager = built.manager.clone();
     let restored = recovery::at_startup(&manager, Some(built.cleanup.clone()), cfg).await?;
     Ok((lock, built, restored))
@@ -137,7 +149,8 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
     fsutil::ensure_private_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
-    let (_lock, Built { manager, events, .. }, _) = start_up(&cfg, true).await?;
+    // Local mode reports no stats, so it runs no in-guest GPU metrics.
+    let (_lock, Built { manager, events, .. }, _) = start_up(&cfg, true, None).await?;
     manager.spawn_event_loop(events);
 
     let port = cfg.agent_port.unwrap_or(LOCAL_DEFAULT_PORT);

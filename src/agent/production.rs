@@ -12,11 +12,16 @@ use crate::api::{self, SecretSlot};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::control_plane::wire::InitRequest;
-use crate::control_plane::{self, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter};
+use crate::control_plane::{
+    self, AgentStats, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter,
+};
 use crate::fsutil;
+use crate::gpu::{self, GpuMetrics, facts::FactsInputs};
+use crate::guest::metrics::{GpuStreams, GuestGpuBoard};
 use crate::host::{self, Sampler};
 use crate::instance::{BackendKind, Manager};
 use crate::recovery;
+use crate::vfio::SysfsRoot;
 
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_private_dir(&cfg.data_dir)?;
@@ -24,7 +29,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
-    let (_lock, built, restored) = start_up(&cfg, false).await?;
+    let gpu_streams = Arc::new(GpuStreams::new(GuestGpuBoard::default()));
+    let (_lock, built, restored) = start_up(&cfg, false, Some(gpu_streams.clone())).await?;
     let Built { manager, events, cleanup } = built;
     manager.spawn_event_loop(events);
 
@@ -39,8 +45,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
+    let board = gpu_streams.board().clone();
     let background =
-        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored };
+        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored, board };
     let control = tokio::spawn(background.run(stopped));
 
     termination().await;
@@ -61,12 +68,16 @@ struct ControlPlane {
     /// `/init` applies to those.
     cleanup: Arc<dyn Backend>,
     restored: Vec<String>,
+    /// In-guest GPU values, written by the VM backend's streams.
+    board: GuestGpuBoard,
 }
 
 impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
         let roots = host::Roots::default();
-        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu: None };
+        let nvml = gpu::metrics::load_host_nvml(&self.cfg.nvml_library);
+        let gpu = self.gpu_facts(nvml.as_ref(), &roots);
+        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu };
         // frpc first with what is stored (adopting a running one), beside registration, so the
         // tunnels stay supervised and published while the control plane is down.
         let agent_id = self.identity.agent_id.to_string();
@@ -102,12 +113,30 @@ impl ControlPlane {
         let reporter = Reporter {
             client: self.client,
             secret: registered.secret,
-            source: Arc::new(self.manager),
+            source: Arc::new(AgentStats {
+                manager: self.manager,
+                gpus: Arc::new(GpuMetrics::new(nvml, self.board, self.cfg.stats_interval)),
+            }),
             sampler: Sampler::new(roots.proc.clone()),
             interval: self.cfg.stats_interval,
         };
         reporter.run(stop).await;
         drop(link); // frpc keeps running for the next agent to adopt
+    }
+
+    /// `/init/host` GPU facts: NVML, else the self-test inventory, else PCI ids.
+    fn gpu_facts(&self, nvml: Option<&gpu::Nvml>, roots: &host::Roots) -> Option<gpu::GpuFacts> {
+        let selftest_file = self.cfg.data_dir.join(gpu::selftest::FILE_NAME);
+        let sysfs = SysfsRoot::new(&roots.sys);
+        let inputs = FactsInputs {
+            nvml,
+            selftest_file: &selftest_file,
+            sysfs: &sysfs,
+            only: self.cfg.gpu_pci_addrs.as_deref(),
+        };
+        let (facts, source) = gpu::facts::host_facts(&inputs)?;
+        tracing::info!(?source, name = %facts.name, count = facts.count, vram_gib = facts.vram_gib, max_cuda = facts.max_cuda, "GPU facts");
+        Some(facts)
     }
 }
 

@@ -3,6 +3,7 @@
 //! The instance manager is the only caller. A backend derives every name and path it uses from
 //! the instance id, so the record alone is enough to find, adopt or clean up what it made.
 
+pub mod docker;
 pub mod qemu;
 
 use async_trait::async_trait;
@@ -43,6 +44,9 @@ impl BackendError {
 pub enum BackendEvent {
     /// The instance's VM or container stopped without being asked to (crash, guest poweroff).
     Exited { id: String, reason: String },
+    /// The instance runs again without the agent having asked (a container restarted by its
+    /// restart policy, or by an engine that came back): it needs configuring again.
+    Started { id: String },
 }
 
 /// Where a backend reports [`BackendEvent`]s.

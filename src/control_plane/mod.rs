@@ -15,4 +15,4 @@ pub use client::{Client, REQUEST_TIMEOUT};
 pub use error::ClientError;
 pub use identity::{FrpCredentials, Identity, IdentityError};
 pub use register::{GpuFacts, HostProbe, Registered, register};
-pub use reporter::{Reporter, StatsSource};
+pub use reporter::{AgentStats, Reporter, StatsSource};

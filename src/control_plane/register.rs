@@ -23,21 +23,12 @@ pub struct Registered {
 pub struct HostProbe<'a> {
     pub roots: &'a host::Roots,
     pub data_dir: &'a Path,
-    /// What the GPU layer knows; `None` until it exists (fields sent empty, one warning).
+    /// What the GPU layer knows (`gpu::facts`); `None` on a host without GPUs (fields sent
+    /// empty, one warning).
     pub gpu: Option<GpuFacts>,
 }
 
-/// The GPU part of `/init/host`.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GpuFacts {
-    /// Marketing name as NVML or `nvidia-smi` gives it (`"NVIDIA H100 80GB HBM3"`).
-    pub name: String,
-    pub count: u32,
-    /// GiB per GPU.
-    pub vram_gib: f64,
-    /// Highest CUDA version the driver supports (`12.4`).
-    pub max_cuda: f64,
-}
+pub use crate::gpu::GpuFacts;
 
 /// Registers, trying again with back-off until it succeeds: a control plane that is down or
 /// refuses is logged and waited for, never a reason to exit. `on_secret` runs as soon as a
@@ -98,10 +89,9 @@ pub fn host_registration(facts: &HostFacts, gpu: Option<&GpuFacts>) -> HostRegis
     let mut unknown: Vec<&str> = facts.unknown.clone();
     unknown.extend(["memory_speed", "capacity", "location"]);
     tracing::warn!(fields = %unknown.join(", "), "host facts unknown, sent as 0 or \"\"");
-    if gpu.is_none() {
-        tracing::warn!(
-            "no GPU inventory yet: gpu_name, gpu_amount, vram and max_cuda sent as \"\" or 0"
-        );
+    let gpu_unknown = gpu.map(GpuFacts::unknown).unwrap_or_else(|| GpuFacts::default().unknown());
+    if !gpu_unknown.is_empty() {
+        tracing::warn!(fields = %gpu_unknown.join(", "), "GPU facts unknown, sent as \"\" or 0");
     }
     let gpu = gpu.cloned().unwrap_or_default();
     HostRegistration {

@@ -13,16 +13,17 @@ use super::buffer::{Backlog, CAPACITY};
 use super::client::Client;
 use super::error::ClientError;
 use super::wire::{GpuStats, Stats};
+use crate::gpu::GpuMetrics;
 use crate::host::{HostSample, Sampler};
 use crate::instance::Manager;
 use crate::instance::model::Status;
 use crate::secret::Secret;
 
-/// What the agent knows beyond the host itself: the instance status, and (later) GPU metrics.
+/// What the agent knows beyond the host itself: the instance status and GPU metrics.
 pub trait StatsSource: Send + Sync {
     fn status(&self) -> Status;
 
-    /// Per-GPU metrics, first GPU first; none until the GPU layer reports them.
+    /// Per-GPU metrics, first GPU first; none by default.
     fn gpus(&self) -> Vec<GpuStats> {
         Vec::new()
     }
@@ -31,6 +32,22 @@ pub trait StatsSource: Send + Sync {
 impl StatsSource for Manager {
     fn status(&self) -> Status {
         self.current_status()
+    }
+}
+
+/// The production source: the instance manager's status and the GPUs' metrics.
+pub struct AgentStats {
+    pub manager: Manager,
+    pub gpus: Arc<GpuMetrics>,
+}
+
+impl StatsSource for AgentStats {
+    fn status(&self) -> Status {
+        self.manager.current_status()
+    }
+
+    fn gpus(&self) -> Vec<GpuStats> {
+        self.gpus.current()
     }
 }
 

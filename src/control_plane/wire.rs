@@ -124,16 +124,8 @@ pub struct Stats {
     pub gpus: Vec<GpuStats>,
 }
 
-/// One GPU in `/stats` `gpus`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct GpuStats {
-    pub index: u32,
-    pub util: f64,
-    pub temp: i64,
-    pub mem_used_mib: u64,
-    pub mem_total_mib: u64,
-    pub power_w: f64,
-}
+/// One GPU in `/stats` `gpus` (defined beside the code that measures it).
+pub use crate::gpu::GpuStats;
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@
 //! trees. A check ends `ok`, `warn` (the agent works with less: TCG, Docker only, no GPU) or
 //! `fail` (the configured backend or production mode cannot work).
 
+mod backend;
 mod exec;
 mod gpus;
 mod output;
@@ -27,7 +28,7 @@ pub use output::{render_json, render_text};
 /// The names of every check, in output order (`gpu` repeats once per GPU).
 pub const CHECKS: &[&str] = &[
     "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "frp", "docker",
-    "datadir",
+    "datadir", "backend",
 ];
 
 /// The outcome of one check.
@@ -135,7 +136,7 @@ impl HostView {
             dev_root: "/dev".into(),
             lib_modules: "/lib/modules".into(),
             ovmf_dir: "/usr/share/OVMF".into(),
-            docker_socket: "/var/run/docker.sock".into(),
+            docker_socket: cfg.docker_host.clone(),
             search_path: std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
             data_dir: cfg.data_dir.clone(),
             frpc_binary: cfg.frpc_binary.clone(),
@@ -173,6 +174,8 @@ pub fn run_all(view: &HostView) -> Vec<Check> {
         services::docker(view),
         services::data_dir(view),
     ]);
+    let choice = backend::backend(view, &checks);
+    checks.push(choice);
     checks
 }
 
@@ -181,6 +184,7 @@ pub fn any_failed(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.status == Status::Fail)
 }
 
+pub use backend::backend;
 pub use gpus::gpus;
 pub use platform::{cpu, iommu, kvm, vfio_modules};
 pub use services::{data_dir, docker};

@@ -218,6 +218,32 @@ impl GuestClient {
         }
     }
 
+    /// Starts `command` on a channel of its own for a long-lived stream (in-guest metrics) and
+    /// hands the channel over: the caller reads it, with its own idle deadline, and ends the
+    /// command by dropping the channel (the guest's SSH server then closes its pipes).
+    pub async fn open_stream(
+        &self,
+        command: &GuestCommand,
+        deadline: Instant,
+    ) -> Result<russh::Channel<client::Msg>, GuestError> {
+        let started = Instant::now();
+        let opened = tokio::time::timeout_at(deadline, async {
+            let channel = self.handle.channel_open_session().await?;
+            channel.exec(true, command.as_str()).await?;
+            Ok(channel)
+        })
+        .await
+        .map_err(|_| GuestError::Timeout {
+            instance: self.target.instance.clone(),
+            action: "opening a stream",
+            after: deadline.saturating_duration_since(started),
+        })?;
+        opened.map_err(|source| GuestError::Session {
+            instance: self.target.instance.clone(),
+            source: Box::new(source),
+        })
+    }
+
     /// [`exec`](Self::exec), with a non-zero exit turned into `CommandFailed` naming `action`.
     pub async fn run(
         &self,

@@ -19,6 +19,7 @@ pub mod command;
 pub mod error;
 pub mod hostkey;
 pub mod keys;
+pub mod metrics;
 pub mod script;
 pub mod setup;
 

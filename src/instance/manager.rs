@@ -397,7 +397,10 @@ impl Manager {
     }
 
     fn on_event(&self, event: BackendEvent) {
-        let BackendEvent::Exited { id, reason } = event;
+        let (id, reason) = match event {
+            BackendEvent::Exited { id, reason } => (id, reason),
+            BackendEvent::Started { id } => return self.on_started(&id),
+        };
         let Some(slot) = self.slots().get(&id).cloned() else { return };
         let current = slot.snapshot();
         if current.deleting || current.status == Status::Error {
@@ -407,6 +410,27 @@ impl Manager {
         if let Err(e) = self.set_status(&slot, Status::Error, Some(reason)) {
             tracing::error!(%id, error = %e, "cannot record the instance's exit");
         }
+    }
+
+    /// The instance runs again on its own: configure it again (keys, SSH server) and report
+    /// it running. A flow in progress (boot, reset) configures it anyway.
+    fn on_started(&self, id: &str) {
+        let Some(slot) = self.slots().get(id).cloned() else { return };
+        let current = slot.snapshot();
+        let flow = match current.status {
+            _ if current.deleting => return,
+            Status::Error => flows::Flow::Settle,
+            Status::Running => flows::Flow::Reconfigure,
+            _ => return,
+        };
+        tracing::info!(%id, "instance started again on its own; configuring it");
+        if flow == flows::Flow::Settle
+            && let Err(e) = self.set_status(&slot, Status::Pending, None)
+        {
+            tracing::error!(%id, error = %e, "cannot record the restart");
+            return;
+        }
+        self.spawn_flow(slot, flow);
     }
 
     fn spawn_flow(&self, slot: Arc<Slot>, flow: flows::Flow) {

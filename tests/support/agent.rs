@@ -74,7 +74,27 @@ fn collect(stream: impl Read + Send + 'static, output: Arc<Mutex<String>>, file:
 impl Agent {
     /// Starts `qudata-agent <args>` with a clean environment plus `env`.
     pub fn start(dirs: &Dirs, args: &[&str], env: &[(&str, String)], port: u16) -> Agent {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qudata-agent"));
+        Agent::start_via(&[], dirs, args, env, port)
+    }
+
+    /// The same, run through `wrapper` (a program and its arguments, the agent's path and
+    /// `args` appended), e.g. a sandbox.
+    pub fn start_via(
+        wrapper: &[String],
+        dirs: &Dirs,
+        args: &[&str],
+        env: &[(&str, String)],
+        port: u16,
+    ) -> Agent {
+        let binary = env!("CARGO_BIN_EXE_qudata-agent");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -22,6 +22,7 @@ use super::qmp::Qmp;
 use super::seed;
 use super::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
+use crate::guest::metrics::{GpuStreams, StreamSpec};
 use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
@@ -56,6 +57,8 @@ pub struct QemuBackend {
     key: ManagementKey,
     events: EventSink,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// In-guest GPU metrics and their period (production mode only).
+    gpu_streams: Option<(Arc<GpuStreams>, Duration)>,
 }
 
 /// Time for QEMU to create its monitor socket after exec.
@@ -65,7 +68,31 @@ const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 impl QemuBackend {
     pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
-        QemuBackend { settings, key, events, vms: Mutex::default() }
+        QemuBackend { settings, key, events, vms: Mutex::default(), gpu_streams: None }
+    }
+
+    /// Runs an in-guest GPU metrics stream (`guest::metrics`) for every configured VM.
+    pub fn with_gpu_streams(mut self, streams: Arc<GpuStreams>, interval: Duration) -> Self {
+        self.gpu_streams = Some((streams, interval));
+        self
+    }
+
+    /// (Re)starts the instance's GPU metrics stream; it ends by itself when QEMU exits.
+    fn start_gpu_stream(&self, instance: &Instance) {
+        let (Some((streams, interval)), Some(vm)) = (&self.gpu_streams, self.live(&instance.id))
+        else {
+            return;
+        };
+        let Ok(target) = self.target(instance) else { return };
+        let spec = StreamSpec {
+            target,
+            key: self.key.clone(),
+            has_gpus: !instance.gpus.is_empty(),
+            interval: *interval,
+        };
+        streams.start(spec, async move {
+            vm.exited().await;
+        });
     }
 
     fn paths(&self, id: &str) -> VmPaths {
@@ -150,6 +177,9 @@ impl QemuBackend {
 
     /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
     async fn stop_vm(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
+        if let Some((streams, _)) = &self.gpu_streams {
+            streams.stop(&instance.id).await;
+        }
         let vm = self.vms.lock().expect("vms lock").remove(&instance.id);
         if let Some(vm) = vm.filter(|vm| vm.exit_reason().is_none()) {
             vm.expect_exit();
@@ -290,6 +320,7 @@ impl Backend for QemuBackend {
                 .map_err(|e| BackendError::op("start the command", e))?;
         }
         client.close().await;
+        self.start_gpu_stream(instance);
         Ok(())
     }
 

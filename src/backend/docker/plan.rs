@@ -1,0 +1,109 @@
+//! The container an instance becomes, as a pure function of the record (golden-tested).
+//!
+//! Everything is named from the instance id: the container is `qudata-<id>` and carries the
+//! label [`LABEL_INSTANCE`]`=<id>`, which is what recovery trusts (never the name alone).
+
+use std::collections::HashMap;
+
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, HostConfig, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+
+use crate::instance::model::{Instance, marker};
+use crate::instance::spec::Spec;
+
+/// The label that marks a container as this agent's instance; its value is the instance id.
+pub const LABEL_INSTANCE: &str = "ai.qudata.instance";
+
+/// The container's name: the same `qudata-<id>` marker QEMU's `-name` carries.
+pub fn container_name(id: &str) -> String {
+    marker(id)
+}
+
+/// The `docker create` body of `instance`. GPUs (all of them, through the NVIDIA runtime's
+/// device request) only when the instance was given GPUs; ports on 127.0.0.1 only, where frpc
+/// picks them up.
+pub fn create_body(instance: &Instance, image: &str) -> ContainerCreateBody {
+    let spec = &instance.spec;
+    let gpus = !instance.gpus.is_empty();
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if gpus {
+        // After the renter's values, so these win.
+        env.push("NVIDIA_VISIBLE_DEVICES=all".into());
+        env.push("NVIDIA_DRIVER_CAPABILITIES=compute,utility".into());
+    }
+    let port_key = |guest: u16| format!("{guest}/tcp");
+    let bindings: HashMap<String, Option<Vec<PortBinding>>> = instance
+        .ports
+        .iter()
+        .map(|p| {
+            let binding = PortBinding {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(p.host_port.to_string()),
+            };
+            (port_key(p.guest_port), Some(vec![binding]))
+        })
+        .collect();
+    let device_requests = gpus.then(|| {
+        vec![DeviceRequest {
+            driver: Some("nvidia".into()),
+            count: Some(-1),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]
+    });
+    let host_config = HostConfig {
+        init: Some(true),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+            maximum_retry_count: None,
+        }),
+        nano_cpus: Some(i64::from(spec.cpus) * 1_000_000_000),
+        memory: Some((spec.memory_mib * 1024 * 1024) as i64),
+        port_bindings: Some(bindings),
+        device_requests,
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(image.to_owned()),
+        hostname: Some(instance.marker()),
+        // The renter's command is a shell line by contract (as with `docker run IMAGE sh -c`);
+        // it travels as one argv element, and its environment as data.
+        cmd: spec.command.as_ref().map(|c| vec!["/bin/sh".into(), "-c".into(), c.clone()]),
+        env: Some(env),
+        exposed_ports: Some(instance.ports.iter().map(|p| port_key(p.guest_port)).collect()),
+        labels: Some(HashMap::from([(LABEL_INSTANCE.to_owned(), instance.id.clone())])),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+/// The image of a spec, checked as a Docker reference (`[registry/]name[:tag][@digest]`).
+pub fn image_of(spec: &Spec) -> Result<&str, String> {
+    let Some(image) = spec.image.as_deref() else {
+        return Err("is required: this host runs instances as Docker containers".into());
+    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-/:@".contains(c);
+    let ok = image.len() <= 255
+        && image.chars().all(allowed)
+        && image.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && !image.contains("//")
+        && !image.ends_with([':', '/', '@']);
+    if ok { Ok(image) } else { Err(format!("{image:?} is not a Docker image reference")) }
+}
+
+/// The registry of the legacy `registry` field: a host name with an optional port.
+pub fn check_registry(spec: &Spec) -> Result<(), String> {
+    let Some(registry) = spec.registry.registry.as_deref() else { return Ok(()) };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || ".-:".contains(c);
+    if registry.len() <= 253 && registry.chars().all(allowed) && !registry.starts_with('-') {
+        Ok(())
+    } else {
+        Err(format!("{registry:?} is not a registry host (like registry.example.com:5000)"))
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,109 @@
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::*;
+use crate::instance::model::{BackendKind, Proto, PublishedPort, Status};
+use crate::instance::spec::{PortRequest, Registry};
+
+fn instance(gpus: Vec<String>, command: Option<&str>) -> Instance {
+    let spec = Spec {
+        image: Some("registry.example.com:5000/team/app:1.2".into()),
+        ports: vec![PortRequest { guest_port: 22, remote_port: Some(10001), proto: Proto::Tcp }],
+        env: BTreeMap::from([("B".into(), "two words".into()), ("A".into(), "$(x)".into())]),
+        command: command.map(str::to_owned),
+        ssh_enabled: true,
+        cpus: 2,
+        memory_mib: 1536,
+        storage_gb: 10,
+        gpus: None,
+        tunnel_token: None,
+        registry: Registry::default(),
+    };
+    Instance {
+        id: "4f1c".into(),
+        backend: BackendKind::Docker,
+        spec,
+        status: Status::Pending,
+        error: None,
+        created_at: chrono::DateTime::UNIX_EPOCH,
+        ports: vec![
+            PublishedPort {
+                guest_port: 22,
+                host_port: 41022,
+                remote_port: 10001,
+                proto: Proto::Tcp,
+            },
+            PublishedPort {
+                guest_port: 8888,
+                host_port: 41888,
+                remote_port: 20000,
+                proto: Proto::Http,
+            },
+        ],
+        gpus,
+        ssh_keys: Vec::new(),
+        management_port: None,
+        deleting: false,
+    }
+}
+
+#[test]
+fn golden_without_gpus() {
+    let body = create_body(&instance(Vec::new(), Some("jupyter lab --ip=0.0.0.0")), "app:1");
+    let expected = json!({
+        "Hostname": "qudata-4f1c",
+        "Env": ["A=$(x)", "B=two words"],
+        "Cmd": ["/bin/sh", "-c", "jupyter lab --ip=0.0.0.0"],
+        "Image": "app:1",
+        "Labels": {"ai.qudata.instance": "4f1c"},
+        "ExposedPorts": {"22/tcp": {}, "8888/tcp": {}},
+        "HostConfig": {
+            "Memory": 1536 * 1024 * 1024,
+            "NanoCpus": 2_000_000_000i64,
+            "Init": true,
+            "PortBindings": {
+                "22/tcp": [{"HostIp": "127.0.0.1", "HostPort": "41022"}],
+                "8888/tcp": [{"HostIp": "127.0.0.1", "HostPort": "41888"}]
+            },
+            "RestartPolicy": {"Name": "unless-stopped"}
+        }
+    });
+    assert_eq!(serde_json::to_value(&body).unwrap(), expected);
+}
+
+#[test]
+fn golden_with_gpus_and_the_image_default_command() {
+    let body = create_body(&instance(vec!["0000:65:00.0".into()], None), "app:1");
+    let value = serde_json::to_value(&body).unwrap();
+    assert_eq!(value.get("Cmd"), None, "no command: the image's own");
+    assert_eq!(
+        value["Env"],
+        json!([
+            "A=$(x)",
+            "B=two words",
+            "NVIDIA_VISIBLE_DEVICES=all",
+            "NVIDIA_DRIVER_CAPABILITIES=compute,utility"
+        ])
+    );
+    assert_eq!(
+        value["HostConfig"]["DeviceRequests"],
+        json!([{"Driver": "nvidia", "Count": -1, "Capabilities": [["gpu"]]}])
+    );
+}
+
+#[test]
+fn image_references_are_checked() {
+    let mut spec = instance(Vec::new(), None).spec;
+    assert_eq!(image_of(&spec), Ok("registry.example.com:5000/team/app:1.2"));
+    for bad in ["-rm", "a b", "app:", "x//y", "$(id)", "app;rm"] {
+        spec.image = Some(bad.into());
+        assert!(image_of(&spec).is_err(), "{bad}");
+    }
+    spec.image = None;
+    assert!(image_of(&spec).unwrap_err().starts_with("is required"));
+    spec.registry.registry = Some("reg.example.com:5000".into());
+    assert_eq!(check_registry(&spec), Ok(()));
+    spec.registry.registry = Some("https://reg/x".into());
+    assert!(check_registry(&spec).is_err());
+}

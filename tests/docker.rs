@@ -1,0 +1,196 @@
+//! Docker instances end to end: the real binary in local mode on `QUDATA_BACKEND=docker`, a
+//! real engine (`dockerd` from Debian on a private socket), images imported from Debian
+//! packages.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::agent::Api;
+use support::docker::Engine;
+use support::docker_agent::{START, container, refused, start_agent, started, wait_container_gone};
+use support::docker_images::busybox;
+use support::vm::{host_port, http_get, record, wait_http, wait_status};
+
+/// busybox httpd serving a page made from an environment value. The value is hostile on
+/// purpose: it must arrive as data, never run.
+fn web_body(image: &str) -> serde_json::Value {
+    json!({
+        "image": image,
+        "cpus": 1,
+        "memory": "256M",
+        "ports": [{"container_port": 8080, "remote_port": 20000, "proto": "http"}],
+        "command": "mkdir -p /srv && printf '%s\\n' \"$GREETING\" > /srv/index.html && exec httpd -f -p 8080 -h /srv",
+        "env_variables": {"GREETING": "hello $(touch /tmp/pwned) `id` ';"}
+    })
+}
+
+const GREETING: &str = "hello $(touch /tmp/pwned) `id` ';\n";
+
+async fn create(api: &Api, body: &serde_json::Value) -> String {
+    let created = api.json("POST", "/instances", body).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    assert_eq!(created.body["data"]["status"], "pending");
+    created.body["data"]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn lifecycle_ports_env_command_and_cleanup() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let (dirs, _agent, api) = started(engine).await;
+    let id = create(&api, &web_body(image)).await;
+    wait_status(&api, "running", START).await;
+    let name = container(&id);
+
+    // What the engine was asked for: the label, init, the restart policy, limits, and the
+    // published port on 127.0.0.1 only.
+    let web = host_port(&dirs, &id, 8080);
+    assert_eq!(
+        engine.inspect(&name, "{{index .Config.Labels \"ai.qudata.instance\"}}"),
+        Some(id.clone())
+    );
+    assert_eq!(engine.inspect(&name, "{{.HostConfig.Init}}").as_deref(), Some("true"));
+    assert_eq!(
+        engine.inspect(&name, "{{.HostConfig.RestartPolicy.Name}}").as_deref(),
+        Some("unless-stopped")
+    );
+    assert_eq!(engine.inspect(&name, "{{.HostConfig.NanoCpus}}").as_deref(), Some("1000000000"));
+    assert_eq!(engine.inspect(&name, "{{.HostConfig.Memory}}").as_deref(), Some("268435456"));
+    assert_eq!(
+        engine.inspect(&name, "{{json .HostConfig.PortBindings}}").as_deref(),
+        Some(
+            format!("{{\"8080/tcp\":[{{\"HostIp\":\"127.0.0.1\",\"HostPort\":\"{web}\"}}]}}")
+                .as_str()
+        )
+    );
+    assert_eq!(
+        engine.inspect(&name, "{{.HostConfig.DeviceRequests}}").as_deref(),
+        Some("[]"),
+        "no GPUs here"
+    );
+
+    // The command runs with the environment as data; the port answers on 127.0.0.1 and on no
+    // other local address.
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, GREETING);
+    assert!(refused("127.0.0.2", web), "the port must be bound to 127.0.0.1 only");
+    let pwned = engine.cli(&["exec", &name, "test", "-e", "/tmp/pwned"]);
+    assert!(!pwned.status.success(), "the hostile value ran");
+
+    // stop pauses: the port accepts but nothing answers; start resumes.
+    let put = |cmd: &str| json!({"command": cmd});
+    assert_eq!(api.json("PUT", "/instances", &put("stop")).await.status, 200);
+    wait_status(&api, "paused", Duration::from_secs(10)).await;
+    assert_eq!(engine.inspect(&name, "{{.State.Paused}}").as_deref(), Some("true"));
+    assert_eq!(http_get(web).await, None, "a paused container must not serve");
+    assert_eq!(api.json("PUT", "/instances", &put("start")).await.status, 200);
+    wait_status(&api, "running", Duration::from_secs(10)).await;
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, GREETING);
+
+    // restart: a new run of the same container, reported as running again.
+    let before = engine.inspect(&name, "{{.State.StartedAt}}").unwrap();
+    assert_eq!(api.json("PUT", "/instances", &put("restart")).await.status, 200);
+    wait_status(&api, "running", START).await;
+    let after = engine.inspect(&name, "{{.State.StartedAt}}").unwrap();
+    assert_ne!(before, after, "the container was not restarted");
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, GREETING);
+
+    // Stopped behind the agent's back (the restart policy leaves it stopped) → error with the
+    // exit code; `start` runs it again.
+    engine.must(&["stop", "-t", "1", &name]);
+    let failed = wait_status(&api, "error", Duration::from_secs(30)).await;
+    let reason = failed["error"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("the container exited with code"), "reason: {reason}");
+    assert_eq!(api.json("PUT", "/instances", &put("start")).await.status, 200);
+    wait_status(&api, "running", START).await;
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, GREETING);
+
+    // DELETE removes the container (and its anonymous volumes) and the record.
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_status(&api, "destroyed", Duration::from_secs(60)).await;
+    wait_container_gone(engine, &id, Duration::from_secs(30));
+    assert!(dirs.records().is_empty(), "{:?}", dirs.records());
+    assert!(refused("127.0.0.1", web), "the published port is closed");
+}
+
+#[tokio::test]
+async fn a_command_that_fails_at_once_is_an_error_with_its_exit_code_and_output() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let (_dirs, _agent, api) = started(engine).await;
+    let body = json!({"image": image, "command": "echo last words; exit 3"});
+    let id = create(&api, &body).await;
+    let failed = wait_status(&api, "error", START).await;
+    let reason = failed["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("last words"), "{reason}");
+    assert!(reason.contains("exit"), "{reason}");
+    wait_container_gone(engine, &id, Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn a_bad_image_is_an_error_with_the_engines_message_and_leaves_nothing() {
+    let engine = Engine::shared();
+    let (dirs, _agent, api) = started(engine).await;
+    let id = create(&api, &json!({"image": "qudata-test/no-such-image:1"})).await;
+    let failed = wait_status(&api, "error", START).await;
+    let reason = failed["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("pulling the image qudata-test/no-such-image:1 failed: "), "{reason}");
+    eprintln!("bad image: {reason}");
+    assert!(engine.labelled(&format!("ai.qudata.instance={id}")).is_empty());
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_status(&api, "destroyed", Duration::from_secs(30)).await;
+    // A request the backend cannot take at all is refused before anything starts.
+    let refused_create = api.json("POST", "/instances", &json!({"image": "bad image"})).await;
+    assert_eq!(refused_create.status, 400, "{:?}", refused_create.body);
+    let missing = api.json("POST", "/instances", &json!({"cpus": 1})).await;
+    assert_eq!(missing.status, 400, "{:?}", missing.body);
+    assert!(missing.body["error"].as_str().unwrap().starts_with("image: is required"));
+    assert!(dirs.records().is_empty());
+}
+
+#[tokio::test]
+async fn ssh_on_an_image_without_sshd_or_package_manager_is_a_clear_error() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let (_dirs, _agent, api) = started(engine).await;
+    let id =
+        create(&api, &json!({"image": image, "ssh_enabled": true, "command": "sleep 3600"})).await;
+    let failed = wait_status(&api, "error", START).await;
+    assert_eq!(
+        failed["error"],
+        "set up SSH failed: the image has no SSH server and neither apt-get nor apk to install \
+         one; use an image with openssh-server, or create the instance with ssh_enabled false"
+    );
+    wait_container_gone(engine, &id, Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn agent_kill9_adopts_the_running_container_untouched() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let (dirs, mut agent, api) = started(engine).await;
+    let id = create(&api, &web_body(image)).await;
+    wait_status(&api, "running", START).await;
+    let name = container(&id);
+    let started_at = engine.inspect(&name, "{{.State.StartedAt}}").unwrap();
+    let web = host_port(&dirs, &id, 8080);
+
+    agent.kill9();
+    assert_eq!(wait_http(web, Duration::from_secs(10)).await, GREETING, "serves without the agent");
+    let mut agent = start_agent(&dirs, engine, agent.port);
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&support::agent::local_secret(&dirs)));
+    let data = wait_status(&api, "running", Duration::from_secs(60)).await;
+    assert_eq!(data["id"], id.as_str());
+    assert_eq!(engine.inspect(&name, "{{.State.StartedAt}}").unwrap(), started_at, "not restarted");
+    assert_eq!(record(&dirs, &id)["backend"], "docker");
+
+    // The adopted container is watched and commanded like before.
+    let put = json!({"command": "stop"});
+    assert_eq!(api.json("PUT", "/instances", &put).await.status, 200);
+    wait_status(&api, "paused", Duration::from_secs(10)).await;
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_status(&api, "destroyed", Duration::from_secs(60)).await;
+    wait_container_gone(engine, &id, Duration::from_secs(30));
+}

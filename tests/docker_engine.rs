@@ -1,0 +1,79 @@
+//! The Docker backend against the engine itself: orphans found and reaped by label (and
+//! nothing else touched), and an engine that stops mid-run and comes back.
+
+mod support;
+
+use std::time::Duration;
+
+use qudata_agent::backend::docker::{DockerBackend, DockerSettings};
+use qudata_agent::backend::{Backend, Owned};
+use serde_json::json;
+use support::docker::Engine;
+use support::docker_agent::{START, container, started, wait_container_gone};
+use support::docker_images::busybox;
+use support::vm::{host_port, wait_http, wait_status};
+
+#[tokio::test]
+async fn orphans_are_found_and_reaped_by_label_and_foreign_containers_are_left_alone() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let orphan_id = uuid::Uuid::new_v4().to_string();
+    let label = format!("ai.qudata.instance={orphan_id}");
+    let orphan = container(&orphan_id);
+    engine.must(&[
+        "run", "-d", "--init", "--label", &label, "--name", &orphan, image, "sleep", "600",
+    ]);
+    // Named like an instance, but without the label: never the agent's.
+    let foreign = container(&uuid::Uuid::new_v4().to_string());
+    engine.must(&["run", "-d", "--name", &foreign, image, "sleep", "600"]);
+
+    let (sink, _events) = tokio::sync::mpsc::unbounded_channel();
+    let settings = DockerSettings::new(engine.socket.clone());
+    let backend = DockerBackend::connect(settings, sink).await.expect("engine answers");
+    let owned = backend.find_owned().await.unwrap();
+    let mine: Vec<&Owned> = owned.iter().filter(|o| o.instance_id == orphan_id).collect();
+    assert_eq!(mine.len(), 1, "{owned:?}");
+    assert!(mine[0].what.starts_with("container "), "{:?}", mine[0]);
+    assert!(owned.iter().all(|o| !foreign.ends_with(&o.instance_id)), "{owned:?}");
+
+    backend.reap(mine[0]).await.unwrap();
+    assert_eq!(engine.inspect(&orphan, "{{.Id}}"), None, "the orphan is gone");
+    backend.reap(mine[0]).await.expect("reaping again is fine");
+    assert_eq!(engine.inspect(&foreign, "{{.State.Running}}").as_deref(), Some("true"));
+    engine.must(&["rm", "-f", &foreign]);
+}
+
+#[tokio::test]
+async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when_it_is_back() {
+    let engine = Engine::start_new();
+    let image = busybox(&engine);
+    let (dirs, _agent, api) = started(&engine).await;
+    let body = json!({
+        "image": image,
+        "ports": [{"container_port": 8080, "remote_port": 20000, "proto": "http"}],
+        "command": "mkdir -p /srv && echo up > /srv/index.html && exec httpd -f -p 8080 -h /srv"
+    });
+    let created = api.json("POST", "/instances", &body).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
+    wait_status(&api, "running", START).await;
+    let web = host_port(&dirs, &id, 8080);
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, "up\n");
+
+    engine.stop();
+    let down = wait_status(&api, "error", Duration::from_secs(60)).await;
+    let reason = down["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("does not answer"), "{reason}");
+    assert!(reason.contains(&engine.host()), "names the socket: {reason}");
+    let stop = api.json("PUT", "/instances", &json!({"command": "stop"})).await;
+    assert_eq!(stop.status, 409, "{:?}", stop.body);
+
+    // Back: the engine restarts the container (unless-stopped) and the agent sees it run.
+    engine.start();
+    wait_status(&api, "running", START).await;
+    assert_eq!(wait_http(web, Duration::from_secs(30)).await, "up\n");
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_status(&api, "destroyed", Duration::from_secs(60)).await;
+    wait_container_gone(&engine, &id, Duration::from_secs(60));
+    assert!(dirs.records().is_empty(), "{:?}", dirs.records());
+}

@@ -1,0 +1,45 @@
+//! The real agent in local mode on the Docker backend, against a test engine.
+
+#![allow(dead_code)] // each test binary uses a different part of the support code
+
+use std::time::{Duration, Instant};
+
+use super::agent::{Agent, Api, Dirs, free_port, local_secret};
+use super::docker::Engine;
+
+/// Create → running for a local image on a busy 2-core machine, with room to spare.
+pub const START: Duration = Duration::from_secs(120);
+
+/// `qudata-agent run --local` with `QUDATA_BACKEND=docker` on `engine`.
+pub fn start_agent(dirs: &Dirs, engine: &Engine, port: u16) -> Agent {
+    let env = [("QUDATA_BACKEND", "docker".to_owned()), ("QUDATA_DOCKER_HOST", engine.host())];
+    Agent::start(dirs, &["run", "--local"], &env, port)
+}
+
+/// A ready agent on a fresh port and its API client.
+pub async fn started(engine: &Engine) -> (Dirs, Agent, Api) {
+    let dirs = Dirs::new();
+    let mut agent = start_agent(&dirs, engine, free_port());
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    (dirs, agent, api)
+}
+
+pub fn container(id: &str) -> String {
+    format!("qudata-{id}")
+}
+
+/// Waits until the engine has no container named for `id`.
+pub fn wait_container_gone(engine: &Engine, id: &str, limit: Duration) {
+    let until = Instant::now() + limit;
+    while engine.inspect(&container(id), "{{.Id}}").is_some() {
+        assert!(Instant::now() < until, "container of {id} still there");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Connecting to `addr:port` fails (nothing listens there).
+pub fn refused(addr: &str, port: u16) -> bool {
+    let target = format!("{addr}:{port}").parse().unwrap();
+    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_err()
+}

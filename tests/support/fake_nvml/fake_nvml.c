@@ -1,0 +1,172 @@
+/* A stand-in for the NVIDIA driver's libnvidia-ml.so.1 (test only: no NVIDIA hardware here).
+ *
+ * Exports the NVML entry points nvml-wrapper resolves for what the agent asks, with the real
+ * signatures and return codes. The values come from the file named by FAKE_NVML_CONFIG,
+ * read at nvmlInit_v2 and again at every nvmlDeviceGetCount_v2 (once per agent sample), so a
+ * test changes them while the agent runs. Lines:
+ *   fail_init                        nvmlInit_v2 answers NVML_ERROR_DRIVER_NOT_LOADED
+ *   cuda 12040                       nvmlSystemGetCudaDriverVersion_v2
+ *   driver 550.54.15                 nvmlSystemGetDriverVersion
+ *   gpu TOTAL_MIB USED_MIB UTIL TEMP POWER_MW NAME...   one per GPU; POWER_MW -1: not supported
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NVML_SUCCESS 0
+#define NVML_ERROR_UNINITIALIZED 1
+#define NVML_ERROR_INVALID_ARGUMENT 2
+#define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_INSUFFICIENT_SIZE 7
+#define NVML_ERROR_DRIVER_NOT_LOADED 9
+#define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
+#define MAX_GPUS 16
+
+typedef struct {
+  unsigned long long total_mib, used_mib;
+  unsigned int util, temp;
+  long long power_mw;
+  char name[96];
+} fake_gpu;
+
+typedef struct {
+  unsigned int version;
+  unsigned long long total, reserved, free, used;
+} nvmlMemory_v2_t;
+
+typedef struct {
+  unsigned int gpu, memory;
+} nvmlUtilization_t;
+
+static fake_gpu gpus[MAX_GPUS];
+static unsigned int gpu_count;
+static int cuda_version;
+static char driver_version[80] = "550.54.15";
+static int fail_init;
+static int initialised;
+
+static void load(void) {
+  const char *path = getenv("FAKE_NVML_CONFIG");
+  FILE *f = path ? fopen(path, "r") : NULL;
+  char line[256];
+  unsigned int n = 0;
+  fail_init = 0;
+  if (!f) {
+    gpu_count = 0;
+    return;
+  }
+  while (fgets(line, sizeof line, f)) {
+    line[strcspn(line, "\n")] = 0;
+    if (strncmp(line, "fail_init", 9) == 0) {
+      fail_init = 1;
+    } else if (sscanf(line, "cuda %d", &cuda_version) == 1) {
+    } else if (strncmp(line, "driver ", 7) == 0) {
+      snprintf(driver_version, sizeof driver_version, "%.79s", line + 7);
+    } else if (strncmp(line, "gpu ", 4) == 0 && n < MAX_GPUS) {
+      fake_gpu *g = &gpus[n];
+      int used = 0;
+      if (sscanf(line + 4, "%llu %llu %u %u %lld %n", &g->total_mib, &g->used_mib, &g->util,
+                 &g->temp, &g->power_mw, &used) >= 5) {
+        snprintf(g->name, sizeof g->name, "%.95s", line + 4 + used);
+        n++;
+      }
+    }
+  }
+  fclose(f);
+  gpu_count = n;
+}
+
+static fake_gpu *gpu_of(void *device) {
+  fake_gpu *g = device;
+  if (!initialised) return NULL;
+  if (g < gpus || g >= gpus + gpu_count) return NULL;
+  return g;
+}
+
+int nvmlInit_v2(void) {
+  load();
+  if (fail_init) return NVML_ERROR_DRIVER_NOT_LOADED;
+  initialised = 1;
+  return NVML_SUCCESS;
+}
+
+int nvmlShutdown(void) {
+  if (!initialised) return NVML_ERROR_UNINITIALIZED;
+  initialised = 0;
+  return NVML_SUCCESS;
+}
+
+const char *nvmlErrorString(int result) { return result == 0 ? "Success" : "Fake NVML error"; }
+
+int nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+  if (!initialised) return NVML_ERROR_UNINITIALIZED;
+  if (strlen(driver_version) + 1 > length) return NVML_ERROR_INSUFFICIENT_SIZE;
+  strcpy(version, driver_version);
+  return NVML_SUCCESS;
+}
+
+int nvmlSystemGetCudaDriverVersion_v2(int *version) {
+  if (!initialised) return NVML_ERROR_UNINITIALIZED;
+  if (!version) return NVML_ERROR_INVALID_ARGUMENT;
+  *version = cuda_version;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetCount_v2(unsigned int *count) {
+  if (!initialised) return NVML_ERROR_UNINITIALIZED;
+  if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+  load();
+  *count = gpu_count;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
+  if (!initialised) return NVML_ERROR_UNINITIALIZED;
+  if (index >= gpu_count || !device) return NVML_ERROR_INVALID_ARGUMENT;
+  *device = &gpus[index];
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetName(void *device, char *name, unsigned int length) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !name) return NVML_ERROR_INVALID_ARGUMENT;
+  if (strlen(g->name) + 1 > length) return NVML_ERROR_INSUFFICIENT_SIZE;
+  strcpy(name, g->name);
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetMemoryInfo_v2(void *device, nvmlMemory_v2_t *memory) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !memory) return NVML_ERROR_INVALID_ARGUMENT;
+  /* NVML_STRUCT_VERSION(Memory, 2), as the real library checks it. */
+  if (memory->version != (unsigned int)(sizeof(nvmlMemory_v2_t) | (2u << 24)))
+    return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+  memory->total = g->total_mib << 20;
+  memory->used = g->used_mib << 20;
+  memory->reserved = 0;
+  memory->free = memory->total - memory->used;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetUtilizationRates(void *device, nvmlUtilization_t *utilization) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !utilization) return NVML_ERROR_INVALID_ARGUMENT;
+  utilization->gpu = g->util;
+  utilization->memory = 0;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetTemperature(void *device, int sensor, unsigned int *temp) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !temp || sensor != 0) return NVML_ERROR_INVALID_ARGUMENT;
+  *temp = g->temp;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetPowerUsage(void *device, unsigned int *power_mw) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !power_mw) return NVML_ERROR_INVALID_ARGUMENT;
+  if (g->power_mw < 0) return NVML_ERROR_NOT_SUPPORTED;
+  *power_mw = (unsigned int)g->power_mw;
+  return NVML_SUCCESS;
+}

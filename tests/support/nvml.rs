@@ -1,0 +1,79 @@
+//! The fake `libnvidia-ml.so.1` (tests/support/fake_nvml/fake_nvml.c), built with gcc once per
+//! test binary, and the file that sets its values.
+
+#![allow(dead_code)] // each test binary uses a different part of the support code
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Path of the built library.
+pub fn fake_library() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let source =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_nvml/fake_nvml.c");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-nvml");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Built under a private name, then renamed: test binaries run concurrently.
+        let tmp = dir.join(format!("build-{}.so", std::process::id()));
+        let out = Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
+            .arg(&tmp)
+            .arg(&source)
+            .output()
+            .expect("run gcc");
+        assert!(out.status.success(), "gcc failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let lib = dir.join("libnvidia-ml.so.1");
+        std::fs::rename(&tmp, &lib).unwrap();
+        lib
+    })
+    .clone()
+}
+
+/// One fake GPU.
+#[derive(Clone, Debug)]
+pub struct FakeGpu {
+    pub name: &'static str,
+    pub total_mib: u64,
+    pub used_mib: u64,
+    pub util: u32,
+    pub temp: u32,
+    /// `None`: the GPU does not report power (NVML_ERROR_NOT_SUPPORTED).
+    pub power_mw: Option<u32>,
+}
+
+/// The fake driver's state, written to a file the library reads.
+#[derive(Clone, Debug, Default)]
+pub struct FakeDriver {
+    pub fail_init: bool,
+    /// NVML's encoding: 12040 is CUDA 12.4.
+    pub cuda: i32,
+    pub gpus: Vec<FakeGpu>,
+}
+
+impl FakeDriver {
+    /// Writes the state to `path` (atomically: the agent may be reading it).
+    pub fn write(&self, path: &Path) {
+        let mut text = String::new();
+        if self.fail_init {
+            text.push_str("fail_init\n");
+        }
+        text.push_str(&format!("cuda {}\ndriver 550.54.15\n", self.cuda));
+        for g in &self.gpus {
+            let power = g.power_mw.map_or(-1, i64::from);
+            text.push_str(&format!(
+                "gpu {} {} {} {} {} {}\n",
+                g.total_mib, g.used_mib, g.util, g.temp, power, g.name
+            ));
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+}
+
+/// An H100 as NVML describes it.
+pub fn h100(util: u32, temp: u32, used_mib: u64, power_mw: Option<u32>) -> FakeGpu {
+    FakeGpu { name: "NVIDIA H100 80GB HBM3", total_mib: 81559, used_mib, util, temp, power_mw }
+}
