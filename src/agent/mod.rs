@@ -67,7 +67,8 @@ pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 pub(crate) struct Built {
     manager: Manager,
     events: mpsc::UnboundedReceiver<BackendEvent>,
-    cleanup: Arc<dyn Backend>,
+    /// What recovery finds and cleans up with: the manager's backend and the other kinds.
+    cleanup: Vec<Arc<dyn Backend>>,
 }
 
 /// `gpu_streams`: where the VM backend's in-guest GPU metrics go (`None` in local mode).
@@ -97,10 +98,12 @@ async fn manager(
     if let Err(reason) = &backend {
         tracing::warn!(%reason, "no backend: instances cannot be created");
     }
-    let cleanup = match &backend {
-        Ok(b) => b.clone(),
-        Err(_) => backends::for_cleanup(cfg, sink),
-    };
+    let mut cleanup: Vec<Arc<dyn Backend>> = backend.iter().cloned().collect();
+    for other in backends::for_cleanup(cfg, sink).await {
+        if !cleanup.iter().any(|b| b.kind() == other.kind()) {
+            cleanup.push(other);
+        }
+    }
     Ok(Built { manager: Manager::new(backend, store, settings), events, cleanup })
 }
 
@@ -114,7 +117,7 @@ async fn start_up(
     let lock = RunLock::acquire(&cfg.run_dir, "run", recovery::AGENT_LOCK_WAIT).await?;
     let built = manager(cfg, local, gpu_streams).await?;
     let manager = built.manager.clone();
-    let restored = recovery::at_startup(&manager, Some(built.cleanup.clone()), cfg).await?;
+    let restored = recovery::at_startup(&manager, &built.cleanup, cfg).await?;
     Ok((lock, built, restored))
 }
 
