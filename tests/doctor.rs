@@ -190,9 +190,11 @@ fn a_bad_setting_exits_2_and_no_api_key_is_needed() {
 #[test]
 fn doctor_reads_the_sysfs_root_it_is_given() {
     let fake = support::sysfs::FakeSysfs::new()
+        .driver_available("vfio-pci")
         .gpu("0000:65:00.0", 0x2330)
         .driver("nvidia")
         .group(12)
+        .bars(&[(1, 32 << 30, true), (3, 32 << 20, true)])
         .function("0000:65:00.1", support::sysfs::CLASS_AUDIO)
         .group(12);
     let root = fake.path().display().to_string();
@@ -202,8 +204,8 @@ fn doctor_reads_the_sysfs_root_it_is_given() {
     assert_eq!(gpus.len(), 1, "{report:?}");
     assert_eq!(
         gpus[0]["detail"],
-        "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1; \
-         passthrough ready (vfio-pci when a VM starts)"
+        "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1, \
+         64-bit BARs 32800 MiB; passthrough ready (vfio-pci when a VM starts)"
     );
     let iommu = report.iter().find(|c| c["check"] == "iommu").unwrap();
     assert!(iommu["detail"].as_str().unwrap().starts_with("1 IOMMU group"), "{iommu}");

@@ -81,7 +81,10 @@ async fn kill_after_the_overlay_rolls_the_create_back() {
     agent.wait_ready().await;
     let data = wait_status(&api, "error", WAIT).await;
     assert!(
-        data["error"].as_str().unwrap().contains("interrupted while the agent was down"),
+        data["error"]
+            .as_str()
+            .unwrap()
+            .contains("the agent stopped while the instance was being created"),
         "{data}"
     );
     let record_path = dirs.data.join(format!("instances/{id}.json")).display().to_string();
@@ -309,7 +312,7 @@ async fn kill_after_the_gpu_bind_returns_the_gpu_and_rolls_back() {
     assert_eq!(drivers(), [Some("nvidia".into()), Some("snd_hda_intel".into())]);
     assert!(!dirs.data.join(format!("vfio/{id}.json")).exists(), "bind record released");
     let data = wait_status(&api, "error", WAIT).await;
-    assert!(data["error"].as_str().unwrap().contains("interrupted"), "{data}");
+    assert!(data["error"].as_str().unwrap().contains("the agent stopped"), "{data}");
     let record_path = dirs.data.join(format!("instances/{id}.json")).display().to_string();
     assert_eq!(leftovers(&dirs, &id), [record_path]);
     assert_ports_free(&dirs, &id);

@@ -22,6 +22,7 @@ fn two_gpu_host() -> FakeSysfs {
         .device("0000:65:00.0", 0x10de, 0x2330, CLASS_3D)
         .driver("nvidia")
         .group(12)
+        .bars(&[(0, 16 << 20, false), (1, 128 << 30, true), (3, 32 << 20, true)])
         .device("0000:b2:00.0", 0x8086, 0x347a, CLASS_BRIDGE)
         .driver("pcieport")
         .group(40)
@@ -106,6 +107,7 @@ fn inventory_finds_nvidia_gpus_with_their_slot_functions() {
 
     let h100 = &inv.gpus[0];
     assert_eq!(h100.iommu_group, Some(12));
+    assert_eq!(h100.bar64_bytes, (128 << 30) + (32 << 20), "BAR1 + BAR3 from `resource`");
     assert_eq!(h100.group_devices, [addr("0000:65:00.0")]);
     assert!(h100.slot_functions.is_empty());
 

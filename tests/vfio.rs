@@ -236,6 +236,13 @@ fn nouveau_iommu_off_and_unknown_gpus_are_refused() {
         &["0000:65:00.0"],
         "does not exist",
     );
+    let no_vfio = h100(FakeSysfs::new(), "0000:65:00.0", 12);
+    assert_refused_unchanged(
+        &Host::new(no_vfio),
+        "0000:65:00.0",
+        &["0000:65:00.0"],
+        "modprobe vfio-pci",
+    );
 }
 
 #[test]

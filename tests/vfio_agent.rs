@@ -155,7 +155,7 @@ async fn an_agent_killed_in_the_middle_of_a_bind_is_undone_at_the_next_start() {
     assert!(bind_records(&dirs).is_empty());
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
     let status = wait_status(&api, "error", Duration::from_secs(30)).await;
-    assert!(status["error"].as_str().unwrap().contains("while the agent was down"), "{status}");
+    assert!(status["error"].as_str().unwrap().contains("the agent stopped"), "{status}");
 
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id, Duration::from_secs(60)).await;
@@ -233,4 +233,50 @@ async fn real_qemu_accepts_the_passthrough_argv_up_to_the_host_device() {
     let device = "-device vfio-pci,host=0000:65:00.0,bus=gpu0,addr=00.0,multifunction=on:";
     assert!(first.contains(device), "{text}");
     assert!(!text.contains("Invalid parameter") && !text.contains("not found"), "{text}");
+}
+
+/// `qudata-agent recover` returns GPUs a bind record holds for no live instance, with the
+/// audio function bound alongside, through the same release as the agent.
+#[test]
+fn recover_returns_the_gpus_of_a_stale_bind_record() {
+    use qudata_agent::vfio::{SysfsRoot, Timeouts, Vfio};
+
+    let fake = card();
+    let _kernel = SimKernel::start(&fake, &[]);
+    let dirs = Dirs::new();
+    let vfio = Vfio {
+        sysfs: SysfsRoot::new(fake.path()),
+        proc_root: "/proc".into(),
+        record_dir: qudata_agent::vfio::record_dir(&dirs.data),
+        timeouts: Timeouts::default(),
+    };
+    vfio.bind("gone", &[GPU.parse().unwrap()]).unwrap();
+    assert_eq!(fake.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
+            .arg("recover")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("QUDATA_DATA_DIR", &dirs.data)
+            .env("QUDATA_RUN_DIR", &dirs.run)
+            .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
+            .env("QUDATA_SYSFS_ROOT", fake.path())
+            .output()
+            .unwrap()
+    };
+    let planned = run(&["--dry-run", "--json"]);
+    assert!(planned.status.success(), "{}", String::from_utf8_lossy(&planned.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let gpu_rows: Vec<&serde_json::Value> = rows.iter().filter(|r| r["subject"] == "gpu").collect();
+    assert_eq!(gpu_rows.len(), 1, "the GPU only, not its audio function: {rows:?}");
+    assert_eq!(gpu_rows[0]["action"], "returned", "{rows:?}");
+    assert_eq!(fake.driver_of(GPU).as_deref(), Some("vfio-pci"), "a dry run changes nothing");
+
+    let done = run(&["--json"]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(state(&fake), original());
+    assert!(bind_records(&dirs).is_empty());
 }

@@ -74,7 +74,7 @@ struct ControlPlane {
 
 impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
-        let roots = host::Roots::default();
+        let roots = host::Roots { sys: self.cfg.sysfs_root.clone(), ..Default::default() };
         let nvml = gpu::metrics::load_host_nvml(&self.cfg.nvml_library);
         let gpu = self.gpu_facts(nvml.as_ref(), &roots);
         let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu };

@@ -87,7 +87,8 @@ fn gpu_line(view: &HostView, gpu: &NvidiaGpu) -> Check {
     }
 }
 
-/// `0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1`.
+/// `0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1,
+/// 64-bit BARs 131104 MiB`.
 fn describe(gpu: &NvidiaGpu) -> String {
     let mut out = format!("{} 10de:{:04x} on {}", gpu.address, gpu.device, gpu.driver);
     match gpu.iommu_group {
@@ -107,6 +108,10 @@ fn describe(gpu: &NvidiaGpu) -> String {
         let functions: Vec<String> =
             gpu.slot_functions.iter().map(|f| format!(".{}", f.address.function())).collect();
         out.push_str(&format!(", slot also {}", functions.join(" ")));
+    }
+    let mib = gpu.slot_bar64_bytes() >> 20;
+    if mib > 0 {
+        out.push_str(&format!(", 64-bit BARs {mib} MiB"));
     }
     out
 }

@@ -64,6 +64,8 @@ pub struct PciFunction {
     pub device: u16,
     pub class: u32,
     pub driver: Option<String>,
+    /// Sum of its 64-bit memory BARs (from `resource`).
+    pub bar64_bytes: u64,
 }
 
 /// One NVIDIA GPU.
@@ -79,6 +81,17 @@ pub struct NvidiaGpu {
     pub group_devices: Vec<PciAddress>,
     /// The other functions of the GPU's slot, sorted by address.
     pub slot_functions: Vec<PciFunction>,
+    /// Sum of the GPU function's 64-bit memory BARs (from `resource`).
+    pub bar64_bytes: u64,
+}
+
+impl NvidiaGpu {
+    /// The 64-bit BARs of the whole slot: what the guest's MMIO window must hold for it.
+    pub fn slot_bar64_bytes(&self) -> u64 {
+        self.slot_functions
+            .iter()
+            .fold(self.bar64_bytes, |acc, f| acc.saturating_add(f.bar64_bytes))
+    }
 }
 
 /// Why an address of `QUDATA_GPU_PCI_ADDRS` is not offered.
@@ -170,11 +183,13 @@ fn read_gpu(
             device: sysfs.device_id(other)?,
             class: sysfs.class(other)?,
             driver: sysfs.driver(other)?,
+            bar64_bytes: sysfs.bar64_bytes(other)?,
         });
     }
     Ok(NvidiaGpu {
         device: sysfs.device_id(&address)?,
         driver: GpuDriver::from_name(sysfs.driver(&address)?.as_deref()),
+        bar64_bytes: sysfs.bar64_bytes(&address)?,
         address,
         class,
         iommu_group,

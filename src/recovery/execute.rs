@@ -73,11 +73,18 @@ pub async fn return_gpus(plan: &mut Plan, cfg: &Config) {
             plan.gpu_rows.iter().filter(|(i, _)| *i == instance).map(|(_, a)| a.clone()).collect();
         let failures: Vec<(String, String)> = match super::gpus::release(cfg, &instance).await {
             Ok(outcomes) => outcomes.into_iter().filter_map(|(a, e)| Some((a, e?))).collect(),
-            Err(error) => devices.into_iter().map(|a| (a, error.clone())).collect(),
+            Err(error) => devices.iter().map(|a| (a.clone(), error.clone())).collect(),
         };
         for (address, error) in failures {
-            tracing::error!(%instance, %address, %error, "cannot return a GPU to its driver");
-            mark(&mut plan.rows, Subject::Gpu, &address, error);
+            tracing::error!(%instance, %address, %error, "cannot return a device to its driver");
+            // An audio function or peer has no row of its own: its GPU's rows say it.
+            if plan.rows.iter().any(|r| r.subject == Subject::Gpu && r.name == address) {
+                mark(&mut plan.rows, Subject::Gpu, &address, error);
+            } else {
+                for gpu in &devices {
+                    mark(&mut plan.rows, Subject::Gpu, gpu, format!("{address}: {error}"));
+                }
+            }
         }
     }
 }

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::vfio::{SysfsRoot, Vfio, record};
+use crate::gpu::pci::is_nvidia_gpu;
+use crate::vfio::{PciAddress, SysfsRoot, Vfio, record};
 
 /// One device in a bind record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,16 +17,22 @@ pub struct BoundGpu {
     pub address: String,
 }
 
-/// Every device in the agent's bind records. A record that cannot be read is logged and left
-/// alone (it may be the only note of a GPU's driver): never guessed at.
+/// The GPUs in the agent's bind records (their audio functions and group peers, bound with
+/// them, go back with them and are not listed). A record that cannot be read is logged and
+/// left alone (it may be the only note of a GPU's driver): never guessed at.
 pub fn bound(cfg: &Config) -> Vec<BoundGpu> {
+    let sysfs = SysfsRoot::new(&cfg.sysfs_root);
+    let is_gpu = |a: &PciAddress| match (sysfs.vendor(a), sysfs.class(a)) {
+        (Ok(vendor), Ok(class)) => is_nvidia_gpu(vendor, class),
+        _ => false,
+    };
     match record::load_all(&crate::vfio::record_dir(&cfg.data_dir)) {
         Ok(records) => records
-            .into_iter()
+            .iter()
             .flat_map(|r| {
-                let instance = r.instance;
-                r.devices.into_iter().map(move |d| BoundGpu {
-                    instance: instance.clone(),
+                let gpus = r.devices.iter().filter(|d| is_gpu(&d.address));
+                gpus.map(|d| BoundGpu {
+                    instance: r.instance.clone(),
                     address: d.address.to_string(),
                 })
             })

@@ -73,8 +73,9 @@ pub struct Plan {
 }
 
 const GONE: &str = "the VM exited while the agent was down";
-const CUT_SHORT: &str = "the create was interrupted while the agent was down, before the VM \
-     ran; what it had made is removed — delete the instance and create it again";
+const CUT_SHORT: &str = "the agent stopped while the instance was being created, before its VM \
+     ran; what the create made is removed — delete the instance and create it again";
+
 /// What was found of one record's instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {

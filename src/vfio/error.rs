@@ -33,6 +33,11 @@ pub enum VfioError {
          nouveau and reboot"
     )]
     Nouveau { address: PciAddress },
+    /// The vfio-pci driver is not loaded: nothing could take the devices.
+    #[error(
+        "the vfio-pci driver is not loaded; run `modprobe vfio-pci` (install.sh loads it at boot)"
+    )]
+    NoVfioDriver,
     /// No such PCI device.
     #[error("GPU {address} does not exist on this host; check QUDATA_GPU_PCI_ADDRS")]
     NotFound { address: PciAddress },

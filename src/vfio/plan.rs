@@ -89,6 +89,9 @@ impl Vfio {
             let driver_override = sysfs.driver_override(&address)?;
             devices.push(PlannedDevice { address, driver, driver_override, id });
         }
+        if !slots.is_empty() && !sysfs.join("bus/pci/drivers").join(VFIO_PCI).is_dir() {
+            return Err(VfioError::NoVfioDriver);
+        }
         self.check_no_holders(&slots)?;
         Ok(BindPlan { devices, slots })
     }

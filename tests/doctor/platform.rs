@@ -112,7 +112,7 @@ fn vfio_modules_loaded_built_in_or_missing() {
 }
 
 fn gpu_on(driver: Option<&str>) -> FakeHost {
-    let mut sysfs = FakeSysfs::new().gpu("0000:65:00.0", 0x2330);
+    let mut sysfs = FakeSysfs::new().driver_available("vfio-pci").gpu("0000:65:00.0", 0x2330);
     if let Some(driver) = driver {
         sysfs = sysfs.driver(driver);
     }
@@ -191,6 +191,14 @@ fn gpus_that_cannot_be_passed_through_say_why() {
     let c = &doctor::gpus(&host.view())[0];
     assert_eq!(c.status, Status::Warn);
     assert!(c.detail.contains("in use on the host by nvidia-persistenced (pid 31"), "{}", c.detail);
+}
+
+#[test]
+fn a_host_without_the_vfio_pci_driver_says_so() {
+    let sysfs = FakeSysfs::new().gpu("0000:65:00.0", 0x2330).driver("nvidia").group(12);
+    let c = &doctor::gpus(&FakeHost::new().with_sysfs(sysfs).view())[0];
+    assert_eq!(c.status, Status::Warn);
+    assert!(c.detail.ends_with("the vfio-pci driver is not loaded; run `modprobe vfio-pci` (install.sh loads it at boot)"), "{}", c.detail);
 }
 
 #[test]

@@ -162,7 +162,9 @@ fn a_ready_host_is_all_ok_in_the_documented_order() {
         .group(12)
         .module("vfio")
         .module("vfio_pci")
-        .module("vfio_iommu_type1");
+        .module("vfio_iommu_type1")
+        // Loading vfio_pci registers its driver.
+        .driver_available("vfio-pci");
     let host = FakeHost::new().with_sysfs(sysfs);
     symlink_kvm(&host);
     for name in ["qemu-system-x86_64", "qemu-img", "frpc"] {
