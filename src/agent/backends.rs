@@ -170,7 +170,10 @@ fn qemu_for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
 }
 
 async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
-    let settings = DockerSettings::new(cfg.docker_host.clone());
+    let settings = DockerSettings {
+        agent_scope: Some(cfg.data_dir.display().to_string()),
+        ..DockerSettings::new(cfg.docker_host.clone())
+    };
     let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
     tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
     Ok(backend)

@@ -31,7 +31,14 @@ pub struct DockerSettings {
     /// SIGTERM to SIGKILL on delete and restart.
     pub stop_grace: Duration,
     pub pull_deadline: Duration,
+    /// This agent's data dir, put on its containers as [`LABEL_AGENT`] so that recovery never
+    /// takes another agent's containers on a shared engine (parallel test runs) for orphans.
+    /// `None`: no such label, and every labelled container counts as this agent's.
+    pub agent_scope: Option<String>,
 }
+
+/// The label naming which agent (by data dir) made a container.
+pub const LABEL_AGENT: &str = "ai.qudata.agent";
 
 impl DockerSettings {
     pub fn new(socket: PathBuf) -> DockerSettings {
@@ -40,6 +47,7 @@ impl DockerSettings {
             start_deadline: Duration::from_secs(120),
             stop_grace: Duration::from_secs(10),
             pull_deadline: Duration::from_secs(30 * 60),
+            agent_scope: None,
         }
     }
 }
@@ -102,7 +110,10 @@ impl DockerBackend {
         let name = container_name(&instance.id);
         // A container of this instance left by a launch that died half-way (agent killed).
         self.remove_owned(&name, &instance.id).await?;
-        let body = plan::create_body(instance, &pull::with_tag(image));
+        let mut body = plan::create_body(instance, &pull::with_tag(image));
+        if let (Some(scope), Some(labels)) = (&self.settings.agent_scope, body.labels.as_mut()) {
+            labels.insert(LABEL_AGENT.to_owned(), scope.clone());
+        }
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
         let create = self.engine.docker.create_container(Some(options), body);
         self.engine.call("create the container", CALL, create).await?;
@@ -317,7 +328,13 @@ impl Backend for DockerBackend {
         let found =
             self.engine.labelled(LABEL_INSTANCE).await.map_err(|e| e.during("list containers"))?;
         let owned = found.into_iter().filter_map(|c| {
-            let id = c.labels.as_ref()?.get(LABEL_INSTANCE)?.clone();
+            let labels = c.labels.as_ref()?;
+            // Another agent's (a container without the label predates it: ours, as before).
+            let scope = labels.get(LABEL_AGENT);
+            if scope.is_some() && scope != self.settings.agent_scope.as_ref() {
+                return None;
+            }
+            let id = labels.get(LABEL_INSTANCE)?.clone();
             let short: String = c.id.unwrap_or_default().chars().take(12).collect();
             let state = c.state.map(|s| s.to_string()).unwrap_or_default();
             Some(Owned { instance_id: id, what: format!("container {short} ({state})") })
@@ -329,6 +346,10 @@ impl Backend for DockerBackend {
         let label = format!("{LABEL_INSTANCE}={}", owned.instance_id);
         let found = self.engine.labelled(&label).await.map_err(|e| e.during("list containers"))?;
         for container in found {
+            let scope = container.labels.as_ref().and_then(|l| l.get(LABEL_AGENT));
+            if scope.is_some() && scope != self.settings.agent_scope.as_ref() {
+                continue; // another agent's
+            }
             let Some(cid) = container.id else { continue };
             self.engine
                 .stop_and_remove(&cid, self.settings.stop_grace)
