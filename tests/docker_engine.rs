@@ -77,3 +77,38 @@ async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when
     wait_container_gone(&engine, &id, Duration::from_secs(60));
     assert!(dirs.records().is_empty(), "{:?}", dirs.records());
 }
+
+#[tokio::test]
+async fn another_agents_container_on_a_shared_engine_is_never_an_orphan() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let id = uuid::Uuid::new_v4().to_string();
+    let name = container(&id);
+    let instance = format!("ai.qudata.instance={id}");
+    engine.must(&[
+        "run",
+        "-d",
+        "--init",
+        "--label",
+        &instance,
+        "--label",
+        "ai.qudata.agent=/other/data",
+        "--name",
+        &name,
+        image,
+        "sleep",
+        "600",
+    ]);
+    let (sink, _events) = tokio::sync::mpsc::unbounded_channel();
+    let settings = DockerSettings {
+        agent_scope: Some("/this/data".into()),
+        ..DockerSettings::new(engine.socket.clone())
+    };
+    let backend = DockerBackend::connect(settings, sink).await.expect("engine answers");
+    let owned = backend.find_owned().await.unwrap();
+    assert!(owned.iter().all(|o| o.instance_id != id), "{owned:?}");
+    let claimed = Owned { instance_id: id.clone(), what: "container".into() };
+    backend.reap(&claimed).await.unwrap();
+    assert_eq!(engine.inspect(&name, "{{.State.Running}}").as_deref(), Some("true"));
+    engine.must(&["rm", "-f", &name]);
+}
