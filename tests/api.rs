@@ -4,7 +4,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::agent::{Agent, Answer, Api, Dirs, local_secret};
+use support::agent::{Agent, Answer, Api, Dirs, free_port, local_secret};
 
 async fn started() -> (Dirs, Agent, Api) {
     let dirs = Dirs::new();
@@ -167,5 +167,24 @@ async fn requests_on_no_instance_answer_404_and_a_valid_create_says_why_it_canno
     assert_error(&api.json("POST", "/ssh", &json!({"ssh_pubkey": key})).await, 404, "ssh");
     let create = api.json("POST", "/instances", &json!({"ssh_enabled": true})).await;
     assert_error(&create, 503, "create without a backend");
+    assert!(dirs.records().is_empty());
+}
+
+/// `auto` with neither a base image nor a Docker engine: the host is not provisioned, so the
+/// agent stops with one sentence naming what each backend lacks, before it serves anything.
+#[test]
+fn auto_with_no_usable_backend_stops_with_the_reason() {
+    let dirs = Dirs::new();
+    let env = [("QUDATA_BACKEND", "auto".to_owned())];
+    let mut agent = Agent::start(&dirs, &["run", "--local"], &env, free_port());
+    let status = agent.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", agent.output());
+    let output = agent.output();
+    let line = output
+        .lines()
+        .find(|l| l.starts_with("qudata-agent: no backend can run on this host"))
+        .unwrap_or_else(|| panic!("no reason line:\n{output}"));
+    assert!(line.contains("base VM image") && line.contains("QUDATA_BASE_IMAGE"), "{line}");
+    assert!(line.contains("docker: ") && line.contains("/nonexistent/docker.sock"), "{line}");
     assert!(dirs.records().is_empty());
 }

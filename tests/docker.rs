@@ -51,6 +51,8 @@ async fn lifecycle_ports_env_command_and_cleanup() {
         engine.inspect(&name, "{{index .Config.Labels \"ai.qudata.instance\"}}"),
         Some(id.clone())
     );
+    let owner = engine.inspect(&name, "{{index .Config.Labels \"ai.qudata.owner\"}}");
+    assert_eq!(owner, Some(dirs.data.display().to_string()));
     assert_eq!(engine.inspect(&name, "{{.HostConfig.Init}}").as_deref(), Some("true"));
     assert_eq!(
         engine.inspect(&name, "{{.HostConfig.RestartPolicy.Name}}").as_deref(),
@@ -193,4 +195,28 @@ async fn agent_kill9_adopts_the_running_container_untouched() {
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_status(&api, "destroyed", Duration::from_secs(60)).await;
     wait_container_gone(engine, &id, Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn the_registry_password_reaches_neither_a_log_nor_the_record() {
+    let engine = Engine::shared();
+    let (dirs, agent, api) = started(engine).await;
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    // A registry on 127.0.0.1 where nothing listens: the pull fails with the engine's words.
+    let body = json!({
+        "image": "127.0.0.1:9/team/app:1",
+        "registry": "127.0.0.1:9",
+        "login": "renter",
+        "password": password,
+    });
+    let id = create(&api, &body).await;
+    let failed = wait_status(&api, "error", START).await;
+    let reason = failed["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("pulling the image 127.0.0.1:9/team/app:1 failed"), "{reason}");
+    let record = std::fs::read_to_string(dirs.data.join("instances").join(format!("{id}.json")));
+    assert!(!record.unwrap().contains(&password), "the password was persisted");
+    assert!(!agent.output().contains(&password), "the password was logged");
+    assert!(!reason.contains(&password));
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_status(&api, "destroyed", Duration::from_secs(30)).await;
 }

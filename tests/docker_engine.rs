@@ -17,30 +17,44 @@ use support::vm::{host_port, wait_http, wait_status};
 async fn orphans_are_found_and_reaped_by_label_and_foreign_containers_are_left_alone() {
     let engine = Engine::shared();
     let image = busybox(engine);
+    let owner = tempfile::tempdir().unwrap().path().display().to_string();
     let orphan_id = uuid::Uuid::new_v4().to_string();
     let label = format!("ai.qudata.instance={orphan_id}");
+    let mine = format!("ai.qudata.owner={owner}");
     let orphan = container(&orphan_id);
-    engine.must(&[
-        "run", "-d", "--init", "--label", &label, "--name", &orphan, image, "sleep", "600",
-    ]);
-    // Named like an instance, but without the label: never the agent's.
+    let run = |name: &str, labels: &[&str]| {
+        let mut args = vec!["run", "-d", "--init", "--name", name];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        args.extend([image, "sleep", "600"]);
+        engine.must(&args);
+    };
+    run(&orphan, &[&label, &mine]);
+    // Named like an instance, but without the labels: never the agent's.
     let foreign = container(&uuid::Uuid::new_v4().to_string());
-    engine.must(&["run", "-d", "--name", &foreign, image, "sleep", "600"]);
+    run(&foreign, &[]);
+    // Another agent's instance (another data dir) on the same engine.
+    let theirs_id = uuid::Uuid::new_v4().to_string();
+    let theirs = container(&theirs_id);
+    run(&theirs, &[&format!("ai.qudata.instance={theirs_id}"), "ai.qudata.owner=/elsewhere"]);
 
     let (sink, _events) = tokio::sync::mpsc::unbounded_channel();
-    let settings = DockerSettings::new(engine.socket.clone());
+    let settings = DockerSettings::new(engine.socket.clone(), owner.clone());
     let backend = DockerBackend::connect(settings, sink).await.expect("engine answers");
     let owned = backend.find_owned().await.unwrap();
     let mine: Vec<&Owned> = owned.iter().filter(|o| o.instance_id == orphan_id).collect();
     assert_eq!(mine.len(), 1, "{owned:?}");
     assert!(mine[0].what.starts_with("container "), "{:?}", mine[0]);
-    assert!(owned.iter().all(|o| !foreign.ends_with(&o.instance_id)), "{owned:?}");
+    assert_eq!(owned.len(), 1, "only this agent's: {owned:?}");
 
     backend.reap(mine[0]).await.unwrap();
     assert_eq!(engine.inspect(&orphan, "{{.Id}}"), None, "the orphan is gone");
     backend.reap(mine[0]).await.expect("reaping again is fine");
-    assert_eq!(engine.inspect(&foreign, "{{.State.Running}}").as_deref(), Some("true"));
-    engine.must(&["rm", "-f", &foreign]);
+    for other in [&foreign, &theirs] {
+        assert_eq!(engine.inspect(other, "{{.State.Running}}").as_deref(), Some("true"));
+        engine.must(&["rm", "-f", other]);
+    }
 }
 
 #[tokio::test]
@@ -79,36 +93,64 @@ async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when
 }
 
 #[tokio::test]
-async fn another_agents_container_on_a_shared_engine_is_never_an_orphan() {
+async fn the_agent_reaps_its_orphan_containers_at_start_up_and_nothing_else() {
     let engine = Engine::shared();
     let image = busybox(engine);
-    let id = uuid::Uuid::new_v4().to_string();
-    let name = container(&id);
-    let instance = format!("ai.qudata.instance={id}");
+    let dirs = support::agent::Dirs::new();
+    let orphan_id = uuid::Uuid::new_v4().to_string();
+    let orphan = container(&orphan_id);
+    let labels = [
+        format!("ai.qudata.instance={orphan_id}"),
+        format!("ai.qudata.owner={}", dirs.data.display()),
+    ];
     engine.must(&[
-        "run",
-        "-d",
-        "--init",
-        "--label",
-        &instance,
-        "--label",
-        "ai.qudata.agent=/other/data",
-        "--name",
-        &name,
-        image,
-        "sleep",
-        "600",
+        "run", "-d", "--name", &orphan, "--label", &labels[0], "--label", &labels[1], image,
+        "sleep", "600",
     ]);
-    let (sink, _events) = tokio::sync::mpsc::unbounded_channel();
-    let settings = DockerSettings {
-        agent_scope: Some("/this/data".into()),
-        ..DockerSettings::new(engine.socket.clone())
+    let foreign = container(&uuid::Uuid::new_v4().to_string());
+    engine.must(&["run", "-d", "--name", &foreign, image, "sleep", "600"]);
+
+    let mut agent = support::docker_agent::start_agent(&dirs, engine, support::agent::free_port());
+    agent.wait_ready().await; // start-up recovery runs before the API serves
+    assert_eq!(engine.inspect(&orphan, "{{.Id}}"), None, "the orphan is reaped");
+    assert_eq!(engine.inspect(&foreign, "{{.State.Running}}").as_deref(), Some("true"));
+    engine.must(&["rm", "-f", &foreign]);
+}
+
+#[tokio::test]
+async fn recover_lists_then_reaps_orphan_containers() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let dirs = support::agent::Dirs::new();
+    let orphan_id = uuid::Uuid::new_v4().to_string();
+    let orphan = container(&orphan_id);
+    let labels = [
+        format!("ai.qudata.instance={orphan_id}"),
+        format!("ai.qudata.owner={}", dirs.data.display()),
+    ];
+    engine.must(&[
+        "run", "-d", "--name", &orphan, "--label", &labels[0], "--label", &labels[1], image,
+        "sleep", "600",
+    ]);
+    let recover = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
+            .arg("recover")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("QUDATA_DATA_DIR", &dirs.data)
+            .env("QUDATA_RUN_DIR", &dirs.run)
+            .env("QUDATA_BACKEND", "docker")
+            .env("QUDATA_DOCKER_HOST", engine.host())
+            .output()
+            .unwrap()
     };
-    let backend = DockerBackend::connect(settings, sink).await.expect("engine answers");
-    let owned = backend.find_owned().await.unwrap();
-    assert!(owned.iter().all(|o| o.instance_id != id), "{owned:?}");
-    let claimed = Owned { instance_id: id.clone(), what: "container".into() };
-    backend.reap(&claimed).await.unwrap();
-    assert_eq!(engine.inspect(&name, "{{.State.Running}}").as_deref(), Some("true"));
-    engine.must(&["rm", "-f", &name]);
+    let dry = recover(&["--dry-run"]);
+    let listing = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(dry.status.success(), "{listing}{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(listing.contains(&orphan_id), "{listing}");
+    assert!(engine.inspect(&orphan, "{{.Id}}").is_some(), "a dry run touches nothing");
+    let done = recover(&[]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(engine.inspect(&orphan, "{{.Id}}"), None, "recover reaps the orphan");
 }

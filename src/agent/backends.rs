@@ -125,6 +125,14 @@ pub fn kind_name(kind: BackendKind) -> &'static str {
     }
 }
 
+async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
+    let owner = cfg.data_dir.display().to_string();
+    let settings = DockerSettings::new(cfg.docker_host.clone(), owner);
+    let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
+    tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
+    Ok(backend)
+}
+
 /// The backends recovery finds and cleans up with: a QEMU backend good only for finding,
 /// stopping and removing what the agent made (no accelerator probe, base image or firmware
 /// needed), and the Docker backend when the engine answers (not with `QUDATA_BACKEND=qemu`).
@@ -167,16 +175,6 @@ fn qemu_for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
     };
     // Never used to reach a guest: a throwaway key, nothing written.
     Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
-}
-
-async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
-    let settings = DockerSettings {
-        agent_scope: Some(cfg.data_dir.display().to_string()),
-        ..DockerSettings::new(cfg.docker_host.clone())
-    };
-    let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
-    tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
-    Ok(backend)
 }
 
 async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {

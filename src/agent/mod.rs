@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, SecretSlot};
 use crate::backend::{Backend, BackendEvent};
-use crate::config::Config;
+use crate::config::{BackendChoice, Config};
 use crate::fsutil::{self, FsError};
 use crate::guest::metrics::GpuStreams;
 use crate::instance::manager::{Manager, ManagerSettings};
@@ -52,6 +52,9 @@ pub enum AgentError {
     ControlPlane(#[from] crate::control_plane::ClientError),
     #[error("cannot load the agent identity: {0}")]
     Identity(#[from] crate::control_plane::IdentityError),
+    /// `QUDATA_BACKEND=auto` found neither a VM nor a Docker backend that can run here.
+    #[error("no backend can run on this host: {reason}")]
+    NoBackend { reason: String },
     #[error("QUDATA_API_KEY is not set; set it to the key issued by Qudata, or use `run --local`")]
     NoApiKey,
     /// A setting that only the host can check (a listed GPU that is not there).
@@ -95,8 +98,16 @@ async fn manager(
     let (sink, events) = mpsc::unbounded_channel();
     // The backend is chosen for the GPUs the manager hands out.
     let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu_streams).await;
-    if let Err(reason) = &backend {
-        tracing::warn!(%reason, "no backend: instances cannot be created");
+    // `auto` with nothing usable is a host that is not provisioned: stop with the reason
+    // (systemd starts the agent again, so it runs once the image or the engine is there). An
+    // explicit choice waits for its backend instead, serving and reporting meanwhile, with
+    // every create answered 503 and the reason.
+    match &backend {
+        Err(reason) if cfg.backend == BackendChoice::Auto => {
+            return Err(AgentError::NoBackend { reason: reason.clone() });
+        }
+        Err(reason) => tracing::warn!(%reason, "no backend: instances cannot be created"),
+        Ok(_) => {}
     }
     let mut cleanup: Vec<Arc<dyn Backend>> = backend.iter().cloned().collect();
     for other in backends::for_cleanup(cfg, sink).await {

@@ -37,3 +37,52 @@ pub fn backend(view: &HostView, earlier: &[Check]) -> Check {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{BackendChoice, FrpOverrides};
+    use crate::vfio::SysfsRoot;
+
+    fn view(root: &std::path::Path, backend: BackendChoice) -> HostView {
+        HostView {
+            proc_root: root.join("proc"),
+            sysfs: SysfsRoot::new(root.join("sys")),
+            dev_root: root.join("dev"),
+            lib_modules: root.join("lib/modules"),
+            ovmf_dir: root.join("ovmf"),
+            docker_socket: root.join("docker.sock"),
+            search_path: root.join("bin").into_os_string(),
+            data_dir: root.join("data"),
+            frpc_binary: "frpc".into(),
+            frp_overrides: FrpOverrides::default(),
+            gpu_pci_addrs: None,
+            backend,
+            command_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn checks(statuses: &[(&'static str, Status)]) -> Vec<Check> {
+        statuses.iter().map(|(name, status)| Check::new(name, *status, "", "")).collect()
+    }
+
+    #[test]
+    fn the_first_backend_whose_checks_pass_is_shown_with_the_reason() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("sys/bus/pci/devices")).unwrap();
+        let qemu_ok = [("qemu", Status::Ok), ("qemu-img", Status::Ok), ("ovmf", Status::Ok)];
+        let c = backend(&view(root.path(), BackendChoice::Auto), &checks(&qemu_ok));
+        assert_eq!(c.status, Status::Ok);
+        assert!(c.detail.starts_with("qemu (auto: no GPUs to offer"), "{}", c.detail);
+
+        let docker_only = [("qemu", Status::Warn), ("docker", Status::Ok)];
+        let c = backend(&view(root.path(), BackendChoice::Auto), &checks(&docker_only));
+        assert!(c.detail.starts_with("docker (auto: no GPUs to offer"), "{}", c.detail);
+
+        let c = backend(&view(root.path(), BackendChoice::Docker), &checks(&qemu_ok));
+        assert_eq!(c.status, Status::Fail);
+        assert_eq!(c.detail, "no backend can run (QUDATA_BACKEND=docker; tried docker)");
+    }
+}

@@ -37,6 +37,10 @@ impl Dirs {
     }
 }
 
+fn has_image(env: &[(&str, String)]) -> bool {
+    env.iter().any(|(k, _)| *k == "QUDATA_BASE_IMAGE")
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
@@ -104,6 +108,11 @@ impl Agent {
             .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
             .env("QUDATA_AGENT_PORT", port.to_string())
             .env("QUDATA_DEBUG", "true")
+            // Without a base image `auto` finds no backend and the agent stops (and the host's
+            // own Docker engine is never the tests' business): tests that give no image get
+            // the explicit VM backend, which serves and answers creates 503 with the reason.
+            .env("QUDATA_BACKEND", if has_image(env) { "auto" } else { "qemu" })
+            .env("QUDATA_DOCKER_HOST", "/nonexistent/docker.sock")
             .env("RUST_LOG", "debug,hyper=info,reqwest=info,h2=info,rustls=info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

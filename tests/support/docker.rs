@@ -82,6 +82,21 @@ fn sweep_stale() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // Bridges whose engine directory is gone (a run killed between the two removals).
+    let live: Vec<String> = std::fs::read_dir(engines_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("bridge")).ok())
+        .map(|b| b.trim().to_owned())
+        .collect();
+    let links = Command::new("ip").args(["-br", "link"]).output().map(|o| o.stdout);
+    let links = String::from_utf8_lossy(&links.unwrap_or_default()).into_owned();
+    for name in links.lines().filter_map(|l| l.split_whitespace().next()) {
+        if name.starts_with("qdt") && !live.iter().any(|b| b == name) {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
+    }
 }
 
 fn unmount_under(dir: &Path) {

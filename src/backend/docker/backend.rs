@@ -11,9 +11,9 @@ use tokio::time::Instant;
 
 use super::engine::{CALL, Engine};
 use super::error::DockerError;
-use super::plan::{self, LABEL_INSTANCE, container_name};
+use super::plan::{self, container_name};
 use super::watch::{self, Watch};
-use super::{pull, sshd};
+use super::{owned, pull, sshd};
 use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
@@ -26,28 +26,23 @@ const READY_SETTLE: Duration = Duration::from_millis(500);
 pub struct DockerSettings {
     /// The engine's socket (`QUDATA_DOCKER_HOST`).
     pub socket: PathBuf,
+    /// This agent's name on its containers ([`plan::LABEL_OWNER`]): its data dir.
+    pub owner: String,
     /// From start to running.
     pub start_deadline: Duration,
     /// SIGTERM to SIGKILL on delete and restart.
     pub stop_grace: Duration,
     pub pull_deadline: Duration,
-    /// This agent's data dir, put on its containers as [`LABEL_AGENT`] so that recovery never
-    /// takes another agent's containers on a shared engine (parallel test runs) for orphans.
-    /// `None`: no such label, and every labelled container counts as this agent's.
-    pub agent_scope: Option<String>,
 }
 
-/// The label naming which agent (by data dir) made a container.
-pub const LABEL_AGENT: &str = "ai.qudata.agent";
-
 impl DockerSettings {
-    pub fn new(socket: PathBuf) -> DockerSettings {
+    pub fn new(socket: PathBuf, owner: String) -> DockerSettings {
         DockerSettings {
             socket,
+            owner,
             start_deadline: Duration::from_secs(120),
             stop_grace: Duration::from_secs(10),
             pull_deadline: Duration::from_secs(30 * 60),
-            agent_scope: None,
         }
     }
 }
@@ -84,17 +79,10 @@ impl DockerBackend {
         self.watches.lock().expect("watches").get(id).cloned()
     }
 
-    /// Stops and removes `name` if, and only if, it carries the label for `id`.
+    /// Stops and removes `name` if, and only if, it is this agent's container for `id`.
     async fn remove_owned(&self, name: &str, id: &str) -> Result<(), DockerError> {
-        let info = match self.engine.inspect(name).await {
-            Err(DockerError::NotFound { .. }) => return Ok(()),
-            other => other?,
-        };
-        let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
-        if labels.get(LABEL_INSTANCE).map(String::as_str) != Some(id) {
-            return Err(DockerError::Foreign { name: name.to_owned() });
-        }
-        self.engine.stop_and_remove(name, self.settings.stop_grace).await
+        let (owner, grace) = (&self.settings.owner, self.settings.stop_grace);
+        owned::remove(&self.engine, name, id, owner, grace).await
     }
 
     async fn create_and_start(&self, instance: &Instance) -> Result<Option<String>, DockerError> {
@@ -110,10 +98,7 @@ impl DockerBackend {
         let name = container_name(&instance.id);
         // A container of this instance left by a launch that died half-way (agent killed).
         self.remove_owned(&name, &instance.id).await?;
-        let mut body = plan::create_body(instance, &pull::with_tag(image));
-        if let (Some(scope), Some(labels)) = (&self.settings.agent_scope, body.labels.as_mut()) {
-            labels.insert(LABEL_AGENT.to_owned(), scope.clone());
-        }
+        let body = plan::create_body(instance, &pull::with_tag(image), &self.settings.owner);
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
         let create = self.engine.docker.create_container(Some(options), body);
         self.engine.call("create the container", CALL, create).await?;
@@ -310,7 +295,7 @@ impl Backend for DockerBackend {
             }
         };
         let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
-        if labels.get(LABEL_INSTANCE) != Some(&instance.id) {
+        if !plan::is_ours(&labels, &instance.id, &self.settings.owner) {
             let detail = DockerError::Foreign { name }.to_string();
             return Ok(Adoption::Gone { detail });
         }
@@ -325,38 +310,14 @@ impl Backend for DockerBackend {
     }
 
     async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
-        let found =
-            self.engine.labelled(LABEL_INSTANCE).await.map_err(|e| e.during("list containers"))?;
-        let owned = found.into_iter().filter_map(|c| {
-            let labels = c.labels.as_ref()?;
-            // Another agent's (a container without the label predates it: ours, as before).
-            let scope = labels.get(LABEL_AGENT);
-            if scope.is_some() && scope != self.settings.agent_scope.as_ref() {
-                return None;
-            }
-            let id = labels.get(LABEL_INSTANCE)?.clone();
-            let short: String = c.id.unwrap_or_default().chars().take(12).collect();
-            let state = c.state.map(|s| s.to_string()).unwrap_or_default();
-            Some(Owned { instance_id: id, what: format!("container {short} ({state})") })
-        });
-        Ok(owned.collect())
+        let found = owned::find(&self.engine, &self.settings.owner).await;
+        found.map_err(|e| e.during("list containers"))
     }
 
-    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
-        let label = format!("{LABEL_INSTANCE}={}", owned.instance_id);
-        let found = self.engine.labelled(&label).await.map_err(|e| e.during("list containers"))?;
-        for container in found {
-            let scope = container.labels.as_ref().and_then(|l| l.get(LABEL_AGENT));
-            if scope.is_some() && scope != self.settings.agent_scope.as_ref() {
-                continue; // another agent's
-            }
-            let Some(cid) = container.id else { continue };
-            self.engine
-                .stop_and_remove(&cid, self.settings.stop_grace)
-                .await
-                .map_err(|e| e.during("remove the orphan container"))?;
-            tracing::info!(id = %owned.instance_id, container = %cid, "orphan container reaped");
-        }
-        Ok(())
+    async fn reap(&self, orphan: &Owned) -> Result<(), BackendError> {
+        let (owner, grace) = (&self.settings.owner, self.settings.stop_grace);
+        owned::reap(&self.engine, owner, &orphan.instance_id, grace)
+            .await
+            .map_err(|e| e.during("remove the orphan container"))
     }
 }

@@ -136,9 +136,9 @@ impl Engine {
         Ok(rows.into_iter().filter_map(|row| row.get(column).cloned()).collect())
     }
 
-    /// Every container, running or not, carrying `label` (any value).
-    pub async fn labelled(&self, label: &str) -> Result<Vec<ContainerSummary>, DockerError> {
-        let filters = HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+    /// Every container, running or not, carrying all `labels` (`key` or `key=value`).
+    pub async fn labelled(&self, labels: &[String]) -> Result<Vec<ContainerSummary>, DockerError> {
+        let filters = HashMap::from([("label".to_owned(), labels.to_vec())]);
         let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         self.call("list containers", CALL, self.docker.list_containers(Some(options))).await
     }

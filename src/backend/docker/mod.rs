@@ -9,12 +9,13 @@
 //! - [`watch`]: exits and restarts nobody asked for, reported to the manager;
 //! - [`tar`]: the archives that carry files into a container.
 //!
-//! Recovery trusts only the label [`plan::LABEL_INSTANCE`]: a container without it is never
-//! touched, whatever its name.
+//! Recovery trusts only the labels ([`plan::LABEL_INSTANCE`] and [`plan::LABEL_OWNER`], see
+//! [`owned`]): a container without them is never touched, whatever its name.
 
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod owned;
 pub mod plan;
 pub mod pull;
 pub mod sshd;

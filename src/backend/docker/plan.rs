@@ -15,6 +15,24 @@ use crate::instance::spec::Spec;
 
 /// The label that marks a container as this agent's instance; its value is the instance id.
 pub const LABEL_INSTANCE: &str = "ai.qudata.instance";
+/// The label naming the agent that made the container: its data dir. One agent per data dir,
+/// as QEMU's pidfiles live in one agent's run dir, so two agents sharing an engine (tests, a
+/// misconfigured host) never take each other's containers for orphans.
+pub const LABEL_OWNER: &str = "ai.qudata.owner";
+
+/// The labels of instance `id` made by `owner`.
+pub fn labels(id: &str, owner: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_INSTANCE.to_owned(), id.to_owned()),
+        (LABEL_OWNER.to_owned(), owner.to_owned()),
+    ])
+}
+
+/// Whether `labels` say the container is instance `id` of `owner`.
+pub fn is_ours(labels: &HashMap<String, String>, id: &str, owner: &str) -> bool {
+    labels.get(LABEL_INSTANCE).map(String::as_str) == Some(id)
+        && labels.get(LABEL_OWNER).map(String::as_str) == Some(owner)
+}
 
 /// The container's name: the same `qudata-<id>` marker QEMU's `-name` carries.
 pub fn container_name(id: &str) -> String {
@@ -24,7 +42,7 @@ pub fn container_name(id: &str) -> String {
 /// The `docker create` body of `instance`. GPUs (all of them, through the NVIDIA runtime's
 /// device request) only when the instance was given GPUs; ports on 127.0.0.1 only, where frpc
 /// picks them up.
-pub fn create_body(instance: &Instance, image: &str) -> ContainerCreateBody {
+pub fn create_body(instance: &Instance, image: &str, owner: &str) -> ContainerCreateBody {
     let spec = &instance.spec;
     let gpus = !instance.gpus.is_empty();
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -73,7 +91,7 @@ pub fn create_body(instance: &Instance, image: &str) -> ContainerCreateBody {
         cmd: spec.command.as_ref().map(|c| vec!["/bin/sh".into(), "-c".into(), c.clone()]),
         env: Some(env),
         exposed_ports: Some(instance.ports.iter().map(|p| port_key(p.guest_port)).collect()),
-        labels: Some(HashMap::from([(LABEL_INSTANCE.to_owned(), instance.id.clone())])),
+        labels: Some(labels(&instance.id, owner)),
         host_config: Some(host_config),
         ..Default::default()
     }

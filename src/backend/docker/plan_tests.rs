@@ -50,13 +50,17 @@ fn instance(gpus: Vec<String>, command: Option<&str>) -> Instance {
 
 #[test]
 fn golden_without_gpus() {
-    let body = create_body(&instance(Vec::new(), Some("jupyter lab --ip=0.0.0.0")), "app:1");
+    let body = create_body(
+        &instance(Vec::new(), Some("jupyter lab --ip=0.0.0.0")),
+        "app:1",
+        "/var/lib/qudata",
+    );
     let expected = json!({
         "Hostname": "qudata-4f1c",
         "Env": ["A=$(x)", "B=two words"],
         "Cmd": ["/bin/sh", "-c", "jupyter lab --ip=0.0.0.0"],
         "Image": "app:1",
-        "Labels": {"ai.qudata.instance": "4f1c"},
+        "Labels": {"ai.qudata.instance": "4f1c", "ai.qudata.owner": "/var/lib/qudata"},
         "ExposedPorts": {"22/tcp": {}, "8888/tcp": {}},
         "HostConfig": {
             "Memory": 1536 * 1024 * 1024,
@@ -74,7 +78,7 @@ fn golden_without_gpus() {
 
 #[test]
 fn golden_with_gpus_and_the_image_default_command() {
-    let body = create_body(&instance(vec!["0000:65:00.0".into()], None), "app:1");
+    let body = create_body(&instance(vec!["0000:65:00.0".into()], None), "app:1", "/d");
     let value = serde_json::to_value(&body).unwrap();
     assert_eq!(value.get("Cmd"), None, "no command: the image's own");
     assert_eq!(
@@ -106,4 +110,13 @@ fn image_references_are_checked() {
     assert_eq!(check_registry(&spec), Ok(()));
     spec.registry.registry = Some("https://reg/x".into());
     assert!(check_registry(&spec).is_err());
+}
+
+#[test]
+fn ours_needs_both_labels() {
+    let mine = labels("4f1c", "/var/lib/qudata");
+    assert!(is_ours(&mine, "4f1c", "/var/lib/qudata"));
+    assert!(!is_ours(&mine, "4f1c", "/other/agent"));
+    assert!(!is_ours(&mine, "other", "/var/lib/qudata"));
+    assert!(!is_ours(&HashMap::new(), "4f1c", "/var/lib/qudata"));
 }

@@ -322,6 +322,32 @@ async fn an_exit_event_turns_into_error_and_start_boots_again() {
 }
 
 #[tokio::test]
+async fn a_started_event_configures_the_instance_again() {
+    let h = harness(&[]);
+    let id = h.manager.create(&json!({})).unwrap().id;
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    // Running, restarted behind our back (restart policy): configured again, still running.
+    h.events.send(BackendEvent::Started { id: id.clone() }).unwrap();
+    for _ in 0..500 {
+        if h.backend.calls().iter().filter(|c| *c == "configure").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.backend.calls().iter().filter(|c| *c == "configure").count(), 2);
+    assert_eq!(h.manager.current_status(), Status::Running);
+    // In error (the engine went away), then back: pending until the guest is ready again.
+    h.events.send(BackendEvent::Exited { id: id.clone(), reason: "engine gone".into() }).unwrap();
+    wait_for(&h.manager, Status::Error).await;
+    h.events.send(BackendEvent::Started { id }).unwrap();
+    wait_for(&h.manager, Status::Pending).await;
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    assert!(h.backend.calls().ends_with(&["wait_ready".into(), "configure".into()]));
+}
+
+#[tokio::test]
 async fn keys_added_while_pending_are_applied_when_ready() {
     let h = harness(&[]);
     let err = h.manager.add_ssh_key(KEY).await.unwrap_err();
