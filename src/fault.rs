@@ -9,6 +9,8 @@
 pub enum Phase {
     /// The overlay exists; QEMU has not started.
     AfterOverlay,
+    /// The GPUs are on vfio-pci (bind record written); QEMU has not started.
+    AfterGpuBind,
     /// QEMU runs, still paused (`-S`): the agent has not sent `cont`.
     AfterQemuStart,
     /// The vCPUs run and the ports are published; the guest has not answered yet.
@@ -19,6 +21,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::AfterOverlay => "after_overlay",
+            Phase::AfterGpuBind => "after_gpu_bind",
             Phase::AfterQemuStart => "after_qemu_start",
             Phase::BeforeGuestAnswers => "before_guest_answers",
         }

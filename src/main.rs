@@ -99,8 +99,8 @@ fn main() -> ExitCode {
             let wait = std::time::Duration::from_secs(wait);
             let result = runtime().block_on(async {
                 let (events, _) = tokio::sync::mpsc::unbounded_channel();
-                let backend = agent::backends::for_recover(&cfg, events).await;
-                recovery::command(&cfg, Some(backend), dry_run, wait).await
+                let backends = agent::backends::for_cleanup(&cfg, events).await;
+                recovery::command(&cfg, &backends, dry_run, wait).await
             });
             let report = match result {
                 Ok(report) => report,

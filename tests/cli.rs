@@ -78,3 +78,14 @@ fn the_readme_documents_every_setting_and_run_help_lists_them() {
         assert!(help.contains(setting.name), "`run --help` does not list {}", setting.name);
     }
 }
+
+#[test]
+fn recover_help_lists_its_flags_and_the_variables_it_reads() {
+    let out = agent(&["recover", "--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in ["--dry-run", "--json", "--wait", "QUDATA_DATA_DIR", "QUDATA_RUN_DIR"] {
+        assert!(help.contains(needle), "{needle} missing from:\n{help}");
+    }
+    assert!(!help.contains("QUDATA_API_KEY"), "recover needs no control plane:\n{help}");
+}

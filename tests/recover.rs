@@ -13,13 +13,12 @@ use qudata_agent::backend::qemu::layout::VmPaths;
 use qudata_agent::backend::qemu::{QemuBackend, QemuSettings, disk};
 use qudata_agent::backend::{Backend, Owned};
 use qudata_agent::guest::ManagementKey;
-use qudata_agent::instance::spec::{HostLimits, parse_create};
-use qudata_agent::instance::store::Store;
-use qudata_agent::instance::{BackendKind, Instance, Status};
+use qudata_agent::instance::Status;
 use qudata_agent::vfio::{SysfsRoot, Vfio};
 use serde_json::Value;
-use support::agent::{Agent, Dirs, free_port};
+use support::agent::{Agent, Dirs};
 use support::orphans::{TestQemu, foreign, orphan};
+use support::records::store_record;
 
 fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
     let settings = QemuSettings {
@@ -69,43 +68,19 @@ async fn backend_finds_and_reaps_only_its_own_qemus() {
     qemu.reap(&want).await.unwrap(); // idempotent
 }
 
-/// A stored record of instance `id` in `status`, as the agent writes them.
-fn store_record(data: &Path, id: &str, status: Status) {
-    let limits = HostLimits {
-        cpus: 2,
-        memory_mib: 2048,
-        storage_gb: 10,
-        default_cpus: 1,
-        default_memory_mib: 512,
-        default_storage_gb: 2,
-    };
-    let instance = Instance {
-        id: id.into(),
-        backend: BackendKind::Qemu,
-        spec: parse_create(&serde_json::json!({}), &limits).unwrap(),
-        status,
-        error: None,
-        created_at: chrono::Utc::now(),
-        ports: Vec::new(),
-        gpus: Vec::new(),
-        ssh_keys: Vec::new(),
-        management_port: Some(free_port()),
-        deleting: false,
-    };
-    Store::open(data).unwrap().save(&instance).unwrap();
-}
-
-fn recover(dirs: &Dirs, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
-        .arg("recover")
-        .args(args)
+fn recover_command(dirs: &Dirs) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qudata-agent"));
+    cmd.arg("recover")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("QUDATA_DATA_DIR", &dirs.data)
         .env("QUDATA_RUN_DIR", &dirs.run)
-        .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
-        .output()
-        .expect("run qudata-agent recover")
+        .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"));
+    cmd
+}
+
+fn recover(dirs: &Dirs, args: &[&str]) -> Output {
+    recover_command(dirs).args(args).output().expect("run qudata-agent recover")
 }
 
 fn rows(out: &Output) -> Vec<Value> {
@@ -150,7 +125,7 @@ fn crashed_host() -> Crashed {
     for f in &foreign_files {
         std::fs::write(f, "not the agent's").unwrap();
     }
-    store_record(&dirs.data, "rec-c", Status::Running);
+    store_record(&dirs.data, "rec-c", Status::Running, false);
     let kept = VmPaths::new(&dirs.data, &dirs.run, "rec-c");
     std::fs::create_dir_all(&kept.dir).unwrap();
     std::fs::write(&kept.overlay, "").unwrap();
@@ -233,4 +208,34 @@ async fn the_agent_reconciles_before_serving_and_holds_the_lock() {
     agent.kill9();
     let after = recover(&dirs, &["--wait", "5"]);
     assert!(after.status.success(), "the lock dies with its holder");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recover_returns_a_gpu_a_crash_left_on_vfio_pci() {
+    use support::kernel::SimKernel;
+    use support::sysfs::FakeSysfs;
+    let gpu = "0000:65:00.0";
+    let fake =
+        FakeSysfs::new().driver_available("vfio-pci").gpu(gpu, 0x2684).driver("nvidia").group(3);
+    let _kernel = SimKernel::start(&fake, &[]);
+    let dirs = Dirs::new();
+    // What a crashed agent leaves: the GPU bound for an instance that has no record.
+    let vfio = Vfio::new(fake.root(), &dirs.data);
+    vfio.bind("ghost", &[gpu.parse().unwrap()]).unwrap();
+    assert_eq!(fake.driver_of(gpu).as_deref(), Some("vfio-pci"));
+    let with_sysfs = |args: &[&str]| {
+        let mut cmd = recover_command(&dirs);
+        cmd.env("QUDATA_SYSFS_ROOT", fake.path()).args(args);
+        cmd.output().unwrap()
+    };
+
+    let planned = rows(&with_sysfs(&["--dry-run", "--json"]));
+    assert_eq!(row(&planned, gpu)["action"], "returned");
+    assert_eq!(fake.driver_of(gpu).as_deref(), Some("vfio-pci"), "a dry run changes nothing");
+    let done = rows(&with_sysfs(&["--json"]));
+    let returned = row(&done, gpu);
+    assert_eq!(returned["why"], "bound for instance ghost, which has no live VM", "{returned}");
+    assert!(returned.get("failed").is_none(), "{returned}");
+    assert_eq!(fake.driver_of(gpu).as_deref(), Some("nvidia"));
+    assert!(!dirs.data.join("vfio/ghost.json").exists());
 }

@@ -133,27 +133,26 @@ async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String
     Ok(backend)
 }
 
-/// The backend `recover` cleans up with: Docker where the configured choice puts containers
-/// first and the engine answers, else [`for_cleanup`] (QEMU).
-pub async fn for_recover(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
-    let sysfs = SysfsRoot::new(&cfg.sysfs_root);
-    // The same GPUs the agent would offer (none when they cannot be listed).
-    let offered = crate::gpu::pool::offered(&sysfs, cfg.gpu_pci_addrs.as_deref());
-    let gpus: Vec<String> = offered.iter().flatten().map(ToString::to_string).collect();
-    let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, &gpus));
-    if order.try_in_order.first() == Some(&BackendKind::Docker) {
-        match docker(cfg, events.clone()).await {
-            Ok(backend) => return Arc::new(backend),
-            Err(e) => tracing::warn!(error = %e, "no Docker engine: recovering VMs only"),
+/// The backends recovery finds and cleans up with: a QEMU backend good only for finding,
+/// stopping and removing what the agent made (no accelerator probe, base image or firmware
+/// needed), and the Docker backend when the engine answers (not with `QUDATA_BACKEND=qemu`).
+/// For `recover`, and for the agent's start-up recovery beside the backend it runs.
+pub async fn for_cleanup(cfg: &Config, events: EventSink) -> Vec<Arc<dyn Backend>> {
+    let mut out = vec![qemu_for_cleanup(cfg, events.clone())];
+    if cfg.backend != BackendChoice::Qemu && cfg.docker_host.exists() {
+        let connect = tokio::time::timeout(Duration::from_secs(10), docker(cfg, events));
+        match connect.await {
+            Ok(Ok(docker)) => out.push(Arc::new(docker)),
+            Ok(Err(e)) => tracing::warn!(error = %e, "containers are not checked"),
+            Err(_) => {
+                tracing::warn!("the Docker engine did not answer; containers are not checked")
+            }
         }
     }
-    for_cleanup(cfg, events)
+    out
 }
 
-/// A backend good only for finding, stopping and removing what the agent made, never for
-/// launching: no accelerator probe, no base image or firmware needed. For `recover`, and for
-/// the agent's start-up recovery when no backend can run here.
-pub fn for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
+fn qemu_for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
     let ovmf = disk::detect_ovmf(
         cfg.ovmf_code.as_deref(),
         cfg.ovmf_vars.as_deref(),

@@ -1,7 +1,8 @@
 //! Start-up and shutdown order; wires the parts together.
 //!
-//! Order: directories → identity → instance records reattached → stale GPU binds undone
-//! (both before serving) → API listens
+//! Order: run lock → directories → identity → start-up recovery (`crate::recovery`: records
+//! reattached, orphans reaped, leaked files removed, stale GPU binds undone; before serving)
+//! → API listens
 //! → systemd told we are ready → (production) frpc with the stored FRP credentials, beside
 //! registration with the control plane; frpc updated with `/init`'s; then the stats loop.
 //! A `SIGTERM` stops the agent and leaves every instance and frpc running.
@@ -69,7 +70,8 @@ pub const LOCAL_DEFAULT_PORT: u16 = 8734;
 pub(crate) struct Built {
     manager: Manager,
     events: mpsc::UnboundedReceiver<BackendEvent>,
-    cleanup: Arc<dyn Backend>,
+    /// What recovery finds and cleans up with: the manager's backend and the other kinds.
+    cleanup: Vec<Arc<dyn Backend>>,
 }
 
 /// `gpu`: where the VM backend's in-guest GPU metrics go and the host's NVML (`None` in local
@@ -108,10 +110,12 @@ async fn manager(
         Err(reason) => tracing::warn!(%reason, "no backend: instances cannot be created"),
         Ok(_) => {}
     }
-    let cleanup = match &backend {
-        Ok(b) => b.clone(),
-        Err(_) => backends::for_cleanup(cfg, sink),
-    };
+    let mut cleanup: Vec<Arc<dyn Backend>> = backend.iter().cloned().collect();
+    for other in backends::for_cleanup(cfg, sink).await {
+        if !cleanup.iter().any(|b| b.kind() == other.kind()) {
+            cleanup.push(other);
+        }
+    }
     Ok(Built { manager: Manager::new(backend, store, settings), events, cleanup })
 }
 
@@ -125,47 +129,8 @@ async fn start_up(
     let lock = RunLock::acquire(&cfg.run_dir, "run", recovery::AGENT_LOCK_WAIT).await?;
     let built = manager(cfg, local, gpu).await?;
     let manager = built.manager.clone();
-    let restored = recovery::at_startup(&manager, Some(built.cleanup.clone()), cfg).await?;
-    reconcile_gpus(cfg, &manager).await;
+    let restored = recovery::at_startup(&manager, &built.cleanup, cfg).await?;
     Ok((lock, built, restored))
-}
-
-/// Undoes the binds a crash left (DESIGN.md "VFIO"): every bind record whose instance has no
-/// live VM goes back to the host drivers. Runs after the instances are reattached and before
-/// the API serves, so no create can race it. A failure is logged, never fatal: the agent must
-/// still serve, and a device left on vfio-pci is refused to new instances by its record.
-async fn reconcile_gpus(cfg: &Config, manager: &Manager) {
-    use crate::backend::qemu::{layout::VmPaths, process};
-    // A VM that still runs keeps its devices, even in `error` (adoption failed but its QEMU
-    // lives): vfio-pci cannot let go of a device QEMU holds open. A deletion in progress
-    // releases them itself.
-    let in_use: Vec<String> = manager
-        .instances()
-        .into_iter()
-        .filter(|i| {
-            let pidfile = VmPaths::new(&cfg.data_dir, &cfg.run_dir, &i.id).pidfile;
-            i.status != crate::instance::Status::Error
-                || i.deleting
-                || process::owned_pid(&pidfile, &i.id).is_some()
-        })
-        .map(|i| i.id)
-        .collect();
-    let vfio = std::sync::Arc::new(backends::vfio(cfg));
-    match vfio.off_runtime(move |v| v.reconcile(&in_use)).await {
-        Ok(outcomes) => {
-            for o in outcomes {
-                match &o.error {
-                    None => {
-                        tracing::info!(instance = %o.instance, device = %o.address, driver = ?o.driver, "device returned to the host")
-                    }
-                    Some(e) => {
-                        tracing::error!(instance = %o.instance, device = %o.address, error = %e, "device not returned; run `qudata-agent recover`")
-                    }
-                }
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "cannot reconcile GPU bind records"),
-    }
 }
 
 /// The local secret: made once, stored 0600, printed only when made.

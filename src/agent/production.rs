@@ -69,7 +69,7 @@ struct ControlPlane {
     manager: Manager,
     /// The backend recovery uses, and the instances restored at start-up: the lease from
     /// `/init` applies to those.
-    cleanup: Arc<dyn Backend>,
+    cleanup: Vec<Arc<dyn Backend>>,
     restored: Vec<String>,
     /// In-guest GPU values and the host's NVML.
     gpu: GpuTelemetry,
@@ -108,7 +108,7 @@ impl ControlPlane {
         .await;
         if let Some(running) = registered.instance_running {
             tracing::info!(instance_running = running, "control plane's view of the lease");
-            let backend = Some(self.cleanup.as_ref());
+            let backend = &self.cleanup;
             let lease =
                 recovery::apply_lease(&self.manager, backend, &self.cfg, &self.restored, running);
             if let Err(e) = lease.await {

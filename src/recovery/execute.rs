@@ -3,6 +3,8 @@
 //! Records are the caller's: the agent hands them to the instance manager, `recover` applies
 //! them to the store ([`apply_records`]). A failure marks its row and the rest goes on.
 
+use std::sync::Arc;
+
 use futures_util::future::join_all;
 
 use super::plan::{Plan, Row, Subject};
@@ -14,16 +16,23 @@ use crate::instance::store::Store;
 
 const NO_BACKEND: &str = "no backend can run on this host";
 
-/// Stops every orphan of the plan.
-pub async fn reap_orphans(plan: &mut Plan, backend: Option<&dyn Backend>) {
-    let results: Vec<Result<(), String>> = match backend {
-        Some(backend) => join_all(plan.orphans.iter().map(|o| backend.reap(o)))
-            .await
-            .into_iter()
-            .map(|r| r.map_err(|e| e.to_string()))
-            .collect(),
-        None => plan.orphans.iter().map(|_| Err(NO_BACKEND.to_owned())).collect(),
+/// Stops every orphan of the plan, all at once. Each backend reaps each orphan: reaping is
+/// idempotent and finds only its own kind (a QEMU backend finds no container), so no
+/// orphan needs to remember who found it.
+pub async fn reap_orphans(plan: &mut Plan, backends: &[Arc<dyn Backend>]) {
+    let reap = |o: &crate::backend::Owned| {
+        let o = o.clone();
+        async move {
+            if backends.is_empty() {
+                return Err(NO_BACKEND.to_owned());
+            }
+            for backend in backends {
+                backend.reap(&o).await.map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
     };
+    let results: Vec<Result<(), String>> = join_all(plan.orphans.iter().map(reap)).await;
     let failures: Vec<(String, String)> = plan
         .orphans
         .iter()
@@ -57,20 +66,34 @@ pub fn remove_files(plan: &mut Plan, cfg: &Config) {
     }
 }
 
-/// Returns the GPUs of the plan to their original driver.
+/// Returns the devices of the plan's bind records to their original drivers.
 pub async fn return_gpus(plan: &mut Plan, cfg: &Config) {
-    for addr in plan.return_gpus.clone() {
-        if let Err(error) = super::gpus::give_back(cfg, &addr).await {
-            tracing::error!(%addr, %error, "cannot return a GPU to its driver");
-            mark(&mut plan.rows, Subject::Gpu, &addr, error);
+    for instance in plan.return_gpus.clone() {
+        let devices: Vec<String> =
+            plan.gpu_rows.iter().filter(|(i, _)| *i == instance).map(|(_, a)| a.clone()).collect();
+        let failures: Vec<(String, String)> = match super::gpus::release(cfg, &instance).await {
+            Ok(outcomes) => outcomes.into_iter().filter_map(|(a, e)| Some((a, e?))).collect(),
+            Err(error) => devices.iter().map(|a| (a.clone(), error.clone())).collect(),
+        };
+        for (address, error) in failures {
+            tracing::error!(%instance, %address, %error, "cannot return a device to its driver");
+            // An audio function or peer has no row of its own: its GPU's rows say it.
+            if plan.rows.iter().any(|r| r.subject == Subject::Gpu && r.name == address) {
+                mark(&mut plan.rows, Subject::Gpu, &address, error);
+            } else {
+                for gpu in &devices {
+                    mark(&mut plan.rows, Subject::Gpu, gpu, format!("{address}: {error}"));
+                }
+            }
         }
     }
 }
 
 /// `recover`'s side of the records (the agent is not running): what the instance manager
 /// would do at start-up, minus adoption (left to the agent).
-pub async fn apply_records(plan: &mut Plan, backend: Option<&dyn Backend>, store: &Store) {
+pub async fn apply_records(plan: &mut Plan, backends: &[Arc<dyn Backend>], store: &Store) {
     for (instance, restore) in plan.records.clone() {
+        let backend = backends.iter().find(|b| b.kind() == instance.backend).map(|b| b.as_ref());
         let result = apply_record(&instance, &restore, backend, store).await;
         if let Err(error) = result {
             tracing::error!(id = %instance.id, %error, "cannot recover an instance");

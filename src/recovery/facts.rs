@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::gpus::BoundGpu;
 use crate::backend::Owned;
 use crate::backend::qemu::layout::VmPaths;
 use crate::instance::model::Instance;
@@ -16,8 +17,8 @@ pub struct Facts {
     /// What carries the agent's marker (QEMU processes, containers), record or not.
     pub owned: Vec<Owned>,
     pub files: Vec<FoundFile>,
-    /// GPUs the agent's bind record says it moved to vfio-pci.
-    pub bound_gpus: Vec<String>,
+    /// Devices the agent's bind records say it moved to vfio-pci.
+    pub bound_gpus: Vec<BoundGpu>,
     /// `/init`'s `instance_running`; `None` without a control plane (`recover`, or before
     /// `/init` answers).
     pub lease: Option<bool>,

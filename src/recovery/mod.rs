@@ -50,14 +50,14 @@ pub const AGENT_LOCK_WAIT: Duration = Duration::from_secs(120);
 /// Looks at the host.
 pub async fn survey(
     records: Vec<Instance>,
-    backend: Option<&dyn Backend>,
+    backends: &[Arc<dyn Backend>],
     cfg: &Config,
     lease: Option<bool>,
 ) -> Result<Facts, RecoveryError> {
-    let owned = match backend {
-        Some(b) => b.find_owned().await?,
-        None => Vec::new(),
-    };
+    let mut owned = Vec::new();
+    for backend in backends {
+        owned.extend(backend.find_owned().await?);
+    }
     let include_dir = crate::tunnel::config::include_dir(&cfg.frpc_config);
     let files = facts::scan_files(&cfg.data_dir, &cfg.run_dir, Some(&include_dir));
     Ok(Facts { records, owned, files, bound_gpus: gpus::bound(cfg), lease })
@@ -70,27 +70,27 @@ fn log_plan(plan: &Plan) {
 }
 
 /// Orphans, leaked files and GPUs: the part both callers share.
-async fn clean_up(plan: &mut Plan, backend: Option<&dyn Backend>, cfg: &Config) {
-    execute::reap_orphans(plan, backend).await;
+async fn clean_up(plan: &mut Plan, backends: &[Arc<dyn Backend>], cfg: &Config) {
+    execute::reap_orphans(plan, backends).await;
     execute::remove_files(plan, cfg);
     execute::return_gpus(plan, cfg).await;
 }
 
-/// The agent's start-up reconciliation, before the API serves. `backend` is the one that
-/// reaps orphans (the manager's, or one good only for cleaning up when none can run).
+/// The agent's start-up reconciliation, before the API serves. `backends` find and reap
+/// orphans (the manager's, and ones good only for cleaning up, one per kind).
 /// Returns the ids of the records it restored, for [`apply_lease`].
 pub async fn at_startup(
     manager: &Manager,
-    backend: Option<Arc<dyn Backend>>,
+    backends: &[Arc<dyn Backend>],
     cfg: &Config,
 ) -> Result<Vec<String>, RecoveryError> {
     let records = manager.stored_records()?;
-    let facts = survey(records, backend.as_deref(), cfg, None).await?;
+    let facts = survey(records, backends, cfg, None).await?;
     let mut plan = plan::plan(&facts, Mode::Agent);
     log_plan(&plan);
     let ids = plan.records.iter().map(|(i, _)| i.id.clone()).collect();
     // Orphans first: a QEMU with no record must not hold a GPU a record is about to get.
-    execute::reap_orphans(&mut plan, backend.as_deref()).await;
+    execute::reap_orphans(&mut plan, backends).await;
     manager.restore_with(std::mem::take(&mut plan.records)).await;
     execute::remove_files(&mut plan, cfg);
     execute::return_gpus(&mut plan, cfg).await;
@@ -101,7 +101,7 @@ pub async fn at_startup(
 /// instances restored at start-up (never for ones created since).
 pub async fn apply_lease(
     manager: &Manager,
-    backend: Option<&dyn Backend>,
+    backends: &[Arc<dyn Backend>],
     cfg: &Config,
     restored: &[String],
     running: bool,
@@ -111,7 +111,7 @@ pub async fn apply_lease(
     if records.is_empty() {
         return Ok(());
     }
-    let facts = survey(records, backend, cfg, Some(running)).await?;
+    let facts = survey(records, backends, cfg, Some(running)).await?;
     for (instance, restore) in plan::plan(&facts, Mode::Agent).records {
         manager.apply_lease(&instance.id, restore);
     }
@@ -121,7 +121,7 @@ pub async fn apply_lease(
 /// `qudata-agent recover [--dry-run]`: the reconciliation once, without a control plane.
 pub async fn command(
     cfg: &Config,
-    backend: Option<Arc<dyn Backend>>,
+    backends: &[Arc<dyn Backend>],
     dry_run: bool,
     lock_wait: Duration,
 ) -> Result<Report, RecoveryError> {
@@ -142,12 +142,12 @@ pub async fn command(
         Some(store) => store.load_all()?,
         None => Vec::new(),
     };
-    let facts = survey(records, backend.as_deref(), cfg, None).await?;
+    let facts = survey(records, backends, cfg, None).await?;
     let mut plan = plan::plan(&facts, Mode::Command);
     if let Some(store) = store.filter(|_| !dry_run) {
         log_plan(&plan);
-        execute::apply_records(&mut plan, backend.as_deref(), &store).await;
-        clean_up(&mut plan, backend.as_deref(), cfg).await;
+        execute::apply_records(&mut plan, backends, &store).await;
+        clean_up(&mut plan, backends, cfg).await;
     }
     Ok(Report { dry_run, rows: plan.rows, note })
 }

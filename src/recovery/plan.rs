@@ -65,13 +65,16 @@ pub struct Plan {
     pub orphans: Vec<Owned>,
     /// Files of instances no record claims, removed after the orphans are stopped.
     pub remove: Vec<PathBuf>,
+    /// Instances whose bind record is released (their devices back to the host drivers).
     pub return_gpus: Vec<String>,
+    /// (instance, PCI address) of every device in a bind record, for the executor's rows.
+    pub gpu_rows: Vec<(String, String)>,
     pub rows: Vec<Row>,
 }
 
 const GONE: &str = "the VM exited while the agent was down";
-const CUT_SHORT: &str = "the agent stopped before the VM was up; what the create made was removed — delete the \
-     instance and create it again";
+const CUT_SHORT: &str = "the agent stopped while the instance was being created, before its VM \
+     ran; what the create made is removed — delete the instance and create it again";
 
 /// What was found of one record's instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,20 +212,19 @@ pub fn plan(facts: &Facts, mode: Mode) -> Plan {
     }
 
     for gpu in &facts.bound_gpus {
-        let user = facts.records.iter().find(|r| r.gpus.contains(gpu));
-        let (action, why) = match user {
-            Some(r) if using_gpus.contains(&r.id) => {
-                (Action::Kept, format!("on vfio-pci for instance {}", r.id))
+        let id = gpu.instance.as_str();
+        let (action, why) = if using_gpus.contains(id) {
+            (Action::Kept, format!("on vfio-pci for instance {id}"))
+        } else if teardown.contains(id) {
+            (Action::Returned, format!("with instance {id}'s teardown"))
+        } else {
+            if !plan.return_gpus.iter().any(|i| i == id) {
+                plan.return_gpus.push(id.to_owned());
             }
-            Some(r) if teardown.contains(r.id.as_str()) => {
-                (Action::Returned, format!("with instance {}'s teardown", r.id))
-            }
-            _ => {
-                plan.return_gpus.push(gpu.clone());
-                (Action::Returned, "left on vfio-pci; no live VM uses it".to_owned())
-            }
+            (Action::Returned, format!("bound for instance {id}, which has no live VM"))
         };
-        plan.rows.push(row(Subject::Gpu, gpu.clone(), action, why));
+        plan.gpu_rows.push((id.to_owned(), gpu.address.clone()));
+        plan.rows.push(row(Subject::Gpu, gpu.address.clone(), action, why));
     }
     plan
 }

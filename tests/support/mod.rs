@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod mock_cp;
 pub mod nvml;
 pub mod orphans;
+pub mod records;
 pub mod sandbox;
 pub mod sshd;
 pub mod sysfs;

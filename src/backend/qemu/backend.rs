@@ -16,7 +16,6 @@ use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
 use super::gpus;
 use super::layout::VmPaths;
-use super::orphan::Orphan;
 use super::process;
 use super::procfs::ProcRoot;
 use super::qmp::Qmp;
@@ -29,6 +28,7 @@ use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
+mod reap;
 mod start;
 
 /// What the QEMU backend needs to know about the host.
@@ -392,7 +392,12 @@ impl Backend for QemuBackend {
 
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
         let paths = self.paths(&instance.id);
-        let Some(pid) = process::owned_pid(&paths.pidfile, &instance.id) else {
+        // The pidfile first; a QEMU whose pidfile was deleted is still found by its command line.
+        let scanned = || {
+            let found = self.settings.proc_root.scan(&self.settings.run_dir).into_iter();
+            found.filter(|f| f.instance_id == instance.id).map(|f| f.pid).next()
+        };
+        let Some(pid) = process::owned_pid(&paths.pidfile, &instance.id).or_else(scanned) else {
             let detail = "no QEMU process carries its marker".to_owned();
             return Ok(Adoption::Gone { detail });
         };
@@ -413,30 +418,10 @@ impl Backend for QemuBackend {
     }
 
     async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
-        let found = self.settings.proc_root.scan(&self.settings.run_dir);
-        let owned = found
-            .into_iter()
-            .map(|f| Owned { what: format!("QEMU pid {}", f.pid), instance_id: f.instance_id });
-        Ok(owned.collect())
+        Ok(self.owned_vms())
     }
 
     async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
-        let id = &owned.instance_id;
-        let paths = self.paths(id);
-        if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
-            vm.expect_exit();
-        }
-        let orphan = Orphan {
-            proc: &self.settings.proc_root,
-            run_dir: &self.settings.run_dir,
-            paths: &paths,
-            id,
-            powerdown_grace: self.settings.powerdown_grace,
-        };
-        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the orphan QEMU", e))?;
-        let removed =
-            paths.remove_known().map_err(|e| BackendError::op("remove the orphan's files", e))?;
-        tracing::info!(%id, stopped = ?how, files = removed.len(), "orphan VM reaped");
-        Ok(())
+        self.reap_vm(&owned.instance_id).await
     }
 }

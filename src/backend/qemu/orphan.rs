@@ -49,7 +49,10 @@ impl Orphan<'_> {
     async fn all_gone(&self, pids: &[u32], limit: Duration) -> bool {
         let until = Instant::now() + limit;
         loop {
-            if !pids.iter().any(|pid| self.proc.is_ours(*pid, self.id, self.run_dir)) {
+            // Gone means no longer alive (exited, or a zombie), not merely "its command line
+            // no longer reads as ours": an exiting process shows an empty command line while
+            // it still holds its files (a VFIO device, the disk).
+            if !pids.iter().any(|pid| self.proc.is_alive(*pid)) {
                 return true;
             }
             if Instant::now() >= until {

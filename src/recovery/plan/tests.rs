@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::recovery::facts::FoundFile;
+use crate::recovery::gpus::BoundGpu;
 
 fn record(id: &str, status: Status, gpus: &[&str]) -> Instance {
     let limits = crate::instance::spec::HostLimits {
@@ -33,6 +34,10 @@ fn owned(id: &str, pid: u32) -> Owned {
 
 fn file(path: &str, id: Option<&str>, kind: FileKind) -> FoundFile {
     FoundFile { path: PathBuf::from(path), id: id.map(str::to_owned), kind }
+}
+
+fn gpu(instance: &str, address: &str) -> BoundGpu {
+    BoundGpu { instance: instance.into(), address: address.into() }
 }
 
 fn short(r: &Restore) -> &'static str {
@@ -116,7 +121,11 @@ fn host() -> Facts {
             file("/etc/frpc.d/leak.toml", Some("leak"), FileKind::Include),
             file("/etc/frpc.d/live.toml", Some("live"), FileKind::Include),
         ],
-        bound_gpus: vec!["0000:65:00.0".into(), "0000:b3:00.0".into(), "0000:17:00.0".into()],
+        bound_gpus: vec![
+            gpu("live", "0000:65:00.0"),
+            gpu("dead", "0000:b3:00.0"),
+            gpu("gone", "0000:17:00.0"),
+        ],
         lease: None,
     }
 }
@@ -147,8 +156,8 @@ fn a_host_after_a_crash_gets_this_plan() {
             "/etc/frpc.d/leak.toml | removed | left by instance leak, which has no record",
             "/etc/frpc.d/live.toml | kept | instance live's",
             "0000:65:00.0 | kept | on vfio-pci for instance live",
-            "0000:b3:00.0 | returned | left on vfio-pci; no live VM uses it",
-            "0000:17:00.0 | returned | left on vfio-pci; no live VM uses it",
+            "0000:b3:00.0 | returned | bound for instance dead, which has no live VM",
+            "0000:17:00.0 | returned | bound for instance gone, which has no live VM",
         ]
     );
     assert_eq!(plan.orphans, vec![owned("orphan", 200)]);
@@ -162,7 +171,7 @@ fn a_host_after_a_crash_gets_this_plan() {
             "/etc/frpc.d/leak.toml"
         ]
     );
-    assert_eq!(plan.return_gpus, ["0000:b3:00.0", "0000:17:00.0"]);
+    assert_eq!(plan.return_gpus, ["dead", "gone"]);
 }
 
 #[test]
@@ -186,7 +195,7 @@ fn the_lease_decides_teardown_and_reboot() {
         &"/d/vms/live/disk.qcow2 | removed | with instance live, which is torn down".into()
     ));
     assert!(t.contains(&"0000:65:00.0 | returned | with instance live's teardown".into()));
-    assert!(!over.return_gpus.contains(&"0000:65:00.0".to_owned()), "teardown returns it itself");
+    assert!(!over.return_gpus.contains(&"live".to_owned()), "teardown returns it itself");
 
     let on = plan(&Facts { lease: Some(true), ..host() }, Mode::Agent);
     let t = table(&on);

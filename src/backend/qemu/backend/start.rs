@@ -18,6 +18,7 @@ impl QemuBackend {
         paths: &VmPaths,
     ) -> Result<(), BackendError> {
         let passthrough = self.bind_gpus(instance).await?;
+        crate::fault::crash_point(crate::fault::Phase::AfterGpuBind);
         let result = self.start_qemu(instance, paths, passthrough).await;
         if let Err(e) = &result
             && !instance.gpus.is_empty()

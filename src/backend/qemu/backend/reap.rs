@@ -1,0 +1,39 @@
+//! The QEMU backend's side of recovery: every VM of this agent found by its command line, and
+//! an orphan (no record claims it) stopped, its GPUs released and its files removed.
+
+use super::QemuBackend;
+use crate::backend::qemu::gpus;
+use crate::backend::qemu::orphan::Orphan;
+use crate::backend::{BackendError, Owned};
+
+impl QemuBackend {
+    /// Every live QEMU whose command line carries this agent's marker and pidfile path.
+    pub(super) fn owned_vms(&self) -> Vec<Owned> {
+        let found = self.settings.proc_root.scan(&self.settings.run_dir).into_iter();
+        found
+            .map(|f| Owned { what: format!("QEMU pid {}", f.pid), instance_id: f.instance_id })
+            .collect()
+    }
+
+    /// Stops instance `id`'s orphan QEMU (power-down, quit, TERM, KILL, each with a deadline),
+    /// then returns its GPUs (only once QEMU is gone) and removes its layout files. Idempotent.
+    pub(super) async fn reap_vm(&self, id: &str) -> Result<(), BackendError> {
+        let paths = self.paths(id);
+        if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
+            vm.expect_exit();
+        }
+        let orphan = Orphan {
+            proc: &self.settings.proc_root,
+            run_dir: &self.settings.run_dir,
+            paths: &paths,
+            id,
+            powerdown_grace: self.settings.powerdown_grace,
+        };
+        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the orphan QEMU", e))?;
+        gpus::release(&self.settings.vfio, id).await?;
+        let removed =
+            paths.remove_known().map_err(|e| BackendError::op("remove the orphan's files", e))?;
+        tracing::info!(%id, stopped = ?how, files = removed.len(), "orphan VM reaped");
+        Ok(())
+    }
+}
