@@ -92,11 +92,9 @@ async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when
     assert!(dirs.records().is_empty(), "{:?}", dirs.records());
 }
 
-#[tokio::test]
-async fn the_agent_reaps_its_orphan_containers_at_start_up_and_nothing_else() {
-    let engine = Engine::shared();
-    let image = busybox(engine);
-    let dirs = support::agent::Dirs::new();
+/// A running container labelled as an instance of the agent on `dirs` that has no record:
+/// its instance id and container name.
+fn orphan_container(engine: &Engine, dirs: &support::agent::Dirs, image: &str) -> (String, String) {
     let orphan_id = uuid::Uuid::new_v4().to_string();
     let orphan = container(&orphan_id);
     let labels = [
@@ -107,6 +105,15 @@ async fn the_agent_reaps_its_orphan_containers_at_start_up_and_nothing_else() {
         "run", "-d", "--name", &orphan, "--label", &labels[0], "--label", &labels[1], image,
         "sleep", "600",
     ]);
+    (orphan_id, orphan)
+}
+
+#[tokio::test]
+async fn the_agent_reaps_its_orphan_containers_at_start_up_and_nothing_else() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let dirs = support::agent::Dirs::new();
+    let (_, orphan) = orphan_container(engine, &dirs, image);
     let foreign = container(&uuid::Uuid::new_v4().to_string());
     engine.must(&["run", "-d", "--name", &foreign, image, "sleep", "600"]);
 
@@ -122,24 +129,10 @@ async fn recover_lists_then_reaps_orphan_containers() {
     let engine = Engine::shared();
     let image = busybox(engine);
     let dirs = support::agent::Dirs::new();
-    let orphan_id = uuid::Uuid::new_v4().to_string();
-    let orphan = container(&orphan_id);
-    let labels = [
-        format!("ai.qudata.instance={orphan_id}"),
-        format!("ai.qudata.owner={}", dirs.data.display()),
-    ];
-    engine.must(&[
-        "run", "-d", "--name", &orphan, "--label", &labels[0], "--label", &labels[1], image,
-        "sleep", "600",
-    ]);
+    let (orphan_id, orphan) = orphan_container(engine, &dirs, image);
     let recover = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
-            .arg("recover")
+        support::agent::recover_command(&dirs)
             .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("QUDATA_DATA_DIR", &dirs.data)
-            .env("QUDATA_RUN_DIR", &dirs.run)
             .env("QUDATA_BACKEND", "docker")
             .env("QUDATA_DOCKER_HOST", engine.host())
             .output()

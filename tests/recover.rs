@@ -4,7 +4,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use qudata_agent::guest::ManagementKey;
 use qudata_agent::instance::Status;
 use qudata_agent::vfio::{SysfsRoot, Vfio};
 use serde_json::Value;
-use support::agent::{Agent, Dirs};
+use support::agent::{Agent, Dirs, recover_command};
 use support::orphans::{TestQemu, foreign, orphan};
 use support::records::store_record;
 
@@ -66,17 +66,6 @@ async fn backend_finds_and_reaps_only_its_own_qemus() {
     assert!(stray.exists(), "a file the agent did not make survives, and so does its folder");
     assert_eq!(qemu.find_owned().await.unwrap(), vec![]);
     qemu.reap(&want).await.unwrap(); // idempotent
-}
-
-fn recover_command(dirs: &Dirs) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qudata-agent"));
-    cmd.arg("recover")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("QUDATA_DATA_DIR", &dirs.data)
-        .env("QUDATA_RUN_DIR", &dirs.run)
-        .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"));
-    cmd
 }
 
 fn recover(dirs: &Dirs, args: &[&str]) -> Output {

@@ -254,14 +254,8 @@ fn recover_returns_the_gpus_of_a_stale_bind_record() {
     assert_eq!(fake.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
 
     let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
-            .arg("recover")
+        support::agent::recover_command(&dirs)
             .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("QUDATA_DATA_DIR", &dirs.data)
-            .env("QUDATA_RUN_DIR", &dirs.run)
-            .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
             .env("QUDATA_SYSFS_ROOT", fake.path())
             .output()
             .unwrap()

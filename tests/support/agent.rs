@@ -41,6 +41,18 @@ fn has_image(env: &[(&str, String)]) -> bool {
     env.iter().any(|(k, _)| *k == "QUDATA_BASE_IMAGE")
 }
 
+/// `qudata-agent recover` on the test's dirs, with a clean environment; add args and settings.
+pub fn recover_command(dirs: &Dirs) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qudata-agent"));
+    cmd.arg("recover")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("QUDATA_DATA_DIR", &dirs.data)
+        .env("QUDATA_RUN_DIR", &dirs.run)
+        .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"));
+    cmd
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
