@@ -66,6 +66,9 @@ pub struct QemuBackend {
 const QMP_SOCKET_DEADLINE: Duration = Duration::from_secs(20);
 /// Time for QEMU to exit after `quit`, and for SIGTERM before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a QEMU that was told to go may take to be gone: unpinning the memory of a large
+/// guest with passed-through devices takes many seconds.
+const EXIT_DEADLINE: Duration = Duration::from_secs(120);
 
 impl QemuBackend {
     pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
@@ -188,6 +191,7 @@ impl QemuBackend {
             gpu.streams.stop(&instance.id).await;
         }
         let vm = self.vms.lock().expect("vms lock").remove(&instance.id);
+        let known_pid = vm.as_ref().map(|vm| vm.pid);
         if let Some(vm) = vm.filter(|vm| vm.exit_reason().is_none()) {
             vm.expect_exit();
             let paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
@@ -205,8 +209,23 @@ impl QemuBackend {
         // Adopted VMs we could not reach, or a QEMU that ignored `quit`.
         process::terminate(&paths.pidfile, &instance.id, QUIT_GRACE)
             .await
-            .map(drop)
-            .map_err(|e| BackendError::op("stop QEMU", e))
+            .map_err(|e| BackendError::op("stop QEMU", e))?;
+        // An exiting QEMU has already removed its pidfile and shows an empty command line, so
+        // `terminate` may not see it, yet it still holds its VFIO devices while the kernel
+        // unpins guest memory. The GPUs are released only once the process we knew is gone.
+        if let Some(pid) = known_pid {
+            let until = Instant::now() + EXIT_DEADLINE;
+            while process::is_alive(pid) {
+                if Instant::now() >= until {
+                    return Err(BackendError::op(
+                        "stop QEMU",
+                        format!("QEMU pid {pid} did not exit within {EXIT_DEADLINE:?}"),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
     }
 
     async fn client(

@@ -20,6 +20,8 @@ struct Scripted {
     keys_seen: StdMutex<Vec<Vec<String>>>,
     /// What `find_owned` reports; `reap` removes from it.
     owned: StdMutex<Vec<Owned>>,
+    /// How many `destroy` calls fail before one succeeds.
+    destroy_failures: StdMutex<u32>,
 }
 
 impl Scripted {
@@ -31,6 +33,7 @@ impl Scripted {
             adoption: StdMutex::new(Adoption::Adopted),
             keys_seen: StdMutex::default(),
             owned: StdMutex::default(),
+            destroy_failures: StdMutex::default(),
         })
     }
 
@@ -98,7 +101,13 @@ impl Backend for Scripted {
         self.step("boot")
     }
     async fn destroy(&self, _: &Instance) -> Result<(), BackendError> {
-        self.step("destroy")
+        self.step("destroy")?;
+        let mut failures = self.destroy_failures.lock().unwrap();
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(BackendError::op("destroy", "scripted transient failure"));
+        }
+        Ok(())
     }
     async fn adopt(&self, _: &Instance) -> Result<Adoption, BackendError> {
         self.step("adopt")?;
@@ -253,6 +262,28 @@ async fn a_failed_launch_rolls_back_and_reports_error() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("record left behind: {:?}", record_files(&h));
+}
+
+/// A teardown that fails for a while (an engine call timing out) is retried, not abandoned
+/// with the host blocked until the next restart.
+#[tokio::test]
+async fn a_delete_whose_teardown_fails_twice_is_retried_until_it_succeeds() {
+    let h = harness(&[]);
+    h.manager.create(&json!({})).unwrap();
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    *h.backend.destroy_failures.lock().unwrap() = 2;
+    h.manager.delete().unwrap();
+    for _ in 0..1000 {
+        if h.manager.instances().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(h.manager.instances().is_empty(), "{:?}", h.backend.calls());
+    assert!(record_files(&h).is_empty());
+    let destroys = h.backend.calls().iter().filter(|c| *c == "destroy").count();
+    assert_eq!(destroys, 3, "{:?}", h.backend.calls());
 }
 
 #[tokio::test]

@@ -20,14 +20,13 @@ impl QemuBackend {
         let passthrough = self.bind_gpus(instance).await?;
         crate::fault::crash_point(crate::fault::Phase::AfterGpuBind);
         let result = self.start_qemu(instance, paths, passthrough).await;
-        if let Err(e) = &result
-            && !instance.gpus.is_empty()
-        {
-            tracing::warn!(id = %instance.id, error = %e, "VM start failed; releasing its GPUs");
-            // QEMU holds the devices open until it is gone.
+        if let Err(e) = &result {
+            // A QEMU left paused with nobody watching it would make every later start answer
+            // "still running"; with GPUs it also holds the devices open until it is gone.
+            tracing::warn!(id = %instance.id, error = %e, "VM start failed; stopping its QEMU");
             if let Err(stop) = self.stop_vm(instance, paths).await {
                 tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
-            } else {
+            } else if !instance.gpus.is_empty() {
                 match gpus::release(&self.settings.vfio, &instance.id).await {
                     Err(e) => {
                         tracing::error!(id = %instance.id, error = %e, "GPU release incomplete")
