@@ -72,17 +72,26 @@ pub fn info_argv(image: &Path) -> Vec<String> {
     vec!["info".into(), "--output=json".into(), image.display().to_string()]
 }
 
+/// How long one `qemu-img` run may take (an overlay or `info` is metadata only: milliseconds).
+const QEMU_IMG_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 async fn qemu_img(
     binary: &Path,
     action: &'static str,
     argv: &[String],
 ) -> Result<Vec<u8>, DiskError> {
-    let output = Command::new(binary)
+    let run = Command::new(binary)
         .args(argv)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
-        .output()
+        .output();
+    // Hung storage must not hold the instance's lock forever (the child dies on drop).
+    let output = tokio::time::timeout(QEMU_IMG_DEADLINE, run)
         .await
+        .map_err(|_| DiskError::QemuImg {
+            action,
+            detail: format!("{binary:?} did not finish within {QEMU_IMG_DEADLINE:?}"),
+        })?
         .map_err(|e| DiskError::QemuImg {
             action,
             detail: format!("cannot run {binary:?}: {e}"),

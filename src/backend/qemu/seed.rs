@@ -58,16 +58,22 @@ pub fn mcopy_argv(seed: &Path, files: &[PathBuf]) -> Vec<String> {
     argv
 }
 
+/// How long `mkfs.vfat` or `mcopy` may take on a 2 MiB image.
+const TOOL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn run(tool: &'static str, argv: &[String], seed: &Path) -> Result<(), SeedError> {
     let err = |detail: String| SeedError::Tool { tool, path: seed.to_owned(), detail };
-    let output = Command::new(tool)
+    let run = Command::new(tool)
         .args(argv)
         // mtools checks the disk geometry of real floppies; an image file has none to check.
         .env("MTOOLS_SKIP_CHECK", "1")
         .stdin(Stdio::null())
         .kill_on_drop(true)
-        .output()
+        .output();
+    // Hung storage must not hold the instance's lock forever (the child dies on drop).
+    let output = tokio::time::timeout(TOOL_DEADLINE, run)
         .await
+        .map_err(|_| err(format!("did not finish within {TOOL_DEADLINE:?}")))?
         .map_err(|e| err(format!("cannot run it: {e}")))?;
     if output.status.success() {
         Ok(())

@@ -175,7 +175,13 @@ pub(super) async fn apply_keys_now(
     manager: &Manager,
     slot: &Arc<Slot>,
 ) -> Result<(), ManagerError> {
-    let _guard = Arc::clone(&slot.op).lock_owned().await;
+    // Bounded like a lifecycle command: the caller puts the record back on a refusal.
+    let _guard = tokio::time::timeout(super::OP_WAIT, Arc::clone(&slot.op).lock_owned())
+        .await
+        .map_err(|_| ManagerError::Conflict {
+            status: slot.snapshot().status,
+            reason: "another operation on the instance is in progress; try again".to_owned(),
+        })?;
     let instance = slot.snapshot();
     if instance.status != Status::Running {
         return Ok(()); // applied when the guest is reachable again
