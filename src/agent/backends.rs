@@ -127,7 +127,12 @@ pub fn kind_name(kind: BackendKind) -> &'static str {
 
 async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
     let owner = cfg.data_dir.display().to_string();
-    let settings = DockerSettings::new(cfg.docker_host.clone(), owner);
+    let every_gpu = crate::gpu::pool::offered(&SysfsRoot::new(&cfg.sysfs_root), None)
+        .map_err(|e| e.to_string())?;
+    let settings = DockerSettings {
+        host_gpus: every_gpu.iter().map(ToString::to_string).collect(),
+        ..DockerSettings::new(cfg.docker_host.clone(), owner)
+    };
     let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
     tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
     Ok(backend)

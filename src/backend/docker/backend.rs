@@ -33,6 +33,9 @@ pub struct DockerSettings {
     /// SIGTERM to SIGKILL on delete and restart.
     pub stop_grace: Duration,
     pub pull_deadline: Duration,
+    /// Every NVIDIA GPU of the host (PCI addresses). The device request gives a container all
+    /// of them, so a container may only be given all of them or none.
+    pub host_gpus: Vec<String>,
 }
 
 impl DockerSettings {
@@ -43,6 +46,7 @@ impl DockerSettings {
             start_deadline: Duration::from_secs(120),
             stop_grace: Duration::from_secs(10),
             pull_deadline: Duration::from_secs(30 * 60),
+            host_gpus: Vec::new(),
         }
     }
 }
@@ -136,11 +140,18 @@ impl Backend for DockerBackend {
             .map_err(|reason| BackendError::Unsupported { field: "image", reason })?;
         plan::check_registry(spec)
             .map_err(|reason| BackendError::Unsupported { field: "registry", reason })?;
+        plan::check_env(spec)
+            .map_err(|reason| BackendError::Unsupported { field: "env_variables", reason })?;
         if spec.registry.password.is_some() && spec.registry.login.is_none() {
             let reason = "is required with password".to_owned();
             return Err(BackendError::Unsupported { field: "login", reason });
         }
         Ok(())
+    }
+
+    fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        plan::check_gpus(gpus, &self.settings.host_gpus)
+            .map_err(|reason| BackendError::Refused { reason })
     }
 
     async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {

@@ -97,6 +97,32 @@ pub fn create_body(instance: &Instance, image: &str, owner: &str) -> ContainerCr
     }
 }
 
+/// The renter may not set the NVIDIA runtime's variables: they would reach GPUs the instance
+/// was not given (the runtime reads them even without a device request).
+pub fn check_env(spec: &Spec) -> Result<(), String> {
+    match spec.env.iter().find(|(k, _)| k.starts_with("NVIDIA_")) {
+        Some((k, _)) => Err(format!(
+            "{k}: NVIDIA_* variables are set by the agent from the GPUs the instance is given"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A container gets every GPU of the host or none (the device request cannot name one GPU by
+/// its PCI address), so a request for some of them is refused rather than given all.
+pub fn check_gpus(gpus: &[String], host_gpus: &[String]) -> Result<(), String> {
+    let all = gpus.len() == host_gpus.len() && host_gpus.iter().all(|g| gpus.contains(g));
+    if gpus.is_empty() || all {
+        return Ok(());
+    }
+    Err(format!(
+        "a container can have all {} GPUs of this host or none, not {}; ask for gpus {} or 0",
+        host_gpus.len(),
+        gpus.len(),
+        host_gpus.len()
+    ))
+}
+
 /// The image of a spec, checked as a Docker reference (`[registry/]name[:tag][@digest]`).
 pub fn image_of(spec: &Spec) -> Result<&str, String> {
     let Some(image) = spec.image.as_deref() else {

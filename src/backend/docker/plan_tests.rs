@@ -120,3 +120,25 @@ fn ours_needs_both_labels() {
     assert!(!is_ours(&mine, "other", "/var/lib/qudata"));
     assert!(!is_ours(&HashMap::new(), "4f1c", "/var/lib/qudata"));
 }
+
+#[test]
+fn the_renter_cannot_set_the_nvidia_runtime_variables() {
+    let mut spec = instance(vec![], None).spec;
+    assert_eq!(check_env(&spec), Ok(()));
+    spec.env.insert("NVIDIA_VISIBLE_DEVICES".into(), "all".into());
+    let err = check_env(&spec).unwrap_err();
+    assert!(err.starts_with("NVIDIA_VISIBLE_DEVICES: NVIDIA_* variables are set by the agent"));
+}
+
+#[test]
+fn a_container_gets_every_gpu_of_the_host_or_none() {
+    let host: Vec<String> = ["0000:17:00.0", "0000:65:00.0"].map(String::from).to_vec();
+    assert_eq!(check_gpus(&[], &host), Ok(()));
+    let reversed: Vec<String> = host.iter().rev().cloned().collect();
+    assert_eq!(check_gpus(&reversed, &host), Ok(()));
+    assert_eq!(
+        check_gpus(&host[..1], &host),
+        Err("a container can have all 2 GPUs of this host or none, not 1; ask for gpus 2 or 0"
+            .into())
+    );
+}
