@@ -116,7 +116,9 @@ async fn manager(
             cleanup.push(other);
         }
     }
-    Ok(Built { manager: Manager::new(backend, store, settings), events, cleanup })
+    let manager = Manager::new(backend, store, settings);
+    manager.set_other_kinds(cleanup.clone());
+    Ok(Built { manager, events, cleanup })
 }
 
 /// Before anything else: the run lock (held for the agent's life, so a `recover` waits), then

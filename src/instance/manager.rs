@@ -120,6 +120,9 @@ struct Inner {
     settings: ManagerSettings,
     slots: Mutex<BTreeMap<String, Arc<Slot>>>,
     publish: publish::PublishState,
+    /// Backends of the other kinds, good for tearing down what they made (a record left by a
+    /// boot that chose another backend).
+    other_kinds: std::sync::OnceLock<Vec<Arc<dyn Backend>>>,
 }
 
 /// The instance manager. Cheap to clone.
@@ -136,12 +139,44 @@ impl Manager {
         settings: ManagerSettings,
     ) -> Manager {
         let slots = Mutex::new(BTreeMap::new());
-        let inner = Inner { backend, store, settings, slots, publish: Default::default() };
+        let inner = Inner {
+            backend,
+            store,
+            settings,
+            slots,
+            publish: Default::default(),
+            other_kinds: Default::default(),
+        };
         Manager { inner: Arc::new(inner) }
     }
 
     fn backend(&self) -> Result<Arc<dyn Backend>, ManagerError> {
         self.inner.backend.clone().map_err(|reason| ManagerError::NoBackend { reason })
+    }
+
+    /// Gives the manager the backends of the other kinds, for tearing down records they made.
+    /// Set once, at start-up.
+    pub fn set_other_kinds(&self, backends: Vec<Arc<dyn Backend>>) {
+        let _ = self.inner.other_kinds.set(backends);
+    }
+
+    /// The backend that made `instance`: the manager's when of its kind, else one of the other
+    /// kinds. Teardown must never ask the wrong kind, which would find nothing and forget a
+    /// VM or container that still runs.
+    fn backend_of(&self, instance: &Instance) -> Result<Arc<dyn Backend>, ManagerError> {
+        if let Ok(backend) = &self.inner.backend
+            && backend.kind() == instance.backend
+        {
+            return Ok(backend.clone());
+        }
+        let others = self.inner.other_kinds.get().map(Vec::as_slice).unwrap_or_default();
+        match others.iter().find(|b| b.kind() == instance.backend) {
+            Some(backend) => Ok(backend.clone()),
+            None => Err(ManagerError::NoBackend {
+                reason: format!("no {:?} backend can run here now", instance.backend)
+                    .to_lowercase(),
+            }),
+        }
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {

@@ -113,7 +113,7 @@ async fn rollback(manager: &Manager, slot: &Arc<Slot>) {
     let instance = slot.snapshot();
     // The published ports would otherwise point at host ports nothing holds any more.
     manager.unpublish_ports(&instance.id).await;
-    let Ok(backend) = manager.backend() else { return };
+    let Ok(backend) = manager.backend_of(&instance) else { return };
     if let Err(e) = backend.destroy(&instance).await {
         tracing::error!(id = %instance.id, error = %e, "rollback of a failed create is incomplete");
     }
@@ -125,22 +125,29 @@ const DESTROY_ATTEMPTS: u32 = 5;
 async fn delete(manager: &Manager, slot: &Arc<Slot>) {
     let instance = slot.snapshot();
     manager.unpublish_ports(&instance.id).await;
-    if let Ok(backend) = manager.backend() {
-        // A transient failure (an engine call timing out, a device slow to let go) must not
-        // leave the host blocked until the next restart: `destroy` is idempotent, so retry.
-        let mut wait = Duration::from_secs(2);
-        let mut attempt = 1;
-        while let Err(e) = backend.destroy(&instance).await {
-            if attempt == DESTROY_ATTEMPTS {
-                // The record stays (marked deleting): the next start-up or `recover` retries.
-                tracing::error!(id = %instance.id, error = %e, attempt, "instance teardown failed; giving up until the next start-up or `recover`");
-                return;
-            }
-            tracing::warn!(id = %instance.id, error = %e, attempt, retry_in_s = wait.as_secs(), "instance teardown failed; retrying");
-            tokio::time::sleep(wait).await;
-            wait *= 2;
-            attempt += 1;
+    let backend = match manager.backend_of(&instance) {
+        Ok(backend) => backend,
+        Err(e) => {
+            // Forgetting the record would leave a VM or container running that nothing
+            // tracks; it stays (marked deleting) for the next start-up or `recover`.
+            tracing::error!(id = %instance.id, error = %e, "cannot tear the instance down now");
+            return;
         }
+    };
+    // A transient failure (an engine call timing out, a device slow to let go) must not
+    // leave the host blocked until the next restart: `destroy` is idempotent, so retry.
+    let mut wait = Duration::from_secs(2);
+    let mut attempt = 1;
+    while let Err(e) = backend.destroy(&instance).await {
+        if attempt == DESTROY_ATTEMPTS {
+            // The record stays (marked deleting): the next start-up or `recover` retries.
+            tracing::error!(id = %instance.id, error = %e, attempt, "instance teardown failed; giving up until the next start-up or `recover`");
+            return;
+        }
+        tracing::warn!(id = %instance.id, error = %e, attempt, retry_in_s = wait.as_secs(), "instance teardown failed; retrying");
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+        attempt += 1;
     }
     match manager.forget(&instance.id) {
         Ok(()) => tracing::info!(id = %instance.id, "instance deleted"),
