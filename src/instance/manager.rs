@@ -11,16 +11,17 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::model::{BackendKind, Instance, Status};
 use super::spec::{self, HostLimits, SpecError};
 use super::store::{Store, StoreError};
-use crate::backend::{Backend, BackendError, BackendEvent};
-use crate::guest::keys::same_public_key;
+use crate::backend::{Backend, BackendError};
 use crate::ports::{self, PortError};
 
+mod events;
 mod flows;
+mod keys;
 mod publish;
 mod restore;
 
@@ -379,93 +380,6 @@ impl Manager {
         tracing::info!(id = %slot.snapshot().id, "instance deletion accepted");
         self.spawn_flow(slot, flows::Flow::Delete);
         Ok(())
-    }
-
-    /// `POST /ssh`.
-    pub async fn add_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
-        self.change_keys(line, true).await
-    }
-
-    /// `DELETE /ssh`.
-    pub async fn remove_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
-        self.change_keys(line, false).await
-    }
-
-    async fn change_keys(&self, line: &str, add: bool) -> Result<(), ManagerError> {
-        let key = spec::parse_ssh_pubkey(line)?;
-        let slot = self.current().ok_or(ManagerError::NotFound)?;
-        let current = slot.snapshot();
-        if !current.spec.ssh_enabled {
-            let reason = "SSH is not enabled for this instance (ssh_enabled was false)".into();
-            return Err(ManagerError::Conflict { status: current.status, reason });
-        }
-        let present = current.ssh_keys.iter().any(|k| same_public_key(k, &key));
-        if present == add {
-            return Ok(()); // already as asked
-        }
-        self.update(&slot, |i| {
-            if add {
-                i.ssh_keys.push(key.clone());
-            } else {
-                i.ssh_keys.retain(|k| !same_public_key(k, &key));
-            }
-        })?;
-        // A guest that is not reachable now gets the keys when it is (end of boot or resume).
-        if current.status == Status::Running
-            && let Err(e) = flows::apply_keys_now(self, &slot).await
-        {
-            // Not applied: the record goes back to what the guest has.
-            self.update(&slot, |i| i.ssh_keys = current.ssh_keys.clone())?;
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Listens to backend events (VM crashed, guest powered off) until the sender closes.
-    pub fn spawn_event_loop(&self, mut events: mpsc::UnboundedReceiver<BackendEvent>) {
-        let manager = self.clone();
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                manager.on_event(event);
-            }
-        });
-    }
-
-    fn on_event(&self, event: BackendEvent) {
-        let (id, reason) = match event {
-            BackendEvent::Exited { id, reason } => (id, reason),
-            BackendEvent::Started { id } => return self.on_started(&id),
-        };
-        let Some(slot) = self.slots().get(&id).cloned() else { return };
-        let current = slot.snapshot();
-        if current.deleting || current.status == Status::Error {
-            return;
-        }
-        tracing::warn!(%id, %reason, "instance exited on its own");
-        if let Err(e) = self.set_status(&slot, Status::Error, Some(reason)) {
-            tracing::error!(%id, error = %e, "cannot record the instance's exit");
-        }
-    }
-
-    /// The instance runs again on its own: configure it again (keys, SSH server) and report
-    /// it running. A flow in progress (boot, reset) configures it anyway.
-    fn on_started(&self, id: &str) {
-        let Some(slot) = self.slots().get(id).cloned() else { return };
-        let current = slot.snapshot();
-        let flow = match current.status {
-            _ if current.deleting => return,
-            Status::Error => flows::Flow::Settle,
-            Status::Running => flows::Flow::Reconfigure,
-            _ => return,
-        };
-        tracing::info!(%id, "instance started again on its own; configuring it");
-        if flow == flows::Flow::Settle
-            && let Err(e) = self.set_status(&slot, Status::Pending, None)
-        {
-            tracing::error!(%id, error = %e, "cannot record the restart");
-            return;
-        }
-        self.spawn_flow(slot, flow);
     }
 
     fn spawn_flow(&self, slot: Arc<Slot>, flow: flows::Flow) {
