@@ -24,12 +24,14 @@ use super::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
 use crate::gpu::{GpuTelemetry, HostNvml};
 use crate::guest::metrics::StreamSpec;
-use crate::guest::{GuestClient, GuestPaths, GuestTarget, ManagementKey, setup};
+use crate::guest::{GuestPaths, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
+mod guest;
 mod reap;
 mod start;
+mod stop;
 
 /// What the QEMU backend needs to know about the host.
 #[derive(Clone, Debug)]
@@ -66,9 +68,6 @@ pub struct QemuBackend {
 const QMP_SOCKET_DEADLINE: Duration = Duration::from_secs(20);
 /// Time for QEMU to exit after `quit`, and for SIGTERM before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
-/// How long a QEMU that was told to go may take to be gone: unpinning the memory of a large
-/// guest with passed-through devices takes many seconds.
-const EXIT_DEADLINE: Duration = Duration::from_secs(120);
 
 impl QemuBackend {
     pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
@@ -183,82 +182,6 @@ impl QemuBackend {
         seed::build_seed(&paths.seed, &instance.id, &hostname, &self.key.public_line())
             .await
             .map_err(|e| BackendError::op("create the seed", e))
-    }
-
-    /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
-    async fn stop_vm(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        if let Some(gpu) = &self.gpu {
-            gpu.streams.stop(&instance.id).await;
-        }
-        let vm = self.vms.lock().expect("vms lock").remove(&instance.id);
-        let known_pid = vm.as_ref().map(|vm| vm.pid);
-        if let Some(vm) = vm.filter(|vm| vm.exit_reason().is_none()) {
-            vm.expect_exit();
-            let paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
-            // A paused guest cannot act on the power button.
-            if !paused
-                && vm.qmp.system_powerdown().await.is_ok()
-                && vm.wait_exited(self.settings.powerdown_grace).await
-            {
-                return Ok(());
-            }
-            if vm.qmp.quit().await.is_ok() && vm.wait_exited(QUIT_GRACE).await {
-                return Ok(());
-            }
-        }
-        // Adopted VMs we could not reach, or a QEMU that ignored `quit`.
-        process::terminate(&paths.pidfile, &instance.id, QUIT_GRACE)
-            .await
-            .map_err(|e| BackendError::op("stop QEMU", e))?;
-        // An exiting QEMU has already removed its pidfile and shows an empty command line, so
-        // `terminate` may not see it, yet it still holds its VFIO devices while the kernel
-        // unpins guest memory. The GPUs are released only once the process we knew is gone.
-        if let Some(pid) = known_pid {
-            let until = Instant::now() + EXIT_DEADLINE;
-            while process::is_alive(pid) {
-                if Instant::now() >= until {
-                    return Err(BackendError::op(
-                        "stop QEMU",
-                        format!("QEMU pid {pid} did not exit within {EXIT_DEADLINE:?}"),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn client(
-        &self,
-        instance: &Instance,
-        deadline: Instant,
-    ) -> Result<GuestClient, BackendError> {
-        let target = self.target(instance)?;
-        GuestClient::wait_reachable(&target, &self.key, deadline)
-            .await
-            .map_err(|e| BackendError::op("reach the guest over SSH", e))
-    }
-
-    fn target(&self, instance: &Instance) -> Result<GuestTarget, BackendError> {
-        let port = instance.management_port.ok_or_else(|| {
-            BackendError::op("reach the guest", "the instance record has no management port")
-        })?;
-        Ok(GuestTarget::new(instance.id.clone(), port, self.paths(&instance.id).known_hosts))
-    }
-
-    async fn apply_keys(
-        &self,
-        client: &GuestClient,
-        instance: &Instance,
-    ) -> Result<(), BackendError> {
-        setup::set_authorized_keys(
-            client,
-            &GuestPaths::default(),
-            Some(&self.key.public_line()),
-            &instance.ssh_keys,
-        )
-        .await
-        .map_err(|e| BackendError::op("apply SSH keys", e))
     }
 }
 

@@ -1,0 +1,49 @@
+//! `POST /ssh` and `DELETE /ssh`: the renter keys, kept in the record and applied to a
+//! running guest at once (to a guest that is not reachable yet, when it is).
+
+use super::{Manager, ManagerError, flows};
+use crate::guest::keys::same_public_key;
+use crate::instance::model::Status;
+use crate::instance::spec;
+
+impl Manager {
+    /// `POST /ssh`.
+    pub async fn add_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
+        self.change_keys(line, true).await
+    }
+
+    /// `DELETE /ssh`.
+    pub async fn remove_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
+        self.change_keys(line, false).await
+    }
+
+    async fn change_keys(&self, line: &str, add: bool) -> Result<(), ManagerError> {
+        let key = spec::parse_ssh_pubkey(line)?;
+        let slot = self.current().ok_or(ManagerError::NotFound)?;
+        let current = slot.snapshot();
+        if !current.spec.ssh_enabled {
+            let reason = "SSH is not enabled for this instance (ssh_enabled was false)".into();
+            return Err(ManagerError::Conflict { status: current.status, reason });
+        }
+        let present = current.ssh_keys.iter().any(|k| same_public_key(k, &key));
+        if present == add {
+            return Ok(()); // already as asked
+        }
+        self.update(&slot, |i| {
+            if add {
+                i.ssh_keys.push(key.clone());
+            } else {
+                i.ssh_keys.retain(|k| !same_public_key(k, &key));
+            }
+        })?;
+        // A guest that is not reachable now gets the keys when it is (end of boot or resume).
+        if current.status == Status::Running
+            && let Err(e) = flows::apply_keys_now(self, &slot).await
+        {
+            // Not applied: the record goes back to what the guest has.
+            self.update(&slot, |i| i.ssh_keys = current.ssh_keys.clone())?;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
