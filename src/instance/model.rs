@@ -96,6 +96,35 @@ pub struct Instance {
     pub deleting: bool,
 }
 
+#[cfg(test)]
+impl Instance {
+    /// A `pending` VM record of `id` made from the create request `body` on a small host, with
+    /// nothing allocated yet (unit tests set what they need).
+    pub(crate) fn sample(id: &str, body: &serde_json::Value) -> Instance {
+        let limits = super::spec::HostLimits {
+            cpus: 2,
+            memory_mib: 2048,
+            storage_gb: 10,
+            default_cpus: 1,
+            default_memory_mib: 512,
+            default_storage_gb: 5,
+        };
+        Instance {
+            id: id.into(),
+            backend: BackendKind::Qemu,
+            spec: super::spec::parse_create(body, &limits).expect("a valid sample request"),
+            status: Status::Pending,
+            error: None,
+            created_at: DateTime::from_timestamp(1_700_000_000, 0).expect("a valid time"),
+            ports: Vec::new(),
+            gpus: Vec::new(),
+            ssh_keys: Vec::new(),
+            management_port: None,
+            deleting: false,
+        }
+    }
+}
+
 impl Instance {
     /// `{"22":"10001"}`: guest port → public port, both strings (**compat**).
     pub fn port_map(&self) -> BTreeMap<String, String> {

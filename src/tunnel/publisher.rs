@@ -82,25 +82,11 @@ impl crate::instance::Publisher for TunnelPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::model::{BackendKind, PublishedPort, Status};
+    use crate::instance::model::PublishedPort;
 
     fn instance(tunnel_token: Option<&str>) -> Instance {
         let body = serde_json::json!({"ssh_enabled": true, "tunnel_token": tunnel_token});
-        let limits = crate::instance::spec::HostLimits {
-            cpus: 2,
-            memory_mib: 2048,
-            storage_gb: 10,
-            default_cpus: 1,
-            default_memory_mib: 512,
-            default_storage_gb: 5,
-        };
         Instance {
-            id: "0b9c4d1e".into(),
-            backend: BackendKind::Qemu,
-            spec: crate::instance::spec::parse_create(&body, &limits).unwrap(),
-            status: Status::Pending,
-            error: None,
-            created_at: chrono::Utc::now(),
             ports: vec![
                 PublishedPort {
                     guest_port: 22,
@@ -115,10 +101,8 @@ mod tests {
                     proto: Proto::Http,
                 },
             ],
-            gpus: Vec::new(),
-            ssh_keys: Vec::new(),
             management_port: Some(42100),
-            deleting: false,
+            ..Instance::sample("0b9c4d1e", &body)
         }
     }
 

@@ -5,26 +5,10 @@ use crate::recovery::facts::FoundFile;
 use crate::recovery::gpus::BoundGpu;
 
 fn record(id: &str, status: Status, gpus: &[&str]) -> Instance {
-    let limits = crate::instance::spec::HostLimits {
-        cpus: 2,
-        memory_mib: 2048,
-        storage_gb: 10,
-        default_cpus: 1,
-        default_memory_mib: 512,
-        default_storage_gb: 5,
-    };
     Instance {
-        id: id.into(),
-        backend: BackendKind::Qemu,
-        spec: crate::instance::spec::parse_create(&serde_json::json!({}), &limits).unwrap(),
         status,
-        error: None,
-        created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
-        ports: Vec::new(),
         gpus: gpus.iter().map(|g| g.to_string()).collect(),
-        ssh_keys: Vec::new(),
-        management_port: None,
-        deleting: false,
+        ..Instance::sample(id, &serde_json::json!({}))
     }
 }
 
