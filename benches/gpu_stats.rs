@@ -24,7 +24,7 @@ use serde_json::json;
 use support::agent::{Agent, Api, Dirs, free_port};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
 use support::nvml::{FakeDriver, fake_library, h100};
-use support::vm::{BOOT, ci_guest_image, openssh, record, wait_status};
+use support::vm::{BOOT, openssh, record, vm_env, wait_status};
 
 /// CPU time this thread has used.
 fn thread_cpu() -> Duration {
@@ -123,8 +123,7 @@ async fn agent_with_vm(seconds: u64) {
         MockCp::start(Behaviour { host_exists: true, without_frp: true, ..Default::default() });
     let dirs = Dirs::new();
     let mut env = cp.agent_env(&api_key(), 500);
-    env.push(("QUDATA_BASE_IMAGE", ci_guest_image().display().to_string()));
-    env.push(("QUDATA_QEMU_ACCEL", "tcg".into()));
+    env.extend(vm_env());
     env.push(("QUDATA_DEBUG", "false".into()));
     env.push(("RUST_LOG", "info".into()));
     env.push(("QUDATA_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1".into()));

@@ -15,17 +15,12 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{
-    BOOT, ci_guest_image, leftovers, qemu_pids, record, ssh_keygen, wait_gone, wait_status,
-};
+use support::vm::{BOOT, leftovers, qemu_pids, record, ssh_keygen, wait_gone, wait_status};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn vm_env(crash_at: Option<&str>) -> Vec<(&'static str, String)> {
-    let mut env = vec![
-        ("QUDATA_BASE_IMAGE", ci_guest_image().display().to_string()),
-        ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
-    ];
+    let mut env = support::vm::vm_env();
     env.extend(crash_at.map(|phase| ("QUDATA_TEST_CRASH_AT", phase.to_owned())));
     env
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::agent::{Agent, Api, Dirs, free_port};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{BOOT, ci_guest_image, openssh, record, wait_gone, wait_status};
+use support::vm::{BOOT, openssh, record, vm_env, wait_gone, wait_status};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -47,8 +47,7 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
         MockCp::start(Behaviour { host_exists: true, without_frp: true, ..Default::default() });
     let dirs = Dirs::new();
     let mut env = cp.agent_env(&api_key(), 500);
-    env.push(("QUDATA_BASE_IMAGE", ci_guest_image().display().to_string()));
-    env.push(("QUDATA_QEMU_ACCEL", "tcg".to_owned()));
+    env.extend(vm_env());
     // No driver on the host: every GPU value in /stats comes from the guest.
     env.push(("QUDATA_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1".to_owned()));
     let mut agent = Agent::start(&dirs, &["run"], &env, free_port());

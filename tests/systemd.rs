@@ -204,9 +204,7 @@ async fn production_mode_notifies_ready_while_the_control_plane_is_down() {
 async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
     use support::agent::{Api, local_secret};
     use support::sandbox::{mount_options, unit_sandbox};
-    use support::vm::{
-        BOOT, ci_guest_image, host_port, openssh, ssh_keygen, wait_gone, wait_status,
-    };
+    use support::vm::{BOOT, host_port, openssh, ssh_keygen, vm_env, wait_gone, wait_status};
 
     // Outside /tmp, which the sandbox replaces; the one writable directory inside it.
     let root = tempfile::Builder::new()
@@ -214,11 +212,8 @@ async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
     let dirs = Dirs { data: root.path().join("data"), run: root.path().join("run"), root };
-    let image = ci_guest_image(); // read-only inside the sandbox, like /var/lib/qudata/images
-    let env = [
-        ("QUDATA_BASE_IMAGE", image.display().to_string()),
-        ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
-    ];
+    // The image is read-only inside the sandbox, like /var/lib/qudata/images.
+    let env = vm_env();
     let wrapper = unit_sandbox(dirs.root.path());
     let mut agent = Agent::start_via(&wrapper, &dirs, &["run", "--local"], &env, free_port());
     agent.wait_ready().await;

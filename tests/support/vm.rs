@@ -38,14 +38,17 @@ pub fn ci_guest_image() -> PathBuf {
         .clone()
 }
 
+/// The settings that make the agent run VMs of the CI guest under TCG (no working KVM here).
+pub fn vm_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("QUDATA_BASE_IMAGE", ci_guest_image().display().to_string()),
+        ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
+    ]
+}
+
 /// Local mode with the CI guest as base image, under TCG.
 pub fn start_agent(dirs: &Dirs, port: u16) -> Agent {
-    let image = ci_guest_image();
-    let env = [
-        ("QUDATA_BASE_IMAGE", image.display().to_string()),
-        ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
-    ];
-    Agent::start(dirs, &["run", "--local"], &env, port)
+    Agent::start(dirs, &["run", "--local"], &vm_env(), port)
 }
 
 pub fn fresh_agent(dirs: &Dirs) -> Agent {
