@@ -11,7 +11,7 @@ use serde_json::json;
 use support::docker::Engine;
 use support::docker_agent::{START, container, started, wait_container_gone};
 use support::docker_images::busybox;
-use support::vm::{host_port, wait_http, wait_status};
+use support::vm::{host_port, wait_http, wait_status, wait_status_after_error};
 
 #[tokio::test]
 async fn orphans_are_found_and_reaped_by_label_and_foreign_containers_are_left_alone() {
@@ -84,7 +84,7 @@ async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when
 
     // Back: the engine restarts the container (unless-stopped) and the agent sees it run.
     engine.start();
-    wait_status(&api, "running", START).await;
+    wait_status_after_error(&api, "running", START).await;
     assert_eq!(wait_http(web, Duration::from_secs(30)).await, "up\n");
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_status(&api, "destroyed", Duration::from_secs(60)).await;
