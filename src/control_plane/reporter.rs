@@ -23,8 +23,9 @@ use crate::secret::Secret;
 pub trait StatsSource: Send + Sync {
     fn status(&self) -> Status;
 
-    /// Per-GPU metrics, first GPU first; none by default.
-    fn gpus(&self) -> Vec<GpuStats> {
+    /// Per-GPU metrics of a sample whose instance is in `status`, first GPU first; none by
+    /// default.
+    fn gpus(&self, _status: Status) -> Vec<GpuStats> {
         Vec::new()
     }
 }
@@ -46,8 +47,10 @@ impl StatsSource for AgentStats {
         self.manager.current_status()
     }
 
-    fn gpus(&self) -> Vec<GpuStats> {
-        self.gpus.current()
+    fn gpus(&self, status: Status) -> Vec<GpuStats> {
+        // A deleted instance's guest values are not reported while its teardown (which
+        // closes the stream) is still under way.
+        if status == Status::Destroyed { self.gpus.host_only() } else { self.gpus.current() }
     }
 }
 
@@ -117,7 +120,8 @@ impl Reporter {
     }
 
     fn sample(&mut self) -> Stats {
-        compose(self.sampler.sample(), self.source.status(), self.source.gpus())
+        let status = self.source.status();
+        compose(self.sampler.sample(), status, self.source.gpus(status))
     }
 
     fn send(&self, stats: Stats) -> Sending {

@@ -47,6 +47,11 @@ impl GpuMetrics {
         if !guests.is_empty() {
             return guests;
         }
+        self.host_only()
+    }
+
+    /// The host's GPUs through NVML, whatever the guests report.
+    pub fn host_only(&self) -> Vec<GpuStats> {
         let Some(sample) = self.host.as_ref().and_then(|h| h.with(Nvml::sample)) else {
             return Vec::new(); // no driver, or closed while GPUs are being bound
         };
@@ -86,6 +91,7 @@ mod tests {
         };
         board.record("vm", gpu.clone());
         assert_eq!(metrics.current(), [GpuStats { index: 0, ..gpu }], "renumbered from 0");
+        assert!(metrics.host_only().is_empty(), "the guest's values are not the host's");
         board.clear("vm");
         assert!(metrics.current().is_empty());
     }
