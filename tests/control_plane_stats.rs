@@ -37,8 +37,12 @@ async fn samples_made_during_an_outage_all_arrive_in_order() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let at_recovery = cp.requests().len();
     cp.set_down(false);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let reqs = cp.requests();
+    let reqs = cp
+        .until("the backlog flushed", WAIT, |r| {
+            let failed = r.iter().filter(|r| r.path == "/stats" && r.answered == 503).count();
+            ok_stats(&r[at_recovery.min(r.len())..]).len() > failed
+        })
+        .await;
 
     let failed: Vec<&Recorded> =
         reqs.iter().filter(|r| r.path == "/stats" && r.answered == 503).collect();

@@ -11,7 +11,7 @@ use serde_json::json;
 use support::docker::Engine;
 use support::docker_agent::{START, container, started, wait_container_gone};
 use support::docker_images::busybox;
-use support::vm::{host_port, wait_http, wait_status, wait_status_after_error};
+use support::vm::{host_port, wait_gone, wait_http, wait_status, wait_status_after_error};
 
 #[tokio::test]
 async fn orphans_are_found_and_reaped_by_label_and_foreign_containers_are_left_alone() {
@@ -77,8 +77,13 @@ async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when
     engine.stop();
     let down = wait_status(&api, "error", Duration::from_secs(60)).await;
     let reason = down["error"].as_str().unwrap_or_default();
-    assert!(reason.contains("does not answer"), "{reason}");
-    assert!(reason.contains(&engine.host()), "names the socket: {reason}");
+    // Usually "does not answer" (naming the socket); a poll that caught the engine
+    // mid-shutdown may read another engine error. Each says what happens next.
+    assert!(reason.starts_with("the Docker engine"), "{reason}");
+    if reason.contains("does not answer") {
+        assert!(reason.contains(&engine.host()), "names the socket: {reason}");
+    }
+    assert!(reason.ends_with("the container runs again when the engine is back"), "{reason}");
     let stop = api.json("PUT", "/instances", &json!({"command": "stop"})).await;
     assert_eq!(stop.status, 409, "{:?}", stop.body);
 
@@ -89,6 +94,7 @@ async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_status(&api, "destroyed", Duration::from_secs(60)).await;
     wait_container_gone(&engine, &id, Duration::from_secs(60));
+    wait_gone(&dirs, &id, Duration::from_secs(30)).await;
     assert!(dirs.records().is_empty(), "{:?}", dirs.records());
 }
 

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{BOOT, leftovers, qemu_pids, record, ssh_keygen, wait_gone, wait_status};
+use support::vm::{
+    BOOT, leftovers, qemu_pids, record, ssh_keygen, wait_gone, wait_status, wait_status_after_error,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -192,7 +194,8 @@ async fn kill_before_the_guest_answers_then_qemu_dies_then_outage_then_lease_reb
     cp.set(|b| b.instance_running = Some(true));
     let mut agent = production(&dirs, &cp, &key, port, None);
     agent.wait_ready().await;
-    wait_status(&api, "running", BOOT).await;
+    // Until `/init` brings the lease the dead VM's record stays `error`.
+    wait_status_after_error(&api, "running", BOOT).await;
     let rebooted = qemu_pids(&id);
     assert!(rebooted.len() == 1 && rebooted != pids, "a new QEMU on the same disk: {rebooted:?}");
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);

@@ -292,9 +292,9 @@ async fn waiting_retries_a_guest_that_is_not_listening_yet() {
 #[tokio::test]
 async fn a_command_that_runs_too_long_is_cut_off() {
     let mut g = guest();
-    g.target.exec_timeout = Duration::from_secs(1);
+    g.target.exec_timeout = Duration::from_secs(3);
     let client = g.connect().await;
-    let err = client.exec(&GuestCommand::fixed("sleep 5"), b"").await.unwrap_err();
+    let err = client.exec(&GuestCommand::fixed("sleep 60"), b"").await.unwrap_err();
     assert!(matches!(err, GuestError::Timeout { action: "a guest command", .. }), "{err}");
     // The connection still serves the next command.
     assert!(client.exec(&GuestCommand::fixed("true"), b"").await.unwrap().success());

@@ -247,7 +247,8 @@ async fn a_taken_admin_port_moves_to_a_new_one() {
     std::fs::write(&sb.config, config::render(&main).unwrap()).unwrap();
 
     let mut settings = sb.settings(&standin(), FAST);
-    settings.ready_timeout = Duration::from_secs(2);
+    // Bounds the wait on the squatter too; long enough for the restarted stand-in to come up.
+    settings.ready_timeout = Duration::from_secs(5);
     let t = Tunnels::start(settings, Ok(creds(TEST_TOKEN))).await.expect("start recovers");
     let now: config::ClientConfig =
         toml::from_str(&std::fs::read_to_string(&sb.config).unwrap()).unwrap();

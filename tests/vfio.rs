@@ -35,14 +35,26 @@ struct Host {
 }
 
 impl Host {
+    /// The product's deadlines: the simulated kernel answers in milliseconds, but on a loaded
+    /// machine its polling thread may lag by far more.
     fn new(fake: FakeSysfs) -> Host {
+        Host::with_timeouts(fake, Timeouts::default())
+    }
+
+    /// Short deadlines, for the tests that wait one out on purpose.
+    fn impatient(fake: FakeSysfs) -> Host {
+        let short = Duration::from_secs(2);
+        Host::with_timeouts(fake, Timeouts { write: short, settle: short })
+    }
+
+    fn with_timeouts(fake: FakeSysfs, timeouts: Timeouts) -> Host {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("proc")).unwrap();
         let vfio = Vfio {
             sysfs: fake.root(),
             proc_root: dir.path().join("proc"),
             record_dir: dir.path().join("data/vfio"),
-            timeouts: Timeouts { write: Duration::from_secs(2), settle: Duration::from_secs(2) },
+            timeouts,
         };
         Host { fake, dir, vfio }
     }
@@ -268,7 +280,7 @@ fn processes_holding_the_gpu_are_named_and_the_gpu_is_refused() {
 
 #[test]
 fn a_probe_that_never_binds_is_rolled_back_to_every_original_driver() {
-    let host = Host::new(audio_gpu_host());
+    let host = Host::impatient(audio_gpu_host());
     let kernel = SimKernel::start(&host.fake, &[]);
     kernel.refuse("0000:b3:00.1", "vfio-pci");
     let devices = ["0000:b3:00.0", "0000:b3:00.1"];
@@ -288,7 +300,7 @@ fn a_probe_that_never_binds_is_rolled_back_to_every_original_driver() {
 
 #[test]
 fn a_hung_write_times_out_and_is_rolled_back() {
-    let host = Host::new(audio_gpu_host());
+    let host = Host::impatient(audio_gpu_host());
     let kernel = SimKernel::start(&host.fake, &[]);
     kernel.hang("bus/pci/drivers/snd_hda_intel/unbind");
     let devices = ["0000:b3:00.0", "0000:b3:00.1"];

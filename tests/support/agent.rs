@@ -71,9 +71,15 @@ pub struct Agent {
     pub port: u16,
     output: Arc<Mutex<String>>,
     log_file: PathBuf,
+    /// The threads copying stdout and stderr; done once the pipes close.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn collect(stream: impl Read + Send + 'static, output: Arc<Mutex<String>>, file: PathBuf) {
+fn collect(
+    stream: impl Read + Send + 'static,
+    output: Arc<Mutex<String>>,
+    file: PathBuf,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(file).unwrap();
         for line in BufReader::new(stream).lines() {
@@ -84,7 +90,7 @@ fn collect(stream: impl Read + Send + 'static, output: Arc<Mutex<String>>, file:
             out.push_str(&line);
             out.push('\n');
         }
-    });
+    })
 }
 
 impl Agent {
@@ -135,9 +141,11 @@ impl Agent {
         let mut child = cmd.spawn().expect("spawn qudata-agent");
         let output = Arc::new(Mutex::new(String::new()));
         let log_file = log_dir().join(format!("agent-{}.log", child.id()));
-        collect(child.stdout.take().unwrap(), output.clone(), log_file.clone());
-        collect(child.stderr.take().unwrap(), output.clone(), log_file.clone());
-        Agent { child: Some(child), port, output, log_file }
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), output.clone(), log_file.clone()),
+            collect(child.stderr.take().unwrap(), output.clone(), log_file.clone()),
+        ];
+        Agent { child: Some(child), port, output, log_file, readers }
     }
 
     /// Local mode on a fresh port.
@@ -208,12 +216,20 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(100));
+                self.drain();
                 return status;
             }
             assert!(Instant::now() < deadline, "agent did not exit:\n{}", self.output());
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (deadline 10 s) until the reader threads have copied everything the agent
+    /// printed; a process the agent started may still hold the pipes, hence the deadline.
+    fn drain(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.readers.iter().all(|r| r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -249,7 +265,8 @@ impl Api {
         Api {
             base: agent.url(""),
             secret: secret.map(str::to_owned),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            // Longer than the 30 s the agent lets a command wait for a running operation.
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
         }
     }
 
