@@ -17,8 +17,8 @@ use serde_json::Value;
 
 /// The checks the README documents; `gpu` repeats per GPU.
 const DOCUMENTED: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "frp", "docker",
-    "datadir", "backend",
+    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "frpc", "frp",
+    "docker", "datadir", "backend",
 ];
 
 /// Runs the binary with only `PATH` and the given settings (no `QUDATA_API_KEY`).
@@ -209,4 +209,61 @@ fn doctor_reads_the_sysfs_root_it_is_given() {
     );
     let iommu = report.iter().find(|c| c["check"] == "iommu").unwrap();
     assert!(iommu["detail"].as_str().unwrap().starts_with("1 IOMMU group"), "{iommu}");
+}
+
+/// The `nvml` line: the fake driver loaded as the agent loads it, against a simulated sysfs
+/// with one H100 on the nvidia driver.
+#[test]
+fn the_nvml_line_compares_the_driver_with_sysfs() {
+    use support::nvml::{FakeDriver, fake_library, h100};
+    let fake = support::sysfs::FakeSysfs::new().gpu("0000:65:00.0", 0x2330).driver("nvidia");
+    let root = fake.path().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nvml.conf");
+    let library = fake_library().display().to_string();
+    let nvml_line = |library: &str| {
+        let env = [
+            ("QUDATA_SYSFS_ROOT", root.as_str()),
+            ("QUDATA_NVML_LIBRARY", library),
+            ("FAKE_NVML_CONFIG", config.to_str().unwrap()),
+        ];
+        let report = json_report(&doctor(&["--json"], &env).0);
+        report.into_iter().find(|c| c["check"] == "nvml").expect("an nvml line")
+    };
+
+    FakeDriver { cuda: 12040, gpus: vec![h100(0, 30, 0, None)], ..Default::default() }
+        .write(&config);
+    let line = nvml_line(&library);
+    assert_eq!(line["status"], "ok", "{line}");
+    assert_eq!(
+        line["detail"],
+        "driver 550.54.15, CUDA 12.4: 1 GPU(s) (NVIDIA H100 80GB HBM3, 79.65 GiB each)"
+    );
+
+    // The driver lost the GPU sysfs still has on it.
+    FakeDriver { cuda: 12040, gpus: vec![], ..Default::default() }.write(&config);
+    let line = nvml_line(&library);
+    assert_eq!(line["status"], "warn", "{line}");
+    let detail = line["detail"].as_str().unwrap();
+    assert!(detail.ends_with("0 GPU(s), but sysfs has 1 on the nvidia driver"), "{detail}");
+    assert!(line["fix"].as_str().unwrap().contains("Xid"), "{line}");
+
+    // No driver while a GPU is on it: no metrics, said so.
+    FakeDriver { fail_init: true, ..Default::default() }.write(&config);
+    let line = nvml_line(&library);
+    assert_eq!(line["status"], "warn", "{line}");
+    assert!(line["detail"].as_str().unwrap().contains("1 GPU(s) are on the nvidia driver"));
+    let line = nvml_line("/nonexistent/libnvidia-ml.so.1");
+    assert_eq!(line["status"], "warn", "{line}");
+
+    // No GPU on the driver (none, or all on vfio-pci): nothing needs NVML.
+    let empty = support::sysfs::FakeSysfs::new();
+    let env = [
+        ("QUDATA_SYSFS_ROOT", empty.path().to_str().unwrap()),
+        ("QUDATA_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1"),
+    ];
+    let report = json_report(&doctor(&["--json"], &env).0);
+    let line = report.iter().find(|c| c["check"] == "nvml").unwrap();
+    assert_eq!(line["status"], "ok", "{line}");
+    assert!(line["detail"].as_str().unwrap().starts_with("not loaded"), "{line}");
 }

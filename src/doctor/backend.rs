@@ -59,6 +59,7 @@ mod tests {
             frpc_binary: "frpc".into(),
             frp_overrides: FrpOverrides::default(),
             gpu_pci_addrs: None,
+            nvml_library: root.join("libnvidia-ml.so.1"),
             backend,
             command_timeout: Duration::from_secs(1),
         }

@@ -8,6 +8,7 @@
 mod backend;
 mod exec;
 mod gpus;
+mod nvml;
 mod output;
 mod platform;
 mod services;
@@ -27,8 +28,8 @@ pub use output::{render_json, render_text};
 
 /// The names of every check, in output order (`gpu` repeats once per GPU).
 pub const CHECKS: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "qemu", "qemu-img", "ovmf", "frpc", "frp", "docker",
-    "datadir", "backend",
+    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "frpc", "frp",
+    "docker", "datadir", "backend",
 ];
 
 /// The outcome of one check.
@@ -116,6 +117,8 @@ pub struct HostView {
     /// `QUDATA_FRP_*`, over the credentials stored under `data_dir`.
     pub frp_overrides: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<PciAddress>>,
+    /// `QUDATA_NVML_LIBRARY`.
+    pub nvml_library: PathBuf,
     pub backend: BackendChoice,
     /// Deadline of each `--version` run.
     pub command_timeout: Duration,
@@ -142,6 +145,7 @@ impl HostView {
             frpc_binary: cfg.frpc_binary.clone(),
             frp_overrides: cfg.frp.clone(),
             gpu_pci_addrs,
+            nvml_library: cfg.nvml_library.clone(),
             backend: cfg.backend,
             command_timeout: Duration::from_secs(5),
         }
@@ -166,6 +170,7 @@ pub fn run_all(view: &HostView) -> Vec<Check> {
     ];
     checks.extend(gpus::gpus(view));
     checks.extend([
+        nvml::nvml(view),
         tools::qemu(view),
         tools::qemu_img(view),
         tools::ovmf(view),
@@ -186,6 +191,7 @@ pub fn any_failed(checks: &[Check]) -> bool {
 
 pub use backend::backend;
 pub use gpus::gpus;
+pub use nvml::nvml;
 pub use platform::{cpu, iommu, kvm, vfio_modules};
 pub use services::{data_dir, docker};
 pub use tools::{frp_credentials, frpc, ovmf, qemu, qemu_img};

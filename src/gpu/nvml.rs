@@ -51,6 +51,13 @@ impl Nvml {
         self.inner.device_count().map_err(|source| NvmlError::Call { action: "count GPUs", source })
     }
 
+    /// The driver's version (`550.54.15`).
+    pub fn driver_version(&self) -> Result<String, NvmlError> {
+        self.inner
+            .sys_driver_version()
+            .map_err(|source| NvmlError::Call { action: "read the driver version", source })
+    }
+
     /// Facts of the driver's GPUs for `/init/host`; name and memory of the first GPU.
     pub fn facts(&self) -> Result<GpuFacts, NvmlError> {
         let count = self.count()?;

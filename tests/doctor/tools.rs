@@ -154,9 +154,10 @@ fn data_dir_missing_wrong_mode_wrong_owner_or_right() {
 
 #[test]
 fn a_ready_host_is_all_ok_in_the_documented_order() {
+    // The GPU kept on vfio-pci: a VM host with no NVIDIA driver to load (`nvml` is ok).
     let sysfs = FakeSysfs::new()
         .gpu("0000:65:00.0", 0x2330)
-        .driver("nvidia")
+        .driver("vfio-pci")
         .group(12)
         .function("0000:65:00.1", CLASS_AUDIO)
         .group(12)

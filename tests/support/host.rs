@@ -82,6 +82,7 @@ impl FakeHost {
             frpc_binary: "frpc".into(),
             frp_overrides: Default::default(),
             gpu_pci_addrs: None,
+            nvml_library: self.join("lib/libnvidia-ml.so.1"),
             backend: BackendChoice::Auto,
             command_timeout: Duration::from_secs(10),
         }
