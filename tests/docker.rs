@@ -20,6 +20,7 @@ fn web_body(image: &str) -> serde_json::Value {
         "image": image,
         "cpus": 1,
         "memory": "256M",
+        "storage_gb": 5,
         "ports": [{"container_port": 8080, "remote_port": 20000, "proto": "http"}],
         "command": "mkdir -p /srv && printf '%s\\n' \"$GREETING\" > /srv/index.html && exec httpd -f -p 8080 -h /srv",
         "env_variables": {"GREETING": "hello $(touch /tmp/pwned) `id` ';"}
@@ -39,10 +40,17 @@ async fn create(api: &Api, body: &serde_json::Value) -> String {
 async fn lifecycle_ports_env_command_and_cleanup() {
     let engine = Engine::shared();
     let image = busybox(engine);
-    let (dirs, _agent, api) = started(engine).await;
+    let (dirs, agent, api) = started(engine).await;
     let id = create(&api, &web_body(image)).await;
     wait_status(&api, "running", START).await;
     let name = container(&id);
+
+    // The disk limit: on the container where the engine's storage driver can enforce one
+    // (overlay2 on xfs with pquota), else made without it and said once in the log.
+    let storage = engine.inspect(&name, "{{json .HostConfig.StorageOpt}}").unwrap_or_default();
+    let warned = agent.output().matches("storage_gb is not enforced for containers").count();
+    let limited = storage.contains(r#""size":"5G""#);
+    assert!(limited != (warned == 1), "StorageOpt {storage}, warned {warned} times");
 
     // What the engine was asked for: the label, init, the restart policy, limits, and the
     // published port on 127.0.0.1 only.

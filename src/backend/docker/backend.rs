@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,13 +57,21 @@ pub struct DockerBackend {
     engine: Engine,
     events: EventSink,
     watches: Mutex<HashMap<String, Arc<Watch>>>,
+    /// Until the engine refuses one, containers get `storage_gb` as a disk limit.
+    disk_quota: AtomicBool,
 }
 
 impl DockerBackend {
     /// Connects to the engine; fails when it does not answer within a few seconds.
     pub async fn connect(settings: DockerSettings, events: EventSink) -> Result<Self, DockerError> {
         let engine = Engine::connect(&settings.socket).await?;
-        Ok(DockerBackend { settings, engine, events, watches: Mutex::default() })
+        Ok(DockerBackend {
+            settings,
+            engine,
+            events,
+            watches: Mutex::default(),
+            disk_quota: AtomicBool::new(true),
+        })
     }
 
     fn watch(&self, instance: &Instance, started_at: Option<String>, known_down: bool) {
@@ -102,14 +111,42 @@ impl DockerBackend {
         let name = container_name(&instance.id);
         // A container of this instance left by a launch that died half-way (agent killed).
         self.remove_owned(&name, &instance.id).await?;
-        let body = plan::create_body(instance, &pull::with_tag(image), &self.settings.owner);
-        let options = CreateContainerOptionsBuilder::new().name(&name).build();
-        let create = self.engine.docker.create_container(Some(options), body);
-        self.engine.call("create the container", CALL, create).await?;
+        let image = pull::with_tag(image);
+        let quota = self.disk_quota.load(Ordering::Relaxed);
+        match self.create(instance, &name, &image, quota).await {
+            Err(DockerError::Engine { message, .. })
+                if quota && plan::is_disk_quota_refusal(&message) =>
+            {
+                // Said once: every later container is made without the limit.
+                if self.disk_quota.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        engine = %message,
+                        "the Docker engine cannot limit a container's disk (its storage driver \
+                         needs overlay2 on xfs mounted with pquota, btrfs or zfs): storage_gb \
+                         is not enforced for containers"
+                    );
+                }
+                self.create(instance, &name, &image, false).await?;
+            }
+            other => other?,
+        }
         let start = self.engine.docker.start_container(&name, None);
         self.engine.call("start the container", CALL, start).await?;
         let info = self.engine.inspect(&name).await?;
         Ok(info.state.and_then(|s| s.started_at))
+    }
+
+    async fn create(
+        &self,
+        instance: &Instance,
+        name: &str,
+        image: &str,
+        disk_quota: bool,
+    ) -> Result<(), DockerError> {
+        let body = plan::create_body(instance, image, &self.settings.owner, disk_quota);
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        let create = self.engine.docker.create_container(Some(options), body);
+        self.engine.call("create the container", CALL, create).await.map(drop)
     }
 
     /// The run the container is in (`StartedAt`, restart count) when it is up; `None` while it

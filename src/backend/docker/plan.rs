@@ -41,8 +41,14 @@ pub fn container_name(id: &str) -> String {
 
 /// The `docker create` body of `instance`. GPUs (all of them, through the NVIDIA runtime's
 /// device request) only when the instance was given GPUs; ports on 127.0.0.1 only, where frpc
-/// picks them up.
-pub fn create_body(instance: &Instance, image: &str, owner: &str) -> ContainerCreateBody {
+/// picks them up; the writable layer limited to `storage_gb` when `disk_quota` (the engine's
+/// storage driver must support it: overlay2 on xfs with `pquota`, btrfs, zfs).
+pub fn create_body(
+    instance: &Instance,
+    image: &str,
+    owner: &str,
+    disk_quota: bool,
+) -> ContainerCreateBody {
     let spec = &instance.spec;
     let gpus = !instance.gpus.is_empty();
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -81,6 +87,8 @@ pub fn create_body(instance: &Instance, image: &str, owner: &str) -> ContainerCr
         memory: Some((spec.memory_mib * 1024 * 1024) as i64),
         port_bindings: Some(bindings),
         device_requests,
+        storage_opt: disk_quota
+            .then(|| HashMap::from([("size".to_owned(), format!("{}G", spec.storage_gb))])),
         ..Default::default()
     };
     ContainerCreateBody {
@@ -95,6 +103,14 @@ pub fn create_body(instance: &Instance, image: &str, owner: &str) -> ContainerCr
         host_config: Some(host_config),
         ..Default::default()
     }
+}
+
+/// Whether the engine refused a create because its storage driver cannot limit a container's
+/// disk (`--storage-opt is supported only for overlay over xfs with 'pquota' mount option`, and
+/// the like from other drivers).
+pub fn is_disk_quota_refusal(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("storage-opt") || message.contains("storage opt")
 }
 
 /// The renter may not set the NVIDIA runtime's variables: they would reach GPUs the instance

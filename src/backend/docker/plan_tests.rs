@@ -54,6 +54,7 @@ fn golden_without_gpus() {
         &instance(Vec::new(), Some("jupyter lab --ip=0.0.0.0")),
         "app:1",
         "/var/lib/qudata",
+        true,
     );
     let expected = json!({
         "Hostname": "qudata-4f1c",
@@ -70,15 +71,27 @@ fn golden_without_gpus() {
                 "22/tcp": [{"HostIp": "127.0.0.1", "HostPort": "41022"}],
                 "8888/tcp": [{"HostIp": "127.0.0.1", "HostPort": "41888"}]
             },
-            "RestartPolicy": {"Name": "unless-stopped"}
+            "RestartPolicy": {"Name": "unless-stopped"},
+            "StorageOpt": {"size": "10G"}
         }
     });
     assert_eq!(serde_json::to_value(&body).unwrap(), expected);
 }
 
 #[test]
+fn without_disk_quota_support_no_storage_option() {
+    let body = create_body(&instance(Vec::new(), None), "app:1", "/d", false);
+    let value = serde_json::to_value(&body).unwrap();
+    assert_eq!(value["HostConfig"].get("StorageOpt"), None, "{value}");
+    let overlay = "--storage-opt is supported only for overlay over xfs with 'pquota' mount option";
+    assert!(is_disk_quota_refusal(overlay));
+    assert!(is_disk_quota_refusal("Storage Option not supported"));
+    assert!(!is_disk_quota_refusal("No such image: app:1"));
+}
+
+#[test]
 fn golden_with_gpus_and_the_image_default_command() {
-    let body = create_body(&instance(vec!["0000:65:00.0".into()], None), "app:1", "/d");
+    let body = create_body(&instance(vec!["0000:65:00.0".into()], None), "app:1", "/d", false);
     let value = serde_json::to_value(&body).unwrap();
     assert_eq!(value.get("Cmd"), None, "no command: the image's own");
     assert_eq!(
