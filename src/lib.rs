@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod api;
 pub mod backend;
+pub mod child_env;
 pub mod config;
 pub mod control_plane;
 pub mod doctor;

@@ -62,6 +62,21 @@ async fn lifecycle_ports_keys_and_cleanup() {
     let (dirs, _agent, api) = started().await;
     let id = create_running(&dirs, &api).await;
 
+    // QEMU outlives the agent with the environment it was given: none of the agent's settings
+    // (in production the API key among them), only what every child may see.
+    let pid = qemu_pids(&id)[0];
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let names: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| kv.split(|b| *b == b'=').next())
+        .filter(|name| !name.is_empty())
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| ["PATH", "LANG", "LC_ALL", "TZ"].contains(&n.as_str())),
+        "{names:?}"
+    );
+
     // The renter's command runs as a service and its published port answers on 127.0.0.1.
     let web = host_port(&dirs, &id, 8080);
     assert_eq!(wait_http(web, Duration::from_secs(60)).await, GREETING);

@@ -29,6 +29,8 @@ pub fn version_line(program: &Path, timeout: Duration) -> Result<String, DoctorE
     let spawn_err = |source| DoctorError::Spawn { program: program.to_owned(), source };
     let mut child = Command::new(program)
         .arg("--version")
+        .env_clear()
+        .envs(crate::child_env::for_child())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -1,6 +1,7 @@
 //! frpc as an OS process: spawned in its own process group (so it outlives an agent restart),
 //! recorded in a pidfile, found again only when `/proc/<pid>/cmdline` is frpc with our config.
 
+use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -28,11 +29,13 @@ pub fn frpc_args(config: &Path) -> Vec<std::ffi::OsString> {
     vec!["-c".into(), config.as_os_str().to_owned()]
 }
 
-/// The environment frpc gets: not the agent's (which may hold its API key), only what frpc
-/// reads (`http_proxy` is its default for `transport.proxyURL`).
-pub fn frpc_env(agent_env: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
-    const KEEP: &[&str] = &["PATH", "TZ", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"];
-    agent_env.into_iter().filter(|(k, _)| KEEP.contains(&k.as_str())).collect()
+/// The environment frpc gets: not the agent's (which may hold its API key), only what every
+/// child gets and what frpc reads (`http_proxy` is its default for `transport.proxyURL`).
+pub fn frpc_env(
+    agent_env: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Vec<(OsString, OsString)> {
+    const ALSO: &[&str] = &["http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"];
+    crate::child_env::passed(agent_env, ALSO)
 }
 
 /// Starts frpc. Not `kill_on_drop`: frpc must survive the agent; the supervisor waits on it
@@ -44,7 +47,7 @@ pub fn spawn(binary: &Path, config: &Path, run_dir: &Path) -> io::Result<tokio::
     let child = tokio::process::Command::new(binary)
         .args(frpc_args(config))
         .env_clear()
-        .envs(frpc_env(std::env::vars()))
+        .envs(frpc_env(std::env::vars_os()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -131,8 +134,8 @@ mod tests {
     fn frpc_gets_none_of_the_agents_secrets() {
         let env =
             [("QUDATA_API_KEY", "ak-1"), ("PATH", "/usr/bin"), ("http_proxy", "http://p:3128")];
-        let kept = frpc_env(env.map(|(k, v)| (k.to_owned(), v.to_owned())));
-        let names: Vec<_> = kept.iter().map(|(k, _)| k.as_str()).collect();
+        let kept = frpc_env(env.map(|(k, v)| (k.into(), v.into())));
+        let names: Vec<_> = kept.iter().map(|(k, _)| k.to_str().unwrap()).collect();
         assert_eq!(names, ["PATH", "http_proxy"]);
     }
 

@@ -124,6 +124,8 @@ async fn probe_with(
 ) -> Result<ProbeOutcome, AccelError> {
     let mut child = Command::new(qemu)
         .args(argv)
+        .env_clear()
+        .envs(crate::child_env::for_child())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

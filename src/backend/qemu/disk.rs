@@ -82,6 +82,8 @@ async fn qemu_img(
 ) -> Result<Vec<u8>, DiskError> {
     let run = Command::new(binary)
         .args(argv)
+        .env_clear()
+        .envs(crate::child_env::for_child())
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();

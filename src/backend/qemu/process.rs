@@ -136,6 +136,9 @@ pub fn spawn_with_memlock(
     let mut command = Command::new(binary);
     command
         .args(argv)
+        // QEMU outlives the agent: it must not carry the API key or systemd's NOTIFY_SOCKET.
+        .env_clear()
+        .envs(crate::child_env::for_child())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

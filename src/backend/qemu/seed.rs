@@ -65,6 +65,8 @@ async fn run(tool: &'static str, argv: &[String], seed: &Path) -> Result<(), See
     let err = |detail: String| SeedError::Tool { tool, path: seed.to_owned(), detail };
     let run = Command::new(tool)
         .args(argv)
+        .env_clear()
+        .envs(crate::child_env::for_child())
         // mtools checks the disk geometry of real floppies; an image file has none to check.
         .env("MTOOLS_SKIP_CHECK", "1")
         .stdin(Stdio::null())
