@@ -45,6 +45,11 @@ enum Command {
         /// Print JSON ({"dry_run", "rows": [{"subject","name","action","why","failed"?}]}).
         #[arg(long)]
         json: bool,
+        /// Host maintenance (reboot, upgrade, uninstall): also stop every running instance
+        /// (graceful shutdown, then kill after a deadline; GPUs returned; records and disks
+        /// kept, in `error` until `start` boots them again) and frpc. Stop the agent first.
+        #[arg(long)]
+        stop_all: bool,
         /// Seconds to wait for the agent (or another recover) to release the lock.
         #[arg(long, value_name = "SECONDS", default_value_t = recovery::COMMAND_LOCK_WAIT.as_secs())]
         wait: u64,
@@ -89,7 +94,7 @@ fn main() -> ExitCode {
             }
             if doctor::any_failed(&checks) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
         }
-        Command::Recover { dry_run, json, wait } => {
+        Command::Recover { dry_run, json, stop_all, wait } => {
             // Like doctor: no control plane, so no API key; every other setting is checked.
             let cfg = match load_config(true) {
                 Ok(cfg) => cfg,
@@ -100,7 +105,7 @@ fn main() -> ExitCode {
             let result = runtime().block_on(async {
                 let (events, _) = tokio::sync::mpsc::unbounded_channel();
                 let backends = agent::backends::for_cleanup(&cfg, events).await;
-                recovery::command(&cfg, &backends, dry_run, wait).await
+                recovery::command(&cfg, &backends, dry_run, stop_all, wait).await
             });
             let report = match result {
                 Ok(report) => report,

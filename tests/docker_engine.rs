@@ -153,3 +153,49 @@ async fn recover_lists_then_reaps_orphan_containers() {
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     assert_eq!(engine.inspect(&orphan, "{{.Id}}"), None, "recover reaps the orphan");
 }
+
+/// Host maintenance with containers: `recover --stop-all` stops the instance's container but
+/// keeps it (and the record, in `error`); the agent started again runs it on `start`.
+#[tokio::test]
+async fn stop_all_stops_a_container_and_start_runs_it_again() {
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let (dirs, mut agent, api) = started(engine).await;
+    let body = json!({"image": image, "command": "exec sleep 3600"});
+    let created = api.json("POST", "/instances", &body).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
+    wait_status(&api, "running", START).await;
+    let name = container(&id);
+    engine.must(&["exec", &name, "sh", "-c", "echo kept > /kept"]);
+    let container_id = engine.inspect(&name, "{{.Id}}").unwrap();
+    assert!(agent.terminate().success(), "SIGTERM leaves the container running");
+
+    let out = support::agent::recover_command(&dirs)
+        .args(["--stop-all", "--json"])
+        .env("QUDATA_BACKEND", "docker")
+        .env("QUDATA_DOCKER_HOST", engine.host())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!report.contains("\"failed\""), "{report}");
+    assert_eq!(engine.inspect(&name, "{{.State.Running}}").as_deref(), Some("false"));
+    let record = support::vm::record(&dirs, &id);
+    assert_eq!(record["status"], "error", "{record}");
+
+    let mut agent = support::docker_agent::start_agent(&dirs, engine, agent.port);
+    agent.wait_ready().await;
+    let api = support::agent::Api::new(&agent, Some(&support::agent::local_secret(&dirs)));
+    let data = wait_status(&api, "error", Duration::from_secs(30)).await;
+    assert!(data["error"].as_str().unwrap().contains("host maintenance"), "{data}");
+    let start = api.json("PUT", "/instances", &json!({"command": "start"})).await;
+    assert_eq!(start.status, 200, "{:?}", start.body);
+    wait_status(&api, "running", START).await;
+    assert_eq!(engine.inspect(&name, "{{.Id}}").unwrap(), container_id, "the same container");
+    let kept = engine.must(&["exec", &name, "cat", "/kept"]);
+    assert_eq!(kept, "kept", "its writable layer kept");
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_container_gone(engine, &id, Duration::from_secs(60));
+    wait_gone(&dirs, &id, Duration::from_secs(30)).await;
+}

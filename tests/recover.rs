@@ -228,3 +228,70 @@ async fn recover_returns_a_gpu_a_crash_left_on_vfio_pci() {
     assert_eq!(fake.driver_of(gpu).as_deref(), Some("nvidia"));
     assert!(!dirs.data.join("vfio/ghost.json").exists());
 }
+
+/// Host maintenance: `recover --stop-all` stops the recorded instance's QEMU and frpc, keeps
+/// the record (now `error`, saying why) and the disk, and touches nothing that is not ours.
+#[tokio::test]
+async fn stop_all_stops_live_instances_and_frpc_and_keeps_their_disks() {
+    use qudata_agent::tunnel::{Backoff, TunnelSettings, Tunnels};
+    use support::frpc::{TEST_TOKEN, creds, standin};
+
+    let dirs = Dirs::new();
+    let mut live = orphan(&dirs.data, &dirs.run, "live-1");
+    store_record(&dirs.data, "live-1", Status::Running, false);
+    let disk = live.paths.as_ref().unwrap().overlay.clone();
+    let mut stranger = foreign(&dirs.root.path().join("elsewhere"), "not-ours");
+    // frpc as an agent leaves it when it stops: running on, found by pidfile and cmdline.
+    let settings = TunnelSettings {
+        frpc_binary: standin(),
+        config_path: dirs.root.path().join("etc/frpc.toml"),
+        run_dir: dirs.run.clone(),
+        agent_id: "3f1c1b2e-8a4d-4c3e-9b7a-0d5e6f7a8b9c".into(),
+        agent_port: 18123,
+        backoff: Backoff::PRODUCTION,
+        ready_timeout: Duration::from_secs(10),
+    };
+    let tunnels = Tunnels::start(settings, Ok(creds(TEST_TOKEN))).await.unwrap();
+    let frpc = tunnels.frpc_pid().await.expect("frpc runs");
+    drop(tunnels);
+    let stop_all = |args: &[&str]| {
+        recover_command(&dirs)
+            .env("QUDATA_FRPC_BINARY", standin())
+            .arg("--stop-all")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let planned = rows(&stop_all(&["--dry-run", "--json"]));
+    let instance = row(&planned, "instance live-1");
+    assert_eq!(instance["action"], "stopped", "{instance}");
+    assert_eq!(row(&planned, &format!("QEMU pid {}", live.pid()))["action"], "stopped");
+    assert_eq!(row(&planned, &format!("frpc pid {frpc}"))["action"], "stopped");
+    assert!(live.alive() && running(frpc), "a dry run stopped something");
+
+    let done = rows(&stop_all(&["--json"]));
+    assert!(done.iter().all(|r| r.get("failed").is_none()), "{done:#?}");
+    assert!(!live.alive(), "the instance's QEMU is stopped");
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while running(frpc) {
+        assert!(std::time::Instant::now() < until, "frpc {frpc} still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(stranger.alive(), "a QEMU not ours was touched");
+    let rec = record_json(&dirs, "live-1");
+    assert_eq!(rec["status"], "error");
+    assert!(rec["error"].as_str().unwrap().contains("stopped for host maintenance"), "{rec}");
+    assert!(disk.exists(), "the disk is kept");
+
+    // Idempotent: a second run has nothing left to stop.
+    let again = rows(&stop_all(&["--json"]));
+    let acted: Vec<&Value> = again.iter().filter(|r| r["action"] != "kept").collect();
+    assert!(acted.is_empty(), "{acted:#?}");
+}
+
+/// Alive and not a zombie (frpc here is the test's own child until tokio reaps it).
+fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
+}

@@ -129,4 +129,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Stops and removes an orphan that [`Backend::find_owned`] returned and no record claims:
     /// graceful stop with a deadline, then kill; everything it made removed. Idempotent.
     async fn reap(&self, owned: &Owned) -> Result<(), BackendError>;
+
+    /// Stops the process of an instance whose record is kept (host maintenance, `recover
+    /// --stop-all`): graceful stop with a deadline, then kill, its GPUs returned; its disk and
+    /// files stay, so `start` boots it again. Idempotent; touches only its own kind.
+    async fn halt(&self, owned: &Owned) -> Result<(), BackendError>;
 }

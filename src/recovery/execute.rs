@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 
 use super::plan::{Plan, Row, Subject};
-use crate::backend::Backend;
+use crate::backend::{Backend, Owned};
 use crate::config::Config;
 use crate::instance::Restore;
 use crate::instance::model::{Instance, Status};
@@ -16,33 +16,60 @@ use crate::instance::store::Store;
 
 const NO_BACKEND: &str = "no backend can run on this host";
 
-/// Stops every orphan of the plan, all at once. Each backend reaps each orphan: reaping is
-/// idempotent and finds only its own kind (a QEMU backend finds no container), so no
-/// orphan needs to remember who found it.
+/// How a process found by [`Backend::find_owned`] is stopped.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// An orphan: stopped and everything it made removed.
+    Reap,
+    /// A recorded instance's, for host maintenance: stopped, its disk kept.
+    Halt,
+}
+
+/// Stops every orphan of the plan, all at once.
 pub async fn reap_orphans(plan: &mut Plan, backends: &[Arc<dyn Backend>]) {
-    let reap = |o: &crate::backend::Owned| {
+    let failures = stop_all(&plan.orphans, backends, Stop::Reap).await;
+    for (what, error) in failures {
+        tracing::error!(%what, %error, "cannot stop an orphan");
+        mark(&mut plan.rows, Subject::Process, &what, error);
+    }
+}
+
+/// Stops the processes of the instances the plan halts (`recover --stop-all`), all at once;
+/// their records and disks are kept.
+pub async fn halt_instances(plan: &mut Plan, backends: &[Arc<dyn Backend>]) {
+    let failures = stop_all(&plan.halt, backends, Stop::Halt).await;
+    for (what, error) in failures {
+        tracing::error!(%what, %error, "cannot stop an instance");
+        mark(&mut plan.rows, Subject::Process, &what, error);
+    }
+}
+
+/// Each backend stops each process: stopping is idempotent and finds only its own kind (a
+/// QEMU backend finds no container), so no process needs to remember who found it. Returns
+/// the failures as (what, error).
+async fn stop_all(
+    list: &[Owned],
+    backends: &[Arc<dyn Backend>],
+    how: Stop,
+) -> Vec<(String, String)> {
+    let stop = |o: &Owned| {
         let o = o.clone();
         async move {
             if backends.is_empty() {
                 return Err(NO_BACKEND.to_owned());
             }
             for backend in backends {
-                backend.reap(&o).await.map_err(|e| e.to_string())?;
+                let done = match how {
+                    Stop::Reap => backend.reap(&o).await,
+                    Stop::Halt => backend.halt(&o).await,
+                };
+                done.map_err(|e| e.to_string())?;
             }
             Ok(())
         }
     };
-    let results: Vec<Result<(), String>> = join_all(plan.orphans.iter().map(reap)).await;
-    let failures: Vec<(String, String)> = plan
-        .orphans
-        .iter()
-        .zip(results)
-        .filter_map(|(o, r)| r.err().map(|e| (o.what.clone(), e)))
-        .collect();
-    for (what, error) in failures {
-        tracing::error!(%what, %error, "cannot stop an orphan");
-        mark(&mut plan.rows, Subject::Process, &what, error);
-    }
+    let results: Vec<Result<(), String>> = join_all(list.iter().map(stop)).await;
+    list.iter().zip(results).filter_map(|(o, r)| r.err().map(|e| (o.what.clone(), e))).collect()
 }
 
 /// Removes the leaked files of the plan, then each instance folder that this left empty.

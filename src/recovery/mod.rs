@@ -15,6 +15,7 @@ pub mod gpus;
 pub mod lock;
 pub mod plan;
 pub mod report;
+mod tunnels;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,11 +119,13 @@ pub async fn apply_lease(
     Ok(())
 }
 
-/// `qudata-agent recover [--dry-run]`: the reconciliation once, without a control plane.
+/// `qudata-agent recover [--dry-run] [--stop-all]`: the reconciliation once, without a control
+/// plane; with `stop_all` (host maintenance) every live instance and frpc are stopped too.
 pub async fn command(
     cfg: &Config,
     backends: &[Arc<dyn Backend>],
     dry_run: bool,
+    stop_all: bool,
     lock_wait: Duration,
 ) -> Result<Report, RecoveryError> {
     // A dry run changes nothing, so it does not need the agent to stop; it says if it runs.
@@ -143,11 +146,21 @@ pub async fn command(
         None => Vec::new(),
     };
     let facts = survey(records, backends, cfg, None).await?;
-    let mut plan = plan::plan(&facts, Mode::Command);
+    let mode = if stop_all { Mode::StopAll } else { Mode::Command };
+    let mut plan = plan::plan(&facts, mode);
+    let frpc = stop_all.then(|| tunnels::running(cfg)).flatten();
+    if let Some(pid) = frpc {
+        plan.rows.push(tunnels::row(pid));
+    }
     if let Some(store) = store.filter(|_| !dry_run) {
         log_plan(&plan);
+        // Before the records say `error`: a failed stop leaves its row marked, the record too.
+        execute::halt_instances(&mut plan, backends).await;
         execute::apply_records(&mut plan, backends, &store).await;
         clean_up(&mut plan, backends, cfg).await;
+        if let Some(pid) = frpc {
+            tunnels::stop(pid, &mut plan.rows).await;
+        }
     }
     Ok(Report { dry_run, rows: plan.rows, note })
 }

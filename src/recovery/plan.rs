@@ -19,6 +19,9 @@ pub enum Mode {
     Agent,
     /// `qudata-agent recover`: leaves live instances to the agent.
     Command,
+    /// `qudata-agent recover --stop-all` (host maintenance): stops every live instance too,
+    /// keeping its record and disk.
+    StopAll,
 }
 
 /// The kind of thing a row is about.
@@ -69,10 +72,15 @@ pub struct Plan {
     pub return_gpus: Vec<String>,
     /// (instance, PCI address) of every device in a bind record, for the executor's rows.
     pub gpu_rows: Vec<(String, String)>,
+    /// Processes of recorded instances stopped for maintenance (their records kept).
+    pub halt: Vec<Owned>,
     pub rows: Vec<Row>,
 }
 
 const GONE: &str = "the VM exited while the agent was down";
+/// The record's error after `recover --stop-all`.
+pub const STOPPED: &str =
+    "stopped for host maintenance (recover --stop-all); its disk is kept: start boots it again";
 const CUT_SHORT: &str = "the agent stopped while the instance was being created, before its VM \
      ran; what the create made is removed — delete the instance and create it again";
 
@@ -136,9 +144,16 @@ pub fn plan(facts: &Facts, mode: Mode) -> Plan {
             has_disk: docker || has(FileKind::Overlay),
             has_run: docker || has(FileKind::SerialLog),
         };
-        let (restore, why) = decide(record, seen, facts.lease);
+        let (mut restore, mut why) = decide(record, seen, facts.lease);
+        if mode == Mode::StopAll && seen.alive && matches!(restore, Restore::Adopt | Restore::Keep)
+        {
+            restore = Restore::Gone { reason: STOPPED.to_owned() };
+            why = STOPPED.to_owned();
+            plan.halt.extend(facts.owned.iter().filter(|o| o.instance_id == id).cloned());
+        }
         let action = match &restore {
-            Restore::Adopt if mode == Mode::Command => Action::Kept,
+            Restore::Gone { .. } if mode == Mode::StopAll && seen.alive => Action::Stopped,
+            Restore::Adopt if mode != Mode::Agent => Action::Kept,
             Restore::Adopt => Action::Adopted,
             Restore::Keep => Action::Kept,
             Restore::Gone { .. } => Action::Error,
@@ -147,7 +162,9 @@ pub fn plan(facts: &Facts, mode: Mode) -> Plan {
             Restore::TearDown => Action::Stopped,
         };
         let why = match (&restore, mode) {
-            (Restore::Adopt, Mode::Command) => format!("{why}; the agent adopts it when it starts"),
+            (Restore::Adopt, Mode::Command | Mode::StopAll) => {
+                format!("{why}; the agent adopts it when it starts")
+            }
             _ => why,
         };
         match restore {
@@ -175,6 +192,9 @@ pub fn plan(facts: &Facts, mode: Mode) -> Plan {
             }
             Some((_, Restore::TearDown)) => {
                 (Action::Stopped, format!("instance {id} is torn down"))
+            }
+            Some(_) if plan.halt.contains(owned) => {
+                (Action::Stopped, format!("instance {id}'s, stopped for host maintenance"))
             }
             Some((_, Restore::Adopt)) if mode == Mode::Agent => {
                 (Action::Adopted, format!("instance {id}'s"))
@@ -217,6 +237,11 @@ pub fn plan(facts: &Facts, mode: Mode) -> Plan {
             (Action::Kept, format!("on vfio-pci for instance {id}"))
         } else if teardown.contains(id) {
             (Action::Returned, format!("with instance {id}'s teardown"))
+        } else if plan.halt.iter().any(|o| o.instance_id == id) {
+            if !plan.return_gpus.iter().any(|i| i == id) {
+                plan.return_gpus.push(id.to_owned());
+            }
+            (Action::Returned, format!("with instance {id}, stopped for host maintenance"))
         } else {
             if !plan.return_gpus.iter().any(|i| i == id) {
                 plan.return_gpus.push(id.to_owned());

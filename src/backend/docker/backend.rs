@@ -368,4 +368,14 @@ impl Backend for DockerBackend {
             .await
             .map_err(|e| e.during("remove the orphan container"))
     }
+
+    async fn halt(&self, kept: &Owned) -> Result<(), BackendError> {
+        let (owner, grace) = (&self.settings.owner, self.settings.stop_grace);
+        if let Some(watch) = self.watch_of(&kept.instance_id) {
+            watch.set_quiet();
+        }
+        owned::halt(&self.engine, owner, &kept.instance_id, grace)
+            .await
+            .map_err(|e| e.during("stop the container"))
+    }
 }

@@ -66,6 +66,26 @@ impl Engine {
         self.call("inspect the container", CALL, fut).await.map_err(|e| not_found(e, name))
     }
 
+    /// Graceful stop (SIGTERM, then SIGKILL after `grace`) of a container that is kept; a
+    /// paused one is resumed first so it can stop cleanly. What is already gone is fine.
+    pub async fn stop(&self, name: &str, grace: Duration) -> Result<(), DockerError> {
+        let paused = match self.inspect(name).await {
+            Err(DockerError::NotFound { .. }) => return Ok(()),
+            other => other?.state.and_then(|s| s.paused).unwrap_or(false),
+        };
+        if paused {
+            let unpause = self.docker.unpause_container(name);
+            self.call("unpause the container", CALL, unpause).await?;
+        }
+        let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+        let stop =
+            self.docker.stop_container(name, Some(StopContainerOptionsBuilder::new().t(t).build()));
+        match self.call("stop the container", grace + CALL, stop).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+
     /// Graceful stop (SIGTERM, then SIGKILL after `grace`), then removal with its anonymous
     /// volumes. What is already gone is fine.
     pub async fn stop_and_remove(&self, name: &str, grace: Duration) -> Result<(), DockerError> {

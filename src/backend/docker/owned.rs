@@ -37,6 +37,23 @@ pub async fn reap(
     Ok(())
 }
 
+/// Stops every container of instance `id` that `owner` made, keeping it (and its writable
+/// layer): an explicit stop, so its `unless-stopped` policy does not run it again. Idempotent.
+pub async fn halt(
+    engine: &Engine,
+    owner: &str,
+    id: &str,
+    grace: Duration,
+) -> Result<(), DockerError> {
+    let filters = [format!("{LABEL_INSTANCE}={id}"), format!("{LABEL_OWNER}={owner}")];
+    for container in engine.labelled(&filters).await? {
+        let Some(cid) = container.id else { continue };
+        engine.stop(&cid, grace).await?;
+        tracing::info!(%id, container = %cid, "container stopped; it is kept");
+    }
+    Ok(())
+}
+
 /// Stops and removes `name` if, and only if, its labels say it is instance `id` of `owner`.
 pub async fn remove(
     engine: &Engine,

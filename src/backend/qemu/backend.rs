@@ -366,4 +366,8 @@ impl Backend for QemuBackend {
     async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
         self.reap_vm(&owned.instance_id).await
     }
+
+    async fn halt(&self, owned: &Owned) -> Result<(), BackendError> {
+        self.halt_vm(&owned.instance_id).await
+    }
 }

@@ -122,6 +122,11 @@ impl Backend for Scripted {
         self.owned.lock().unwrap().retain(|o| o != owned);
         Ok(())
     }
+    async fn halt(&self, owned: &Owned) -> Result<(), BackendError> {
+        self.step("halt")?;
+        self.owned.lock().unwrap().retain(|o| o != owned);
+        Ok(())
+    }
 }
 
 struct Harness {

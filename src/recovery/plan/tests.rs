@@ -168,6 +168,32 @@ fn recover_leaves_live_instances_to_the_agent() {
     assert_eq!(table(&plan)[2], "QEMU pid 100 | kept | instance live's");
 }
 
+/// Host maintenance: the live instance is stopped with its record and disk kept (in `error`
+/// with the reason), its GPU returned; the rest is planned as by plain `recover`.
+#[test]
+fn stop_all_halts_live_instances_and_keeps_their_disks() {
+    let plan = plan(&host(), Mode::StopAll);
+    let t = table(&plan);
+    assert_eq!(t[0], format!("instance live | stopped | {STOPPED}"));
+    assert_eq!(t[2], "QEMU pid 100 | stopped | instance live's, stopped for host maintenance");
+    assert!(t.contains(&"/d/vms/live/disk.qcow2 | kept | instance live's".into()), "{t:#?}");
+    assert!(t.contains(
+        &"0000:65:00.0 | returned | with instance live, stopped for host maintenance".into()
+    ));
+    assert_eq!(plan.halt, vec![owned("live", 100)]);
+    assert_eq!(plan.orphans, vec![owned("orphan", 200)]);
+    assert_eq!(plan.return_gpus, ["live", "dead", "gone"]);
+    let live = plan.records.iter().find(|(r, _)| r.id == "live").unwrap();
+    assert_eq!(live.1, Restore::Gone { reason: STOPPED.to_owned() });
+    // Without --stop-all the same host keeps it running.
+    let plain = plan_of(Mode::Command);
+    assert!(plain.halt.is_empty() && !plain.return_gpus.contains(&"live".to_owned()));
+}
+
+fn plan_of(mode: Mode) -> Plan {
+    plan(&host(), mode)
+}
+
 #[test]
 fn the_lease_decides_teardown_and_reboot() {
     let over = plan(&Facts { lease: Some(false), ..host() }, Mode::Agent);

@@ -1,5 +1,6 @@
-//! The QEMU backend's side of recovery: every VM of this agent found by its command line, and
-//! an orphan (no record claims it) stopped, its GPUs released and its files removed.
+//! The QEMU backend's side of recovery: every VM of this agent found by its command line; an
+//! orphan (no record claims it) stopped, its GPUs released and its files removed; a recorded
+//! VM halted for host maintenance, its files kept.
 
 use super::QemuBackend;
 use crate::backend::qemu::gpus;
@@ -18,6 +19,27 @@ impl QemuBackend {
     /// Stops instance `id`'s orphan QEMU (power-down, quit, TERM, KILL, each with a deadline),
     /// then returns its GPUs (only once QEMU is gone) and removes its layout files. Idempotent.
     pub(super) async fn reap_vm(&self, id: &str) -> Result<(), BackendError> {
+        let how = self.stop_found(id).await?;
+        let removed = self
+            .paths(id)
+            .remove_known()
+            .map_err(|e| BackendError::op("remove the orphan's files", e))?;
+        tracing::info!(%id, stopped = ?how, files = removed.len(), "orphan VM reaped");
+        Ok(())
+    }
+
+    /// [`QemuBackend::reap_vm`] for a VM whose record is kept: its disk, VARS and seed stay.
+    pub(super) async fn halt_vm(&self, id: &str) -> Result<(), BackendError> {
+        let how = self.stop_found(id).await?;
+        tracing::info!(%id, stopped = ?how, "VM stopped; its disk is kept");
+        Ok(())
+    }
+
+    /// Stops the QEMU of `id` found by its command line, then returns its GPUs.
+    async fn stop_found(
+        &self,
+        id: &str,
+    ) -> Result<crate::backend::qemu::orphan::Stopped, BackendError> {
         let paths = self.paths(id);
         if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
             vm.expect_exit();
@@ -29,11 +51,8 @@ impl QemuBackend {
             id,
             powerdown_grace: self.settings.powerdown_grace,
         };
-        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the orphan QEMU", e))?;
+        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the QEMU", e))?;
         gpus::release(&self.settings.vfio, id).await?;
-        let removed =
-            paths.remove_known().map_err(|e| BackendError::op("remove the orphan's files", e))?;
-        tracing::info!(%id, stopped = ?how, files = removed.len(), "orphan VM reaped");
-        Ok(())
+        Ok(how)
     }
 }
