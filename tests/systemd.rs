@@ -228,7 +228,11 @@ async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
     assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "no_new_privs is not set");
 
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
-    let created = api.json("POST", "/instances", &serde_json::json!({"ssh_enabled": true})).await;
+    // Small, as every test VM: under TCG a guest with the host's default memory spends its
+    // boot initialising it.
+    let body =
+        serde_json::json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2});
+    let created = api.json("POST", "/instances", &body).await;
     assert_eq!(created.status, 200, "{:?}\n{}", created.body, agent.output());
     let id = created.body["data"]["id"].as_str().unwrap().to_owned();
     wait_status(&api, "running", BOOT).await;

@@ -205,3 +205,38 @@ async fn races_during_create_leave_nothing_behind() {
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id2, Duration::from_secs(120)).await;
 }
+
+/// Host maintenance on a VM the renter paused: `recover --stop-all` resumes it so the guest
+/// powers down cleanly (its disk matters: the record is kept), and `start` boots it again.
+#[tokio::test]
+async fn stop_all_powers_a_paused_vm_down_cleanly_and_start_boots_it_again() {
+    let (dirs, mut agent, api) = started().await;
+    let id = create_running(&dirs, &api).await;
+    let web = host_port(&dirs, &id, 8080);
+    assert_eq!(api.json("PUT", "/instances", &json!({"command": "stop"})).await.status, 200);
+    wait_status(&api, "paused", Duration::from_secs(10)).await;
+    assert!(agent.terminate().success());
+    assert_eq!(qemu_pids(&id).len(), 1, "SIGTERM leaves the VM");
+
+    let mut recover = support::agent::recover_command(&dirs);
+    let out = recover.envs(support::vm::vm_env()).args(["--stop-all", "--json"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{report}\n{stderr}");
+    assert!(!report.contains("\"failed\""), "{report}");
+    assert!(stderr.contains("PoweredDown"), "not a clean power-down:\n{stderr}");
+    assert!(qemu_pids(&id).is_empty(), "QEMU still runs");
+    assert_eq!(record(&dirs, &id)["status"], "error");
+    assert!(dirs.data.join("vms").join(&id).join("disk.qcow2").exists(), "the disk is kept");
+
+    let mut agent = start_agent(&dirs, agent.port);
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let data = wait_status(&api, "error", Duration::from_secs(10)).await;
+    assert!(data["error"].as_str().unwrap().contains("host maintenance"), "{data}");
+    assert_eq!(api.json("PUT", "/instances", &json!({"command": "start"})).await.status, 200);
+    wait_status(&api, "running", BOOT).await;
+    assert_eq!(wait_http(web, Duration::from_secs(60)).await, GREETING, "booted from its disk");
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, Duration::from_secs(120)).await;
+}

@@ -38,6 +38,9 @@ pub struct Orphan<'a> {
     pub paths: &'a VmPaths,
     pub id: &'a str,
     pub powerdown_grace: Duration,
+    /// Resume a guest the renter paused so it can act on the power button: set when the
+    /// record is kept (host maintenance), where a clean shutdown protects the renter's disk.
+    pub resume_paused: bool,
 }
 
 impl Orphan<'_> {
@@ -94,11 +97,18 @@ impl Orphan<'_> {
     }
 
     /// Power-down when the guest runs (a paused or never-started guest cannot act on the
-    /// button), then `quit`. `None` when the monitor cannot do it.
+    /// button; a paused one is resumed first with `resume_paused`), then `quit`. `None` when
+    /// the monitor cannot do it.
     async fn stop_over_qmp(&self, pids: &[u32]) -> Option<Stopped> {
         let qmp =
             timeout(QMP_DEADLINE, Qmp::connect(&self.paths.qmp, QMP_DEADLINE)).await.ok()?.ok()?;
-        let running = matches!(qmp.query_status().await.map(|s| s.running), Ok(true));
+        let mut running = false;
+        if let Ok(status) = qmp.query_status().await {
+            running = status.running;
+            if !running && self.resume_paused && status.status == qapi_qmp::RunState::paused {
+                running = qmp.cont().await.is_ok();
+            }
+        }
         if running
             && qmp.system_powerdown().await.is_ok()
             && self.all_gone(pids, self.powerdown_grace).await

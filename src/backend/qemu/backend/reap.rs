@@ -19,7 +19,7 @@ impl QemuBackend {
     /// Stops instance `id`'s orphan QEMU (power-down, quit, TERM, KILL, each with a deadline),
     /// then returns its GPUs (only once QEMU is gone) and removes its layout files. Idempotent.
     pub(super) async fn reap_vm(&self, id: &str) -> Result<(), BackendError> {
-        let how = self.stop_found(id).await?;
+        let how = self.stop_found(id, false).await?;
         let removed = self
             .paths(id)
             .remove_known()
@@ -30,15 +30,17 @@ impl QemuBackend {
 
     /// [`QemuBackend::reap_vm`] for a VM whose record is kept: its disk, VARS and seed stay.
     pub(super) async fn halt_vm(&self, id: &str) -> Result<(), BackendError> {
-        let how = self.stop_found(id).await?;
+        let how = self.stop_found(id, true).await?;
         tracing::info!(%id, stopped = ?how, "VM stopped; its disk is kept");
         Ok(())
     }
 
-    /// Stops the QEMU of `id` found by its command line, then returns its GPUs.
+    /// Stops the QEMU of `id` found by its command line (a paused guest resumed first for a
+    /// clean power-down when `resume_paused`), then returns its GPUs.
     async fn stop_found(
         &self,
         id: &str,
+        resume_paused: bool,
     ) -> Result<crate::backend::qemu::orphan::Stopped, BackendError> {
         let paths = self.paths(id);
         if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
@@ -50,6 +52,7 @@ impl QemuBackend {
             paths: &paths,
             id,
             powerdown_grace: self.settings.powerdown_grace,
+            resume_paused,
         };
         let how = orphan.stop().await.map_err(|e| BackendError::op("stop the QEMU", e))?;
         gpus::release(&self.settings.vfio, id).await?;
