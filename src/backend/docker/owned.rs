@@ -21,6 +21,12 @@ pub async fn find(engine: &Engine, owner: &str) -> Result<Vec<Owned>, DockerErro
     Ok(owned.collect())
 }
 
+/// The ids of the containers of instance `id` that `owner` made.
+async fn containers_of(engine: &Engine, owner: &str, id: &str) -> Result<Vec<String>, DockerError> {
+    let filters = [format!("{LABEL_INSTANCE}={id}"), format!("{LABEL_OWNER}={owner}")];
+    Ok(engine.labelled(&filters).await?.into_iter().filter_map(|c| c.id).collect())
+}
+
 /// Stops and removes every container of instance `id` that `owner` made. Idempotent.
 pub async fn reap(
     engine: &Engine,
@@ -28,9 +34,7 @@ pub async fn reap(
     id: &str,
     grace: Duration,
 ) -> Result<(), DockerError> {
-    let filters = [format!("{LABEL_INSTANCE}={id}"), format!("{LABEL_OWNER}={owner}")];
-    for container in engine.labelled(&filters).await? {
-        let Some(cid) = container.id else { continue };
+    for cid in containers_of(engine, owner, id).await? {
         engine.stop_and_remove(&cid, grace).await?;
         tracing::info!(%id, container = %cid, "orphan container reaped");
     }
@@ -45,9 +49,7 @@ pub async fn halt(
     id: &str,
     grace: Duration,
 ) -> Result<(), DockerError> {
-    let filters = [format!("{LABEL_INSTANCE}={id}"), format!("{LABEL_OWNER}={owner}")];
-    for container in engine.labelled(&filters).await? {
-        let Some(cid) = container.id else { continue };
+    for cid in containers_of(engine, owner, id).await? {
         engine.stop(&cid, grace).await?;
         tracing::info!(%id, container = %cid, "container stopped; it is kept");
     }
