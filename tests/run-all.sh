@@ -15,7 +15,8 @@ echo "== cargo test"
 # start empty so the scan below covers exactly this run.
 scratch="target/tmp"
 rm -rf "$scratch/agent-logs" "$scratch/issued-secrets" "$scratch/issued-secrets.scan"
-cargo test --locked --all-targets -- --test-threads="${QUDATA_TEST_THREADS:-2}"
+# --no-fail-fast: a failure in one test binary still lets the others run and report.
+cargo test --locked --all-targets --no-fail-fast -- --test-threads="${QUDATA_TEST_THREADS:-2}"
 
 echo "== no secret in any agent log"
 # Values shorter than 8 characters cannot be credentials and would match by accident.

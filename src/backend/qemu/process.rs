@@ -201,14 +201,9 @@ pub fn owned_pid(pidfile: &Path, id: &str) -> Option<u32> {
     (is_alive(pid) && cmdline_has_marker(&cmdline, id)).then_some(pid)
 }
 
-/// A process exists and is not a zombie.
+/// The process exists and has not finished exiting (`ProcRoot::is_alive` on `/proc`).
 pub fn is_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the command name, which is in parentheses and may contain spaces.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-    !matches!(state, None | Some('Z') | Some('X'))
+    super::procfs::ProcRoot::default().is_alive(pid)
 }
 
 fn signal(pid: u32, sig: libc::c_int) {

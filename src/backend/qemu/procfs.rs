@@ -21,6 +21,13 @@ impl Default for ProcRoot {
     }
 }
 
+/// The state letter of a `stat` file; it follows the command name, which is in parentheses
+/// and may contain spaces.
+fn task_state(stat: &Path) -> Option<char> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next())
+}
+
 /// A QEMU of this agent found in `/proc`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FoundQemu {
@@ -42,14 +49,20 @@ impl ProcRoot {
         std::fs::read(self.0.join(pid.to_string()).join("cmdline")).ok()
     }
 
-    /// The process exists and is not a zombie.
+    /// The process exists and has not finished exiting: its leader is not a zombie, or some
+    /// other thread still runs. (QEMU's leader turns zombie before its other threads are gone,
+    /// and until the last one is, the process still holds its files: disk, VFIO devices.)
     pub fn is_alive(&self, pid: u32) -> bool {
-        let Ok(stat) = std::fs::read_to_string(self.0.join(pid.to_string()).join("stat")) else {
-            return false;
-        };
-        // The state follows the command name, which is in parentheses and may contain spaces.
-        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-        !matches!(state, None | Some('Z') | Some('X'))
+        let dir = self.0.join(pid.to_string());
+        match task_state(&dir.join("stat")) {
+            None => false,
+            Some('Z' | 'X') => std::fs::read_dir(dir.join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|t| !matches!(task_state(&t.path().join("stat")), None | Some('Z' | 'X'))),
+            Some(_) => true,
+        }
     }
 
     /// Whether `pid` is alive and is instance `id`'s QEMU of the agent whose run dir is
@@ -152,5 +165,26 @@ mod tests {
         assert!(!proc.is_ours(40, "b", run));
         assert!(!proc.is_ours(41, "b", run), "a zombie is gone");
         assert!(!proc.is_ours(99, "a", run), "no such process");
+    }
+
+    /// A leader that is a zombie while another thread still exits: not gone yet (it still
+    /// holds its files); gone once every thread is.
+    #[test]
+    fn a_process_is_gone_only_when_its_last_thread_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let proc = ProcRoot::new(tmp.path());
+        fake_process(tmp.path(), 50, &["qemu"], 'Z');
+        let task = |tid: u32, state: char| {
+            let dir = tmp.path().join("50/task").join(tid.to_string());
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("stat"), format!("{tid} (qemu sys) {state} 1 2 3")).unwrap();
+        };
+        task(50, 'Z');
+        task(51, 'D');
+        assert!(proc.is_alive(50), "a thread still exits");
+        task(51, 'Z');
+        assert!(!proc.is_alive(50));
+        std::fs::remove_dir_all(tmp.path().join("50/task/51")).unwrap();
+        assert!(!proc.is_alive(50), "only the zombie leader is left");
     }
 }
