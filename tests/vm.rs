@@ -219,7 +219,9 @@ async fn stop_all_powers_a_paused_vm_down_cleanly_and_start_boots_it_again() {
     assert_eq!(qemu_pids(&id).len(), 1, "SIGTERM leaves the VM");
 
     let mut recover = support::agent::recover_command(&dirs);
-    let out = recover.envs(support::vm::vm_env()).args(["--stop-all", "--json"]).output().unwrap();
+    // QUDATA_DEBUG: the log says how each VM was stopped.
+    recover.envs(support::vm::vm_env()).env("QUDATA_DEBUG", "true");
+    let out = recover.args(["--stop-all", "--json"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{report}\n{stderr}");
