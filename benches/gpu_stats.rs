@@ -20,11 +20,10 @@ use std::time::{Duration, Instant};
 use qudata_agent::gpu::{GpuMetrics, HostNvml};
 use qudata_agent::guest::metrics::GuestGpuBoard;
 use qudata_agent::guest::metrics::parse::parse_line;
-use serde_json::json;
 use support::agent::{Agent, Api, Dirs, free_port};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
 use support::nvml::{FakeDriver, fake_library, h100};
-use support::vm::{BOOT, openssh, record, vm_env, wait_status};
+use support::vm::{create_running, openssh, record, small_vm, vm_env, wait_status};
 
 /// CPU time this thread has used.
 fn thread_cpu() -> Duration {
@@ -131,12 +130,7 @@ async fn agent_with_vm(seconds: u64) {
     agent.wait_ready().await;
     cp.until("registration", Duration::from_secs(60), |r| !ok_stats(r).is_empty()).await;
     let api = Api::new(&agent, Some(&cp.only_secret()));
-    let created = api
-        .json("POST", "/instances", &json!({"cpus": 1, "memory": "512M", "storage_gb": 2}))
-        .await;
-    assert_eq!(created.status, 200, "{:?}", created.body);
-    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
-    wait_status(&api, "running", BOOT).await;
+    let id = create_running(&api, &small_vm()).await;
     tokio::time::sleep(Duration::from_secs(10)).await; // the guest settles after boot
     measure(&cp, agent.pid(), seconds, "in-guest GPU stream on").await;
 

@@ -16,10 +16,9 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use support::agent::{Api, Dirs, free_port, local_secret};
 use support::orphans::orphan;
-use support::vm::{BOOT, qemu_pids, start_agent, wait_status};
+use support::vm::{BOOT, create_running, qemu_pids, small_vm, start_agent, wait_status};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -36,10 +35,7 @@ async fn restart_with_one_vm(rounds: usize) {
     let mut agent = start_agent(&dirs, port);
     agent.wait_ready().await;
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
-    let body = json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2});
-    let created = api.json("POST", "/instances", &body).await;
-    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
-    wait_status(&api, "running", BOOT).await;
+    let id = create_running(&api, &small_vm()).await;
     let pids = qemu_pids(&id);
 
     let mut serving = Vec::new();

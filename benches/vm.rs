@@ -16,10 +16,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qudata_agent::backend::qemu::disk;
-use serde_json::json;
 use support::agent::{Api, Dirs, local_secret};
 use support::vm::{
-    BOOT, ci_guest_image, fresh_agent, openssh, qemu_pids, ssh_keygen, wait_gone, wait_status,
+    BOOT, ci_guest_image, create_running, fresh_agent, openssh, qemu_pids, small_vm, ssh_keygen,
+    wait_gone,
 };
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -30,17 +30,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// One create through the agent: the time to `running`, and the QEMU command line it ran.
 async fn through_agent(api: &Api, dirs: &Dirs) -> (Duration, Vec<String>) {
     let started = Instant::now();
-    let created = api
-        .json(
-            "POST",
-            "/instances",
-            &json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2}),
-        )
-        .await;
-    assert_eq!(created.status, 200, "{:?}", created.body);
-    wait_status(api, "running", BOOT).await;
+    let id = create_running(api, &small_vm()).await;
     let took = started.elapsed();
-    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
     let pid = qemu_pids(&id)[0];
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let argv = cmdline

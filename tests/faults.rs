@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 use support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
 use support::vm::{
-    BOOT, leftovers, qemu_pids, record, ssh_keygen, wait_gone, wait_status, wait_status_after_error,
+    BOOT, create, leftovers, qemu_pids, record, small_vm, ssh_keygen, wait_gone, wait_status,
+    wait_status_after_error,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -38,17 +39,12 @@ fn production(dirs: &Dirs, cp: &MockCp, key: &str, port: u16, crash_at: Option<&
     Agent::start(dirs, &["run"], &env, port)
 }
 
-fn small_vm() -> Value {
-    json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2})
-}
-
 /// Creates an instance and waits for the agent to kill itself at its crash point.
 async fn create_and_crash(api: &Api, agent: &mut Agent) -> String {
-    let created = api.json("POST", "/instances", &small_vm()).await;
-    assert_eq!(created.status, 200, "{:?}", created.body);
+    let id = create(api, &small_vm()).await;
     let status = agent.wait_exit();
     assert_eq!(status.signal(), Some(libc::SIGKILL), "the crash point was reached: {status}");
-    created.body["data"]["id"].as_str().unwrap().to_owned()
+    id
 }
 
 /// Host ports the record holds (published and management): nothing may listen on them.

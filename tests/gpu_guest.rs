@@ -8,10 +8,10 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::agent::{Agent, Api, Dirs, free_port};
 use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{BOOT, openssh, record, vm_env, wait_gone, wait_status};
+use support::vm::{create_running, openssh, record, small_vm, vm_env, wait_gone, wait_status};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -55,12 +55,7 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
     cp.until("a first sample", WAIT, |r| !ok_stats(r).is_empty()).await;
     let api = Api::new(&agent, Some(&cp.only_secret()));
 
-    let created = api
-        .json("POST", "/instances", &json!({"cpus": 1, "memory": "512M", "storage_gb": 2}))
-        .await;
-    assert_eq!(created.status, 200, "{:?}", created.body);
-    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
-    wait_status(&api, "running", BOOT).await;
+    let id = create_running(&api, &small_vm()).await;
 
     // The stand-in's values: two H100s, GPU 0 moving every sample, GPU 1 without power draw.
     let before = cp.requests().len();

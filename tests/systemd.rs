@@ -204,7 +204,9 @@ async fn production_mode_notifies_ready_while_the_control_plane_is_down() {
 async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
     use support::agent::{Api, local_secret};
     use support::sandbox::{mount_options, unit_sandbox};
-    use support::vm::{BOOT, host_port, openssh, ssh_keygen, vm_env, wait_gone, wait_status};
+    use support::vm::{
+        create_running, host_port, openssh, small_vm, ssh_keygen, vm_env, wait_gone,
+    };
 
     // Outside /tmp, which the sandbox replaces; the one writable directory inside it.
     let root = tempfile::Builder::new()
@@ -228,14 +230,7 @@ async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
     assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "no_new_privs is not set");
 
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
-    // Small, as every test VM: under TCG a guest with the host's default memory spends its
-    // boot initialising it.
-    let body =
-        serde_json::json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2});
-    let created = api.json("POST", "/instances", &body).await;
-    assert_eq!(created.status, 200, "{:?}\n{}", created.body, agent.output());
-    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
-    wait_status(&api, "running", BOOT).await;
+    let id = create_running(&api, &small_vm()).await;
     let (key, public) = ssh_keygen(dirs.root.path(), "renter");
     let added = api.json("POST", "/ssh", &serde_json::json!({"ssh_pubkey": public})).await;
     assert_eq!(added.status, 200, "{:?}", added.body);

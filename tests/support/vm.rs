@@ -46,6 +46,26 @@ pub fn vm_env() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The VM every test boots: under TCG a guest of the host's default size (every core, most of
+/// the memory) spends its boot initialising it and stalls on a busy machine.
+pub fn small_vm() -> Value {
+    serde_json::json!({"ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2})
+}
+
+/// `POST /instances` with `body`, which must be accepted: the new instance's id.
+pub async fn create(api: &Api, body: &Value) -> String {
+    let created = api.json("POST", "/instances", body).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    created.body["data"]["id"].as_str().expect("the new instance's id").to_owned()
+}
+
+/// [`create`], then waits until the instance runs.
+pub async fn create_running(api: &Api, body: &Value) -> String {
+    let id = create(api, body).await;
+    wait_status(api, "running", BOOT).await;
+    id
+}
+
 /// Local mode with the CI guest as base image, under TCG.
 pub fn start_agent(dirs: &Dirs, port: u16) -> Agent {
     Agent::start(dirs, &["run", "--local"], &vm_env(), port)

@@ -12,9 +12,10 @@ use tokio::time::Instant;
 
 use super::engine::{CALL, Engine};
 use super::error::DockerError;
+use super::owned::{self, Fate};
 use super::plan::{self, container_name};
 use super::watch::{self, Watch};
-use super::{owned, pull, sshd};
+use super::{pull, sshd};
 use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
@@ -364,7 +365,7 @@ impl Backend for DockerBackend {
 
     async fn reap(&self, orphan: &Owned) -> Result<(), BackendError> {
         let (owner, grace) = (&self.settings.owner, self.settings.stop_grace);
-        owned::reap(&self.engine, owner, &orphan.instance_id, grace)
+        owned::settle(&self.engine, owner, &orphan.instance_id, grace, Fate::Removed)
             .await
             .map_err(|e| e.during("remove the orphan container"))
     }
@@ -374,7 +375,7 @@ impl Backend for DockerBackend {
         if let Some(watch) = self.watch_of(&kept.instance_id) {
             watch.set_quiet();
         }
-        owned::halt(&self.engine, owner, &kept.instance_id, grace)
+        owned::settle(&self.engine, owner, &kept.instance_id, grace, Fate::Stopped)
             .await
             .map_err(|e| e.during("stop the container"))
     }

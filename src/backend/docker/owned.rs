@@ -21,37 +21,32 @@ pub async fn find(engine: &Engine, owner: &str) -> Result<Vec<Owned>, DockerErro
     Ok(owned.collect())
 }
 
-/// The ids of the containers of instance `id` that `owner` made.
-async fn containers_of(engine: &Engine, owner: &str, id: &str) -> Result<Vec<String>, DockerError> {
+/// What becomes of an instance's containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Stopped and removed with its anonymous volumes: an orphan.
+    Removed,
+    /// Stopped and kept with its writable layer (host maintenance): an explicit stop, so its
+    /// `unless-stopped` policy does not run it again.
+    Stopped,
+}
+
+/// Every container of instance `id` that `owner` made meets `fate`. Idempotent.
+pub async fn settle(
+    engine: &Engine,
+    owner: &str,
+    id: &str,
+    grace: Duration,
+    fate: Fate,
+) -> Result<(), DockerError> {
     let filters = [format!("{LABEL_INSTANCE}={id}"), format!("{LABEL_OWNER}={owner}")];
-    Ok(engine.labelled(&filters).await?.into_iter().filter_map(|c| c.id).collect())
-}
-
-/// Stops and removes every container of instance `id` that `owner` made. Idempotent.
-pub async fn reap(
-    engine: &Engine,
-    owner: &str,
-    id: &str,
-    grace: Duration,
-) -> Result<(), DockerError> {
-    for cid in containers_of(engine, owner, id).await? {
-        engine.stop_and_remove(&cid, grace).await?;
-        tracing::info!(%id, container = %cid, "orphan container reaped");
-    }
-    Ok(())
-}
-
-/// Stops every container of instance `id` that `owner` made, keeping it (and its writable
-/// layer): an explicit stop, so its `unless-stopped` policy does not run it again. Idempotent.
-pub async fn halt(
-    engine: &Engine,
-    owner: &str,
-    id: &str,
-    grace: Duration,
-) -> Result<(), DockerError> {
-    for cid in containers_of(engine, owner, id).await? {
-        engine.stop(&cid, grace).await?;
-        tracing::info!(%id, container = %cid, "container stopped; it is kept");
+    for container in engine.labelled(&filters).await? {
+        let Some(cid) = container.id else { continue };
+        match fate {
+            Fate::Removed => engine.stop_and_remove(&cid, grace).await?,
+            Fate::Stopped => engine.stop(&cid, grace).await?,
+        }
+        tracing::info!(%id, container = %cid, ?fate, "container of this agent stopped");
     }
     Ok(())
 }
