@@ -101,8 +101,8 @@ async fn manager(
     let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu).await;
     // `auto` with nothing usable is a host that is not provisioned: stop with the reason
     // (systemd starts the agent again, so it runs once the image or the engine is there). An
-    // explicit choice waits for its backend instead, serving and reporting meanwhile, with
-    // every create answered 503 and the reason.
+    // explicit choice keeps serving and reporting instead, every create answered 503 with the
+    // reason, until a restart finds its backend.
     match &backend {
         Err(reason) if cfg.backend == BackendChoice::Auto => {
             return Err(AgentError::NoBackend { reason: reason.clone() });

@@ -75,12 +75,22 @@ struct ControlPlane {
     gpu: GpuTelemetry,
 }
 
+/// How long registration waits for NVML to load (dlopen and nvmlInit).
+const NVML_RELOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl ControlPlane {
     async fn run(mut self, stop: watch::Receiver<bool>) {
         let roots = host::Roots { sys: self.cfg.sysfs_root.clone(), ..Default::default() };
         // After start-up's reconcile, so GPUs it returned to the driver are seen.
+        // nvmlInit may hang on a sick driver: registration does not wait for it forever.
         let host_nvml = self.gpu.host_nvml.clone();
-        let _ = tokio::task::spawn_blocking(move || host_nvml.reload()).await;
+        let reload = tokio::task::spawn_blocking(move || host_nvml.reload());
+        if tokio::time::timeout(NVML_RELOAD_DEADLINE, reload).await.is_err() {
+            tracing::warn!(
+                seconds = NVML_RELOAD_DEADLINE.as_secs(),
+                "NVML did not load in time; registering without the driver's GPU facts"
+            );
+        }
         let gpu = match self.gpu.host_nvml.with(|nvml| self.gpu_facts(Some(nvml))) {
             Some(facts) => facts,
             None => self.gpu_facts(None),

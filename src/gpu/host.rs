@@ -52,9 +52,16 @@ impl HostNvml {
         }
     }
 
-    /// Runs `f` with NVML, or returns `None` while there is none (no driver, or suspended).
+    /// Runs `f` with NVML, or returns `None` while there is none (no driver, suspended) or
+    /// while it is being (re)loaded: callers are on the async runtime (the stats tick), and
+    /// nvmlInit holds the lock for as long as the driver takes.
     pub fn with<T>(&self, f: impl FnOnce(&Nvml) -> T) -> Option<T> {
-        self.state.lock().expect("nvml lock").nvml.as_ref().map(f)
+        let state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(e)) => panic!("nvml lock: {e}"),
+        };
+        state.nvml.as_ref().map(f)
     }
 
     /// Lets NVML go (closing `/dev/nvidia*`) before GPUs are bound to vfio-pci.

@@ -72,6 +72,17 @@ async fn stop_all(
     list.iter().zip(results).filter_map(|(o, r)| r.err().map(|e| (o.what.clone(), e))).collect()
 }
 
+/// Instances whose orphan or halted process could not be stopped: it may still hold its GPUs,
+/// so those stay on vfio-pci.
+fn still_running(plan: &Plan) -> Vec<String> {
+    let failed = |o: &&Owned| {
+        plan.rows
+            .iter()
+            .any(|r| r.subject == Subject::Process && r.name == o.what && r.failed.is_some())
+    };
+    plan.orphans.iter().chain(&plan.halt).filter(failed).map(|o| o.instance_id.clone()).collect()
+}
+
 /// Removes the leaked files of the plan, then each instance folder that this left empty.
 pub fn remove_files(plan: &mut Plan, cfg: &Config) {
     let vm_roots = [cfg.data_dir.join("vms"), cfg.run_dir.join("vms")];
@@ -95,9 +106,18 @@ pub fn remove_files(plan: &mut Plan, cfg: &Config) {
 
 /// Returns the devices of the plan's bind records to their original drivers.
 pub async fn return_gpus(plan: &mut Plan, cfg: &Config) {
+    let running = still_running(plan);
     for instance in plan.return_gpus.clone() {
         let devices: Vec<String> =
             plan.gpu_rows.iter().filter(|(i, _)| *i == instance).map(|(_, a)| a.clone()).collect();
+        if running.contains(&instance) {
+            // Unbinding a device a live QEMU still has open would hang or worse.
+            for gpu in &devices {
+                let error = "kept on vfio-pci: its QEMU could not be stopped".to_owned();
+                mark(&mut plan.rows, Subject::Gpu, gpu, error);
+            }
+            continue;
+        }
         let failures: Vec<(String, String)> = match super::gpus::release(cfg, &instance).await {
             Ok(outcomes) => outcomes.into_iter().filter_map(|(a, e)| Some((a, e?))).collect(),
             Err(error) => devices.iter().map(|a| (a.clone(), error.clone())).collect(),
@@ -164,5 +184,35 @@ async fn apply_record(
 fn mark(rows: &mut [Row], subject: Subject, name: &str, error: String) {
     if let Some(row) = rows.iter_mut().find(|r| r.subject == subject && r.name == name) {
         row.failed = Some(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recovery::plan::Action;
+
+    #[test]
+    fn a_process_that_did_not_stop_keeps_its_gpus() {
+        let owned =
+            |id: &str, pid: u32| Owned { instance_id: id.into(), what: format!("QEMU pid {pid}") };
+        let row = |name: &str, failed: Option<&str>| Row {
+            subject: Subject::Process,
+            name: name.into(),
+            action: Action::Stopped,
+            why: String::new(),
+            failed: failed.map(str::to_owned),
+        };
+        let plan = Plan {
+            orphans: vec![owned("a", 1), owned("b", 2)],
+            halt: vec![owned("c", 3)],
+            rows: vec![
+                row("QEMU pid 1", Some("still runs after SIGKILL")),
+                row("QEMU pid 2", None),
+                row("QEMU pid 3", Some("still runs after SIGKILL")),
+            ],
+            ..Plan::default()
+        };
+        assert_eq!(still_running(&plan), ["a", "c"]);
     }
 }

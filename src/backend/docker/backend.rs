@@ -100,11 +100,11 @@ impl DockerBackend {
     }
 
     async fn create_and_start(&self, instance: &Instance) -> Result<Option<String>, DockerError> {
-        let image = plan::image_of(&instance.spec)
+        let image = plan::pull_reference(&instance.spec)
             .map_err(|reason| DockerError::Pull { image: String::new(), message: reason })?;
         pull::ensure_image(
             &self.engine,
-            image,
+            &image,
             &instance.spec.registry,
             self.settings.pull_deadline,
         )
@@ -112,7 +112,7 @@ impl DockerBackend {
         let name = container_name(&instance.id);
         // A container of this instance left by a launch that died half-way (agent killed).
         self.remove_owned(&name, &instance.id).await?;
-        let image = pull::with_tag(image);
+        let image = pull::with_tag(&image);
         let quota = self.disk_quota.load(Ordering::Relaxed);
         match self.create(instance, &name, &image, quota).await {
             Err(DockerError::Engine { message, .. })
@@ -178,6 +178,8 @@ impl Backend for DockerBackend {
             .map_err(|reason| BackendError::Unsupported { field: "image", reason })?;
         plan::check_registry(spec)
             .map_err(|reason| BackendError::Unsupported { field: "registry", reason })?;
+        plan::pull_reference(spec)
+            .map_err(|reason| BackendError::Unsupported { field: "image", reason })?;
         plan::check_env(spec)
             .map_err(|reason| BackendError::Unsupported { field: "env_variables", reason })?;
         if spec.registry.password.is_some() && spec.registry.login.is_none() {

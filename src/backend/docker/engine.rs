@@ -86,16 +86,11 @@ impl Engine {
         }
     }
 
-    /// Graceful stop (SIGTERM, then SIGKILL after `grace`), then removal with its anonymous
-    /// volumes. What is already gone is fine.
+    /// [`Engine::stop`], then removal with its anonymous volumes. What is already gone is fine.
     pub async fn stop_and_remove(&self, name: &str, grace: Duration) -> Result<(), DockerError> {
-        let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
-        let stop =
-            self.docker.stop_container(name, Some(StopContainerOptionsBuilder::new().t(t).build()));
-        match self.call("stop the container", grace + CALL, stop).await {
+        match self.stop(name, grace).await {
             Ok(()) => {}
-            Err(e) if e.is_not_found() => return Ok(()),
-            // A paused or wedged container: the forced removal below kills it.
+            // A wedged container: the forced removal below kills it.
             Err(e) if !e.is_unreachable() => {
                 tracing::warn!(%name, error = %e, "graceful stop failed")
             }

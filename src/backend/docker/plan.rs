@@ -153,6 +153,27 @@ pub fn image_of(spec: &Spec) -> Result<&str, String> {
     if ok { Ok(image) } else { Err(format!("{image:?} is not a Docker image reference")) }
 }
 
+/// The reference to pull: the request's image, under the legacy `registry` field's host when
+/// the image names none. An image naming another registry is refused: the login and password
+/// go with the `registry` field, and the engine would send them wherever the image points.
+pub fn pull_reference(spec: &Spec) -> Result<String, String> {
+    let image = image_of(spec)?;
+    let Some(registry) = spec.registry.registry.as_deref() else { return Ok(image.to_owned()) };
+    // Docker's rule: a first component with a dot or a port, or `localhost`, is a host.
+    let host = image
+        .split_once('/')
+        .map(|(first, _)| first)
+        .filter(|f| f.contains(['.', ':']) || *f == "localhost");
+    match host {
+        None => Ok(format!("{registry}/{image}")),
+        Some(host) if host == registry => Ok(image.to_owned()),
+        Some(host) => Err(format!(
+            "{image:?} names the registry {host}, but registry is {registry}: the login would \
+             go to the wrong registry"
+        )),
+    }
+}
+
 /// The registry of the legacy `registry` field: a host name with an optional port.
 pub fn check_registry(spec: &Spec) -> Result<(), String> {
     let Some(registry) = spec.registry.registry.as_deref() else { return Ok(()) };

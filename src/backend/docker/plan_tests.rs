@@ -126,6 +126,19 @@ fn image_references_are_checked() {
 }
 
 #[test]
+fn the_registry_field_decides_where_the_image_is_pulled_from() {
+    let mut spec = instance(Vec::new(), None).spec;
+    let pull = |spec: &Spec| pull_reference(spec);
+    assert_eq!(pull(&spec), Ok("registry.example.com:5000/team/app:1.2".into()), "no field");
+    spec.registry.registry = Some("registry.example.com:5000".into());
+    assert_eq!(pull(&spec), Ok("registry.example.com:5000/team/app:1.2".into()), "same host");
+    spec.image = Some("team/app:1.2".into());
+    assert_eq!(pull(&spec), Ok("registry.example.com:5000/team/app:1.2".into()), "no host");
+    spec.image = Some("ghcr.io/team/app:1.2".into());
+    assert!(pull(&spec).unwrap_err().contains("wrong registry"), "another host");
+}
+
+#[test]
 fn ours_needs_both_labels() {
     let mine = labels("4f1c", "/var/lib/qudata");
     assert!(is_ours(&mine, "4f1c", "/var/lib/qudata"));

@@ -79,8 +79,11 @@ impl Manager {
     async fn restore_one(&self, slot: Arc<Slot>, action: Restore) {
         let instance = slot.snapshot();
         let id = instance.id.clone();
-        let backend = match self.backend() {
+        // The backend of the record's own kind (the agent may run another kind now); a
+        // teardown finds its own in the delete flow.
+        let backend = match self.backend_of(&instance) {
             Ok(b) => b,
+            Err(_) if action == Restore::TearDown => return self.tear_down(slot),
             Err(e) if action != Restore::Keep => {
                 let _ = self.set_status(&slot, Status::Error, Some(e.to_string()));
                 return;

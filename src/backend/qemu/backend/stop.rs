@@ -27,27 +27,26 @@ impl QemuBackend {
         }
         let vm = self.vms.lock().expect("vms lock").remove(&instance.id);
         let known_pid = vm.as_ref().map(|vm| vm.pid);
+        let mut told_to_go = false;
         if let Some(vm) = vm.filter(|vm| vm.exit_reason().is_none()) {
             vm.expect_exit();
             let paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
             // A paused guest cannot act on the power button.
-            if !paused
+            told_to_go = (!paused
                 && vm.qmp.system_powerdown().await.is_ok()
-                && vm.wait_exited(self.settings.powerdown_grace).await
-            {
-                return Ok(());
-            }
-            if vm.qmp.quit().await.is_ok() && vm.wait_exited(QUIT_GRACE).await {
-                return Ok(());
-            }
+                && vm.wait_exited(self.settings.powerdown_grace).await)
+                || (vm.qmp.quit().await.is_ok() && vm.wait_exited(QUIT_GRACE).await);
         }
-        // Adopted VMs we could not reach, or a QEMU that ignored `quit`.
-        process::terminate(&paths.pidfile, &instance.id, QUIT_GRACE)
-            .await
-            .map_err(|e| BackendError::op("stop QEMU", e))?;
-        // An exiting QEMU has already removed its pidfile and shows an empty command line, so
-        // `terminate` may not see it, yet it still holds its VFIO devices while the kernel
-        // unpins guest memory. The GPUs are released only once the process we knew is gone.
+        if !told_to_go {
+            // Adopted VMs we could not reach, or a QEMU that ignored `quit`.
+            process::terminate(&paths.pidfile, &instance.id, QUIT_GRACE)
+                .await
+                .map_err(|e| BackendError::op("stop QEMU", e))?;
+        }
+        // "Exited" above means the monitor closed and at most a deadline passed; an exiting
+        // QEMU has already removed its pidfile and shows an empty command line, yet it still
+        // holds its VFIO devices while the kernel unpins guest memory. The GPUs are released
+        // only once the process we knew is gone.
         if let Some(pid) = known_pid {
             let until = Instant::now() + EXIT_DEADLINE;
             while process::is_alive(pid) {
