@@ -66,7 +66,7 @@ build_agent() {
 }
 
 # What local mode runs: QEMU with OVMF, the seed tools, an SSH client for the newcomer.
-LOCAL_PKGS=(ca-certificates qemu-system-x86 qemu-utils ovmf dosfstools mtools openssh-client)
+LOCAL_PKGS=(ca-certificates curl qemu-system-x86 qemu-utils ovmf dosfstools mtools openssh-client)
 
 # Local mode boots the small CI guest; build it (cached, skipped when up to date) and make it
 # the default base image unless one is already there.
@@ -349,6 +349,13 @@ start_service() {
   # KillMode=process: a restart replaces the agent and leaves its VMs running.
   if [ "$CHANGED" = 1 ] && systemctl is-active --quiet "$UNIT"; then
     systemctl restart "$UNIT" || die "$UNIT did not restart: journalctl -u $UNIT"
+  fi
+  # With neither a base image nor a Docker engine the agent has no backend and stops with
+  # that reason: enable it for the next boot instead of failing the install on it.
+  if [ ! -e "$(at /var/lib/qudata/images/base.qcow2)" ] && [ ! -S /var/run/docker.sock ]; then
+    systemctl enable "$UNIT"
+    say "$UNIT is enabled but not started: no base image and no Docker engine yet; provide one, then systemctl start $UNIT"
+    return 0
   fi
   systemctl enable --now "$UNIT" || die "$UNIT did not start: journalctl -u $UNIT"
   say "$UNIT is running; logs: journalctl -u $UNIT"

@@ -13,7 +13,6 @@
 #[allow(dead_code)]
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::agent::{Api, Dirs, free_port, local_secret};
@@ -67,15 +66,7 @@ fn recover_ten_orphans(rounds: usize) {
         let mut orphans: Vec<_> =
             (0..10).map(|i| orphan(&dirs.data, &dirs.run, &format!("orphan-{i}"))).collect();
         let started = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
-            .arg("recover")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("QUDATA_DATA_DIR", &dirs.data)
-            .env("QUDATA_RUN_DIR", &dirs.run)
-            .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
-            .output()
-            .unwrap();
+        let out = support::agent::recover_command(&dirs).output().unwrap();
         let took = started.elapsed();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(orphans.iter_mut().all(|o| !o.alive()), "every orphan stopped");

@@ -84,7 +84,9 @@ fn recover_help_lists_its_flags_and_the_variables_it_reads() {
     let out = agent(&["recover", "--help"], &[]);
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for needle in ["--dry-run", "--json", "--wait", "QUDATA_DATA_DIR", "QUDATA_RUN_DIR"] {
+    for needle in
+        ["--dry-run", "--json", "--stop-all", "--wait", "QUDATA_DATA_DIR", "QUDATA_RUN_DIR"]
+    {
         assert!(help.contains(needle), "{needle} missing from:\n{help}");
     }
     assert!(!help.contains("QUDATA_API_KEY"), "recover needs no control plane:\n{help}");

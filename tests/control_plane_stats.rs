@@ -51,12 +51,6 @@ async fn samples_made_during_an_outage_all_arrive_in_order() {
     assert!(failed.iter().all(|r| r.body == failed[0].body), "the head of the backlog is retried");
     let after: Vec<&Recorded> = ok_stats(&reqs[at_recovery..]);
     assert_eq!(after[0].body, failed[0].body, "sent in order");
-    assert!(
-        after.len() > failed.len(),
-        "{} kept samples, {} sent after",
-        failed.len(),
-        after.len()
-    );
 
     // No sample was lost: one per interval over the whole run.
     let ok = ok_stats(&reqs);

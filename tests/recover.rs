@@ -128,11 +128,6 @@ fn orphan_of_other_agent(dirs: &Dirs) -> TestQemu {
     orphan(&dirs.root.path().join("other/data"), &dirs.root.path().join("other/run"), "orphan-a")
 }
 
-fn record_json(dirs: &Dirs, id: &str) -> Value {
-    let text = std::fs::read_to_string(dirs.data.join(format!("instances/{id}.json"))).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 #[tokio::test]
 async fn recover_lists_then_cleans_up_exactly_what_the_agent_left() {
     let mut host = crashed_host();
@@ -148,7 +143,7 @@ async fn recover_lists_then_cleans_up_exactly_what_the_agent_left() {
         host.orphan.alive() && host.leaked.iter().all(|p| p.exists()),
         "dry run changed things"
     );
-    assert_eq!(record_json(dirs, "rec-c")["status"], "running");
+    assert_eq!(support::vm::record(dirs, "rec-c")["status"], "running");
 
     let out = recover(dirs, &[]);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -166,7 +161,7 @@ async fn recover_lists_then_cleans_up_exactly_what_the_agent_left() {
     for path in host.foreign_files.iter().chain([&host.kept_disk]) {
         assert!(path.exists(), "{} was removed:\n{table}", path.display());
     }
-    let rec = record_json(dirs, "rec-c");
+    let rec = support::vm::record(dirs, "rec-c");
     assert_eq!(rec["status"], "error");
     assert_eq!(rec["error"], "the VM exited while the agent was down");
 
@@ -279,7 +274,7 @@ async fn stop_all_stops_live_instances_and_frpc_and_keeps_their_disks() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(stranger.alive(), "a QEMU not ours was touched");
-    let rec = record_json(&dirs, "live-1");
+    let rec = support::vm::record(&dirs, "live-1");
     assert_eq!(rec["status"], "error");
     assert!(rec["error"].as_str().unwrap().contains("stopped for host maintenance"), "{rec}");
     assert!(disk.exists(), "the disk is kept");
