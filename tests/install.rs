@@ -215,7 +215,16 @@ fn shellcheck_finds_nothing() {
             String::from_utf8_lossy(&out.stdout)
         );
     };
-    run(&["install.sh"]);
+    run(&["install.sh", "tests/run-all.sh", ".ci/run"]);
+    // Together, so the library they source is checked as one of the inputs.
+    let builder: Vec<String> = std::fs::read_dir(Path::new(REPO).join("image-builder"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "sh"))
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(!builder.is_empty(), "no image-builder scripts found");
+    run(&builder.iter().map(String::as_str).collect::<Vec<_>>());
     // grub-mkconfig sources drop-ins with /bin/sh.
     run(&["--shell=sh", "grub/qudata-iommu.cfg"]);
 }

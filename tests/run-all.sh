@@ -28,7 +28,7 @@ if [ -s "$secrets" ] && [ -d "$scratch/agent-logs" ]; then
     grep -rlF -f "$secrets" "$scratch/agent-logs" >&2
     exit 1
   fi
-  echo "$(wc -l <"$secrets") secrets checked against $(ls "$scratch/agent-logs" | wc -l) logs"
+  echo "$(wc -l <"$secrets") secrets checked against $(find "$scratch/agent-logs" -type f | wc -l) logs"
 else
   echo "no secrets were issued or no logs were written: the scan cannot run" >&2
   exit 1

@@ -23,17 +23,8 @@ use crate::secret::Secret;
 pub trait StatsSource: Send + Sync {
     fn status(&self) -> Status;
 
-    /// Per-GPU metrics of a sample whose instance is in `status`, first GPU first; none by
-    /// default.
-    fn gpus(&self, _status: Status) -> Vec<GpuStats> {
-        Vec::new()
-    }
-}
-
-impl StatsSource for Manager {
-    fn status(&self) -> Status {
-        self.current_status()
-    }
+    /// Per-GPU metrics of a sample whose instance is in `status`, first GPU first.
+    fn gpus(&self, status: Status) -> Vec<GpuStats>;
 }
 
 /// The production source: the instance manager's status and the GPUs' metrics.

@@ -159,7 +159,7 @@ pub async fn command(
         execute::apply_records(&mut plan, backends, &store).await;
         clean_up(&mut plan, backends, cfg).await;
         if let Some(pid) = frpc {
-            tunnels::stop(pid, &mut plan.rows).await;
+            tunnels::stop(cfg, pid, &mut plan.rows).await;
         }
     }
     Ok(Report { dry_run, rows: plan.rows, note })

@@ -24,8 +24,8 @@ pub fn row(pid: u32) -> Row {
 }
 
 /// SIGTERM to frpc's process group, SIGKILL after the grace; its row marked on failure.
-pub async fn stop(pid: u32, rows: &mut [Row]) {
-    if let Err(error) = terminate(pid, STOP_GRACE).await {
+pub async fn stop(cfg: &Config, pid: u32, rows: &mut [Row]) {
+    if let Err(error) = terminate(cfg, pid, STOP_GRACE).await {
         tracing::error!(pid, %error, "cannot stop frpc");
         let name = format!("frpc pid {pid}");
         if let Some(row) = rows.iter_mut().find(|r| r.name == name) {
@@ -36,8 +36,17 @@ pub async fn stop(pid: u32, rows: &mut [Row]) {
     }
 }
 
-async fn terminate(pid: u32, grace: Duration) -> Result<(), String> {
-    let exit = PidFd::open(pid).map_err(|e| format!("cannot watch frpc pid {pid}: {e}"))?;
+async fn terminate(cfg: &Config, pid: u32, grace: Duration) -> Result<(), String> {
+    let exit = match PidFd::open(pid) {
+        Ok(exit) => exit,
+        Err(_) if running(cfg) != Some(pid) => return Ok(()), // gone meanwhile
+        Err(e) => return Err(format!("cannot watch frpc pid {pid}: {e}")),
+    };
+    // Looked up before the instances were stopped (minutes, maybe): once pinned, the pid must
+    // still be our frpc, or it exited meanwhile and the pid may be another process's.
+    if running(cfg) != Some(pid) {
+        return Ok(());
+    }
     process::signal_group(pid, libc::SIGTERM);
     if tokio::time::timeout(grace, exit.exited()).await.is_ok() {
         return Ok(());

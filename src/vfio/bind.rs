@@ -121,18 +121,6 @@ impl Vfio {
         Ok(outcomes)
     }
 
-    /// Releases the record that holds `address` (one instance's: its devices go back
-    /// together, as they were bound). Nothing to do when no record holds it.
-    pub fn release_holding(&self, address: &PciAddress) -> Result<Vec<DeviceOutcome>, VfioError> {
-        let holder = record::load_all(&self.record_dir)?
-            .into_iter()
-            .find(|r| r.devices.iter().any(|d| d.address == *address));
-        match holder {
-            Some(rec) => self.release(&rec.instance),
-            None => Ok(Vec::new()),
-        }
-    }
-
     /// Brings one device to `target` (`None`: no driver) and leaves `driver_override` as
     /// `final_override`: override → unbind → drivers_probe, each verified on the `driver`
     /// link. Already there: only the override is set.
