@@ -17,9 +17,10 @@ stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
 disk_mib=1024
 esp_mib=64
 # virtio for disks, network and the seed; fat/iso9660 for the seed; button+evdev so acpid
-# sees the ACPI power button; nls_ascii is vfat's default iocharset in this kernel.
+# sees the ACPI power button; nls_ascii is vfat's default iocharset in this kernel;
+# pvpanic_mmio reports a kernel panic to QEMU (the agent's `-device pvpanic`).
 modules=(virtio_pci virtio_blk virtio_net virtio_scsi sd_mod sr_mod virtio_rng vfat
-  nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii isofs button evdev)
+  nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii isofs button evdev pvpanic_mmio)
 
 require_tools apt-get apt-cache dpkg-deb objdump objcopy depmod cpio gzip mkfs.vfat mmd mcopy \
   sfdisk qemu-img sha256sum flock

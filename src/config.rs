@@ -149,6 +149,22 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_INSTANCE_CPUS",
+        None,
+        "a number of vCPUs 1-1024",
+        "vCPUs of an instance whose request names none (default: every host CPU; 1 in local \
+         mode); never more than the host has",
+        Scope::Run,
+    ),
+    row(
+        "QUDATA_INSTANCE_MEMORY",
+        None,
+        "a size like 8G or 512M",
+        "memory of an instance whose request names none (default: the host's memory less its \
+         reserve; 1G in local mode); never more than the host can give",
+        Scope::Run,
+    ),
+    row(
         "QUDATA_NVML_LIBRARY",
         Some("libnvidia-ml.so.1"),
         "a library file name (found by the dynamic loader) or an absolute path",
@@ -218,6 +234,14 @@ pub const SETTINGS: &[Setting] = &[
         "where sysfs is mounted (GPU discovery and VFIO binding; tests point it elsewhere)",
         Scope::Host,
     ),
+    row(
+        "QUDATA_VM_BOOT_TIMEOUT",
+        None,
+        "seconds 10-3600",
+        "how long a VM may take from power-on to answering SSH (default: 180 under KVM, 420 \
+         under TCG); a boot that fails sooner says so at once",
+        Scope::Run,
+    ),
 ];
 
 /// A setting whose value cannot be used.
@@ -276,6 +300,10 @@ pub struct Config {
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
+    /// vCPUs and memory (MiB) of an instance whose request names none; `None`: the host's
+    /// default (see `agent::limits`).
+    pub instance_cpus: Option<u32>,
+    pub instance_memory_mib: Option<u64>,
     pub nvml_library: PathBuf,
     /// `None`: detected (see `backend::qemu::disk`).
     pub ovmf_code: Option<PathBuf>,
@@ -289,6 +317,8 @@ pub struct Config {
     pub stats_interval: Duration,
     /// Root of every sysfs path the agent reads or writes.
     pub sysfs_root: PathBuf,
+    /// `None`: the accelerator's default.
+    pub vm_boot_timeout: Option<Duration>,
 }
 
 /// Reads values by name; the process environment in production, a map in tests.
@@ -368,6 +398,23 @@ fn parse_port(min: u16) -> impl FnOnce(&str) -> Result<u16, String> {
         Ok(p) if p >= u32::from(min) && p <= 65535 => Ok(p as u16),
         Ok(_) => Err("is out of range".into()),
         Err(_) => Err("is not a port number".into()),
+    }
+}
+
+/// `8G`, `512M`, `1T` (binary units; a plain number is GiB) in MiB, at least 128 MiB.
+fn parse_size_mib(v: &str) -> Result<u64, String> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let amount: u64 = v[..split].parse().map_err(|_| "is not a size".to_owned())?;
+    let factor = match v[split..].to_ascii_uppercase().as_str() {
+        "M" | "MB" | "MIB" => 1,
+        "" | "G" | "GB" | "GIB" => 1024,
+        "T" | "TB" | "TIB" => 1024 * 1024,
+        _ => return Err("is not a size".into()),
+    };
+    match amount.checked_mul(factor) {
+        Some(mib) if mib >= 128 => Ok(mib),
+        Some(_) => Err("is below 128M".into()),
+        None => Err("is too large".into()),
     }
 }
 
@@ -494,6 +541,12 @@ impl Config {
                 })?,
             },
             gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            instance_cpus: r.parse("QUDATA_INSTANCE_CPUS", |v| match v.parse::<u32>() {
+                Ok(n) if (1..=1024).contains(&n) => Ok(n),
+                Ok(_) => Err("is out of range".into()),
+                Err(_) => Err("is not a number".into()),
+            })?,
+            instance_memory_mib: r.parse("QUDATA_INSTANCE_MEMORY", parse_size_mib)?,
             nvml_library: r.required("QUDATA_NVML_LIBRARY", parse_library)?,
             ovmf_code: r.parse("QUDATA_OVMF_CODE", parse_abs_path)?,
             ovmf_vars: r.parse("QUDATA_OVMF_VARS", parse_abs_path)?,
@@ -511,6 +564,11 @@ impl Config {
             service_url: r.required("QUDATA_SERVICE_URL", parse_url)?,
             stats_interval: Duration::from_millis(interval_ms),
             sysfs_root: r.required("QUDATA_SYSFS_ROOT", parse_abs_path)?,
+            vm_boot_timeout: r.parse("QUDATA_VM_BOOT_TIMEOUT", |v| match v.parse::<u64>() {
+                Ok(s) if (10..=3600).contains(&s) => Ok(Duration::from_secs(s)),
+                Ok(_) => Err("is out of range".into()),
+                Err(_) => Err("is not a number".into()),
+            })?,
         })
     }
 }
@@ -629,6 +687,10 @@ mod tests {
             ("QUDATA_SERVICE_URL", "ftp://x"),
             ("QUDATA_STATS_INTERVAL_MS", "5"),
             ("QUDATA_SYSFS_ROOT", "sys"),
+            ("QUDATA_INSTANCE_CPUS", "0"),
+            ("QUDATA_INSTANCE_MEMORY", "64M"),
+            ("QUDATA_INSTANCE_MEMORY", "8X"),
+            ("QUDATA_VM_BOOT_TIMEOUT", "5"),
         ];
         for (name, value) in cases {
             let err = Config::load(&env(&[(name, value)]), true).unwrap_err();

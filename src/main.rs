@@ -86,7 +86,9 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            let checks = doctor::run_all(&doctor::HostView::from_config(&cfg));
+            let mut view = doctor::HostView::from_config(&cfg);
+            view.accel = runtime().block_on(doctor::decide_accel(&cfg));
+            let checks = doctor::run_all(&view);
             if json {
                 println!("{}", doctor::render_json(&checks));
             } else {

@@ -17,8 +17,8 @@ use serde_json::Value;
 
 /// The checks the README documents; `gpu` repeats per GPU.
 const DOCUMENTED: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "frpc", "frp",
-    "docker", "datadir", "backend",
+    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "accel", "frpc",
+    "frp", "docker", "datadir", "backend",
 ];
 
 /// Runs the binary with only `PATH` and the given settings (no `QUDATA_API_KEY`).
@@ -29,7 +29,8 @@ fn doctor(args: &[&str], env: &[(&str, &str)]) -> (Output, tempfile::TempDir) {
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("QUDATA_DATA_DIR", dir.path().join("data"));
+        .env("QUDATA_DATA_DIR", dir.path().join("data"))
+        .env("QUDATA_RUN_DIR", dir.path().join("run"));
     for (k, v) in env {
         cmd.env(k, v);
     }

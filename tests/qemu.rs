@@ -191,28 +191,31 @@ async fn disks_and_seed_are_what_the_guest_expects() {
 }
 
 #[tokio::test]
-async fn the_probe_firmware_runs_under_tcg_and_auto_agrees_with_the_kvm_probe() {
+async fn the_probe_guest_runs_under_tcg_and_auto_agrees_with_the_kvm_probe() {
     let dir = tempfile::tempdir().unwrap();
-    let tcg = accel::run_probe(Path::new(QEMU), Accel::Tcg, dir.path(), LIMIT).await.unwrap();
+    let ovmf = disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap();
+    let qemu = Path::new(QEMU);
+    let tcg = accel::run_probe(qemu, &ovmf, Accel::Tcg, dir.path(), LIMIT).await.unwrap();
     assert_eq!(tcg, ProbeOutcome::Works);
 
-    let kvm = accel::kvm_probe(Path::new(QEMU), dir.path()).await.unwrap();
+    let kvm = accel::kvm_probe(qemu, &ovmf, dir.path()).await.unwrap();
     eprintln!("KVM probe on this host: {kvm:?}");
-    let chosen = accel::choose(AccelChoice::Auto, Path::new(QEMU), dir.path()).await.unwrap();
-    let forced = accel::choose(AccelChoice::Kvm, Path::new(QEMU), dir.path()).await;
+    let chosen = accel::decide(AccelChoice::Auto, qemu, &ovmf, dir.path()).await.unwrap();
+    let forced = accel::decide(AccelChoice::Kvm, qemu, &ovmf, dir.path()).await;
     match kvm {
         ProbeOutcome::Works => {
-            assert_eq!(chosen, Accel::Kvm);
-            assert_eq!(forced.unwrap(), Accel::Kvm);
+            assert_eq!(chosen.accel, Accel::Kvm);
+            assert_eq!(forced.unwrap().accel, Accel::Kvm);
         }
-        ProbeOutcome::Fails { .. } => {
-            assert_eq!(chosen, Accel::Tcg);
+        ProbeOutcome::Fails { detail } => {
+            assert_eq!(chosen.accel, Accel::Tcg);
+            assert_eq!(chosen.reason, format!("KVM cannot run guests on this host: {detail}"));
             let err = forced.unwrap_err().to_string();
             assert!(err.contains("QUDATA_QEMU_ACCEL=auto or tcg"), "{err}");
         }
     }
-    let forced_tcg = accel::choose(AccelChoice::Tcg, Path::new(QEMU), dir.path()).await.unwrap();
-    assert_eq!(forced_tcg, Accel::Tcg);
+    let forced_tcg = accel::decide(AccelChoice::Tcg, qemu, &ovmf, dir.path()).await.unwrap();
+    assert_eq!(forced_tcg.accel, Accel::Tcg);
     // The answer is cached for this boot.
     let cached = std::fs::read_to_string(dir.path().join("accel-probe.json")).unwrap();
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();

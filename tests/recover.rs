@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qudata_agent::backend::qemu::accel::Accel;
+use qudata_agent::backend::qemu::accel::{Accel, Accelerator};
 use qudata_agent::backend::qemu::layout::VmPaths;
 use qudata_agent::backend::qemu::{QemuBackend, QemuSettings, disk};
 use qudata_agent::backend::{Backend, Owned};
@@ -25,12 +25,12 @@ fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
         qemu_binary: "qemu-system-x86_64".into(),
         qemu_img: "qemu-img".into(),
         ovmf: disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap(),
-        accel: Accel::Tcg,
+        accel: std::sync::Arc::new(Accelerator::fixed(Accel::Tcg)),
         base_image: data.join("images/base.qcow2"),
         images_dir: data.join("images"),
         data_dir: data.to_owned(),
         run_dir: run.to_owned(),
-        boot_deadline: Duration::from_secs(60),
+        boot_deadline: Some(Duration::from_secs(60)),
         powerdown_grace: Duration::from_secs(5),
         proc_root: Default::default(),
         vfio: Arc::new(Vfio::new(SysfsRoot::new(data.join("sys")), data)),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::docker::{DockerBackend, DockerSettings};
-use crate::backend::qemu::accel::{self, Accel};
+use crate::backend::qemu::accel::{self, Accel, Accelerator};
 use crate::backend::qemu::disk;
 use crate::backend::qemu::{QemuBackend, QemuSettings};
 use crate::backend::{Backend, EventSink};
@@ -18,9 +18,6 @@ use crate::guest::ManagementKey;
 use crate::instance::model::BackendKind;
 use crate::vfio::{PciAddress, SysfsRoot, Vfio};
 
-/// Boot-to-SSH allowance: software emulation is an order of magnitude slower than KVM.
-const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(180);
-const BOOT_DEADLINE_TCG: Duration = Duration::from_secs(420);
 /// Time a guest gets to act on the ACPI power button before QEMU is told to quit.
 const POWERDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -168,18 +165,31 @@ fn qemu_for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
         qemu_img: disk::qemu_img_for(&cfg.qemu_binary),
         qemu_binary: cfg.qemu_binary.clone(),
         ovmf,
-        accel: Accel::Tcg,
+        accel: Arc::new(Accelerator::fixed(Accel::Tcg)),
         base_image: cfg.base_image.clone().unwrap_or_else(|| default_base_image(cfg)),
         images_dir: cfg.data_dir.join("images"),
         data_dir: cfg.data_dir.clone(),
         run_dir: cfg.run_dir.clone(),
-        boot_deadline: BOOT_DEADLINE_TCG,
+        boot_deadline: None,
         powerdown_grace: POWERDOWN_GRACE,
         proc_root: Default::default(),
         vfio: Arc::new(vfio(cfg)),
     };
     // Never used to reach a guest: a throwaway key, nothing written.
     Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
+}
+
+/// The accelerator decision, loudly when `auto` found KVM unusable.
+fn log_accel(cfg: &Config, decision: &accel::Decision) {
+    let reason = &decision.reason;
+    match (decision.accel, cfg.qemu_accel) {
+        (Accel::Tcg, crate::config::AccelChoice::Auto) => tracing::warn!(
+            %reason,
+            "accelerator: TCG. KVM DOES NOT RUN GUESTS ON THIS HOST: VMs use software \
+             emulation (many times slower) and cannot have GPUs; `qudata-agent doctor` shows why"
+        ),
+        (accel, _) => tracing::info!(%reason, "accelerator: {}", accel.as_str().to_uppercase()),
+    }
 }
 
 async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
@@ -197,9 +207,12 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
             base_image.display()
         ));
     }
-    let accel = accel::choose(cfg.qemu_accel, &cfg.qemu_binary, &cfg.run_dir)
+    let decision = accel::decide(cfg.qemu_accel, &cfg.qemu_binary, &ovmf, &cfg.run_dir)
         .await
         .map_err(|e| e.to_string())?;
+    log_accel(cfg, &decision);
+    let accel =
+        Arc::new(Accelerator::new(cfg.qemu_accel, decision, &cfg.qemu_binary, &ovmf, &cfg.run_dir));
     let key =
         ManagementKey::load_or_create(&cfg.data_dir.join("keys")).map_err(|e| e.to_string())?;
     let settings = QemuSettings {
@@ -211,15 +224,12 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
         images_dir: cfg.data_dir.join("images"),
         data_dir: cfg.data_dir.clone(),
         run_dir: cfg.run_dir.clone(),
-        boot_deadline: match accel {
-            Accel::Kvm => BOOT_DEADLINE_KVM,
-            Accel::Tcg => BOOT_DEADLINE_TCG,
-        },
+        boot_deadline: cfg.vm_boot_timeout,
         powerdown_grace: POWERDOWN_GRACE,
         proc_root: Default::default(),
         vfio: Arc::new(vfio(cfg)),
     };
-    tracing::info!(accel = accel.as_str(), base = %settings.base_image.display(), "QEMU backend ready");
+    tracing::info!(base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))
 }
 

@@ -91,7 +91,11 @@ async fn manager(
     .map(ToString::to_string)
     .collect();
     let settings = ManagerSettings {
-        limits: limits::probe(&cfg.data_dir),
+        limits: limits::probe(
+            &cfg.data_dir,
+            limits::Wanted { cpus: cfg.instance_cpus, memory_mib: cfg.instance_memory_mib },
+            local,
+        ),
         gpu_pool: gpu_pool.clone(),
         host_ports: ports::HOST_PORTS,
         local,

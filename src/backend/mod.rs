@@ -18,6 +18,9 @@ pub enum BackendError {
     /// The guest did not become reachable in time.
     #[error("the guest did not become reachable within {seconds} s: {detail}")]
     NotReachable { seconds: u64, detail: String },
+    /// The VM cannot boot: QEMU stopped it or exited, or its console shows a failure.
+    #[error("the VM did not boot: {detail}")]
+    BootFailed { detail: String },
     /// An operation on the instance failed.
     #[error("{operation} failed: {detail}")]
     Operation { operation: &'static str, detail: String },

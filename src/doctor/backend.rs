@@ -62,6 +62,7 @@ mod tests {
             nvml_library: root.join("libnvidia-ml.so.1"),
             backend,
             command_timeout: Duration::from_secs(1),
+            accel: crate::doctor::AccelView::Undecided("not probed".into()),
         }
     }
 

@@ -20,7 +20,9 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::config::{BackendChoice, Config, FrpOverrides};
+use crate::backend::qemu::accel::{self, Decision};
+use crate::backend::qemu::disk;
+use crate::config::{AccelChoice, BackendChoice, Config, FrpOverrides};
 use crate::vfio::{PciAddress, SysfsRoot};
 
 pub use exec::{find_program, version_line};
@@ -28,8 +30,8 @@ pub use output::{render_json, render_text};
 
 /// The names of every check, in output order (`gpu` repeats once per GPU).
 pub const CHECKS: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "frpc", "frp",
-    "docker", "datadir", "backend",
+    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "accel", "frpc",
+    "frp", "docker", "datadir", "backend",
 ];
 
 /// The outcome of one check.
@@ -122,6 +124,39 @@ pub struct HostView {
     pub backend: BackendChoice,
     /// Deadline of each `--version` run.
     pub command_timeout: Duration,
+    /// The accelerator decision `run` makes, made before the checks (it boots a probe guest).
+    pub accel: AccelView,
+}
+
+/// What [`decide_accel`] found: the one decision `run` also uses (cached per boot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccelView {
+    /// Not decided: what is missing to decide (QEMU, OVMF).
+    Undecided(String),
+    Decided {
+        decision: Decision,
+        choice: AccelChoice,
+    },
+    /// `QUDATA_QEMU_ACCEL=kvm` and KVM does not run the probe guest.
+    Refused(String),
+}
+
+/// The accelerator decision exactly as `run` makes it (`accel::decide`): the answer cached
+/// for this boot, or a probe guest booted now and its answer cached.
+pub async fn decide_accel(cfg: &Config) -> AccelView {
+    let ovmf = match disk::detect_ovmf(
+        cfg.ovmf_code.as_deref(),
+        cfg.ovmf_vars.as_deref(),
+        disk::OVMF_CANDIDATES,
+    ) {
+        Ok(ovmf) => ovmf,
+        Err(e) => return AccelView::Undecided(format!("cannot probe: {e}")),
+    };
+    match accel::decide(cfg.qemu_accel, &cfg.qemu_binary, &ovmf, &cfg.run_dir).await {
+        Ok(decision) => AccelView::Decided { decision, choice: cfg.qemu_accel },
+        Err(e @ accel::AccelError::KvmUnavailable { .. }) => AccelView::Refused(e.to_string()),
+        Err(e) => AccelView::Undecided(format!("cannot probe: {e}")),
+    }
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -148,6 +183,7 @@ impl HostView {
             nvml_library: cfg.nvml_library.clone(),
             backend: cfg.backend,
             command_timeout: Duration::from_secs(5),
+            accel: AccelView::Undecided("not probed yet".into()),
         }
     }
 
@@ -174,6 +210,7 @@ pub fn run_all(view: &HostView) -> Vec<Check> {
         tools::qemu(view),
         tools::qemu_img(view),
         tools::ovmf(view),
+        platform::accel(view),
         tools::frpc(view),
         tools::frp_credentials(view),
         services::docker(view),
@@ -192,6 +229,6 @@ pub fn any_failed(checks: &[Check]) -> bool {
 pub use backend::backend;
 pub use gpus::gpus;
 pub use nvml::nvml;
-pub use platform::{cpu, iommu, kvm, vfio_modules};
+pub use platform::{accel, cpu, iommu, kvm, vfio_modules};
 pub use services::{data_dir, docker};
 pub use tools::{frp_credentials, frpc, ovmf, qemu, qemu_img};

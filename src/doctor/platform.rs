@@ -3,7 +3,9 @@
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 
-use super::{Check, HostView, Need, Status};
+use super::{AccelView, Check, HostView, Need, Status};
+use crate::backend::qemu::accel::Accel;
+use crate::config::AccelChoice;
 
 /// `KVM_GET_API_VERSION` = `_IO(KVMIO, 0x00)` with `KVMIO` = 0xAE.
 const KVM_GET_API_VERSION: libc::Ioctl = 0xAE00;
@@ -87,6 +89,36 @@ pub fn kvm(view: &HostView) -> Check {
             path.display()
         ),
     )
+}
+
+/// KVM or TCG, and why: the decision `run` makes (see [`super::decide_accel`]).
+pub fn accel(view: &HostView) -> Check {
+    let fix_kvm = "fix KVM (on a nested host: nested virtualisation in the outer host, or a \
+                   newer outer kernel), then reboot; until then VMs are slow and get no GPUs";
+    match &view.accel {
+        AccelView::Decided { decision, .. } if decision.accel == Accel::Kvm => {
+            Check::ok("accel", format!("KVM: {}", decision.reason))
+        }
+        AccelView::Decided { decision, choice: AccelChoice::Tcg } => Check::new(
+            "accel",
+            Status::Warn,
+            format!("TCG: {} (VMs are many times slower and get no GPUs)", decision.reason),
+            "set QUDATA_QEMU_ACCEL=auto where KVM works",
+        ),
+        AccelView::Decided { decision, .. } => Check::new(
+            "accel",
+            view.missing(Need::Vm),
+            format!("TCG: {}", decision.reason),
+            fix_kvm,
+        ),
+        AccelView::Refused(why) => Check::new("accel", Status::Fail, why.clone(), fix_kvm),
+        AccelView::Undecided(why) => Check::new(
+            "accel",
+            view.missing(Need::Vm),
+            why.clone(),
+            "fix the qemu and ovmf lines above",
+        ),
+    }
 }
 
 /// IOMMU options of the kernel command line.

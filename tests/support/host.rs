@@ -85,6 +85,7 @@ impl FakeHost {
             nvml_library: self.join("lib/libnvidia-ml.so.1"),
             backend: BackendChoice::Auto,
             command_timeout: Duration::from_secs(10),
+            accel: qudata_agent::doctor::AccelView::Undecided("not probed".into()),
         }
     }
 }

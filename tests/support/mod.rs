@@ -5,6 +5,7 @@ pub mod docker;
 pub mod docker_agent;
 pub mod docker_images;
 pub mod frpc;
+pub mod guests;
 pub mod host;
 pub mod install;
 pub mod kernel;

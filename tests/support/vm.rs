@@ -222,3 +222,15 @@ pub async fn wait_http(port: u16, limit: Duration) -> String {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// Waits until the instance's QEMU runs: its pid.
+pub async fn wait_for_qemu(id: &str, limit: Duration) -> u32 {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(pid) = qemu_pids(id).first() {
+            return *pid;
+        }
+        assert!(Instant::now() < until, "no QEMU for instance {id} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

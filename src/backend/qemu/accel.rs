@@ -1,20 +1,22 @@
-//! KVM or TCG, decided by what really runs.
+//! KVM or TCG: one decision per boot of the host, shared by `run` and `doctor`, revised when a
+//! VM shows that KVM cannot run it.
 //!
-//! Opening `/dev/kvm` proves nothing: on some hosts it opens, yet `-cpu host` aborts on an MSR
-//! KVM refuses, or a guest under KVM hangs in firmware. So the probe boots a few bytes of firmware that write to QEMU's `isa-debug-exit`
-//! port: where KVM works QEMU exits with the expected code within milliseconds of starting;
-//! where it does not, QEMU fails or hangs and is killed at a deadline. The answer is cached
-//! per boot in the run dir (keyed by the kernel's boot id).
+//! The decision boots the [`probe`] guest (what VMs boot, cut down to a point it can observe)
+//! under KVM; the answer is cached per boot in the run dir (keyed by the kernel's boot id and
+//! the probe's inputs), so `doctor` reads what `run` decided. A VM that later hits a KVM
+//! failure anyway marks KVM unusable in the same cache ([`Accelerator::kvm_failed`]).
+
+pub mod probe;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 
+pub use probe::{ProbeOutcome, run_probe};
+
+use crate::backend::qemu::disk::Ovmf;
 use crate::config::AccelChoice;
 use crate::fsutil;
 
@@ -35,13 +37,20 @@ impl Accel {
     }
 }
 
+/// The accelerator and why, in words for the log and `doctor`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub accel: Accel,
+    pub reason: String,
+}
+
 /// Choosing the accelerator failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AccelError {
     /// `kvm` was forced but the probe guest does not run under KVM.
     #[error(
-        "QUDATA_QEMU_ACCEL=kvm but a probe guest does not run under KVM ({detail}); fix KVM on \
-         this host or set QUDATA_QEMU_ACCEL=auto or tcg"
+        "QUDATA_QEMU_ACCEL=kvm but the probe guest does not run under KVM ({detail}); fix KVM \
+         on this host or set QUDATA_QEMU_ACCEL=auto or tcg"
     )]
     KvmUnavailable { detail: String },
     /// QEMU could not be started at all.
@@ -50,120 +59,31 @@ pub enum AccelError {
          set QUDATA_QEMU_BINARY"
     )]
     Spawn { binary: PathBuf, source: std::io::Error },
-    /// The probe firmware could not be written.
-    #[error("cannot write the probe firmware to {path}: {source}; check the run dir")]
+    /// The probe's files could not be written.
+    #[error("cannot write the accelerator probe's file {path}: {source}; check the run dir")]
     Write { path: PathBuf, source: std::io::Error },
 }
 
-/// The value the probe writes to the debug-exit port.
-pub const PROBE_VALUE: u8 = 0x2a;
-
-/// QEMU's exit status after the probe's write: `isa-debug-exit` exits with `(value << 1) | 1`.
-pub const PROBE_EXIT_CODE: i32 = ((PROBE_VALUE as i32) << 1) | 1;
-
-/// Real-mode code at the reset vector: `mov al, PROBE_VALUE; out 0xf4, al; hlt; jmp $-1`.
-pub const PROBE_CODE: [u8; 7] = [0xb0, PROBE_VALUE, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd];
-
-/// How long a probe may take. Where KVM works QEMU answers as soon as it has started.
-pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a probe may take. Where KVM works QEMU exits as soon as OVMF has run the probe
+/// (well under a second); a KVM failure is seen in QEMU's output at once.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(10);
 
 const CACHE_FILE: &str = "accel-probe.json";
 
-/// The probe's firmware image: 64 KiB (QEMU wants a multiple of 64 KiB), `hlt` everywhere,
-/// [`PROBE_CODE`] at the reset vector (offset 0xfff0, the last 16 bytes below 4 GiB).
-pub fn probe_firmware() -> Vec<u8> {
-    let mut image = vec![0xf4; 0x10000];
-    image[0xfff0..0xfff0 + PROBE_CODE.len()].copy_from_slice(&PROBE_CODE);
-    image
-}
-
-/// The probe's command line (after the program name). Machine and CPU model are the ones VMs
-/// get (see `argv`): a plain KVM guest can run where `-cpu host` aborts on an MSR it cannot set.
-pub fn probe_argv(accel: Accel, bios: &Path) -> Vec<String> {
-    let cpu = if accel == Accel::Kvm { "host" } else { "max" };
-    let machine = format!("q35,accel={}", accel.as_str());
-    let args = ["-machine", &machine, "-cpu", cpu];
-    let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    argv.extend(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"].map(String::from));
-    argv.extend(["-bios".into(), bios.display().to_string()]);
-    argv.extend(["-display", "none", "-nodefaults", "-no-user-config"].map(String::from));
-    argv
-}
-
-/// What a probe saw.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProbeOutcome {
-    /// The guest ran and wrote the expected value.
-    Works,
-    /// It did not; `detail` says how.
-    Fails { detail: String },
-}
-
-/// Boots the probe firmware under `accel` (firmware written into `dir`) and reports whether it
-/// ran. QEMU is killed and reaped when it has not answered by `deadline`.
-pub async fn run_probe(
-    qemu: &Path,
-    accel: Accel,
-    dir: &Path,
-    deadline: Duration,
-) -> Result<ProbeOutcome, AccelError> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let bios = dir.join(format!("probe-bios-{}-{n}.bin", std::process::id()));
-    std::fs::write(&bios, probe_firmware())
-        .map_err(|source| AccelError::Write { path: bios.clone(), source })?;
-    let outcome = probe_with(qemu, &probe_argv(accel, &bios), deadline).await;
-    let _ = std::fs::remove_file(&bios);
-    outcome
-}
-
-async fn probe_with(
-    qemu: &Path,
-    argv: &[String],
-    deadline: Duration,
-) -> Result<ProbeOutcome, AccelError> {
-    let mut child = Command::new(qemu)
-        .args(argv)
-        .env_clear()
-        .envs(crate::child_env::for_child())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| AccelError::Spawn { binary: qemu.to_owned(), source })?;
-    let mut stderr = child.stderr.take();
-    let reader = tokio::spawn(async move {
-        let mut text = String::new();
-        if let Some(stderr) = stderr.as_mut() {
-            let _ = stderr.take(4096).read_to_string(&mut text).await;
-        }
-        text
-    });
-    let waited = tokio::time::timeout(deadline, child.wait()).await;
-    let outcome = match waited {
-        Ok(Ok(status)) if status.code() == Some(PROBE_EXIT_CODE) => ProbeOutcome::Works,
-        Ok(Ok(status)) => {
-            let stderr = reader.await.unwrap_or_default();
-            let detail = format!("QEMU exited with {status}: {}", stderr.trim());
-            return Ok(ProbeOutcome::Fails { detail });
-        }
-        Ok(Err(e)) => ProbeOutcome::Fails { detail: format!("waiting for QEMU failed: {e}") },
-        Err(_) => {
-            // SIGKILL and reap.
-            let _ = child.kill().await;
-            let detail = format!("no answer within {} ms", deadline.as_millis());
-            ProbeOutcome::Fails { detail }
-        }
-    };
-    reader.abort();
-    Ok(outcome)
-}
+/// Bumped whenever the probe changes, so an answer of an older probe is not trusted.
+const PROBE_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Cached {
     boot_id: String,
+    inputs: String,
     kvm: ProbeOutcome,
+}
+
+/// What the probe's answer depends on besides the host: a different QEMU or firmware may
+/// behave differently under the same KVM.
+fn probe_inputs(qemu: &Path, ovmf: &Ovmf) -> String {
+    format!("v{PROBE_VERSION} qemu={} ovmf={}", qemu.display(), ovmf.code.display())
 }
 
 fn boot_id() -> Option<String> {
@@ -171,60 +91,178 @@ fn boot_id() -> Option<String> {
     Some(id.trim().to_owned())
 }
 
-/// Whether KVM runs a guest on this host, probed at most once per boot (cached in `run_dir`).
-pub async fn kvm_probe(qemu: &Path, run_dir: &Path) -> Result<ProbeOutcome, AccelError> {
+fn read_cache(run_dir: &Path, inputs: &str) -> Option<ProbeOutcome> {
+    let bytes = std::fs::read(run_dir.join(CACHE_FILE)).ok()?;
+    let cached: Cached = serde_json::from_slice(&bytes).ok()?;
+    (Some(&cached.boot_id) == boot_id().as_ref() && cached.inputs == inputs).then_some(cached.kvm)
+}
+
+fn write_cache(run_dir: &Path, inputs: &str, kvm: &ProbeOutcome) {
+    let Some(boot_id) = boot_id() else { return };
+    let record = Cached { boot_id, inputs: inputs.to_owned(), kvm: kvm.clone() };
+    let bytes = serde_json::to_vec(&record).unwrap_or_default();
+    let written = fsutil::ensure_private_dir(run_dir)
+        .and_then(|()| fsutil::write_atomic(&run_dir.join(CACHE_FILE), &bytes));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot cache the accelerator decision");
+    }
+}
+
+/// Records `answer` as this boot's probe answer for `qemu` and `ovmf`, as a probe would (an
+/// operator, or a test, forcing a decision until the next reboot).
+pub fn cache_answer(run_dir: &Path, qemu: &Path, ovmf: &Ovmf, answer: &ProbeOutcome) {
+    write_cache(run_dir, &probe_inputs(qemu, ovmf), answer);
+}
+
+/// Whether KVM runs the probe guest on this host, probed at most once per boot.
+pub async fn kvm_probe(
+    qemu: &Path,
+    ovmf: &Ovmf,
+    run_dir: &Path,
+) -> Result<ProbeOutcome, AccelError> {
+    let inputs = probe_inputs(qemu, ovmf);
+    if let Some(cached) = read_cache(run_dir, &inputs) {
+        return Ok(cached);
+    }
     fsutil::ensure_private_dir(run_dir).map_err(|e| AccelError::Write {
         path: run_dir.to_owned(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let cache = run_dir.join(CACHE_FILE);
-    let boot = boot_id();
-    if let (Some(boot), Ok(bytes)) = (&boot, std::fs::read(&cache))
-        && let Ok(cached) = serde_json::from_slice::<Cached>(&bytes)
-        && &cached.boot_id == boot
-    {
-        return Ok(cached.kvm);
-    }
     let outcome =
         if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
             ProbeOutcome::Fails { detail: format!("cannot open /dev/kvm: {e}") }
         } else {
-            run_probe(qemu, Accel::Kvm, run_dir, PROBE_DEADLINE).await?
+            run_probe(qemu, ovmf, Accel::Kvm, run_dir, PROBE_DEADLINE).await?
         };
-    if let Some(boot_id) = boot {
-        let record = Cached { boot_id, kvm: outcome.clone() };
-        let bytes = serde_json::to_vec(&record).unwrap_or_default();
-        if let Err(e) = fsutil::write_atomic(&cache, &bytes) {
-            tracing::warn!(error = %e, "cannot cache the KVM probe result");
-        }
-    }
+    write_cache(run_dir, &inputs, &outcome);
     Ok(outcome)
 }
 
-/// The accelerator for `choice`: `tcg` as asked; `kvm` only when the probe passes; `auto`
-/// falls back to TCG with a loud warning (VMs are many times slower under TCG).
-pub async fn choose(choice: AccelChoice, qemu: &Path, run_dir: &Path) -> Result<Accel, AccelError> {
+/// The accelerator for `choice`: `tcg` as asked; `kvm` only when the probe guest runs under
+/// it; `auto` KVM where it runs, else TCG (VMs many times slower, no GPU passthrough).
+pub async fn decide(
+    choice: AccelChoice,
+    qemu: &Path,
+    ovmf: &Ovmf,
+    run_dir: &Path,
+) -> Result<Decision, AccelError> {
     if choice == AccelChoice::Tcg {
-        tracing::info!("accelerator: TCG (QUDATA_QEMU_ACCEL=tcg)");
-        return Ok(Accel::Tcg);
+        return Ok(Decision { accel: Accel::Tcg, reason: "QUDATA_QEMU_ACCEL=tcg".into() });
     }
-    match kvm_probe(qemu, run_dir).await? {
-        ProbeOutcome::Works => {
-            tracing::info!("accelerator: KVM (probe guest ran)");
-            Ok(Accel::Kvm)
-        }
+    match kvm_probe(qemu, ovmf, run_dir).await? {
+        ProbeOutcome::Works => Ok(Decision {
+            accel: Accel::Kvm,
+            reason: "the probe guest (q35, OVMF, an EFI application using SSE and x87) ran \
+                     under KVM"
+                .into(),
+        }),
         ProbeOutcome::Fails { detail } if choice == AccelChoice::Kvm => {
             Err(AccelError::KvmUnavailable { detail })
         }
-        ProbeOutcome::Fails { detail } => {
-            tracing::warn!(
-                %detail,
-                "KVM DOES NOT RUN GUESTS ON THIS HOST: VMs use TCG software emulation and will \
-                 be very slow; GPU passthrough needs KVM"
-            );
-            Ok(Accel::Tcg)
+        ProbeOutcome::Fails { detail } => Ok(Decision {
+            accel: Accel::Tcg,
+            reason: format!("KVM cannot run guests on this host: {detail}"),
+        }),
+    }
+}
+
+/// The accelerator of the running agent: the start-up [`Decision`], switched to TCG for the
+/// rest of the host's boot when a VM shows that KVM cannot run guests after all.
+#[derive(Debug)]
+pub struct Accelerator {
+    choice: AccelChoice,
+    run_dir: PathBuf,
+    inputs: String,
+    current: Mutex<Decision>,
+}
+
+impl Accelerator {
+    pub fn new(
+        choice: AccelChoice,
+        decision: Decision,
+        qemu: &Path,
+        ovmf: &Ovmf,
+        run_dir: &Path,
+    ) -> Accelerator {
+        Accelerator {
+            choice,
+            run_dir: run_dir.to_owned(),
+            inputs: probe_inputs(qemu, ovmf),
+            current: Mutex::new(decision),
         }
     }
+
+    /// Always `accel`, never revised (for a backend that only cleans up).
+    pub fn fixed(accel: Accel) -> Accelerator {
+        Accelerator {
+            choice: AccelChoice::Tcg,
+            run_dir: PathBuf::new(),
+            inputs: String::new(),
+            current: Mutex::new(Decision { accel, reason: "fixed".into() }),
+        }
+    }
+
+    pub fn decision(&self) -> Decision {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn current(&self) -> Accel {
+        self.decision().accel
+    }
+
+    /// A VM under KVM failed because of KVM (`detail`: QEMU's words). With `auto` KVM is
+    /// marked unusable for this boot of the host (cached, so `doctor` and a restarted agent
+    /// agree) and every later VM runs under TCG: returns `true`, the caller may retry the VM
+    /// under TCG. With `kvm` nothing changes and it returns `false`.
+    pub fn kvm_failed(&self, detail: &str) -> bool {
+        if self.choice != AccelChoice::Auto {
+            return false;
+        }
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.accel == Accel::Kvm {
+            tracing::error!(
+                %detail,
+                "KVM FAILED WHILE A VM BOOTED: KVM IS MARKED UNUSABLE UNTIL THE HOST REBOOTS; \
+                 VMs now run under TCG software emulation (many times slower, no GPU \
+                 passthrough). Fix KVM on this host (nested virtualisation?), then reboot"
+            );
+            *current = Decision {
+                accel: Accel::Tcg,
+                reason: format!("KVM failed while a VM booted: {detail}"),
+            };
+            let outcome = ProbeOutcome::Fails {
+                detail: format!("a VM failed under KVM after the probe passed: {detail}"),
+            };
+            write_cache(&self.run_dir, &self.inputs, &outcome);
+        }
+        true
+    }
+}
+
+/// The KVM failure QEMU's own output (stderr, `qemu.log`) names, in one phrase, or `None`.
+pub fn kvm_failure(qemu_output: &str) -> Option<String> {
+    for line in qemu_output.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("KVM internal error. Suberror:") {
+            // Linux's KVM_INTERNAL_ERROR_* codes.
+            let what = match rest.trim() {
+                "1" => "emulation failure".to_owned(),
+                "2" => "simultaneous exceptions".to_owned(),
+                "3" => "event delivery failure".to_owned(),
+                "4" => "unexpected exit reason".to_owned(),
+                other => format!("suberror {other}"),
+            };
+            return Some(format!("KVM internal error ({what})"));
+        }
+        let lower = line.to_ascii_lowercase();
+        let names_kvm = ["failed to initialize kvm", "could not access kvm", "kvm run failed"]
+            .iter()
+            .any(|p| lower.contains(p));
+        if names_kvm {
+            let words = line.strip_prefix("qemu-system-x86_64: ").unwrap_or(line);
+            return Some(words.to_owned());
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -232,50 +270,81 @@ mod tests {
     use super::*;
 
     #[test]
-    fn firmware_puts_the_probe_at_the_reset_vector() {
-        let image = probe_firmware();
-        assert_eq!(image.len(), 65536);
-        assert_eq!(&image[0xfff0..0xfff7], &[0xb0, 0x2a, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]);
-        assert_eq!(PROBE_EXIT_CODE, 85);
+    fn kvm_failures_are_named_in_qemus_words() {
+        let internal = "KVM internal error. Suberror: 1\nextra data[0]: 0x1\nemulation failure\n";
+        assert_eq!(
+            kvm_failure(internal).as_deref(),
+            Some("KVM internal error (emulation failure)")
+        );
+        assert_eq!(
+            kvm_failure("KVM internal error. Suberror: 9\n").as_deref(),
+            Some("KVM internal error (suberror 9)")
+        );
+        let open = "qemu-system-x86_64: failed to initialize kvm: No such file or directory\n";
+        assert_eq!(
+            kvm_failure(open).as_deref(),
+            Some("failed to initialize kvm: No such file or directory")
+        );
+        assert_eq!(kvm_failure("qemu-system-x86_64: terminating on signal 15\n"), None);
+        assert_eq!(kvm_failure(""), None);
+    }
+
+    fn ovmf() -> Ovmf {
+        Ovmf { code: "/fw/CODE.fd".into(), vars_template: "/fw/VARS.fd".into() }
+    }
+
+    #[tokio::test]
+    async fn tcg_is_decided_without_a_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = dir.path().join("no-such-qemu");
+        let d = decide(AccelChoice::Tcg, &qemu, &ovmf(), dir.path()).await.unwrap();
+        assert_eq!(d, Decision { accel: Accel::Tcg, reason: "QUDATA_QEMU_ACCEL=tcg".into() });
+    }
+
+    /// The cached answer is the decision, as long as the boot and the probe's inputs match.
+    #[tokio::test]
+    async fn a_cached_answer_decides_and_other_inputs_probe_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = dir.path().join("no-such-qemu");
+        let fails = ProbeOutcome::Fails { detail: "KVM internal error (emulation failure)".into() };
+        write_cache(dir.path(), &probe_inputs(&qemu, &ovmf()), &fails);
+        let d = decide(AccelChoice::Auto, &qemu, &ovmf(), dir.path()).await.unwrap();
+        assert_eq!(d.accel, Accel::Tcg);
+        assert_eq!(
+            d.reason,
+            "KVM cannot run guests on this host: KVM internal error (emulation failure)"
+        );
+        let forced = decide(AccelChoice::Kvm, &qemu, &ovmf(), dir.path()).await.unwrap_err();
+        assert!(
+            forced.to_string().contains("(KVM internal error (emulation failure))"),
+            "{forced}"
+        );
+        write_cache(dir.path(), &probe_inputs(&qemu, &ovmf()), &ProbeOutcome::Works);
+        let d = decide(AccelChoice::Auto, &qemu, &ovmf(), dir.path()).await.unwrap();
+        assert_eq!(d.accel, Accel::Kvm);
+        // Another firmware is probed again (here: QEMU cannot even start).
+        let other = Ovmf { code: "/fw/OTHER.fd".into(), vars_template: "/fw/VARS.fd".into() };
+        if std::path::Path::new("/dev/kvm").exists() {
+            assert!(decide(AccelChoice::Auto, &qemu, &other, dir.path()).await.is_err());
+        }
     }
 
     #[test]
-    fn probe_argv_is_exact() {
-        let argv = probe_argv(Accel::Kvm, Path::new("/run/q/probe.bin"));
-        let expected = [
-            "-machine",
-            "q35,accel=kvm",
-            "-cpu",
-            "host",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-bios",
-            "/run/q/probe.bin",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-no-user-config",
-        ];
-        assert_eq!(argv, expected);
-    }
-
-    /// The deadline path, with the real QEMU: firmware that only halts never answers.
-    #[tokio::test]
-    async fn a_silent_guest_is_killed_at_the_deadline() {
+    fn a_kvm_failure_switches_auto_to_tcg_for_good_and_never_kvm() {
         let dir = tempfile::tempdir().unwrap();
-        let bios = dir.path().join("halt.bin");
-        std::fs::write(&bios, vec![0xf4; 0x10000]).unwrap();
-        let argv = probe_argv(Accel::Tcg, &bios);
         let qemu = Path::new("qemu-system-x86_64");
-        let outcome = probe_with(qemu, &argv, Duration::from_millis(1500)).await.unwrap();
-        assert_eq!(outcome, ProbeOutcome::Fails { detail: "no answer within 1500 ms".into() });
-    }
-
-    #[tokio::test]
-    async fn a_missing_qemu_is_a_spawn_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let qemu = dir.path().join("no-such-qemu");
-        let err = run_probe(&qemu, Accel::Tcg, dir.path(), PROBE_DEADLINE).await.unwrap_err();
-        assert!(err.to_string().contains("set QUDATA_QEMU_BINARY"), "{err}");
+        let kvm = || Decision { accel: Accel::Kvm, reason: "probe ran".into() };
+        let auto = Accelerator::new(AccelChoice::Auto, kvm(), qemu, &ovmf(), dir.path());
+        assert!(auto.kvm_failed("KVM internal error (emulation failure)"));
+        assert_eq!(auto.current(), Accel::Tcg);
+        assert_eq!(
+            auto.decision().reason,
+            "KVM failed while a VM booted: KVM internal error (emulation failure)"
+        );
+        let cached = read_cache(dir.path(), &probe_inputs(qemu, &ovmf())).unwrap();
+        assert!(matches!(cached, ProbeOutcome::Fails { .. }), "{cached:?}");
+        let forced = Accelerator::new(AccelChoice::Kvm, kvm(), qemu, &ovmf(), dir.path());
+        assert!(!forced.kvm_failed("KVM internal error (emulation failure)"));
+        assert_eq!(forced.current(), Accel::Kvm);
     }
 }

@@ -43,7 +43,7 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     let mut a = Args::default();
     a.pair("-name", marker(&plan.id));
     a.pair("-machine", format!("q35,accel={}", plan.accel.as_str()));
-    let cpu = if plan.accel == Accel::Kvm { "host" } else { "max" };
+    let cpu = cpu_model(plan.accel);
     // GPUs' BARs go high in the guest's physical address space: the guest must see the
     // host's real address width, not QEMU's default 40 bits (1 TiB).
     let cpu =
@@ -58,16 +58,24 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     let code = opt_path(&plan.ovmf_code);
     a.pair("-drive", format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"));
     a.pair("-drive", format!("if=pflash,format=raw,unit=1,file={}", opt_path(&plan.ovmf_vars)));
-    a.pair("-drive", format!("if=virtio,format=qcow2,file={}", opt_path(&plan.overlay)));
-    a.pair("-drive", format!("if=virtio,format=raw,readonly=on,file={}", opt_path(&plan.seed)));
+    // The disk is the only boot option (the firmware's shell aside): a guest that cannot boot
+    // from it is seen at once, never tries the network (PXE, HTTP boot), and boots sooner.
+    a.pair("-drive", format!("if=none,id=disk0,format=qcow2,file={}", opt_path(&plan.overlay)));
+    a.pair("-device", "virtio-blk-pci,drive=disk0,bootindex=1");
+    let seed = opt_path(&plan.seed);
+    a.pair("-drive", format!("if=none,id=seed0,format=raw,readonly=on,file={seed}"));
+    a.pair("-device", "virtio-blk-pci,drive=seed0");
     let mut netdev = String::from("user,id=net0");
     for (host, guest) in &plan.ports {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
     }
     a.pair("-netdev", netdev);
-    a.pair("-device", "virtio-net-pci,netdev=net0");
+    // No option ROM: the firmware has no network boot to try.
+    a.pair("-device", "virtio-net-pci,netdev=net0,romfile=");
     // Guests make SSH host keys at first boot; without an entropy source they wait for one.
     a.pair("-device", "virtio-rng-pci");
+    // A guest kernel panic becomes a QMP event instead of a silent hang.
+    a.pair("-device", "pvpanic");
     a.pair("-qmp", format!("unix:{},server=on,wait=off", opt_path(&plan.qmp_socket)));
     // -pidfile and -serial file: take the rest of the argument verbatim.
     a.pair("-pidfile", plan.pidfile.display().to_string());
@@ -80,6 +88,15 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
         gpu_args(&mut a, index, gpu);
     }
     a.0
+}
+
+/// The CPU model VMs get (and the accelerator probe boots): the host's own under KVM, every
+/// feature QEMU can emulate under TCG.
+pub fn cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    }
 }
 
 /// One root port per GPU so each slot keeps its functions together, as on the host. Guest

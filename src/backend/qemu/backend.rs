@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::accel::Accel;
+use super::accel::Accelerator;
 use super::argv::VmPlan;
 use super::disk::{self, Ovmf};
 use super::gpus;
@@ -28,6 +28,7 @@ use crate::guest::{GuestPaths, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
+mod boot;
 mod guest;
 mod reap;
 mod start;
@@ -39,14 +40,16 @@ pub struct QemuSettings {
     pub qemu_binary: PathBuf,
     pub qemu_img: PathBuf,
     pub ovmf: Ovmf,
-    pub accel: Accel,
+    /// KVM or TCG for the next VM started (switched to TCG for good when KVM fails a VM).
+    pub accel: Arc<Accelerator>,
     /// The default base image; named images live in `images_dir` as `<name>.qcow2`.
     pub base_image: PathBuf,
     pub images_dir: PathBuf,
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
-    /// How long a guest may take from power-on to answering SSH.
-    pub boot_deadline: Duration,
+    /// How long a guest may take from power-on to answering SSH; `None`: the accelerator's
+    /// default (`boot::BOOT_DEADLINE_KVM`, `boot::BOOT_DEADLINE_TCG`).
+    pub boot_deadline: Option<Duration>,
     /// How long an ACPI power-down may take before QEMU is told to quit.
     pub powerdown_grace: Duration,
     /// Where QEMUs are looked for (`/proc`; a tree of their own in tests).
@@ -146,7 +149,7 @@ impl QemuBackend {
     fn plan(&self, instance: &Instance, paths: &VmPaths) -> VmPlan {
         VmPlan {
             id: instance.id.clone(),
-            accel: self.settings.accel,
+            accel: self.settings.accel.current(),
             vcpus: instance.spec.cpus,
             memory_mib: instance.spec.memory_mib,
             ovmf_code: self.settings.ovmf.code.clone(),
@@ -217,7 +220,7 @@ fn known_images(dir: &Path) -> Vec<String> {
 }
 
 fn with_log(e: process::ProcessError, paths: &VmPaths) -> String {
-    let log = std::fs::read_to_string(&paths.qemu_log).unwrap_or_default();
+    let log = super::layout::read_tail(&paths.qemu_log, 4 << 10);
     let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     if last.is_empty() { e.to_string() } else { format!("{e}: {last}") }
 }
@@ -256,19 +259,11 @@ impl Backend for QemuBackend {
     }
 
     async fn wait_ready(&self, instance: &Instance) -> Result<(), BackendError> {
-        let vm = self.running(instance, "wait for the guest")?;
-        let deadline = Instant::now() + self.settings.boot_deadline;
-        tokio::select! {
-            client = self.client(instance, deadline) => {
-                client?.close().await;
-                Ok(())
-            }
-            reason = vm.exited() => Err(BackendError::Gone { detail: reason }),
-        }
+        self.wait_booted(instance).await
     }
 
     async fn configure(&self, instance: &Instance) -> Result<(), BackendError> {
-        let deadline = Instant::now() + self.settings.boot_deadline;
+        let deadline = Instant::now() + self.boot_deadline();
         let client = self.client(instance, deadline).await?;
         self.apply_keys(&client, instance).await?;
         if let Some(command) = &instance.spec.command {
@@ -301,6 +296,7 @@ impl Backend for QemuBackend {
     async fn reset(&self, instance: &Instance) -> Result<(), BackendError> {
         let vm = self.running(instance, "restart")?;
         let was_paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
+        vm.mark_reboot(&self.paths(&instance.id));
         vm.qmp.system_reset().await.map_err(|e| BackendError::op("restart", e))?;
         if was_paused {
             vm.qmp.cont().await.map_err(|e| BackendError::op("restart", e))?;
@@ -322,7 +318,7 @@ impl Backend for QemuBackend {
 
     async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
-        self.stop_vm(instance, &paths).await?;
+        self.stop_vm(instance, &paths, true).await?;
         // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
         if gpus::release(&self.settings.vfio, &instance.id).await? > 0 {
             nvml_reload(self.host_nvml()).await;

@@ -85,13 +85,45 @@ impl VmPaths {
         Ok(removed)
     }
 
-    /// The last `lines` lines of the serial log, for an error message.
+    /// The last `lines` non-empty lines of the serial log, for an error message (only its
+    /// tail is read: the guest decides how much it writes).
     pub fn serial_tail(&self, lines: usize) -> String {
-        let text = std::fs::read(&self.serial_log).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let text = read_tail(&self.serial_log, SERIAL_TAIL_BYTES);
+        let tail: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         tail[tail.len().saturating_sub(lines)..].join(" | ")
     }
+
+    /// The serial log's current length (0 when it does not exist).
+    pub fn serial_len(&self) -> u64 {
+        std::fs::metadata(&self.serial_log).map_or(0, |m| m.len())
+    }
+
+    /// QEMU's own output from `start` on (one QEMU's run), at most its last `bytes`.
+    pub fn qemu_log_since(&self, start: u64, bytes: u64) -> String {
+        let len = std::fs::metadata(&self.qemu_log).map_or(0, |m| m.len());
+        read_tail(&self.qemu_log, bytes.min(len.saturating_sub(start)))
+    }
+
+    /// The length of QEMU's own log (where the next QEMU's output starts).
+    pub fn qemu_log_len(&self) -> u64 {
+        std::fs::metadata(&self.qemu_log).map_or(0, |m| m.len())
+    }
+}
+
+/// How much of the serial log [`VmPaths::serial_tail`] reads.
+const SERIAL_TAIL_BYTES: u64 = 16 << 10;
+
+/// The last `bytes` of a file as text (lossy; "" when it cannot be read).
+pub fn read_tail(path: &Path, bytes: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let len = file.metadata().map_or(0, |m| m.len());
+    if file.seek(SeekFrom::Start(len.saturating_sub(bytes))).is_err() {
+        return String::new();
+    }
+    let mut tail = Vec::new();
+    let _ = file.take(bytes).read_to_end(&mut tail);
+    String::from_utf8_lossy(&tail).into_owned()
 }
 
 #[cfg(test)]
@@ -116,6 +148,11 @@ mod tests {
         std::fs::create_dir_all(&p.run_dir).unwrap();
         std::fs::write(&p.serial_log, "a\n\nb\nc\n").unwrap();
         assert_eq!(p.serial_tail(2), "b | c");
+        let mut big = "x".repeat(100_000);
+        big.push_str("\nlast\n");
+        std::fs::write(&p.serial_log, big).unwrap();
+        assert_eq!(p.serial_tail(1), "last");
+        assert_eq!(read_tail(&p.serial_log, 6), "\nlast\n");
         p.remove_all().unwrap();
         assert!(!p.dir.exists() && !p.run_dir.exists());
         p.remove_all().unwrap();

@@ -20,6 +20,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod console;
 pub mod disk;
 pub mod gpus;
 pub mod orphan;
@@ -27,6 +28,7 @@ pub mod process;
 pub mod procfs;
 pub mod qmp;
 pub mod seed;
+pub mod vfat;
 
 pub mod backend;
 pub mod layout;

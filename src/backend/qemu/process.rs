@@ -51,6 +51,8 @@ pub enum ProcessError {
 pub struct Spawned {
     pub pid: u32,
     log: PathBuf,
+    /// Where this QEMU's output starts in `log` (it is appended to across starts).
+    pub log_start: u64,
     /// `Some(status)` once the background task has reaped the child.
     exit: watch::Receiver<Option<String>>,
 }
@@ -133,6 +135,7 @@ pub fn spawn_with_memlock(
     let log_err = |source| ProcessError::Log { path: log.to_owned(), source };
     let out = OpenOptions::new().create(true).append(true).open(log).map_err(log_err)?;
     let err = out.try_clone().map_err(log_err)?;
+    let log_start = out.metadata().map_or(0, |m| m.len());
     let mut command = Command::new(binary);
     command
         .args(argv)
@@ -176,7 +179,7 @@ pub fn spawn_with_memlock(
         tracing::debug!(pid, %status, "QEMU exited");
         let _ = tx.send(Some(status));
     });
-    Ok(Spawned { pid, log: log.to_owned(), exit })
+    Ok(Spawned { pid, log: log.to_owned(), log_start, exit })
 }
 
 /// The pid in a QEMU pidfile.

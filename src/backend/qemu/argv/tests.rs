@@ -38,12 +38,15 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
         "-S",
         "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
         "-drive", "if=pflash,format=raw,unit=1,file=/var/lib/qudata/vms/abc/OVMF_VARS.fd",
-        "-drive", "if=virtio,format=qcow2,file=/var/lib/qudata/vms/abc/disk.qcow2",
-        "-drive", "if=virtio,format=raw,readonly=on,file=/var/lib/qudata/vms/abc/seed.img",
+        "-drive", "if=none,id=disk0,format=qcow2,file=/var/lib/qudata/vms/abc/disk.qcow2",
+        "-device", "virtio-blk-pci,drive=disk0,bootindex=1",
+        "-drive", "if=none,id=seed0,format=raw,readonly=on,file=/var/lib/qudata/vms/abc/seed.img",
+        "-device", "virtio-blk-pci,drive=seed0",
         "-netdev",
         "user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:10888-:8888",
-        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-device", "virtio-rng-pci",
+        "-device", "pvpanic",
         "-qmp", "unix:/run/qudata/abc/qmp.sock,server=on,wait=off",
         "-pidfile", "/run/qudata/abc/qemu.pid",
         "-serial", "file:/var/lib/qudata/vms/abc/serial.log",
@@ -173,7 +176,7 @@ fn commas_in_option_paths_are_doubled() {
     p.overlay = "/data/a,b/disk.qcow2".into();
     p.ports.clear();
     let argv = qemu_argv(&p);
-    assert!(argv.contains(&"if=virtio,format=qcow2,file=/data/a,,b/disk.qcow2".to_owned()));
+    assert!(argv.contains(&"if=none,id=disk0,format=qcow2,file=/data/a,,b/disk.qcow2".to_owned()));
     assert!(argv.contains(&"user,id=net0".to_owned()));
 }
 

@@ -3,6 +3,7 @@
 
 use super::{QMP_SOCKET_DEADLINE, QemuBackend, with_log};
 use crate::backend::BackendError;
+use crate::backend::qemu::accel::{Accel, kvm_failure};
 use crate::backend::qemu::argv::{GpuPassthrough, qemu_argv};
 use crate::backend::qemu::layout::VmPaths;
 use crate::backend::qemu::qmp::Qmp;
@@ -19,12 +20,29 @@ impl QemuBackend {
     ) -> Result<(), BackendError> {
         let passthrough = self.bind_gpus(instance).await?;
         crate::fault::crash_point(crate::fault::Phase::AfterGpuBind);
-        let result = self.start_qemu(instance, paths, passthrough).await;
+        let under_kvm = self.settings.accel.current() == Accel::Kvm;
+        let log_start = paths.qemu_log_len();
+        let with_gpus = !passthrough.is_empty();
+        let result = match self.start_qemu(instance, paths, passthrough.clone()).await {
+            // QEMU could not even start under KVM (it opens /dev/kvm first): under `auto`,
+            // once more under TCG. A VM with GPUs is never moved to TCG.
+            Err(e) if under_kvm && !with_gpus => {
+                let said = paths.qemu_log_since(log_start, 16 << 10);
+                match kvm_failure(&said) {
+                    Some(detail) if self.settings.accel.kvm_failed(&detail) => {
+                        tracing::warn!(id = %instance.id, %detail, "starting the VM again under TCG");
+                        self.start_qemu(instance, paths, passthrough).await
+                    }
+                    _ => Err(e),
+                }
+            }
+            result => result,
+        };
         if let Err(e) = &result {
             // A QEMU left paused with nobody watching it would make every later start answer
             // "still running"; with GPUs it also holds the devices open until it is gone.
             tracing::warn!(id = %instance.id, error = %e, "VM start failed; stopping its QEMU");
-            if let Err(stop) = self.stop_vm(instance, paths).await {
+            if let Err(stop) = self.stop_vm(instance, paths, false).await {
                 tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
             } else if !instance.gpus.is_empty() {
                 match gpus::release(&self.settings.vfio, &instance.id).await {
@@ -87,7 +105,7 @@ impl QemuBackend {
         let vm =
             Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
         self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
-        tracing::info!(id = %instance.id, pid, accel = self.settings.accel.as_str(), "VM started");
+        tracing::info!(id = %instance.id, pid, accel = plan.accel.as_str(), "VM started");
         Ok(())
     }
 }

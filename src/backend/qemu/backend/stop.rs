@@ -16,11 +16,13 @@ use crate::instance::model::Instance;
 const EXIT_DEADLINE: Duration = Duration::from_secs(120);
 
 impl QemuBackend {
-    /// Stops the VM: ACPI power-down, then `quit`, then signals, each with a deadline.
+    /// Stops the VM: ACPI power-down (when `graceful`: a guest that never booted has nobody
+    /// to press the button for), then `quit`, then signals, each with a deadline.
     pub(super) async fn stop_vm(
         &self,
         instance: &Instance,
         paths: &VmPaths,
+        graceful: bool,
     ) -> Result<(), BackendError> {
         if let Some(gpu) = &self.gpu {
             gpu.streams.stop(&instance.id).await;
@@ -32,7 +34,8 @@ impl QemuBackend {
             vm.expect_exit();
             let paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
             // A paused guest cannot act on the power button.
-            told_to_go = (!paused
+            told_to_go = (graceful
+                && !paused
                 && vm.qmp.system_powerdown().await.is_ok()
                 && vm.wait_exited(self.settings.powerdown_grace).await)
                 || (vm.qmp.quit().await.is_ok() && vm.wait_exited(QUIT_GRACE).await);

@@ -5,6 +5,8 @@ use serde_json::Value;
 /// An asynchronous QMP event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QmpEvent {
+    /// `GUEST_PANICKED`: the guest kernel reported a panic (pvpanic).
+    GuestPanicked,
     /// `POWERDOWN`: a power-button press reached the guest.
     Powerdown,
     /// `RESET`: the guest was reset.
@@ -23,6 +25,7 @@ impl QmpEvent {
     /// The event named `name` with its optional `data` object.
     pub fn from_message(name: &str, data: Option<&Value>) -> QmpEvent {
         match name {
+            "GUEST_PANICKED" => QmpEvent::GuestPanicked,
             "POWERDOWN" => QmpEvent::Powerdown,
             "RESET" => QmpEvent::Reset,
             "RESUME" => QmpEvent::Resume,
