@@ -105,12 +105,10 @@ pub fn accel(view: &HostView) -> Check {
             format!("TCG: {} (VMs are many times slower and get no GPUs)", decision.reason),
             "set QUDATA_QEMU_ACCEL=auto where KVM works",
         ),
-        AccelView::Decided { decision, .. } => Check::new(
-            "accel",
-            view.missing(Need::Vm),
-            format!("TCG: {}", decision.reason),
-            fix_kvm,
-        ),
+        // VMs still run (slowly, without GPUs): a warning, whatever the backend.
+        AccelView::Decided { decision, .. } => {
+            Check::new("accel", Status::Warn, format!("TCG: {}", decision.reason), fix_kvm)
+        }
         AccelView::Refused(why) => Check::new("accel", Status::Fail, why.clone(), fix_kvm),
         AccelView::Undecided(why) => Check::new(
             "accel",
@@ -222,5 +220,62 @@ mod tests {
         let cmdline = "BOOT_IMAGE=/vmlinuz ro intel_iommu=on iommu=pt quiet -- amd_iommu=on\n";
         assert_eq!(iommu_cmdline_options(cmdline), ["intel_iommu=on", "iommu=pt"]);
         assert!(iommu_cmdline_options("ro quiet").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod accel_tests {
+    use super::*;
+    use crate::backend::qemu::accel::Decision;
+    use crate::config::BackendChoice;
+
+    fn view(accel: AccelView, backend: BackendChoice) -> HostView {
+        let root = std::path::Path::new("/nonexistent");
+        HostView {
+            proc_root: root.join("proc"),
+            sysfs: crate::vfio::SysfsRoot::new(root.join("sys")),
+            dev_root: root.join("dev"),
+            lib_modules: root.join("lib/modules"),
+            ovmf_dir: root.join("ovmf"),
+            docker_socket: root.join("docker.sock"),
+            search_path: root.join("bin").into_os_string(),
+            data_dir: root.join("data"),
+            frpc_binary: "frpc".into(),
+            frp_overrides: Default::default(),
+            gpu_pci_addrs: None,
+            nvml_library: root.join("libnvidia-ml.so.1"),
+            backend,
+            command_timeout: std::time::Duration::from_secs(1),
+            accel,
+        }
+    }
+
+    fn decided(accel: Accel, reason: &str, choice: AccelChoice) -> AccelView {
+        AccelView::Decided { decision: Decision { accel, reason: reason.into() }, choice }
+    }
+
+    #[test]
+    fn the_accel_line_shows_the_decision_and_its_reason() {
+        let auto = BackendChoice::Auto;
+        let kvm = accel(&view(decided(Accel::Kvm, "the probe ran", AccelChoice::Auto), auto));
+        assert_eq!((kvm.status, kvm.detail.as_str()), (Status::Ok, "KVM: the probe ran"));
+        let broken = "KVM cannot run guests on this host: KVM internal error (emulation failure)";
+        let tcg = accel(&view(decided(Accel::Tcg, broken, AccelChoice::Auto), auto));
+        assert_eq!(tcg.status, Status::Warn);
+        assert_eq!(tcg.detail, format!("TCG: {broken}"));
+        assert!(tcg.fix.unwrap().starts_with("fix KVM"));
+        // VMs still run under TCG, so even the qemu backend only warns.
+        let qemu = view(decided(Accel::Tcg, broken, AccelChoice::Auto), BackendChoice::Qemu);
+        assert_eq!(accel(&qemu).status, Status::Warn);
+        let asked = decided(Accel::Tcg, "QUDATA_QEMU_ACCEL=tcg", AccelChoice::Tcg);
+        let asked = accel(&view(asked, auto));
+        assert_eq!(asked.status, Status::Warn);
+        assert!(asked.detail.starts_with("TCG: QUDATA_QEMU_ACCEL=tcg"), "{}", asked.detail);
+        let refused = AccelView::Refused("QUDATA_QEMU_ACCEL=kvm but the probe failed".into());
+        assert_eq!(accel(&view(refused, auto)).status, Status::Fail);
+        let undecided = AccelView::Undecided("cannot probe: no OVMF".into());
+        let undecided = accel(&view(undecided, BackendChoice::Qemu));
+        assert_eq!(undecided.status, Status::Fail, "the qemu backend cannot run at all");
+        assert_eq!(undecided.detail, "cannot probe: no OVMF");
     }
 }

@@ -6,8 +6,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
-use qudata_agent::config::BackendChoice;
-use qudata_agent::doctor::{self, HostView, Status};
+use qudata_agent::backend::qemu::accel::{Accel, Decision};
+use qudata_agent::config::{AccelChoice, BackendChoice};
+use qudata_agent::doctor::{self, AccelView, HostView, Status};
 
 use crate::support::host::FakeHost;
 use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
@@ -188,7 +189,10 @@ fn a_ready_host_is_all_ok_in_the_documented_order() {
     let kvm_works = doctor::kvm(&host.view()).status == Status::Ok;
     let as_root = fs::metadata(host.join("data")).unwrap().uid() == 0;
 
-    let checks = doctor::run_all(&host.view());
+    // The accelerator decision is made before the checks (a probe guest): KVM here.
+    let decision = Decision { accel: Accel::Kvm, reason: "the probe guest ran".into() };
+    let accel = AccelView::Decided { decision, choice: AccelChoice::Auto };
+    let checks = doctor::run_all(&HostView { accel, ..host.view() });
     let names: Vec<&str> = checks.iter().map(|c| c.check).collect();
     assert_eq!(names, doctor::CHECKS);
     for c in &checks {
