@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::model::{BackendKind, Instance, Status};
 use super::spec::{self, HostLimits, SpecError};
 use super::store::{Store, StoreError};
+use super::transition::{self, Event, Flow};
 use crate::backend::{Backend, BackendError};
 use crate::ports::{self, PortError};
 
@@ -37,8 +38,8 @@ pub enum ManagerError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     /// The command does not fit the instance's state.
-    #[error("{reason} (the instance is {status})")]
-    Conflict { status: Status, reason: String },
+    #[error(transparent)]
+    Conflict(#[from] transition::Conflict),
     #[error("{0}")]
     Invalid(#[from] SpecError),
     #[error("no instance can be created: {reason}")]
@@ -248,7 +249,8 @@ impl Manager {
                 "an instance already exists on this host; delete it first"
             };
             let status = if existing.deleting { Status::Destroyed } else { existing.status };
-            return Err(ManagerError::Conflict { status, reason: reason.into() });
+            let conflict = transition::Conflict { status, reason: reason.into() };
+            return Err(ManagerError::Conflict(conflict));
         }
         let held: Vec<Instance> = slots.values().map(|s| s.snapshot()).collect();
         let gpus = self.pick_gpus(spec.gpus, &held)?;
@@ -291,7 +293,7 @@ impl Manager {
         slots.insert(instance.id.clone(), Arc::clone(&slot));
         drop(slots);
         tracing::info!(id = %instance.id, gpus = instance.gpus.len(), "instance accepted");
-        self.spawn_flow(slot, flows::Flow::Create);
+        self.spawn_flow(slot, Flow::Create);
         Ok(created)
     }
 
@@ -321,68 +323,53 @@ impl Manager {
     /// `PUT /instances`.
     pub async fn lifecycle(&self, command: Lifecycle) -> Result<(), ManagerError> {
         let slot = self.current().ok_or(ManagerError::NotFound)?;
+        let event = match command {
+            Lifecycle::Start => Event::Start,
+            Lifecycle::Stop => Event::Stop,
+            Lifecycle::Restart => Event::Restart,
+        };
         // A state mismatch is answered at once; only a fitting command waits its turn.
-        self.flow_for(command, slot.snapshot().status)?;
+        transition::apply(&mut slot.snapshot(), &event)?; // a dry run on a copy
         // Short operations (re-applying keys after adoption, a pause) finish soon: wait for
         // them rather than refuse. A boot holds the lock for long, but its state is refused
         // above.
         let guard = tokio::time::timeout(OP_WAIT, Arc::clone(&slot.op).lock_owned())
             .await
-            .map_err(|_| ManagerError::Conflict {
+            .map_err(|_| transition::Conflict {
                 status: slot.snapshot().status,
                 reason: "another operation on the instance is in progress".to_owned(),
             })?;
-        // The state may have moved while waiting.
-        let Some(flow) = self.flow_for(command, slot.snapshot().status)? else {
-            return Ok(());
-        };
-        match flow {
+        // The state may have moved while waiting: decided again, and applied.
+        match self.apply(&slot, &event)? {
+            None => Ok(()),
             // Pause and resume are quick QMP calls: answer with their result.
-            flows::Flow::Pause | flows::Flow::Resume => {
+            Some(flow @ (Flow::Pause | Flow::Resume)) => {
                 flows::run_quick(self, &slot, flow, guard).await
             }
-            _ => {
-                let next =
-                    if flow == flows::Flow::Reset { Status::Rebooting } else { Status::Pending };
-                self.set_status(&slot, next, None)?;
+            Some(flow) => {
                 self.spawn_locked_flow(slot, flow, guard);
                 Ok(())
             }
         }
     }
 
-    /// The flow a lifecycle command starts from `status`; `None` when already there.
-    fn flow_for(
-        &self,
-        command: Lifecycle,
-        status: Status,
-    ) -> Result<Option<flows::Flow>, ManagerError> {
-        Ok(Some(match (command, status) {
-            (Lifecycle::Stop, Status::Paused) | (Lifecycle::Start, Status::Running) => {
-                return Ok(None);
-            }
-            (Lifecycle::Stop, Status::Running) => flows::Flow::Pause,
-            (Lifecycle::Start, Status::Paused) => flows::Flow::Resume,
-            (Lifecycle::Start, Status::Error) => flows::Flow::Boot,
-            (Lifecycle::Restart, Status::Running | Status::Paused) => flows::Flow::Reset,
-            (command, status) => {
-                let reason = format!("{command:?} does not fit now").to_lowercase();
-                return Err(ManagerError::Conflict { status, reason });
-            }
-        }))
-    }
-
     /// `DELETE /instances`: answered at once; teardown continues in the background.
     pub fn delete(&self) -> Result<(), ManagerError> {
         let slot = self.current().ok_or(ManagerError::NotFound)?;
-        self.update(&slot, |i| i.deleting = true)?;
-        slot.cancel.send_replace(true);
-        tracing::info!(id = %slot.snapshot().id, "instance deletion accepted");
-        self.spawn_flow(slot, flows::Flow::Delete);
+        self.begin_delete(slot)
+    }
+
+    /// Marks the instance deleted and starts its teardown; a boot in progress stops waiting.
+    fn begin_delete(&self, slot: Arc<Slot>) -> Result<(), ManagerError> {
+        if let Some(flow) = self.apply(&slot, &Event::Delete)? {
+            slot.cancel.send_replace(true);
+            tracing::info!(id = %slot.snapshot().id, "instance deletion accepted");
+            self.spawn_flow(slot, flow);
+        }
         Ok(())
     }
 
-    fn spawn_flow(&self, slot: Arc<Slot>, flow: flows::Flow) {
+    fn spawn_flow(&self, slot: Arc<Slot>, flow: Flow) {
         let manager = self.clone();
         tokio::spawn(async move {
             let guard = Arc::clone(&slot.op).lock_owned().await;
@@ -390,7 +377,7 @@ impl Manager {
         });
     }
 
-    fn spawn_locked_flow(&self, slot: Arc<Slot>, flow: flows::Flow, guard: flows::OpGuard) {
+    fn spawn_locked_flow(&self, slot: Arc<Slot>, flow: Flow, guard: flows::OpGuard) {
         let manager = self.clone();
         tokio::spawn(async move { flows::run(&manager, &slot, flow, guard).await });
     }
@@ -407,16 +394,18 @@ impl Manager {
         Ok(())
     }
 
-    fn set_status(
-        &self,
-        slot: &Slot,
-        status: Status,
-        error: Option<String>,
-    ) -> Result<(), ManagerError> {
-        self.update(slot, |i| {
-            i.status = status;
-            i.error = error;
-        })
+    /// The one place an instance's status changes: `event` decided by
+    /// [`transition::transition`], the record saved when it changed. Returns the flow the
+    /// transition starts; on a refusal or a failed save the record is unchanged.
+    fn apply(&self, slot: &Slot, event: &Event) -> Result<Option<Flow>, ManagerError> {
+        let mut record = slot.record.lock().expect("record lock");
+        let mut changed = record.clone();
+        let flow = transition::apply(&mut changed, event)?;
+        if changed != *record {
+            self.inner.store.save(&changed)?;
+            *record = changed;
+        }
+        Ok(flow)
     }
 
     fn forget(&self, id: &str) -> Result<(), ManagerError> {
@@ -445,6 +434,5 @@ impl Manager {
     }
 }
 
-/// Two key lines name the same key when type and body match (comments may differ).
 #[cfg(test)]
 mod tests;

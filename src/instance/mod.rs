@@ -5,6 +5,7 @@ pub mod manager;
 pub mod model;
 pub mod spec;
 pub mod store;
+pub mod transition;
 
 pub use manager::{
     Created, Lifecycle, Manager, ManagerError, ManagerSettings, Publisher, Restore, StatusView,

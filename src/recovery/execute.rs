@@ -11,8 +11,9 @@ use super::plan::{Plan, Row, Subject};
 use crate::backend::{Backend, Owned};
 use crate::config::Config;
 use crate::instance::Restore;
-use crate::instance::model::{Instance, Status};
+use crate::instance::model::Instance;
 use crate::instance::store::Store;
+use crate::instance::transition::{self, Event};
 
 const NO_BACKEND: &str = "no backend can run on this host";
 
@@ -161,11 +162,12 @@ async fn apply_record(
         None if needs_backend => return Err(NO_BACKEND.into()),
         None => None,
     };
+    // Offline, the same state machine as the agent's decides the record's new state.
     let set_error = |reason: &str| {
-        let mut next = instance.clone();
-        next.status = Status::Error;
-        next.error = Some(reason.to_owned());
-        store.save(&next).map_err(|e| e.to_string())
+        let mut record = instance.clone();
+        transition::apply(&mut record, &Event::Failed(reason.to_owned()))
+            .map_err(|e| e.to_string())?;
+        store.save(&record).map_err(|e| e.to_string())
     };
     match restore {
         Restore::Adopt | Restore::Keep | Restore::Reboot => Ok(()),

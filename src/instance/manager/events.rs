@@ -3,9 +3,9 @@
 
 use tokio::sync::mpsc;
 
-use super::{Manager, flows};
+use super::Manager;
 use crate::backend::BackendEvent;
-use crate::instance::model::Status;
+use crate::instance::transition::Event;
 
 impl Manager {
     /// Listens to backend events (VM crashed, guest powered off) until the sender closes.
@@ -19,39 +19,26 @@ impl Manager {
     }
 
     fn on_event(&self, event: BackendEvent) {
-        let (id, reason) = match event {
-            BackendEvent::Exited { id, reason } => (id, reason),
-            BackendEvent::Started { id } => return self.on_started(&id),
+        let (id, event) = match event {
+            BackendEvent::Exited { id, reason } => (id, Event::Failed(reason)),
+            BackendEvent::Started { id } => (id, Event::StartedAgain),
         };
         let Some(slot) = self.slots().get(&id).cloned() else { return };
-        let current = slot.snapshot();
-        if current.deleting || current.status == Status::Error {
-            return;
+        let before = slot.snapshot();
+        match self.apply(&slot, &event) {
+            Ok(flow) => {
+                let after = slot.snapshot();
+                if after.status != before.status {
+                    tracing::warn!(%id, ?event, status = %after.status, "the instance changed on its own");
+                }
+                // Running again on its own: configure it again (keys, SSH server). A flow in
+                // progress (boot, reset) configures it anyway.
+                if let Some(flow) = flow {
+                    tracing::info!(%id, "instance started again on its own; configuring it");
+                    self.spawn_flow(slot, flow);
+                }
+            }
+            Err(e) => tracing::error!(%id, error = %e, "cannot record what the backend saw"),
         }
-        tracing::warn!(%id, %reason, "instance exited on its own");
-        if let Err(e) = self.set_status(&slot, Status::Error, Some(reason)) {
-            tracing::error!(%id, error = %e, "cannot record the instance's exit");
-        }
-    }
-
-    /// The instance runs again on its own: configure it again (keys, SSH server) and report
-    /// it running. A flow in progress (boot, reset) configures it anyway.
-    fn on_started(&self, id: &str) {
-        let Some(slot) = self.slots().get(id).cloned() else { return };
-        let current = slot.snapshot();
-        let flow = match current.status {
-            _ if current.deleting => return,
-            Status::Error => flows::Flow::Settle,
-            Status::Running => flows::Flow::Reconfigure,
-            _ => return,
-        };
-        tracing::info!(%id, "instance started again on its own; configuring it");
-        if flow == flows::Flow::Settle
-            && let Err(e) = self.set_status(&slot, Status::Pending, None)
-        {
-            tracing::error!(%id, error = %e, "cannot record the restart");
-            return;
-        }
-        self.spawn_flow(slot, flow);
     }
 }

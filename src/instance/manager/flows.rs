@@ -7,27 +7,10 @@ use tokio::sync::OwnedMutexGuard;
 
 use super::{Manager, ManagerError, Slot};
 use crate::backend::BackendError;
-use crate::instance::model::Status;
+use crate::instance::transition::{Event, Flow};
 
 /// Proof that the instance's operation lock is held.
 pub(super) type OpGuard = OwnedMutexGuard<()>;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Flow {
-    /// Launch, wait for the guest, configure; rolled back on failure.
-    Create,
-    /// Start again from disk after the process is gone.
-    Boot,
-    /// Guest reset, then wait for it again.
-    Reset,
-    /// Adopted while pending or rebooting: wait for the guest, configure.
-    Settle,
-    /// Adopted while running: re-apply keys and the command.
-    Reconfigure,
-    Pause,
-    Resume,
-    Delete,
-}
 
 /// Runs a background flow to its end, recording the outcome in the instance's status.
 pub(super) async fn run(manager: &Manager, slot: &Arc<Slot>, flow: Flow, _guard: OpGuard) {
@@ -42,20 +25,17 @@ pub(super) async fn run(manager: &Manager, slot: &Arc<Slot>, flow: Flow, _guard:
         Flow::Pause | Flow::Resume => Ok(Some(())),
     };
     match result {
-        Ok(Some(())) => {
-            if let Err(e) = manager.set_status(slot, Status::Running, None) {
-                tracing::error!(%id, error = %e, "cannot record the running state");
-            } else {
-                tracing::info!(%id, ?flow, "instance running");
-            }
-        }
+        Ok(Some(())) => match manager.apply(slot, &Event::Ready) {
+            Ok(_) => tracing::info!(%id, ?flow, "instance running"),
+            Err(e) => tracing::error!(%id, error = %e, "cannot record the running state"),
+        },
         Ok(None) => tracing::info!(%id, ?flow, "stopped waiting: the instance is being deleted"),
         Err(e) => {
             tracing::warn!(%id, ?flow, error = %e, "instance operation failed");
             if flow == Flow::Create {
                 rollback(manager, slot).await;
             }
-            if let Err(save) = manager.set_status(slot, Status::Error, Some(e.to_string())) {
+            if let Err(save) = manager.apply(slot, &Event::Failed(e.to_string())) {
                 tracing::error!(%id, error = %save, "cannot record the failure");
             }
         }
@@ -166,10 +146,10 @@ pub(super) async fn run_quick(
     let instance = slot.snapshot();
     if flow == Flow::Pause {
         backend.pause(&instance).await?;
-        return manager.set_status(slot, Status::Paused, None);
+        return manager.apply(slot, &Event::Paused).map(drop);
     }
     backend.resume(&instance).await?;
-    manager.set_status(slot, Status::Running, None)?;
+    manager.apply(slot, &Event::Resumed)?;
     // Keys changed while the vCPUs were stopped are applied now.
     if let Err(e) = backend.apply_ssh_keys(&slot.snapshot()).await {
         tracing::warn!(id = %instance.id, error = %e, "cannot apply SSH keys after resume");
@@ -185,12 +165,12 @@ pub(super) async fn apply_keys_now(
     // Bounded like a lifecycle command: the caller puts the record back on a refusal.
     let _guard = tokio::time::timeout(super::OP_WAIT, Arc::clone(&slot.op).lock_owned())
         .await
-        .map_err(|_| ManagerError::Conflict {
+        .map_err(|_| crate::instance::transition::Conflict {
             status: slot.snapshot().status,
             reason: "another operation on the instance is in progress; try again".to_owned(),
         })?;
     let instance = slot.snapshot();
-    if instance.status != Status::Running {
+    if instance.status != crate::instance::model::Status::Running {
         return Ok(()); // applied when the guest is reachable again
     }
     manager.backend()?.apply_ssh_keys(&instance).await?;

@@ -23,7 +23,8 @@ impl Manager {
         let current = slot.snapshot();
         if !current.spec.ssh_enabled {
             let reason = "SSH is not enabled for this instance (ssh_enabled was false)".into();
-            return Err(ManagerError::Conflict { status: current.status, reason });
+            let conflict = crate::instance::transition::Conflict { status: current.status, reason };
+            return Err(conflict.into());
         }
         let present = current.ssh_keys.iter().any(|k| same_public_key(k, &key));
         if present == add {

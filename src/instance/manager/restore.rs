@@ -5,10 +5,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::flows::Flow;
 use super::{Manager, ManagerError, Slot};
 use crate::backend::Adoption;
-use crate::instance::model::{Instance, Status};
+use crate::instance::model::Instance;
+use crate::instance::transition::Event;
 
 /// What to do with one recorded instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,48 +52,44 @@ impl Manager {
     /// only `TearDown` and `Reboot` act; an id that is gone meanwhile is skipped.
     pub fn apply_lease(&self, id: &str, action: Restore) {
         let Some(slot) = self.slots().get(id).cloned() else { return };
-        let current = slot.snapshot();
         match action {
-            Restore::TearDown if !current.deleting => {
+            Restore::TearDown => {
                 tracing::info!(%id, "the lease is over: tearing the instance down");
                 self.tear_down(slot);
             }
-            Restore::Reboot if current.status == Status::Error && !current.deleting => {
-                tracing::info!(%id, "the lease goes on: booting the instance from its disk");
-                if self.set_status(&slot, Status::Pending, None).is_ok() {
-                    self.spawn_flow(slot, Flow::Boot);
-                }
-            }
+            Restore::Reboot => self.run_event(slot, &Event::Reboot),
             _ => {}
         }
     }
 
     fn tear_down(&self, slot: Arc<Slot>) {
-        if self.update(&slot, |i| i.deleting = true).is_err() {
-            tracing::error!(id = %slot.snapshot().id, "cannot mark the instance for deletion");
+        if let Err(e) = self.begin_delete(Arc::clone(&slot)) {
+            tracing::error!(id = %slot.snapshot().id, error = %e, "cannot tear the instance down");
         }
-        slot.cancel.send_replace(true);
-        self.spawn_flow(slot, Flow::Delete);
+    }
+
+    /// Applies `event` and starts the flow it names.
+    fn run_event(&self, slot: Arc<Slot>, event: &Event) {
+        match self.apply(&slot, event) {
+            Ok(Some(flow)) => self.spawn_flow(slot, flow),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(id = %slot.snapshot().id, ?event, error = %e, "cannot record the instance's state")
+            }
+        }
     }
 
     async fn restore_one(&self, slot: Arc<Slot>, action: Restore) {
         let instance = slot.snapshot();
         let id = instance.id.clone();
+        let fail = |reason: String| self.run_event(Arc::clone(&slot), &Event::Failed(reason));
         // The backend of the record's own kind (the agent may run another kind now); a
         // teardown finds its own in the delete flow.
         let backend = match self.backend_of(&instance) {
             Ok(b) => b,
             Err(_) if action == Restore::TearDown => return self.tear_down(slot),
-            Err(e) if action != Restore::Keep => {
-                let _ = self.set_status(&slot, Status::Error, Some(e.to_string()));
-                return;
-            }
+            Err(e) if action != Restore::Keep => return fail(e.to_string()),
             Err(_) => return,
-        };
-        let fail = |reason: String| {
-            if let Err(e) = self.set_status(&slot, Status::Error, Some(reason)) {
-                tracing::error!(%id, error = %e, "cannot record the instance's state");
-            }
         };
         match action {
             Restore::Keep => {}
@@ -110,18 +106,15 @@ impl Manager {
                 fail(reason);
             }
             Restore::Reboot => {
-                if self.set_status(&slot, Status::Pending, None).is_ok() {
-                    self.spawn_flow(slot, Flow::Boot);
-                }
+                // Its process is gone (an error, whatever the record said), and the lease
+                // goes on: boot it from its disk.
+                fail("the VM exited while the agent was down".into());
+                self.run_event(slot, &Event::Reboot);
             }
             Restore::Adopt => match backend.adopt(&instance).await {
                 Ok(Adoption::Adopted) => {
                     tracing::info!(%id, status = %instance.status, "instance adopted");
-                    match instance.status {
-                        Status::Pending | Status::Rebooting => self.spawn_flow(slot, Flow::Settle),
-                        Status::Running => self.spawn_flow(slot, Flow::Reconfigure),
-                        _ => {}
-                    }
+                    self.run_event(slot, &Event::Adopted);
                 }
                 Ok(Adoption::Gone { detail }) => {
                     fail(format!("the VM exited while the agent was down ({detail})"))

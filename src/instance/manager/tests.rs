@@ -318,7 +318,7 @@ async fn lifecycle_follows_the_state_machine() {
     let h = harness(&[]);
     h.manager.create(&json!({})).unwrap();
     let err = h.manager.lifecycle(Lifecycle::Stop).await.unwrap_err();
-    assert!(matches!(err, ManagerError::Conflict { status: Status::Pending, .. }), "{err}");
+    assert!(matches!(err, ManagerError::Conflict(ref c) if c.status == Status::Pending), "{err}");
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
 
