@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::choice::{order, passthrough};
 use crate::backend::docker::{DockerBackend, DockerSettings};
 use crate::backend::qemu::accel::{self, Accel, Accelerator};
 use crate::backend::qemu::disk;
@@ -16,7 +17,7 @@ use crate::config::{BackendChoice, Config};
 use crate::gpu::GpuTelemetry;
 use crate::guest::ManagementKey;
 use crate::instance::model::BackendKind;
-use crate::vfio::{PciAddress, SysfsRoot, Vfio};
+use crate::vfio::{SysfsRoot, Vfio};
 
 /// Time a guest gets to act on the ACPI power button before QEMU is told to quit.
 const POWERDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -29,54 +30,6 @@ pub fn default_base_image(cfg: &Config) -> PathBuf {
 /// The VFIO side of this host, as the settings place it.
 pub fn vfio(cfg: &Config) -> Vfio {
     Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir)
-}
-
-/// What `auto` (or the setting) says to try, in order, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Order {
-    pub try_in_order: Vec<BackendKind>,
-    pub reason: String,
-}
-
-/// The choice as a pure function of the setting and the host: QEMU when the GPUs can go to
-/// VMs; Docker when they cannot (no IOMMU); with no GPUs to offer, VMs first (any host runs
-/// them, under TCG at worst) and containers where VMs cannot run.
-pub fn order(choice: BackendChoice, gpus: usize, passthrough: &Result<(), String>) -> Order {
-    use BackendKind::{Docker, Qemu};
-    let (try_in_order, reason) = match (choice, gpus, passthrough) {
-        (BackendChoice::Qemu, ..) => (vec![Qemu], "QUDATA_BACKEND=qemu".to_owned()),
-        (BackendChoice::Docker, ..) => (vec![Docker], "QUDATA_BACKEND=docker".to_owned()),
-        (BackendChoice::Auto, 0, _) => (
-            vec![Qemu, Docker],
-            "auto: no GPUs to offer, so VMs first and containers where VMs cannot run".to_owned(),
-        ),
-        (BackendChoice::Auto, n, Ok(())) => {
-            (vec![Qemu], format!("auto: IOMMU is on and the {n} GPU(s) can be passed to VMs"))
-        }
-        (BackendChoice::Auto, _, Err(why)) => {
-            (vec![Docker], format!("auto: the GPUs cannot be passed to VMs ({why})"))
-        }
-    };
-    Order { try_in_order, reason }
-}
-
-/// Whether every offered GPU can go to a VM: the kernel made IOMMU groups and each GPU is in
-/// one.
-pub fn passthrough(sysfs: &SysfsRoot, gpus: &[String]) -> Result<(), String> {
-    match sysfs.has_iommu_groups() {
-        Ok(true) => {}
-        Ok(false) => return Err("the kernel made no IOMMU groups".into()),
-        Err(e) => return Err(e.to_string()),
-    }
-    for gpu in gpus {
-        let addr: PciAddress = gpu.parse().map_err(|_| format!("{gpu} is not a PCI address"))?;
-        match sysfs.iommu_group(&addr) {
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(format!("{gpu} is in no IOMMU group")),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Ok(())
 }
 
 /// Builds the backend for `gpus` (the ones offered to renters), or says in one sentence why
@@ -105,21 +58,13 @@ pub async fn build(
         match built {
             Ok(backend) => {
                 let why = failures.join("; ");
-                tracing::info!(backend = kind_name(*kind), reason = %order.reason, passed_over = %why, "backend chosen");
+                tracing::info!(backend = kind.as_str(), reason = %order.reason, passed_over = %why, "backend chosen");
                 return Ok(backend);
             }
-            Err(e) => failures.push(format!("{}: {e}", kind_name(*kind))),
+            Err(e) => failures.push(format!("{}: {e}", kind.as_str())),
         }
     }
     Err(format!("{}, but {}", order.reason, failures.join("; ")))
-}
-
-/// As `QUDATA_BACKEND` spells it.
-pub fn kind_name(kind: BackendKind) -> &'static str {
-    match kind {
-        BackendKind::Qemu => "qemu",
-        BackendKind::Docker => "docker",
-    }
 }
 
 async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
@@ -231,49 +176,4 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
     };
     tracing::info!(base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use BackendKind::{Docker, Qemu};
-
-    #[test]
-    fn auto_prefers_vms_only_where_gpus_can_go_to_them() {
-        let on = Ok(());
-        let off = Err("the kernel made no IOMMU groups".to_owned());
-        let o = order(BackendChoice::Auto, 2, &on);
-        assert_eq!(o.try_in_order, vec![Qemu]);
-        assert_eq!(o.reason, "auto: IOMMU is on and the 2 GPU(s) can be passed to VMs");
-        let o = order(BackendChoice::Auto, 2, &off);
-        assert_eq!(o.try_in_order, vec![Docker]);
-        assert_eq!(
-            o.reason,
-            "auto: the GPUs cannot be passed to VMs (the kernel made no IOMMU groups)"
-        );
-        assert_eq!(order(BackendChoice::Auto, 0, &off).try_in_order, vec![Qemu, Docker]);
-        assert_eq!(order(BackendChoice::Docker, 2, &on).try_in_order, vec![Docker]);
-        assert_eq!(order(BackendChoice::Qemu, 2, &off).try_in_order, vec![Qemu]);
-    }
-
-    #[test]
-    fn passthrough_needs_groups_and_each_gpu_in_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let sysfs = SysfsRoot::new(dir.path());
-        let gpu = "0000:65:00.0".to_owned();
-        assert!(passthrough(&sysfs, std::slice::from_ref(&gpu)).is_err());
-        std::fs::create_dir_all(dir.path().join("kernel/iommu_groups/7/devices")).unwrap();
-        let device = dir.path().join("bus/pci/devices").join(&gpu);
-        std::fs::create_dir_all(&device).unwrap();
-        assert_eq!(
-            passthrough(&sysfs, std::slice::from_ref(&gpu)),
-            Err("0000:65:00.0 is in no IOMMU group".into())
-        );
-        std::os::unix::fs::symlink(
-            dir.path().join("kernel/iommu_groups/7"),
-            device.join("iommu_group"),
-        )
-        .unwrap();
-        assert_eq!(passthrough(&sysfs, &[gpu]), Ok(()));
-    }
 }

@@ -172,10 +172,7 @@ fn init_request(cfg: &Config, identity: &Identity, manager: &Manager) -> InitReq
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         test_mode: false,
-        backend: manager.backend_kind().map(|k| match k {
-            BackendKind::Qemu => "qemu",
-            BackendKind::Docker => "docker",
-        }),
+        backend: manager.backend_kind().map(BackendKind::as_str),
         gpus: Some(manager.gpu_pool().len() as u32),
     }
 }

@@ -3,6 +3,7 @@
 //! The instance manager is the only caller. A backend derives every name and path it uses from
 //! the instance id, so the record alone is enough to find, adopt or clean up what it made.
 
+pub mod choice;
 pub mod docker;
 pub mod qemu;
 

@@ -175,8 +175,7 @@ impl Manager {
         match others.iter().find(|b| b.kind() == instance.backend) {
             Some(backend) => Ok(backend.clone()),
             None => Err(ManagerError::NoBackend {
-                reason: format!("no {:?} backend can run here now", instance.backend)
-                    .to_lowercase(),
+                reason: format!("no {} backend can run here now", instance.backend.as_str()),
             }),
         }
     }

@@ -60,6 +60,16 @@ pub enum BackendKind {
     Docker,
 }
 
+impl BackendKind {
+    /// The name used everywhere: records (serde), `QUDATA_BACKEND`, `/init`, logs, `doctor`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Docker => "docker",
+        }
+    }
+}
+
 /// One published port: guest port, the host port on 127.0.0.1 that forwards to it, and the
 /// public port on the FRP server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
