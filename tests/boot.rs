@@ -169,11 +169,11 @@ async fn boots_that_cannot_succeed_are_errors_in_the_firmwares_and_kernels_words
 async fn a_guest_that_never_answers_ssh_fails_at_the_deadline_with_its_console() {
     let dirs = Dirs::new();
     let silent = install_test_guest(&dirs, "silent");
-    let settings = [("QUDATA_QEMU_ACCEL", "tcg".into()), ("QUDATA_VM_BOOT_TIMEOUT", "20".into())];
+    let settings = [("QUDATA_QEMU_ACCEL", "tcg".into()), ("QUDATA_VM_BOOT_TIMEOUT", "45".into())];
     let (_agent, api) = agent_with(&dirs, &settings).await;
     let reason = failed_boot(&api, &silent).await;
     assert!(
-        reason.starts_with("the guest did not become reachable within 20 s: it never answered SSH"),
+        reason.starts_with("the guest did not become reachable within 45 s: it never answered SSH"),
         "{reason}"
     );
     assert!(reason.contains("silent-guest: up, and no SSH server will ever start"), "{reason}");

@@ -17,7 +17,7 @@ pub(super) async fn create(
     State(app): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(envelope::data(app.manager.create(&body)?))
+    Ok(envelope::data(app.manager.create(&body).await?))
 }
 
 pub(super) async fn command(

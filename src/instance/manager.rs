@@ -121,6 +121,8 @@ struct Inner {
     store: Store,
     settings: ManagerSettings,
     slots: Mutex<BTreeMap<String, Arc<Slot>>>,
+    /// Held by a create from its checks until its record is in `slots`.
+    admission: tokio::sync::Mutex<()>,
     publish: publish::PublishState,
     /// Backends of the other kinds, good for tearing down what they made (a record left by a
     /// boot that chose another backend).
@@ -146,6 +148,7 @@ impl Manager {
             store,
             settings,
             slots,
+            admission: Default::default(),
             publish: Default::default(),
             other_kinds: Default::default(),
         };
@@ -229,7 +232,11 @@ impl Manager {
     }
 
     /// Validates and admits a create request; the build continues in the background.
-    pub fn create(&self, body: &Value) -> Result<Created, ManagerError> {
+    ///
+    /// Creates are admitted one at a time (an async lock), so the checks can do their I/O
+    /// (sysfs, `/proc`, test binds of ports, the record's fsync) off the runtime's workers
+    /// without a std lock held: status reads and the stats loop never wait for a create.
+    pub async fn create(&self, body: &Value) -> Result<Created, ManagerError> {
         let spec = spec::parse_create(body, &self.inner.settings.limits)?;
         let backend = self.backend()?;
         backend.validate(&spec).map_err(|e| match e {
@@ -238,10 +245,9 @@ impl Manager {
             }
             other => ManagerError::Backend(other),
         })?;
-
-        let mut slots = self.slots();
-        if let Some(existing) = slots.values().next() {
-            let existing = existing.snapshot();
+        let _admission = self.inner.admission.lock().await;
+        let held: Vec<Instance> = self.slots().values().map(|s| s.snapshot()).collect();
+        if let Some(existing) = held.first() {
             let reason = if existing.deleting {
                 "the previous instance is still being deleted; try again shortly"
             } else {
@@ -251,13 +257,44 @@ impl Manager {
             let conflict = transition::Conflict { status, reason: reason.into() };
             return Err(ManagerError::Conflict(conflict));
         }
-        let held: Vec<Instance> = slots.values().map(|s| s.snapshot()).collect();
         let gpus = self.pick_gpus(spec.gpus, &held)?;
+        let instance = self
+            .blocking(move |manager| {
+                let instance = manager.admit(spec, gpus, &held, backend.as_ref())?;
+                manager.inner.store.save(&instance)?;
+                Ok(instance)
+            })
+            .await?;
+        let created = Created {
+            id: instance.id.clone(),
+            status: instance.status,
+            ports: self.port_map(&instance),
+        };
+        let slot = Arc::new(Slot {
+            record: Mutex::new(instance.clone()),
+            op: Arc::default(),
+            cancel: watch::channel(false).0,
+        });
+        self.slots().insert(instance.id.clone(), Arc::clone(&slot));
+        tracing::info!(id = %instance.id, gpus = instance.gpus.len(), "instance accepted");
+        self.spawn_flow(slot, Flow::Create);
+        Ok(created)
+    }
+
+    /// The new record: GPUs the backend can take now (sysfs, holders in `/proc`), host ports
+    /// (test-bound), tunnels the publisher accepts. Blocking: run it off the runtime.
+    fn admit(
+        &self,
+        spec: spec::Spec,
+        gpus: Vec<String>,
+        held: &[Instance],
+        backend: &dyn Backend,
+    ) -> Result<Instance, ManagerError> {
         backend.check_gpus(&gpus).map_err(|e| match e {
             BackendError::Refused { reason } => ManagerError::Resources(reason),
             other => ManagerError::Backend(other),
         })?;
-        let taken = ports::Taken::from_instances(&held);
+        let taken = ports::Taken::from_instances(held);
         let host_range = self.inner.settings.host_ports.clone();
         let ports = ports::allocate(&spec.ports, &taken, host_range.clone())?;
         let management_port = match backend.management_guest_port() {
@@ -278,22 +315,18 @@ impl Manager {
             deleting: false,
         };
         self.validate_tunnels(&instance)?;
-        self.inner.store.save(&instance)?;
-        let created = Created {
-            id: instance.id.clone(),
-            status: instance.status,
-            ports: self.port_map(&instance),
-        };
-        let slot = Arc::new(Slot {
-            record: Mutex::new(instance.clone()),
-            op: Arc::default(),
-            cancel: watch::channel(false).0,
-        });
-        slots.insert(instance.id.clone(), Arc::clone(&slot));
-        drop(slots);
-        tracing::info!(id = %instance.id, gpus = instance.gpus.len(), "instance accepted");
-        self.spawn_flow(slot, Flow::Create);
-        Ok(created)
+        Ok(instance)
+    }
+
+    /// Runs blocking work (file system, sysfs) on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Manager) -> Result<T, ManagerError> + Send + 'static,
+    ) -> Result<T, ManagerError> {
+        let manager = self.clone();
+        tokio::task::spawn_blocking(move || work(&manager))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     fn pick_gpus(
