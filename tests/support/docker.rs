@@ -64,7 +64,7 @@ fn sweep_stale() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let owner: u32 = name.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
         if owner == std::process::id() || (owner != 0 && pid_alive(owner)) {
-            continue; // another test binary's live engine
+            continue; // a live engine of another test process (a bench, a second run)
         }
         if let Some(pid) = std::fs::read_to_string(dir.join("docker.pid"))
             .ok()
@@ -114,7 +114,7 @@ fn unmount_under(dir: &Path) {
 }
 
 impl Engine {
-    /// The engine shared by the tests of one binary (started on first use).
+    /// The engine shared by every test of the process (started on first use).
     pub fn shared() -> &'static Engine {
         static SHARED: OnceLock<Engine> = OnceLock::new();
         SHARED.get_or_init(Engine::start_new)

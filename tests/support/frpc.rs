@@ -11,13 +11,13 @@ use qudata_agent::tunnel::{Backoff, FrpCredentials, TunnelSettings};
 
 /// The stand-in binary: `target/debug/examples/frpc_standin` (plain build) or
 /// `frpc_standin-<hash>` (`cargo test --all-targets` builds examples in test mode), the newer;
-/// built here with cargo when neither exists (e.g. `cargo test --test tunnel`).
+/// built here with cargo when neither exists (e.g. `cargo test --test it tunnel::`).
 pub fn standin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().expect("test exe path");
-            // target/debug/deps/tunnel-<hash> → target/debug/examples/
+            // target/debug/deps/it-<hash> → target/debug/examples/
             let dir = exe.parent().and_then(Path::parent).expect("target dir").join("examples");
             if let Some(found) = find_standin(&dir) {
                 return found;

@@ -122,7 +122,7 @@ pub fn remember_secret(value: &str) {
         .append(true)
         .open(issued_secrets_file())
         .expect("issued-secrets file");
-    // One write per value: test binaries append concurrently, and O_APPEND keeps a single
+    // One write per value: tests (and test processes) append concurrently, and O_APPEND keeps a single
     // small write whole, where `writeln!` may split it and interleave lines.
     f.write_all(format!("{value}\n").as_bytes()).unwrap();
 }

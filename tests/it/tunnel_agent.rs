@@ -4,16 +4,15 @@
 //! control plane is down; without credentials one line says so; `run --local` never starts it. Instance publishing is covered by the manager's unit tests (no VM image
 //! can exist in a temp dir, so creates answer 503 here).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qudata_agent::tunnel::config::{ClientConfig, agent_proxy_name};
 use qudata_agent::tunnel::{AdminClient, ProxyStatus};
-use support::agent::{Agent, Api, Dirs, free_port, local_secret};
-use support::frpc::{TEST_TOKEN, standin};
-use support::mock_cp::{Behaviour, MockCp, api_key, count, ok_stats, remember_secret};
+
+use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
+use crate::support::frpc::{TEST_TOKEN, standin};
+use crate::support::mock_cp::{Behaviour, MockCp, api_key, count, ok_stats, remember_secret};
 
 const WAIT: Duration = Duration::from_secs(60);
 

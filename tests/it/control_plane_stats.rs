@@ -1,12 +1,10 @@
 //! The stats loop of the real binary against the mock control plane: cadence, samples kept
 //! across an outage and sent in order, one request in flight at most.
 
-mod support;
-
 use std::time::Duration;
 
-use support::agent::{Agent, Api, Dirs, free_port};
-use support::mock_cp::{Behaviour, MockCp, Recorded, api_key, count, ok_stats};
+use crate::support::agent::{Agent, Api, Dirs, free_port};
+use crate::support::mock_cp::{Behaviour, MockCp, Recorded, api_key, count, ok_stats};
 
 const WAIT: Duration = Duration::from_secs(60);
 

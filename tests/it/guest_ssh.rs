@@ -1,8 +1,6 @@
 //! The guest SSH client against a real OpenSSH server standing in for the guest, with the real
 //! OpenSSH client as a second opinion on keys (DESIGN.md "Guest configuration").
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -12,8 +10,9 @@ use std::time::Duration;
 use qudata_agent::guest::{
     GuestClient, GuestCommand, GuestError, GuestPath, GuestPaths, GuestTarget, ManagementKey, setup,
 };
-use support::sshd::{Sshd, keygen, openssh_login};
 use tokio::time::Instant;
+
+use crate::support::sshd::{Sshd, keygen, openssh_login};
 
 struct Guest {
     sshd: Sshd,

@@ -2,17 +2,16 @@
 //! QEMU (which cannot open /dev/vfio here, so a create with GPUs fails at start), and a real
 //! `kill -9` in the middle of a bind.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::agent::{Agent, Api, Dirs, free_port, local_secret};
-use support::kernel::SimKernel;
-use support::sysfs::{CLASS_AUDIO, FakeSysfs};
-use support::vm::{leftovers, wait_gone, wait_status};
+
+use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
+use crate::support::kernel::SimKernel;
+use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
+use crate::support::vm::{leftovers, wait_gone, wait_status};
 
 const GPU: &str = "0000:65:00.0";
 const AUDIO: &str = "0000:65:00.1";
@@ -254,7 +253,7 @@ fn recover_returns_the_gpus_of_a_stale_bind_record() {
     assert_eq!(fake.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
 
     let run = |args: &[&str]| {
-        support::agent::recover_command(&dirs)
+        crate::support::agent::recover_command(&dirs)
             .args(args)
             .env("QUDATA_SYSFS_ROOT", fake.path())
             .output()

@@ -3,12 +3,10 @@
 //! systemctl are skipped there by the script itself. Also: the GRUB drop-in sourced the way
 //! grub-mkconfig sources it, the other modes, and shellcheck.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO};
+use crate::support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO};
 
 #[test]
 fn installs_everything_private_and_a_second_run_changes_nothing() {

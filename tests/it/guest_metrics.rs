@@ -1,15 +1,14 @@
 //! The in-guest GPU metrics stream against a real OpenSSH server whose host has no
 //! `nvidia-smi` (as a guest without the NVIDIA driver): it ends quietly for an instance
 //! without GPUs and keeps retrying for one with GPUs, until stopped. The data path (lines into
-//! `/stats`) runs against the real VM in tests/gpu_guest.rs.
-
-mod support;
+//! `/stats`) runs against the real VM in tests/it/gpu_guest.rs.
 
 use std::time::{Duration, Instant};
 
 use qudata_agent::guest::metrics::{GpuStreams, GuestGpuBoard, StreamSpec};
 use qudata_agent::guest::{GuestTarget, ManagementKey};
-use support::sshd::Sshd;
+
+use crate::support::sshd::Sshd;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -1,8 +1,6 @@
 //! FRP tunnels against the frpc stand-in: reload without restart, back-off, adoption after an
 //! agent restart, refused proxies, admin auth; a real frpc when QUDATA_FRPC_BINARY names one.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,7 +12,8 @@ use qudata_agent::tunnel::{
     AdminClient, AdminError, Backoff, InstanceTunnels, MissingCredentials, TunnelError, TunnelPort,
     TunnelProto, Tunnels,
 };
-use support::frpc::{FAST, Sandbox, TEST_TOKEN, creds, standin};
+
+use crate::support::frpc::{FAST, Sandbox, TEST_TOKEN, creds, standin};
 
 const AGENT: &str = "3f1c1b2e-8a4d-4c3e-9b7a-0d5e6f7a8b9c";
 
@@ -307,7 +306,7 @@ async fn real_frpc_when_available() {
     let sb = Sandbox::new();
     // No FRP server here: frpc keeps retrying (loginFailExit = false) and serves its admin API.
     let mut c = creds(TEST_TOKEN);
-    c.server_port = support::agent::free_port();
+    c.server_port = crate::support::agent::free_port();
     let settings = sb.settings(std::path::Path::new(&binary), FAST);
     let t = Tunnels::start(settings, Ok(c)).await.expect("real frpc accepts our main file");
     let report = t.publish(&instance("i-8", &[(22, 42022, 10001, TunnelProto::Tcp)])).await;
