@@ -1,7 +1,5 @@
 //! Starts the real `qudata-agent` binary in a private data/run dir and talks to its API.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -70,7 +68,6 @@ pub struct Agent {
     child: Option<Child>,
     pub port: u16,
     output: Arc<Mutex<String>>,
-    log_file: PathBuf,
     /// The threads copying stdout and stderr; done once the pipes close.
     readers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -145,7 +142,7 @@ impl Agent {
             collect(child.stdout.take().unwrap(), output.clone(), log_file.clone()),
             collect(child.stderr.take().unwrap(), output.clone(), log_file.clone()),
         ];
-        Agent { child: Some(child), port, output, log_file, readers }
+        Agent { child: Some(child), port, output, readers }
     }
 
     /// Local mode on a fresh port.
@@ -231,10 +228,6 @@ impl Agent {
         while !self.readers.iter().all(|r| r.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    pub fn log_file(&self) -> &Path {
-        &self.log_file
     }
 }
 

@@ -9,8 +9,6 @@
 //! published port is served by `docker-proxy` listening on exactly the host IP asked for
 //! (127.0.0.1), which is what the agent relies on and what the tests check.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -27,7 +25,6 @@ pub struct Engine {
     pub dir: PathBuf,
     pub socket: PathBuf,
     bridge: String,
-    subnet_octet: u32,
     running: Mutex<Option<Running>>,
 }
 
@@ -137,13 +134,8 @@ impl Engine {
         let address = format!("10.213.{subnet_octet}.1/24");
         run(Command::new("ip").args(["addr", "add", &address, "dev", &bridge]));
         run(Command::new("ip").args(["link", "set", &bridge, "up"]));
-        let engine = Engine {
-            socket: dir.join("docker.sock"),
-            dir,
-            bridge,
-            subnet_octet,
-            running: Mutex::new(None),
-        };
+        let engine =
+            Engine { socket: dir.join("docker.sock"), dir, bridge, running: Mutex::new(None) };
         engine.start();
         engine
     }

@@ -1,7 +1,5 @@
 //! The real agent in local mode on the Docker backend, against a test engine.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::time::{Duration, Instant};
 
 use super::agent::{Agent, Api, Dirs, free_port, local_secret};

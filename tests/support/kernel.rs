@@ -12,8 +12,6 @@
 //! unbound) and [`SimKernel::hang`] (an attribute turns into a FIFO without reader, so a
 //! write into it blocks, like a write into a hung driver).
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;

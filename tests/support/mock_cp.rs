@@ -6,8 +6,6 @@
 //! say the host exists or an instance runs. Every secret, token and key it issues or receives is
 //! appended to `$CARGO_TARGET_TMPDIR/issued-secrets` (one per line) for the log scan.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -207,20 +205,6 @@ impl MockCp {
     }
 
     /// Polls `check` on the recorded requests until it holds (deadline `within`).
-    pub fn wait_for(&self, what: &str, within: Duration, check: impl Fn(&[Recorded]) -> bool) {
-        let deadline = Instant::now() + within;
-        loop {
-            if check(&self.requests()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "mock control plane: timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
-impl MockCp {
-    /// [`MockCp::wait_for`] for async tests.
     pub async fn until(
         &self,
         what: &str,

@@ -1,8 +1,6 @@
 //! The fake `libnvidia-ml.so.1` (tests/support/fake_nvml/fake_nvml.c), built with gcc once per
 //! test process, and the file that sets its values.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -1,8 +1,6 @@
 //! Cheap real QEMUs for recovery tests and benchmarks: no disk, no firmware run (`-S`,
 //! `-machine none`), a monitor socket and a pidfile where the agent's layout puts them.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

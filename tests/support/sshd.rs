@@ -1,8 +1,6 @@
 //! A real OpenSSH server as a stand-in guest: its own host key, config and `authorized_keys`
 //! in a temp dir, on 127.0.0.1:<free port>. Reaped on drop.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::fs;
 use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};

@@ -1,7 +1,5 @@
 //! VM tests: the CI guest image, the agent's view of an instance, and what a VM leaves behind.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
