@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use crate::support::guests::{host_ovmf, install_test_guest, install_zeros, qemu};
 use crate::support::vm::{BOOT, ci_guest_image, qemu_pids, small_vm, wait_gone, wait_status};
+use crate::support::wait::wait_until;
 
 /// Local mode with the CI guest as base image and the accelerator left to the agent.
 async fn agent_with(dirs: &Dirs, extra: &[(&'static str, String)]) -> (Agent, Api) {
@@ -190,11 +191,11 @@ async fn qemu_killed_while_the_guest_boots_is_an_error_naming_the_exit() {
     let pid = crate::support::vm::wait_for_qemu(&id, Duration::from_secs(60)).await;
     // Booting: the firmware has written to the console.
     let serial = dirs.data.join("vms").join(&id).join("serial.log");
-    let until = std::time::Instant::now() + Duration::from_secs(120);
-    while std::fs::metadata(&serial).map_or(0, |m| m.len()) == 0 {
-        assert!(std::time::Instant::now() < until, "the guest printed nothing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("the guest to print to {}", serial.display());
+    wait_until(what, Duration::from_secs(120), Duration::from_millis(100), async || {
+        std::fs::metadata(&serial).map_or(0, |m| m.len()) > 0
+    })
+    .await;
     // SAFETY: kill(2) on the test's own VM process.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let failed = wait_status(&api, "error", Duration::from_secs(60)).await;

@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::support::agent::{Agent, Dirs, recover_command};
 use crate::support::orphans::{TestQemu, foreign, orphan};
 use crate::support::records::store_record;
+use crate::support::wait::wait_until_blocking;
 
 fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
     let settings = QemuSettings {
@@ -267,11 +268,10 @@ async fn stop_all_stops_live_instances_and_frpc_and_keeps_their_disks() {
     let done = rows(&stop_all(&["--json"]));
     assert!(done.iter().all(|r| r.get("failed").is_none()), "{done:#?}");
     assert!(!live.alive(), "the instance's QEMU is stopped");
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while running(frpc) {
-        assert!(std::time::Instant::now() < until, "frpc {frpc} still runs");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!("frpc {frpc} to exit");
+    wait_until_blocking(what, Duration::from_secs(30), Duration::from_millis(50), || {
+        !running(frpc)
+    });
     assert!(stranger.alive(), "a QEMU not ours was touched");
     let rec = crate::support::vm::record(&dirs, "live-1");
     assert_eq!(rec["status"], "error");

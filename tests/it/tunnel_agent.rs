@@ -13,6 +13,7 @@ use qudata_agent::tunnel::{AdminClient, ProxyStatus};
 use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use crate::support::frpc::{TEST_TOKEN, standin};
 use crate::support::mock_cp::{Behaviour, MockCp, api_key, count, ok_stats, remember_secret};
+use crate::support::wait::wait_until;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -77,15 +78,14 @@ async fn running_proxy(
     what: &str,
     matches: impl Fn(&ProxyStatus) -> bool,
 ) -> ProxyStatus {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    wait_until(format!("{what} to run"), WAIT, Duration::from_millis(50), async || {
         let found = proxies(config).await.unwrap_or_default().into_iter().find(|p| matches(p));
-        if let Some(p) = found.filter(|p| p.status == "running") {
-            return p;
+        match found {
+            Some(p) if p.status == "running" => Ok(p),
+            other => Err(format!("{other:?}")),
         }
-        assert!(tokio::time::Instant::now() < deadline, "{what} never ran");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn agent_id(cp: &MockCp) -> String {
@@ -243,6 +243,7 @@ async fn local_mode_never_starts_frpc() {
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
     assert_eq!(api.get("/instances").await.status, 200);
     // Production starts frpc right after serving; give a wrongly wired one time to show up.
+    // A deliberate window in which nothing may happen, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!config.exists(), "no frpc config written");
     assert_eq!(pidfile(&dirs), None);

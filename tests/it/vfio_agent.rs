@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -12,6 +12,7 @@ use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
 use crate::support::kernel::SimKernel;
 use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
 use crate::support::vm::{leftovers, wait_gone, wait_status};
+use crate::support::wait::wait_until_blocking;
 
 const GPU: &str = "0000:65:00.0";
 const AUDIO: &str = "0000:65:00.1";
@@ -133,11 +134,11 @@ async fn an_agent_killed_in_the_middle_of_a_bind_is_undone_at_the_next_start() {
     let id = created.body["data"]["id"].as_str().unwrap().to_owned();
 
     kernel.wait_log(&format!("bind {GPU} vfio-pci"));
-    let until = Instant::now() + Duration::from_secs(60);
-    while fake.override_of(AUDIO) != "vfio-pci" {
-        assert!(Instant::now() < until, "the audio function's override was never written");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let what = "the audio function's driver_override to be vfio-pci";
+    wait_until_blocking(what, Duration::from_secs(60), Duration::from_millis(10), || {
+        let now = fake.override_of(AUDIO);
+        if now == "vfio-pci" { Ok(()) } else { Err(now) }
+    });
     agent.kill9();
     kernel.unhang("bus/pci/drivers/snd_hda_intel/unbind");
     let half = vec![

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::wait::wait_until_blocking;
 
 /// From start to the socket answering (the first start also initialises the data root).
 const ENGINE_START: Duration = Duration::from_secs(90);
@@ -182,18 +184,15 @@ impl Engine {
         let pid = pid_rx.recv().unwrap();
         *running = Some(Running { pid, exited: exit_rx });
         drop(running);
-        let until = Instant::now() + ENGINE_START;
-        loop {
-            if self.cli(&["version", "--format", "{{.Server.Version}}"]).status.success() {
-                return;
+        let what = format!("dockerd to answer on {}", self.host());
+        wait_until_blocking(what, ENGINE_START, Duration::from_millis(200), || {
+            let version = self.cli(&["version", "--format", "{{.Server.Version}}"]);
+            if version.status.success() {
+                return Ok(());
             }
             let log = std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
-            assert!(
-                Instant::now() < until,
-                "dockerd did not answer within {ENGINE_START:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            Err(format!("{}dockerd.log:\n{log}", String::from_utf8_lossy(&version.stderr)))
+        })
     }
 
     /// SIGTERM, then waits for the engine to exit (SIGKILL at the deadline).
