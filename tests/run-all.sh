@@ -15,7 +15,8 @@ echo "== cargo test"
 # start empty so the scan below covers exactly this run.
 scratch="target/tmp"
 rm -rf "$scratch/agent-logs" "$scratch/issued-secrets" "$scratch/issued-secrets.scan"
-# --no-fail-fast: a failure in one test binary still lets the others run and report.
+# --no-fail-fast: a failure in one test target (the unit tests, tests/it, a bench in test mode)
+# still lets the others run and report.
 cargo test --locked --all-targets --no-fail-fast -- --test-threads="${QUDATA_TEST_THREADS:-2}"
 
 echo "== no secret in any agent log"

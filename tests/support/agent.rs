@@ -1,7 +1,5 @@
 //! Starts the real `qudata-agent` binary in a private data/run dir and talks to its API.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -10,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use super::wait::{wait_until, wait_until_blocking};
 
 /// A temporary root with the agent's data and run dirs.
 pub struct Dirs {
@@ -70,7 +70,6 @@ pub struct Agent {
     child: Option<Child>,
     pub port: u16,
     output: Arc<Mutex<String>>,
-    log_file: PathBuf,
     /// The threads copying stdout and stderr; done once the pipes close.
     readers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -145,7 +144,7 @@ impl Agent {
             collect(child.stdout.take().unwrap(), output.clone(), log_file.clone()),
             collect(child.stderr.take().unwrap(), output.clone(), log_file.clone()),
         ];
-        Agent { child: Some(child), port, output, log_file, readers }
+        Agent { child: Some(child), port, output, readers }
     }
 
     /// Local mode on a fresh port.
@@ -168,20 +167,21 @@ impl Agent {
 
     /// Waits (deadline 60 s) until `GET /ping` answers.
     pub async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
         let client = reqwest::Client::new();
-        while Instant::now() < deadline {
+        let url = self.url("/ping");
+        let what = format!("the agent to serve {url}");
+        wait_until(what, Duration::from_secs(60), Duration::from_millis(50), async || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited with {status} before serving:\n{}", self.output());
             }
-            if let Ok(r) = client.get(self.url("/ping")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("agent did not serve within 60 s:\n{}", self.output());
+            let answer = match client.get(&url).send().await {
+                Ok(r) if r.status() == 200 => return Ok(()),
+                Ok(r) => r.status().to_string(),
+                Err(e) => e.to_string(),
+            };
+            Err(format!("{answer}; the agent's output:\n{}", self.output()))
+        })
+        .await
     }
 
     /// `kill -9`.
@@ -192,49 +192,43 @@ impl Agent {
         }
     }
 
-    /// `SIGTERM`, then waits (deadline 30 s) for the exit status.
+    /// `SIGTERM`, then waits (deadline 30 s) for the exit status. An agent that ignores it
+    /// fails the test, and the unwinding drops this `Agent`, which kills it.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("agent ignored SIGTERM:\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        self.wait_exited("the agent to exit on SIGTERM")
     }
 
     /// Waits for the process to exit on its own (deadline 30 s).
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.drain();
-                return status;
-            }
-            assert!(Instant::now() < deadline, "agent did not exit:\n{}", self.output());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = self.wait_exited("the agent to exit");
+        self.drain();
+        status
+    }
+
+    /// Polls the child until it exited (deadline 30 s), then forgets it.
+    fn wait_exited(&mut self, what: &str) -> ExitStatus {
+        let status =
+            wait_until_blocking(what, Duration::from_secs(30), Duration::from_millis(20), || {
+                match self.child.as_mut().expect("running").try_wait().unwrap() {
+                    Some(status) => Ok(status),
+                    None => Err(format!("still running; its output:\n{}", self.output())),
+                }
+            });
+        self.child = None;
+        status
     }
 
     /// Waits (deadline 10 s) until the reader threads have copied everything the agent
     /// printed; a process the agent started may still hold the pipes, hence the deadline.
+    /// Not [`wait_until_blocking`]: running into this deadline is no failure, the output read
+    /// so far is all there is.
     fn drain(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.readers.iter().all(|r| r.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    pub fn log_file(&self) -> &Path {
-        &self.log_file
     }
 }
 

@@ -9,13 +9,13 @@
 //! published port is served by `docker-proxy` listening on exactly the host IP asked for
 //! (127.0.0.1), which is what the agent relies on and what the tests check.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::wait::wait_until_blocking;
 
 /// From start to the socket answering (the first start also initialises the data root).
 const ENGINE_START: Duration = Duration::from_secs(90);
@@ -27,7 +27,6 @@ pub struct Engine {
     pub dir: PathBuf,
     pub socket: PathBuf,
     bridge: String,
-    subnet_octet: u32,
     running: Mutex<Option<Running>>,
 }
 
@@ -64,7 +63,7 @@ fn sweep_stale() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let owner: u32 = name.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
         if owner == std::process::id() || (owner != 0 && pid_alive(owner)) {
-            continue; // another test binary's live engine
+            continue; // a live engine of another test process (a bench, a second run)
         }
         if let Some(pid) = std::fs::read_to_string(dir.join("docker.pid"))
             .ok()
@@ -114,7 +113,7 @@ fn unmount_under(dir: &Path) {
 }
 
 impl Engine {
-    /// The engine shared by the tests of one binary (started on first use).
+    /// The engine shared by every test of the process (started on first use).
     pub fn shared() -> &'static Engine {
         static SHARED: OnceLock<Engine> = OnceLock::new();
         SHARED.get_or_init(Engine::start_new)
@@ -137,13 +136,8 @@ impl Engine {
         let address = format!("10.213.{subnet_octet}.1/24");
         run(Command::new("ip").args(["addr", "add", &address, "dev", &bridge]));
         run(Command::new("ip").args(["link", "set", &bridge, "up"]));
-        let engine = Engine {
-            socket: dir.join("docker.sock"),
-            dir,
-            bridge,
-            subnet_octet,
-            running: Mutex::new(None),
-        };
+        let engine =
+            Engine { socket: dir.join("docker.sock"), dir, bridge, running: Mutex::new(None) };
         engine.start();
         engine
     }
@@ -190,18 +184,15 @@ impl Engine {
         let pid = pid_rx.recv().unwrap();
         *running = Some(Running { pid, exited: exit_rx });
         drop(running);
-        let until = Instant::now() + ENGINE_START;
-        loop {
-            if self.cli(&["version", "--format", "{{.Server.Version}}"]).status.success() {
-                return;
+        let what = format!("dockerd to answer on {}", self.host());
+        wait_until_blocking(what, ENGINE_START, Duration::from_millis(200), || {
+            let version = self.cli(&["version", "--format", "{{.Server.Version}}"]);
+            if version.status.success() {
+                return Ok(());
             }
             let log = std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
-            assert!(
-                Instant::now() < until,
-                "dockerd did not answer within {ENGINE_START:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            Err(format!("{}dockerd.log:\n{log}", String::from_utf8_lossy(&version.stderr)))
+        })
     }
 
     /// SIGTERM, then waits for the engine to exit (SIGKILL at the deadline).

@@ -1,11 +1,10 @@
 //! The real agent in local mode on the Docker backend, against a test engine.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::agent::{Agent, Api, Dirs, free_port, local_secret};
 use super::docker::Engine;
+use super::wait::wait_until_blocking;
 
 /// Create → running for a local image on a busy 2-core machine, with room to spare.
 pub const START: Duration = Duration::from_secs(120);
@@ -31,11 +30,13 @@ pub fn container(id: &str) -> String {
 
 /// Waits until the engine has no container named for `id`.
 pub fn wait_container_gone(engine: &Engine, id: &str, limit: Duration) {
-    let until = Instant::now() + limit;
-    while engine.inspect(&container(id), "{{.Id}}").is_some() {
-        assert!(Instant::now() < until, "container of {id} still there");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let what = format!("the container of {id} to go");
+    wait_until_blocking(what, limit, Duration::from_millis(200), || {
+        match engine.inspect(&container(id), "{{.State.Status}}") {
+            None => Ok(()),
+            Some(state) => Err(format!("still there, {state}")),
+        }
+    })
 }
 
 /// Connecting to `addr:port` fails (nothing listens there).

@@ -3,8 +3,6 @@
 //! `debootstrap --include=openssh-server` on the host, where the Debian mirror is reachable.
 //! Tarballs are cached under the target dir; building twice at once is serialised by a lock.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;

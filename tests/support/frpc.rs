@@ -1,7 +1,5 @@
 //! The frpc stand-in (`examples/frpc_standin.rs`) and a sandbox of frpc files for one test.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -11,13 +9,13 @@ use qudata_agent::tunnel::{Backoff, FrpCredentials, TunnelSettings};
 
 /// The stand-in binary: `target/debug/examples/frpc_standin` (plain build) or
 /// `frpc_standin-<hash>` (`cargo test --all-targets` builds examples in test mode), the newer;
-/// built here with cargo when neither exists (e.g. `cargo test --test tunnel`).
+/// built here with cargo when neither exists (e.g. `cargo test --test it tunnel::`).
 pub fn standin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().expect("test exe path");
-            // target/debug/deps/tunnel-<hash> → target/debug/examples/
+            // target/debug/deps/it-<hash> → target/debug/examples/
             let dir = exe.parent().and_then(Path::parent).expect("target dir").join("examples");
             if let Some(found) = find_standin(&dir) {
                 return found;
@@ -46,7 +44,8 @@ fn find_standin(dir: &Path) -> Option<PathBuf> {
 
 /// One test's frpc files, and a guard that kills whatever frpc it left behind.
 pub struct Sandbox {
-    pub root: tempfile::TempDir,
+    /// Holds the directory: it is removed when the sandbox is dropped.
+    _root: tempfile::TempDir,
     pub config: PathBuf,
     pub run: PathBuf,
 }
@@ -56,7 +55,7 @@ impl Sandbox {
         let root = tempfile::Builder::new().prefix("qudata-frp-").tempdir().expect("tempdir");
         let config = root.path().join("etc/frpc.toml");
         let run = root.path().join("run");
-        Sandbox { root, config, run }
+        Sandbox { _root: root, config, run }
     }
 
     pub fn settings(&self, binary: &Path, backoff: Backoff) -> TunnelSettings {

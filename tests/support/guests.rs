@@ -1,8 +1,6 @@
 //! Guests that fail to boot on purpose (`image-builder/build-test-guest.sh`), and the
 //! agent's view of its accelerator, for the boot-truth tests.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;

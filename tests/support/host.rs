@@ -1,11 +1,9 @@
 //! A fake host for `doctor` checks: `/proc`, `/dev`, `/lib/modules`, OVMF, a `PATH` dir,
 //! a Docker socket path and a data dir under one temporary directory, plus a [`FakeSysfs`].
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use qudata_agent::config::BackendChoice;
@@ -44,10 +42,6 @@ impl FakeHost {
     pub fn with_sysfs(mut self, sysfs: FakeSysfs) -> Self {
         self.sysfs = sysfs;
         self
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
     }
 
     pub fn join(&self, rel: &str) -> PathBuf {

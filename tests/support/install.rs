@@ -1,8 +1,6 @@
 //! The real `install.sh` in production mode against a temporary root (`--root DIR`): frpc and
 //! the base image are served from file:// URLs with their SHA-256.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -12,8 +12,6 @@
 //! unbound) and [`SimKernel::hang`] (an attribute turns into a FIFO without reader, so a
 //! write into it blocks, like a write into a hung driver).
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;
@@ -22,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::sysfs::FakeSysfs;
+use super::wait::wait_until_blocking;
 
 /// How often the watcher looks at the write-side files.
 const POLL: Duration = Duration::from_millis(2);
@@ -113,11 +112,11 @@ impl SimKernel {
 
     /// Waits (deadline 60 s) until the log has a line containing `needle`.
     pub fn wait_log(&self, needle: &str) {
-        let until = Instant::now() + Duration::from_secs(60);
-        while !self.log().iter().any(|l| l.contains(needle)) {
-            assert!(Instant::now() < until, "no {needle:?} in the kernel log: {:?}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = format!("{needle:?} in the kernel log");
+        wait_until_blocking(what, Duration::from_secs(60), Duration::from_millis(10), || {
+            let log = self.log();
+            if log.iter().any(|l| l.contains(needle)) { Ok(()) } else { Err(format!("{log:?}")) }
+        })
     }
 }
 

@@ -6,8 +6,6 @@
 //! say the host exists or an instance runs. Every secret, token and key it issues or receives is
 //! appended to `$CARGO_TARGET_TMPDIR/issued-secrets` (one per line) for the log scan.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -16,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use super::wait::wait_until;
 
 /// The path prefix the mock serves under, like the real `/v0`.
 mod routes;
@@ -122,7 +122,7 @@ pub fn remember_secret(value: &str) {
         .append(true)
         .open(issued_secrets_file())
         .expect("issued-secrets file");
-    // One write per value: test binaries append concurrently, and O_APPEND keeps a single
+    // One write per value: tests (and test processes) append concurrently, and O_APPEND keeps a single
     // small write whole, where `writeln!` may split it and interleave lines.
     f.write_all(format!("{value}\n").as_bytes()).unwrap();
 }
@@ -206,37 +206,40 @@ impl MockCp {
         self.shared.lock().unwrap().max_stats_in_flight
     }
 
-    /// Polls `check` on the recorded requests until it holds (deadline `within`).
-    pub fn wait_for(&self, what: &str, within: Duration, check: impl Fn(&[Recorded]) -> bool) {
-        let deadline = Instant::now() + within;
-        loop {
-            if check(&self.requests()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "mock control plane: timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
-impl MockCp {
-    /// [`MockCp::wait_for`] for async tests.
+    /// Polls `check` on the recorded requests until it holds (deadline `within`); the requests
+    /// it held on.
     pub async fn until(
         &self,
         what: &str,
         within: Duration,
         check: impl Fn(&[Recorded]) -> bool,
     ) -> Vec<Recorded> {
-        let deadline = Instant::now() + within;
-        loop {
+        let what = format!("{what} at the mock control plane");
+        wait_until(what, within, Duration::from_millis(25), async || {
             let requests = self.requests();
-            if check(&requests) {
-                return requests;
-            }
-            assert!(Instant::now() < deadline, "mock control plane: timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            if check(&requests) { Ok(requests) } else { Err(summary(&requests)) }
+        })
+        .await
+    }
+}
+
+/// The requests in order, runs of the same path and answer counted: `/ping 503 ×3, /init 200`.
+fn summary(requests: &[Recorded]) -> String {
+    let mut runs: Vec<(&str, u16, usize)> = Vec::new();
+    for r in requests {
+        match runs.last_mut() {
+            Some((path, answered, n)) if *path == r.path && *answered == r.answered => *n += 1,
+            _ => runs.push((&r.path, r.answered, 1)),
         }
     }
+    let runs: Vec<String> = runs
+        .into_iter()
+        .map(|(path, answered, n)| match n {
+            1 => format!("{path} {answered}"),
+            n => format!("{path} {answered} ×{n}"),
+        })
+        .collect();
+    format!("{} requests: {}", requests.len(), runs.join(", "))
 }
 
 impl Drop for MockCp {

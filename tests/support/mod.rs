@@ -17,3 +17,4 @@ pub mod sandbox;
 pub mod sshd;
 pub mod sysfs;
 pub mod vm;
+pub mod wait;

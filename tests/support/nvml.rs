@@ -1,7 +1,5 @@
 //! The fake `libnvidia-ml.so.1` (tests/support/fake_nvml/fake_nvml.c), built with gcc once per
-//! test binary, and the file that sets its values.
-
-#![allow(dead_code)] // each test binary uses a different part of the support code
+//! test process, and the file that sets its values.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,7 +13,8 @@ pub fn fake_library() -> PathBuf {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_nvml/fake_nvml.c");
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-nvml");
         std::fs::create_dir_all(&dir).unwrap();
-        // Built under a private name, then renamed: test binaries run concurrently.
+        // Built under a private name, then renamed: test processes (a bench, a second run) may
+        // build it at the same time.
         let tmp = dir.join(format!("build-{}.so", std::process::id()));
         let out = Command::new("gcc")
             .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])

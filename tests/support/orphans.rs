@@ -1,14 +1,14 @@
 //! Cheap real QEMUs for recovery tests and benchmarks: no disk, no firmware run (`-S`,
 //! `-machine none`), a monitor socket and a pidfile where the agent's layout puts them.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use qudata_agent::backend::qemu::layout::VmPaths;
+
+use super::wait::wait_until_blocking;
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -52,11 +52,8 @@ fn spawn(args: &[String], log: &Path) -> Child {
 
 /// Waits until QEMU wrote its pidfile (it does so once its monitor is up).
 fn wait_file(path: &Path) {
-    let until = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(Instant::now() < until, "QEMU did not write {}", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("QEMU to write {}", path.display());
+    wait_until_blocking(what, Duration::from_secs(60), Duration::from_millis(20), || path.exists())
 }
 
 /// A QEMU with the agent's marker and every file of the layout that a launch makes before

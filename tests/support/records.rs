@@ -1,7 +1,5 @@
 //! Instance records written the way the agent writes them (through its own store).
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::Path;
 
 use qudata_agent::instance::spec::{HostLimits, parse_create};

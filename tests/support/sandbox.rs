@@ -7,8 +7,6 @@
 //! (SystemCallArchitectures=, LockPersonality=, RestrictRealtime=, RestrictSUIDSGID=) and
 //! ProtectKernelLogs=.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::Path;
 
 /// Runs inside `unshare --mount --uts`: $1 is the writable dir, the rest the command.

@@ -1,14 +1,14 @@
 //! A real OpenSSH server as a stand-in guest: its own host key, config and `authorized_keys`
 //! in a temp dir, on 127.0.0.1:<free port>. Reaped on drop.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::fs;
 use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::wait::wait_until_blocking;
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -106,17 +106,16 @@ impl Sshd {
     }
 
     fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let what = format!("sshd to listen on 127.0.0.1:{}", self.port);
+        wait_until_blocking(what, Duration::from_secs(20), Duration::from_millis(50), || {
             if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("sshd exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "sshd did not listen in 20 s: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Err(format!("its log:\n{}", self.log()))
+        })
     }
 
     /// Stops sshd (kill + wait); `restart` brings it back on the same port.

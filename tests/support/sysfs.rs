@@ -8,8 +8,6 @@
 //! (`driver_override` reading `(null)`, `bus/pci/drivers_probe`, each driver's `bind` and
 //! `unbind`); [`super::kernel::SimKernel`] reacts to writes into them.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};

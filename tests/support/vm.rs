@@ -1,15 +1,14 @@
 //! VM tests: the CI guest image, the agent's view of an instance, and what a VM leaves behind.
 
-#![allow(dead_code)] // each test binary uses a different part of the support code
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::agent::{Agent, Api, Dirs, free_port};
+use super::wait::wait_until;
 
 /// Boot to SSH under TCG on 2 busy cores: generous, since a slow CI machine is not a failure.
 pub const BOOT: Duration = Duration::from_secs(420);
@@ -88,20 +87,17 @@ pub async fn wait_status_after_error(api: &Api, want: &str, limit: Duration) -> 
 }
 
 async fn poll_status(api: &Api, want: &str, limit: Duration, error_fails: bool) -> Value {
-    let until = Instant::now() + limit;
-    loop {
+    let what = format!("the instance to be {want}");
+    wait_until(what, limit, Duration::from_millis(250), async || {
         let answer = api.get("/instances").await;
         assert_eq!(answer.status, 200, "{:?}", answer.body);
         let data = answer.body["data"].clone();
         let status = data["status"].as_str().unwrap_or_default().to_owned();
-        if status == want {
-            return data;
-        }
         let failed = error_fails && status == "error" && want != "error";
         assert!(!failed, "instance failed: {data}");
-        assert!(Instant::now() < until, "status stayed {status} (wanted {want}): {data}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        if status == want { Ok(data) } else { Err(format!("{status}: {data}")) }
+    })
+    .await
 }
 
 /// The instance record as stored by the agent.
@@ -157,15 +153,12 @@ pub fn leftovers(dirs: &Dirs, id: &str) -> Vec<String> {
 
 /// Waits until `leftovers` is empty.
 pub async fn wait_gone(dirs: &Dirs, id: &str, limit: Duration) {
-    let until = Instant::now() + limit;
-    loop {
+    let what = format!("instance {id} to leave nothing behind");
+    wait_until(what, limit, Duration::from_millis(250), async || {
         let left = leftovers(dirs, id);
-        if left.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < until, "instance {id} left behind: {left:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
+    })
+    .await
 }
 
 /// A fresh ed25519 key pair made by the real `ssh-keygen`: (private key path, public line).
@@ -213,24 +206,13 @@ pub async fn http_get(port: u16) -> Option<String> {
 
 /// Polls [`http_get`] until it answers.
 pub async fn wait_http(port: u16, limit: Duration) -> String {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(body) = http_get(port).await {
-            return body;
-        }
-        assert!(Instant::now() < until, "nothing answered on 127.0.0.1:{port}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let what = format!("an HTTP answer on 127.0.0.1:{port}");
+    wait_until(what, limit, Duration::from_millis(500), async || http_get(port).await).await
 }
 
 /// Waits until the instance's QEMU runs: its pid.
 pub async fn wait_for_qemu(id: &str, limit: Duration) -> u32 {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(pid) = qemu_pids(id).first() {
-            return *pid;
-        }
-        assert!(Instant::now() < until, "no QEMU for instance {id} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("a QEMU for instance {id}");
+    wait_until(what, limit, Duration::from_millis(100), async || qemu_pids(id).first().copied())
+        .await
 }

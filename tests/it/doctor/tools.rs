@@ -12,6 +12,7 @@ use qudata_agent::doctor::{self, AccelView, HostView, Status};
 
 use crate::support::host::FakeHost;
 use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
+use crate::support::wait::wait_until_blocking;
 
 #[test]
 fn qemu_on_path_reports_its_version() {
@@ -116,12 +117,11 @@ fn docker_socket_listening_refusing_or_missing() {
     drop(listener); // the socket file stays, nobody listens
     // A process another test thread is spawning may hold a copy of the listener until its
     // exec closes it (CLOEXEC), so the refusal may take a moment.
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    let mut c = doctor::docker(&host.view());
-    while c.status == Status::Ok && std::time::Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(50));
-        c = doctor::docker(&host.view());
-    }
+    let what = "the docker check to find nobody listening";
+    let c = wait_until_blocking(what, Duration::from_secs(10), Duration::from_millis(50), || {
+        let c = doctor::docker(&host.view());
+        if c.status == Status::Ok { Err(format!("{c:?}")) } else { Ok(c) }
+    });
     assert_eq!(c.status, Status::Warn, "{c:?}");
     assert!(c.detail.contains("cannot connect"), "{}", c.detail);
     assert_eq!(c.fix.as_deref(), Some("systemctl start docker"));

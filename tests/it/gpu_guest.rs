@@ -4,14 +4,15 @@
 //! after the channel breaks and after the agent is killed and adopts the VM, and stop with the
 //! instance.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::Value;
-use support::agent::{Agent, Api, Dirs, free_port};
-use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{create_running, openssh, record, small_vm, vm_env, wait_gone, wait_status};
+
+use crate::support::agent::{Agent, Api, Dirs, free_port};
+use crate::support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
+use crate::support::vm::{
+    create_running, openssh, record, small_vm, vm_env, wait_gone, wait_status,
+};
 
 const WAIT: Duration = Duration::from_secs(120);
 

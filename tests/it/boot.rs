@@ -2,16 +2,16 @@
 //! what VMs boot and `run` and `doctor` share it; a KVM failure under `auto` boots the VM
 //! again under TCG; a boot that cannot succeed is `error` in QEMU's or the console's words.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
 use qudata_agent::backend::qemu::accel::{self, Accel, ProbeOutcome};
 use serde_json::{Value, json};
-use support::agent::{Agent, Api, Dirs, free_port, local_secret};
-use support::guests::{host_ovmf, install_test_guest, install_zeros, qemu};
-use support::vm::{BOOT, ci_guest_image, qemu_pids, small_vm, wait_gone, wait_status};
+
+use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
+use crate::support::guests::{host_ovmf, install_test_guest, install_zeros, qemu};
+use crate::support::vm::{BOOT, ci_guest_image, qemu_pids, small_vm, wait_gone, wait_status};
+use crate::support::wait::wait_until;
 
 /// Local mode with the CI guest as base image and the accelerator left to the agent.
 async fn agent_with(dirs: &Dirs, extra: &[(&'static str, String)]) -> (Agent, Api) {
@@ -188,14 +188,14 @@ async fn qemu_killed_while_the_guest_boots_is_an_error_naming_the_exit() {
     let created = api.json("POST", "/instances", &create_body(&silent)).await;
     assert_eq!(created.status, 200, "{:?}", created.body);
     let id = created.body["data"]["id"].as_str().unwrap().to_owned();
-    let pid = support::vm::wait_for_qemu(&id, Duration::from_secs(60)).await;
+    let pid = crate::support::vm::wait_for_qemu(&id, Duration::from_secs(60)).await;
     // Booting: the firmware has written to the console.
     let serial = dirs.data.join("vms").join(&id).join("serial.log");
-    let until = std::time::Instant::now() + Duration::from_secs(120);
-    while std::fs::metadata(&serial).map_or(0, |m| m.len()) == 0 {
-        assert!(std::time::Instant::now() < until, "the guest printed nothing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("the guest to print to {}", serial.display());
+    wait_until(what, Duration::from_secs(120), Duration::from_millis(100), async || {
+        std::fs::metadata(&serial).map_or(0, |m| m.len()) > 0
+    })
+    .await;
     // SAFETY: kill(2) on the test's own VM process.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let failed = wait_status(&api, "error", Duration::from_secs(60)).await;

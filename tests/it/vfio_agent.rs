@@ -2,17 +2,17 @@
 //! QEMU (which cannot open /dev/vfio here, so a create with GPUs fails at start), and a real
 //! `kill -9` in the middle of a bind.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
-use support::agent::{Agent, Api, Dirs, free_port, local_secret};
-use support::kernel::SimKernel;
-use support::sysfs::{CLASS_AUDIO, FakeSysfs};
-use support::vm::{leftovers, wait_gone, wait_status};
+
+use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
+use crate::support::kernel::SimKernel;
+use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
+use crate::support::vm::{leftovers, wait_gone, wait_status};
+use crate::support::wait::wait_until_blocking;
 
 const GPU: &str = "0000:65:00.0";
 const AUDIO: &str = "0000:65:00.1";
@@ -134,11 +134,11 @@ async fn an_agent_killed_in_the_middle_of_a_bind_is_undone_at_the_next_start() {
     let id = created.body["data"]["id"].as_str().unwrap().to_owned();
 
     kernel.wait_log(&format!("bind {GPU} vfio-pci"));
-    let until = Instant::now() + Duration::from_secs(60);
-    while fake.override_of(AUDIO) != "vfio-pci" {
-        assert!(Instant::now() < until, "the audio function's override was never written");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let what = "the audio function's driver_override to be vfio-pci";
+    wait_until_blocking(what, Duration::from_secs(60), Duration::from_millis(10), || {
+        let now = fake.override_of(AUDIO);
+        if now == "vfio-pci" { Ok(()) } else { Err(now) }
+    });
     agent.kill9();
     kernel.unhang("bus/pci/drivers/snd_hda_intel/unbind");
     let half = vec![
@@ -254,7 +254,7 @@ fn recover_returns_the_gpus_of_a_stale_bind_record() {
     assert_eq!(fake.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
 
     let run = |args: &[&str]| {
-        support::agent::recover_command(&dirs)
+        crate::support::agent::recover_command(&dirs)
             .args(args)
             .env("QUDATA_SYSFS_ROOT", fake.path())
             .output()

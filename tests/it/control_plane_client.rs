@@ -1,8 +1,6 @@
 //! The library's control-plane client against the mock control plane: base URL handling,
 //! auth headers, bounded retries on 5xx, no retry on a refusal, and the envelope's errors.
 
-mod support;
-
 use std::time::Duration;
 
 use qudata_agent::control_plane::backoff::Backoff;
@@ -10,7 +8,8 @@ use qudata_agent::control_plane::wire::{InitRequest, Stats};
 use qudata_agent::control_plane::{Client, ClientError};
 use qudata_agent::instance::Status;
 use qudata_agent::secret::Secret;
-use support::mock_cp::{Behaviour, MockCp, remember_secret};
+
+use crate::support::mock_cp::{Behaviour, MockCp, remember_secret};
 
 const FAST: Backoff = Backoff { initial: Duration::from_millis(5), max: Duration::from_millis(20) };
 
@@ -89,7 +88,7 @@ async fn trailing_slash_and_no_trailing_slash_reach_the_same_paths() {
 
 #[tokio::test]
 async fn nobody_listening_is_unreachable_and_transient() {
-    let port = support::agent::free_port();
+    let port = crate::support::agent::free_port();
     let c = Client::new(
         &format!("http://127.0.0.1:{port}/v0"),
         Secret::new("ak-x"),

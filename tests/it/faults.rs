@@ -6,16 +6,15 @@
 //! (`QUDATA_TEST_CRASH_AT=<phase>`: the agent sends itself SIGKILL at that phase); a signal
 //! from outside could only guess when a phase is reached.
 
-mod support;
-
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::agent::{Agent, Api, Dirs, free_port, local_secret};
-use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::vm::{
+
+use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
+use crate::support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
+use crate::support::vm::{
     BOOT, create, leftovers, qemu_pids, record, small_vm, ssh_keygen, wait_gone, wait_status,
     wait_status_after_error,
 };
@@ -23,7 +22,7 @@ use support::vm::{
 const WAIT: Duration = Duration::from_secs(60);
 
 fn vm_env(crash_at: Option<&str>) -> Vec<(&'static str, String)> {
-    let mut env = support::vm::vm_env();
+    let mut env = crate::support::vm::vm_env();
     env.extend(crash_at.map(|phase| ("QUDATA_TEST_CRASH_AT", phase.to_owned())));
     env
 }
@@ -160,9 +159,10 @@ async fn kill_before_the_guest_answers_then_qemu_dies_then_outage_then_lease_reb
     assert_eq!(next["status"], "error", "{next}");
 
     // The control plane down for 30 s: the API keeps serving; samples are kept and arrive in
-    // order once it is back (the buffer's mechanics are tests/control_plane_stats.rs's).
+    // order once it is back (the buffer's mechanics are control_plane_stats.rs's).
     cp.set_down(true);
     let down_at = Instant::now();
+    // The whole 30 s on purpose: the API must serve throughout, not just once.
     while down_at.elapsed() < Duration::from_secs(30) {
         let answer = api.get("/instances").await;
         assert_eq!(answer.status, 200, "the API serves during the outage");
@@ -241,7 +241,12 @@ async fn a_full_disk_fails_the_request_clearly_and_keeps_the_record() {
     let dirs = Dirs::new();
     let tmpfs = Tmpfs::mount(&dirs.data, "2m");
     let id = "full-disk";
-    support::records::store_record(&dirs.data, id, qudata_agent::instance::Status::Error, true);
+    crate::support::records::store_record(
+        &dirs.data,
+        id,
+        qudata_agent::instance::Status::Error,
+        true,
+    );
     let path = dirs.data.join(format!("instances/{id}.json"));
     let before = std::fs::read(&path).unwrap();
     let mut agent = Agent::local(&dirs);
@@ -271,8 +276,8 @@ async fn a_full_disk_fails_the_request_clearly_and_keeps_the_record() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_after_the_gpu_bind_returns_the_gpu_and_rolls_back() {
-    use support::kernel::SimKernel;
-    use support::sysfs::{CLASS_AUDIO, FakeSysfs};
+    use crate::support::kernel::SimKernel;
+    use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
     let (gpu, audio) = ("0000:65:00.0", "0000:65:00.1");
     let fake = FakeSysfs::new()
         .driver_available("vfio-pci")

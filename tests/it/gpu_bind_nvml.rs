@@ -5,18 +5,17 @@
 //! behind `QUDATA_SYSFS_ROOT`; QEMU cannot open /dev/vfio here, so the create fails at start
 //! and is rolled back, which exercises bind and release both.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::agent::{Agent, Api, Dirs, free_port};
-use support::kernel::SimKernel;
-use support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
-use support::nvml::{FakeDriver, fake_library, h100};
-use support::sysfs::FakeSysfs;
-use support::vm::wait_status;
+
+use crate::support::agent::{Agent, Api, Dirs, free_port};
+use crate::support::kernel::SimKernel;
+use crate::support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
+use crate::support::nvml::{FakeDriver, fake_library, h100};
+use crate::support::sysfs::FakeSysfs;
+use crate::support::vm::wait_status;
 
 const GPU: &str = "0000:65:00.0";
 const WAIT: Duration = Duration::from_secs(120);

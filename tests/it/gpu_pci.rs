@@ -1,10 +1,11 @@
 //! The sysfs reader and the NVIDIA PCI inventory against fake sysfs trees.
 
-mod support;
-
 use qudata_agent::gpu::{GpuDriver, Inventory, RejectReason};
 use qudata_agent::vfio::{PciAddress, SysfsError};
-use support::sysfs::{CLASS_3D, CLASS_AUDIO, CLASS_BRIDGE, CLASS_ETHERNET, CLASS_USB, FakeSysfs};
+
+use crate::support::sysfs::{
+    CLASS_3D, CLASS_AUDIO, CLASS_BRIDGE, CLASS_ETHERNET, CLASS_USB, FakeSysfs,
+};
 
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()

@@ -1,12 +1,10 @@
 //! The stats loop of the real binary against the mock control plane: cadence, samples kept
 //! across an outage and sent in order, one request in flight at most.
 
-mod support;
-
 use std::time::Duration;
 
-use support::agent::{Agent, Api, Dirs, free_port};
-use support::mock_cp::{Behaviour, MockCp, Recorded, api_key, count, ok_stats};
+use crate::support::agent::{Agent, Api, Dirs, free_port};
+use crate::support::mock_cp::{Behaviour, MockCp, Recorded, api_key, count, ok_stats};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -17,6 +15,7 @@ async fn stats_come_at_the_configured_cadence() {
     let mut agent = Agent::start(&dirs, &["run"], &cp.agent_env(&api_key(), 200), free_port());
     agent.wait_ready().await;
     let start = cp.until("a first sample", WAIT, |r| !ok_stats(r).is_empty()).await;
+    // A measuring window (samples counted over 3 s), not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sent = ok_stats(&cp.requests()).len() - ok_stats(&start).len();
     // 3 s at 200 ms is 15 samples; the range only catches a stalled or runaway loop.
@@ -34,6 +33,7 @@ async fn samples_made_during_an_outage_all_arrive_in_order() {
     agent.wait_ready().await;
     cp.until("three samples", WAIT, |r| ok_stats(r).len() >= 3).await;
     cp.set_down(true);
+    // The outage lasts 4 s on purpose: samples pile up meanwhile.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let at_recovery = cp.requests().len();
     cp.set_down(false);

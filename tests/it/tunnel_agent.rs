@@ -4,16 +4,16 @@
 //! control plane is down; without credentials one line says so; `run --local` never starts it. Instance publishing is covered by the manager's unit tests (no VM image
 //! can exist in a temp dir, so creates answer 503 here).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qudata_agent::tunnel::config::{ClientConfig, agent_proxy_name};
 use qudata_agent::tunnel::{AdminClient, ProxyStatus};
-use support::agent::{Agent, Api, Dirs, free_port, local_secret};
-use support::frpc::{TEST_TOKEN, standin};
-use support::mock_cp::{Behaviour, MockCp, api_key, count, ok_stats, remember_secret};
+
+use crate::support::agent::{Agent, Api, Dirs, free_port, local_secret};
+use crate::support::frpc::{TEST_TOKEN, standin};
+use crate::support::mock_cp::{Behaviour, MockCp, api_key, count, ok_stats, remember_secret};
+use crate::support::wait::wait_until;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -78,15 +78,14 @@ async fn running_proxy(
     what: &str,
     matches: impl Fn(&ProxyStatus) -> bool,
 ) -> ProxyStatus {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    wait_until(format!("{what} to run"), WAIT, Duration::from_millis(50), async || {
         let found = proxies(config).await.unwrap_or_default().into_iter().find(|p| matches(p));
-        if let Some(p) = found.filter(|p| p.status == "running") {
-            return p;
+        match found {
+            Some(p) if p.status == "running" => Ok(p),
+            other => Err(format!("{other:?}")),
         }
-        assert!(tokio::time::Instant::now() < deadline, "{what} never ran");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn agent_id(cp: &MockCp) -> String {
@@ -244,6 +243,7 @@ async fn local_mode_never_starts_frpc() {
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
     assert_eq!(api.get("/instances").await.status, 200);
     // Production starts frpc right after serving; give a wrongly wired one time to show up.
+    // A deliberate window in which nothing may happen, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!config.exists(), "no frpc config written");
     assert_eq!(pidfile(&dirs), None);

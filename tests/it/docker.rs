@@ -2,16 +2,17 @@
 //! real engine (`dockerd` from Debian on a private socket), images imported from Debian
 //! packages.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::json;
-use support::agent::Api;
-use support::docker::Engine;
-use support::docker_agent::{START, container, refused, start_agent, started, wait_container_gone};
-use support::docker_images::busybox;
-use support::vm::{host_port, http_get, record, wait_gone, wait_http, wait_status};
+
+use crate::support::agent::{Api, local_secret};
+use crate::support::docker::Engine;
+use crate::support::docker_agent::{
+    START, container, refused, start_agent, started, wait_container_gone,
+};
+use crate::support::docker_images::busybox;
+use crate::support::vm::{host_port, http_get, record, wait_gone, wait_http, wait_status};
 
 /// busybox httpd serving a page made from an environment value. The value is hostile on
 /// purpose: it must arrive as data, never run.
@@ -198,7 +199,7 @@ async fn agent_kill9_adopts_the_running_container_untouched() {
     assert_eq!(wait_http(web, Duration::from_secs(10)).await, GREETING, "serves without the agent");
     let mut agent = start_agent(&dirs, engine, agent.port);
     agent.wait_ready().await;
-    let api = Api::new(&agent, Some(&support::agent::local_secret(&dirs)));
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
     let data = wait_status(&api, "running", Duration::from_secs(60)).await;
     assert_eq!(data["id"], id.as_str());
     assert_eq!(engine.inspect(&name, "{{.State.StartedAt}}").unwrap(), started_at, "not restarted");

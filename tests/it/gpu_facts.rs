@@ -3,18 +3,17 @@
 //! `/stats` of the mock control plane; the no-driver path; the self-test inventory file; the
 //! PCI-id fallback against a fake sysfs.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use qudata_agent::gpu::GpuFacts;
 use qudata_agent::gpu::facts::{FactsInputs, FactsSource, host_facts};
 use serde_json::Value;
-use support::agent::{Agent, Dirs, free_port};
-use support::mock_cp::{Behaviour, MockCp, Recorded, api_key, ok_stats};
-use support::nvml::{FakeDriver, fake_library, h100};
-use support::sysfs::{CLASS_3D, CLASS_AUDIO, FakeSysfs};
+
+use crate::support::agent::{Agent, Dirs, free_port};
+use crate::support::mock_cp::{Behaviour, MockCp, Recorded, api_key, ok_stats};
+use crate::support::nvml::{FakeDriver, fake_library, h100};
+use crate::support::sysfs::{CLASS_3D, CLASS_AUDIO, FakeSysfs};
 
 const WAIT: Duration = Duration::from_secs(60);
 

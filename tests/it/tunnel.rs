@@ -1,8 +1,6 @@
 //! FRP tunnels against the frpc stand-in: reload without restart, back-off, adoption after an
 //! agent restart, refused proxies, admin auth; a real frpc when QUDATA_FRPC_BINARY names one.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,9 +12,14 @@ use qudata_agent::tunnel::{
     AdminClient, AdminError, Backoff, InstanceTunnels, MissingCredentials, TunnelError, TunnelPort,
     TunnelProto, Tunnels,
 };
-use support::frpc::{FAST, Sandbox, TEST_TOKEN, creds, standin};
+
+use crate::support::frpc::{FAST, Sandbox, TEST_TOKEN, creds, standin};
+use crate::support::wait::wait_until;
 
 const AGENT: &str = "3f1c1b2e-8a4d-4c3e-9b7a-0d5e6f7a8b9c";
+/// How long a test waits for frpc (the stand-in) to show a change, and how often it looks.
+const SOON: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
 
 fn instance(id: &str, ports: &[(u16, u16, u16, TunnelProto)]) -> InstanceTunnels {
     InstanceTunnels {
@@ -64,15 +67,6 @@ async fn start(sb: &Sandbox, backoff: Backoff) -> Tunnels {
     Tunnels::start(sb.settings(&standin(), backoff), Ok(creds(TEST_TOKEN))).await.expect("start")
 }
 
-/// Polls until `cond` holds (deadline 10 s).
-async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn publish_and_unpublish_reload_without_restart() {
     let sb = Sandbox::new();
@@ -95,6 +89,7 @@ async fn publish_and_unpublish_reload_without_restart() {
                     gaps.fetch_add(1, Ordering::SeqCst);
                 }
                 polls.fetch_add(1, Ordering::SeqCst);
+                // Sampling the whole time, not waiting for anything: no wait_until here.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
@@ -125,7 +120,7 @@ async fn publish_and_unpublish_reload_without_restart() {
         text.lines().any(|l| l.contains(" INFO frpc:") && l.contains(needle))
     };
     let line = format!("[{}] start proxy", proxy_name(AGENT, "i-1", 22));
-    eventually("frpc output in the log", async || seen(&line)).await;
+    wait_until("frpc output in the log", SOON, POLL, async || seen(&line)).await;
 
     // Same credentials again (a repeated /init): the main file is unchanged, frpc stays.
     t.set_credentials(creds(TEST_TOKEN)).await.unwrap();
@@ -171,9 +166,17 @@ async fn a_crashing_frpc_is_restarted_with_backoff() {
     let t = start(&sb, FAST).await;
     let first = t.frpc_pid().await.unwrap();
     sb.control(serde_json::json!({"crash": true}));
-    eventually("three restarts", async || t.frpc_restarts().await >= 3).await;
+    wait_until("three restarts", SOON, POLL, async || {
+        let restarts = t.frpc_restarts().await;
+        if restarts >= 3 { Ok(()) } else { Err(format!("{restarts} restarts")) }
+    })
+    .await;
     sb.control(serde_json::json!({}));
-    eventually("a new frpc", async || t.frpc_pid().await.is_some_and(|p| p != first)).await;
+    wait_until("a new frpc", SOON, POLL, async || match t.frpc_pid().await {
+        Some(pid) if pid != first => Ok(()),
+        pid => Err(format!("frpc pid {pid:?}")),
+    })
+    .await;
     // The restarted frpc serves the same config: publishing works again.
     let report =
         t.publish(&instance("i-3", &[(22, 42022, 10001, TunnelProto::Tcp)])).await.unwrap();
@@ -211,8 +214,9 @@ async fn a_restarted_agent_adopts_the_same_frpc() {
     assert_eq!(t.frpc_pid().await, Some(pid), "a second frpc was started");
     let admin = t.admin().await.unwrap();
     let i9 = proxy_name(AGENT, "i-9", 22);
-    eventually("i-9 running", async || {
-        admin.status().await.unwrap().get(&i9).is_some_and(|p| p.status == "running")
+    wait_until("i-9 running", SOON, POLL, async || match admin.status().await.unwrap().get(&i9) {
+        Some(p) if p.status == "running" => Ok(()),
+        p => Err(format!("{p:?}")),
     })
     .await;
     let status = admin.status().await.unwrap();
@@ -307,7 +311,7 @@ async fn real_frpc_when_available() {
     let sb = Sandbox::new();
     // No FRP server here: frpc keeps retrying (loginFailExit = false) and serves its admin API.
     let mut c = creds(TEST_TOKEN);
-    c.server_port = support::agent::free_port();
+    c.server_port = crate::support::agent::free_port();
     let settings = sb.settings(std::path::Path::new(&binary), FAST);
     let t = Tunnels::start(settings, Ok(c)).await.expect("real frpc accepts our main file");
     let report = t.publish(&instance("i-8", &[(22, 42022, 10001, TunnelProto::Tcp)])).await;

@@ -1,15 +1,14 @@
 //! SSH into a container: the real OpenSSH client against the SSH server of a Debian image
 //! (made with debootstrap on the host), renter keys through the agent's API.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::json;
-use support::docker::Engine;
-use support::docker_agent::{START, container, started, wait_container_gone};
-use support::docker_images::debian_sshd;
-use support::vm::{host_port, openssh, ssh_keygen, wait_status};
+
+use crate::support::docker::Engine;
+use crate::support::docker_agent::{START, container, started, wait_container_gone};
+use crate::support::docker_images::debian_sshd;
+use crate::support::vm::{host_port, openssh, ssh_keygen, wait_status};
 
 #[tokio::test]
 async fn renter_keys_reach_the_containers_sshd_and_survive_a_restart() {

@@ -1,11 +1,7 @@
 //! `qudata-agent doctor`: every check's branches against fake hosts (`doctor/`), and the real
 //! binary on this real machine.
 
-mod support;
-
-#[path = "doctor/platform.rs"]
 mod platform;
-#[path = "doctor/tools.rs"]
 mod tools;
 
 use std::os::unix::fs::PermissionsExt;
@@ -190,13 +186,13 @@ fn a_bad_setting_exits_2_and_no_api_key_is_needed() {
 
 #[test]
 fn doctor_reads_the_sysfs_root_it_is_given() {
-    let fake = support::sysfs::FakeSysfs::new()
+    let fake = crate::support::sysfs::FakeSysfs::new()
         .driver_available("vfio-pci")
         .gpu("0000:65:00.0", 0x2330)
         .driver("nvidia")
         .group(12)
         .bars(&[(1, 32 << 30, true), (3, 32 << 20, true)])
-        .function("0000:65:00.1", support::sysfs::CLASS_AUDIO)
+        .function("0000:65:00.1", crate::support::sysfs::CLASS_AUDIO)
         .group(12);
     let root = fake.path().display().to_string();
     let (out, _dir) = doctor(&["--json"], &[("QUDATA_SYSFS_ROOT", &root)]);
@@ -216,8 +212,8 @@ fn doctor_reads_the_sysfs_root_it_is_given() {
 /// with one H100 on the nvidia driver.
 #[test]
 fn the_nvml_line_compares_the_driver_with_sysfs() {
-    use support::nvml::{FakeDriver, fake_library, h100};
-    let fake = support::sysfs::FakeSysfs::new().gpu("0000:65:00.0", 0x2330).driver("nvidia");
+    use crate::support::nvml::{FakeDriver, fake_library, h100};
+    let fake = crate::support::sysfs::FakeSysfs::new().gpu("0000:65:00.0", 0x2330).driver("nvidia");
     let root = fake.path().display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("nvml.conf");
@@ -258,7 +254,7 @@ fn the_nvml_line_compares_the_driver_with_sysfs() {
     assert_eq!(line["status"], "warn", "{line}");
 
     // No GPU on the driver (none, or all on vfio-pci): nothing needs NVML.
-    let empty = support::sysfs::FakeSysfs::new();
+    let empty = crate::support::sysfs::FakeSysfs::new();
     let env = [
         ("QUDATA_SYSFS_ROOT", empty.path().to_str().unwrap()),
         ("QUDATA_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1"),

@@ -1,13 +1,12 @@
 //! QEMU VM instances end to end: the real binary in local mode, real QEMU under TCG booting the
 //! CI guest, real SSH (the agent's russh and OpenSSH as a second opinion).
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::json;
-use support::agent::{Agent, Api, Dirs, local_secret};
-use support::vm::{
+
+use crate::support::agent::{Agent, Api, Dirs, local_secret};
+use crate::support::vm::{
     BOOT, fresh_agent, host_port, http_get, leftovers, openssh, qemu_pids, record, ssh_keygen,
     start_agent, wait_gone, wait_http, wait_status,
 };
@@ -218,9 +217,9 @@ async fn stop_all_powers_a_paused_vm_down_cleanly_and_start_boots_it_again() {
     assert!(agent.terminate().success());
     assert_eq!(qemu_pids(&id).len(), 1, "SIGTERM leaves the VM");
 
-    let mut recover = support::agent::recover_command(&dirs);
+    let mut recover = crate::support::agent::recover_command(&dirs);
     // QUDATA_DEBUG: the log says how each VM was stopped.
-    recover.envs(support::vm::vm_env()).env("QUDATA_DEBUG", "true");
+    recover.envs(crate::support::vm::vm_env()).env("QUDATA_DEBUG", "true");
     let out = recover.args(["--stop-all", "--json"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let report = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -1,17 +1,19 @@
 //! The Docker backend against the engine itself: orphans found and reaped by label (and
 //! nothing else touched), and an engine that stops mid-run and comes back.
 
-mod support;
-
 use std::time::Duration;
 
 use qudata_agent::backend::docker::{DockerBackend, DockerSettings};
 use qudata_agent::backend::{Backend, Owned};
 use serde_json::json;
-use support::docker::Engine;
-use support::docker_agent::{START, container, started, wait_container_gone};
-use support::docker_images::busybox;
-use support::vm::{host_port, wait_gone, wait_http, wait_status, wait_status_after_error};
+
+use crate::support::agent::{Api, Dirs, free_port, local_secret, recover_command};
+use crate::support::docker::Engine;
+use crate::support::docker_agent::{START, container, start_agent, started, wait_container_gone};
+use crate::support::docker_images::busybox;
+use crate::support::vm::{
+    host_port, record, wait_gone, wait_http, wait_status, wait_status_after_error,
+};
 
 #[tokio::test]
 async fn orphans_are_found_and_reaped_by_label_and_foreign_containers_are_left_alone() {
@@ -100,7 +102,7 @@ async fn an_engine_that_stops_mid_run_is_an_error_and_the_instance_recovers_when
 
 /// A running container labelled as an instance of the agent on `dirs` that has no record:
 /// its instance id and container name.
-fn orphan_container(engine: &Engine, dirs: &support::agent::Dirs, image: &str) -> (String, String) {
+fn orphan_container(engine: &Engine, dirs: &Dirs, image: &str) -> (String, String) {
     let orphan_id = uuid::Uuid::new_v4().to_string();
     let orphan = container(&orphan_id);
     let labels = [
@@ -118,12 +120,12 @@ fn orphan_container(engine: &Engine, dirs: &support::agent::Dirs, image: &str) -
 async fn the_agent_reaps_its_orphan_containers_at_start_up_and_nothing_else() {
     let engine = Engine::shared();
     let image = busybox(engine);
-    let dirs = support::agent::Dirs::new();
+    let dirs = Dirs::new();
     let (_, orphan) = orphan_container(engine, &dirs, image);
     let foreign = container(&uuid::Uuid::new_v4().to_string());
     engine.must(&["run", "-d", "--name", &foreign, image, "sleep", "600"]);
 
-    let mut agent = support::docker_agent::start_agent(&dirs, engine, support::agent::free_port());
+    let mut agent = start_agent(&dirs, engine, free_port());
     agent.wait_ready().await; // start-up recovery runs before the API serves
     assert_eq!(engine.inspect(&orphan, "{{.Id}}"), None, "the orphan is reaped");
     assert_eq!(engine.inspect(&foreign, "{{.State.Running}}").as_deref(), Some("true"));
@@ -134,10 +136,10 @@ async fn the_agent_reaps_its_orphan_containers_at_start_up_and_nothing_else() {
 async fn recover_lists_then_reaps_orphan_containers() {
     let engine = Engine::shared();
     let image = busybox(engine);
-    let dirs = support::agent::Dirs::new();
+    let dirs = Dirs::new();
     let (orphan_id, orphan) = orphan_container(engine, &dirs, image);
     let recover = |args: &[&str]| {
-        support::agent::recover_command(&dirs)
+        recover_command(&dirs)
             .args(args)
             .env("QUDATA_BACKEND", "docker")
             .env("QUDATA_DOCKER_HOST", engine.host())
@@ -171,7 +173,7 @@ async fn stop_all_stops_a_container_and_start_runs_it_again() {
     let container_id = engine.inspect(&name, "{{.Id}}").unwrap();
     assert!(agent.terminate().success(), "SIGTERM leaves the container running");
 
-    let out = support::agent::recover_command(&dirs)
+    let out = recover_command(&dirs)
         .args(["--stop-all", "--json"])
         .env("QUDATA_BACKEND", "docker")
         .env("QUDATA_DOCKER_HOST", engine.host())
@@ -181,12 +183,12 @@ async fn stop_all_stops_a_container_and_start_runs_it_again() {
     assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
     assert!(!report.contains("\"failed\""), "{report}");
     assert_eq!(engine.inspect(&name, "{{.State.Running}}").as_deref(), Some("false"));
-    let record = support::vm::record(&dirs, &id);
+    let record = record(&dirs, &id);
     assert_eq!(record["status"], "error", "{record}");
 
-    let mut agent = support::docker_agent::start_agent(&dirs, engine, agent.port);
+    let mut agent = start_agent(&dirs, engine, agent.port);
     agent.wait_ready().await;
-    let api = support::agent::Api::new(&agent, Some(&support::agent::local_secret(&dirs)));
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
     let data = wait_status(&api, "error", Duration::from_secs(30)).await;
     assert!(data["error"].as_str().unwrap().contains("host maintenance"), "{data}");
     let start = api.json("PUT", "/instances", &json!({"command": "start"})).await;

@@ -2,15 +2,14 @@
 //! (tests/support/kernel.rs): bind, refusals that change nothing, rollback, release and
 //! reconcile of what a crash left.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 use qudata_agent::vfio::{PciAddress, Timeouts, Vfio, VfioError, record};
-use support::kernel::SimKernel;
-use support::sysfs::{CLASS_3D, CLASS_AUDIO, CLASS_BRIDGE, CLASS_ETHERNET, FakeSysfs};
+
+use crate::support::kernel::SimKernel;
+use crate::support::sysfs::{CLASS_3D, CLASS_AUDIO, CLASS_BRIDGE, CLASS_ETHERNET, FakeSysfs};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;

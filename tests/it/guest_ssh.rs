@@ -1,8 +1,6 @@
 //! The guest SSH client against a real OpenSSH server standing in for the guest, with the real
 //! OpenSSH client as a second opinion on keys (DESIGN.md "Guest configuration").
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -12,8 +10,10 @@ use std::time::Duration;
 use qudata_agent::guest::{
     GuestClient, GuestCommand, GuestError, GuestPath, GuestPaths, GuestTarget, ManagementKey, setup,
 };
-use support::sshd::{Sshd, keygen, openssh_login};
 use tokio::time::Instant;
+
+use crate::support::sshd::{Sshd, keygen, openssh_login};
+use crate::support::wait::wait_until_blocking;
 
 struct Guest {
     sshd: Sshd,
@@ -153,16 +153,10 @@ async fn authorized_keys_are_set_replaced_and_removed() {
 }
 
 fn wait_for_file(path: &Path) -> Vec<u8> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(bytes) = std::fs::read(path)
-            && !bytes.is_empty()
-        {
-            return bytes;
-        }
-        assert!(std::time::Instant::now() < deadline, "{} never written", path.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!("{} to be written", path.display());
+    wait_until_blocking(what, Duration::from_secs(20), Duration::from_millis(50), || {
+        std::fs::read(path).ok().filter(|bytes| !bytes.is_empty())
+    })
 }
 
 #[tokio::test]
@@ -280,6 +274,7 @@ async fn waiting_retries_a_guest_that_is_not_listening_yet() {
     // sshd comes up while the agent is already waiting.
     let mut sshd = g.sshd;
     let boot = tokio::task::spawn_blocking(move || {
+        // Deliberately late: the client must already be waiting when sshd comes up.
         std::thread::sleep(Duration::from_secs(1));
         sshd.restart(false);
         sshd

@@ -15,6 +15,8 @@ use qudata_agent::backend::qemu::{disk, seed};
 use qudata_agent::config::AccelChoice;
 use tokio::sync::broadcast;
 
+use crate::support::wait::wait_until;
+
 const QEMU: &str = "qemu-system-x86_64";
 const STORAGE_GB: u64 = 2;
 const LIMIT: Duration = Duration::from_secs(30);
@@ -90,15 +92,12 @@ async fn next_event(events: &mut broadcast::Receiver<QmpEvent>) -> QmpEvent {
 
 /// The file's text once it contains `needle`.
 async fn wait_for_text(path: &Path, needle: &str, limit: Duration) -> String {
-    let end = tokio::time::Instant::now() + limit;
-    loop {
+    let what = format!("{needle:?} in {path:?}");
+    wait_until(what, limit, Duration::from_millis(200), async || {
         let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(tokio::time::Instant::now() < end, "no {needle:?} in {path:?} yet: {text}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        if text.contains(needle) { Ok(text) } else { Err(text) }
+    })
+    .await
 }
 
 async fn status(qmp: &Qmp) -> RunState {

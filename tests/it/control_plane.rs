@@ -2,15 +2,14 @@
 //! registration order and headers, a control plane that is down, restarts, and no credential
 //! in any log. The stats loop has its own file (control_plane_stats.rs).
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::agent::{Agent, Api, Dirs, free_port, log_dir};
-use support::mock_cp::{Behaviour, MockCp, api_key, count, issued_secrets_file, ok_stats};
+
+use crate::support::agent::{Agent, Api, Dirs, free_port, log_dir};
+use crate::support::mock_cp::{Behaviour, MockCp, api_key, count, issued_secrets_file, ok_stats};
 
 const WAIT: Duration = Duration::from_secs(60);
 const STATS_KEYS: [&str; 8] =
@@ -208,7 +207,8 @@ async fn kill_and_restart_keep_id_port_and_the_stored_secret() {
 }
 
 /// Runs an agent through registration and telemetry, then scans every agent log this test run
-/// wrote (this file's and the other test binaries') for any key, secret or token issued.
+/// wrote so far (this module's and those that ran before it) for any key, secret or token
+/// issued; tests/run-all.sh scans every log of the run once all tests are done.
 #[tokio::test(flavor = "multi_thread")]
 async fn zz_no_issued_credential_appears_in_any_agent_log() {
     let cp = MockCp::start(Behaviour::default());

@@ -3,12 +3,12 @@
 //! systemctl are skipped there by the script itself. Also: the GRUB drop-in sourced the way
 //! grub-mkconfig sources it, the other modes, and shellcheck.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO};
+use crate::support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO};
+use crate::support::wait::wait_until_blocking;
 
 #[test]
 fn installs_everything_private_and_a_second_run_changes_nothing() {
@@ -245,11 +245,11 @@ impl HttpServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("python3 (tests/packages.txt) runs");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "http.server did not listen in 30 s");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let what = format!("http.server to listen on 127.0.0.1:{port}");
+        let (limit, every) = (Duration::from_secs(30), Duration::from_millis(50));
+        wait_until_blocking(what, limit, every, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).map(drop)
+        });
         HttpServer { child, port }
     }
 

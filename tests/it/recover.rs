@@ -1,8 +1,6 @@
 //! Recovery against real QEMUs (cheap ones: `-S`, no disk): the backend's view of what it owns,
 //! and orphans reaped without touching anything the agent did not make.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
@@ -16,9 +14,11 @@ use qudata_agent::guest::ManagementKey;
 use qudata_agent::instance::Status;
 use qudata_agent::vfio::{SysfsRoot, Vfio};
 use serde_json::Value;
-use support::agent::{Agent, Dirs, recover_command};
-use support::orphans::{TestQemu, foreign, orphan};
-use support::records::store_record;
+
+use crate::support::agent::{Agent, Dirs, recover_command};
+use crate::support::orphans::{TestQemu, foreign, orphan};
+use crate::support::records::store_record;
+use crate::support::wait::wait_until_blocking;
 
 fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
     let settings = QemuSettings {
@@ -143,7 +143,7 @@ async fn recover_lists_then_cleans_up_exactly_what_the_agent_left() {
         host.orphan.alive() && host.leaked.iter().all(|p| p.exists()),
         "dry run changed things"
     );
-    assert_eq!(support::vm::record(dirs, "rec-c")["status"], "running");
+    assert_eq!(crate::support::vm::record(dirs, "rec-c")["status"], "running");
 
     let out = recover(dirs, &[]);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -161,7 +161,7 @@ async fn recover_lists_then_cleans_up_exactly_what_the_agent_left() {
     for path in host.foreign_files.iter().chain([&host.kept_disk]) {
         assert!(path.exists(), "{} was removed:\n{table}", path.display());
     }
-    let rec = support::vm::record(dirs, "rec-c");
+    let rec = crate::support::vm::record(dirs, "rec-c");
     assert_eq!(rec["status"], "error");
     assert_eq!(rec["error"], "the VM exited while the agent was down");
 
@@ -196,8 +196,8 @@ async fn the_agent_reconciles_before_serving_and_holds_the_lock() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn recover_returns_a_gpu_a_crash_left_on_vfio_pci() {
-    use support::kernel::SimKernel;
-    use support::sysfs::FakeSysfs;
+    use crate::support::kernel::SimKernel;
+    use crate::support::sysfs::FakeSysfs;
     let gpu = "0000:65:00.0";
     let fake =
         FakeSysfs::new().driver_available("vfio-pci").gpu(gpu, 0x2684).driver("nvidia").group(3);
@@ -228,8 +228,8 @@ async fn recover_returns_a_gpu_a_crash_left_on_vfio_pci() {
 /// the record (now `error`, saying why) and the disk, and touches nothing that is not ours.
 #[tokio::test]
 async fn stop_all_stops_live_instances_and_frpc_and_keeps_their_disks() {
+    use crate::support::frpc::{TEST_TOKEN, creds, standin};
     use qudata_agent::tunnel::{Backoff, TunnelSettings, Tunnels};
-    use support::frpc::{TEST_TOKEN, creds, standin};
 
     let dirs = Dirs::new();
     let mut live = orphan(&dirs.data, &dirs.run, "live-1");
@@ -268,13 +268,12 @@ async fn stop_all_stops_live_instances_and_frpc_and_keeps_their_disks() {
     let done = rows(&stop_all(&["--json"]));
     assert!(done.iter().all(|r| r.get("failed").is_none()), "{done:#?}");
     assert!(!live.alive(), "the instance's QEMU is stopped");
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while running(frpc) {
-        assert!(std::time::Instant::now() < until, "frpc {frpc} still runs");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!("frpc {frpc} to exit");
+    wait_until_blocking(what, Duration::from_secs(30), Duration::from_millis(50), || {
+        !running(frpc)
+    });
     assert!(stranger.alive(), "a QEMU not ours was touched");
-    let rec = support::vm::record(&dirs, "live-1");
+    let rec = crate::support::vm::record(&dirs, "live-1");
     assert_eq!(rec["status"], "error");
     assert!(rec["error"].as_str().unwrap().contains("stopped for host maintenance"), "{rec}");
     assert!(disk.exists(), "the disk is kept");

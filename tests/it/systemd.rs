@@ -5,15 +5,14 @@
 //! names the installed path (/usr/local/bin), which a test machine does not have: the test
 //! verifies a copy whose `ExecStart=` points at the binary cargo built, nothing else changed.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, Dirs, free_port};
 use tokio::net::UnixDatagram;
+
+use crate::support::agent::{Agent, Dirs, free_port};
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/qudata-agent.service");
 const INSTALLED_BINARY: &str = "/usr/local/bin/qudata-agent";
@@ -202,9 +201,9 @@ async fn production_mode_notifies_ready_while_the_control_plane_is_down() {
 /// agent inside it (see tests/support/sandbox.rs for what is reproduced and what is not).
 #[tokio::test]
 async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
-    use support::agent::{Api, local_secret};
-    use support::sandbox::{mount_options, unit_sandbox};
-    use support::vm::{
+    use crate::support::agent::{Api, local_secret};
+    use crate::support::sandbox::{mount_options, unit_sandbox};
+    use crate::support::vm::{
         create_running, host_port, openssh, small_vm, ssh_keygen, vm_env, wait_gone,
     };
 

@@ -1,10 +1,9 @@
 //! The agent API through the real binary in local mode (PROTOCOL.md §2): authentication,
 //! envelope, and a table of malformed and hostile requests, none of which creates anything.
 
-mod support;
-
 use serde_json::{Value, json};
-use support::agent::{Agent, Answer, Api, Dirs, free_port, local_secret};
+
+use crate::support::agent::{Agent, Answer, Api, Dirs, free_port, local_secret};
 
 async fn started() -> (Dirs, Agent, Api) {
     let dirs = Dirs::new();
