@@ -1,4 +1,4 @@
-//! Deterministic crash points for the fault tests (`tests/faults.rs`), compiled into debug
+//! Deterministic crash points for the fault tests (`tests/it/faults.rs`), compiled into debug
 //! builds only: with `QUDATA_TEST_CRASH_AT=<phase>` the agent sends itself SIGKILL when it
 //! reaches that phase, which is exactly `kill -9` at a known moment (a test that sends the
 //! signal from outside could only guess when the phase is reached). A release build has no
