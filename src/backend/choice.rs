@@ -3,7 +3,20 @@
 
 use crate::config::BackendChoice;
 use crate::instance::model::BackendKind;
-use crate::vfio::{PciAddress, SysfsRoot};
+use crate::vfio::{PciAddress, SysfsError, SysfsRoot};
+
+/// Why the offered GPUs cannot be passed to VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum NoPassthrough {
+    #[error("the kernel made no IOMMU groups")]
+    NoIommuGroups,
+    #[error("{gpu} is not a PCI address")]
+    NotAnAddress { gpu: String },
+    #[error("{gpu} is in no IOMMU group")]
+    NoGroup { gpu: String },
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+}
 
 /// What `auto` (or the setting) says to try, in order, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,7 +28,7 @@ pub struct Order {
 /// The choice as a pure function of the setting and the host: QEMU when the GPUs can go to
 /// VMs; Docker when they cannot (no IOMMU); with no GPUs to offer, VMs first (any host runs
 /// them, under TCG at worst) and containers where VMs cannot run.
-pub fn order(choice: BackendChoice, gpus: usize, passthrough: &Result<(), String>) -> Order {
+pub fn order(choice: BackendChoice, gpus: usize, passthrough: &Result<(), NoPassthrough>) -> Order {
     use BackendKind::{Docker, Qemu};
     let (try_in_order, reason) = match (choice, gpus, passthrough) {
         (BackendChoice::Qemu, ..) => (vec![Qemu], "QUDATA_BACKEND=qemu".to_owned()),
@@ -36,18 +49,15 @@ pub fn order(choice: BackendChoice, gpus: usize, passthrough: &Result<(), String
 
 /// Whether every offered GPU can go to a VM: the kernel made IOMMU groups and each GPU is in
 /// one.
-pub fn passthrough(sysfs: &SysfsRoot, gpus: &[String]) -> Result<(), String> {
-    match sysfs.has_iommu_groups() {
-        Ok(true) => {}
-        Ok(false) => return Err("the kernel made no IOMMU groups".into()),
-        Err(e) => return Err(e.to_string()),
+pub fn passthrough(sysfs: &SysfsRoot, gpus: &[String]) -> Result<(), NoPassthrough> {
+    if !sysfs.has_iommu_groups()? {
+        return Err(NoPassthrough::NoIommuGroups);
     }
     for gpu in gpus {
-        let addr: PciAddress = gpu.parse().map_err(|_| format!("{gpu} is not a PCI address"))?;
-        match sysfs.iommu_group(&addr) {
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(format!("{gpu} is in no IOMMU group")),
-            Err(e) => return Err(e.to_string()),
+        let not_an_address = || NoPassthrough::NotAnAddress { gpu: gpu.clone() };
+        let addr: PciAddress = gpu.parse().map_err(|_| not_an_address())?;
+        if sysfs.iommu_group(&addr)?.is_none() {
+            return Err(NoPassthrough::NoGroup { gpu: gpu.clone() });
         }
     }
     Ok(())
@@ -61,7 +71,7 @@ mod tests {
     #[test]
     fn auto_prefers_vms_only_where_gpus_can_go_to_them() {
         let on = Ok(());
-        let off = Err("the kernel made no IOMMU groups".to_owned());
+        let off = Err(NoPassthrough::NoIommuGroups);
         let o = order(BackendChoice::Auto, 2, &on);
         assert_eq!(o.try_in_order, vec![Qemu]);
         assert_eq!(o.reason, "auto: IOMMU is on and the 2 GPU(s) can be passed to VMs");
@@ -81,19 +91,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sysfs = SysfsRoot::new(dir.path());
         let gpu = "0000:65:00.0".to_owned();
-        assert!(passthrough(&sysfs, std::slice::from_ref(&gpu)).is_err());
+        let none = passthrough(&sysfs, std::slice::from_ref(&gpu));
+        assert!(matches!(none, Err(NoPassthrough::NoIommuGroups)), "{none:?}");
         std::fs::create_dir_all(dir.path().join("kernel/iommu_groups/7/devices")).unwrap();
         let device = dir.path().join("bus/pci/devices").join(&gpu);
         std::fs::create_dir_all(&device).unwrap();
-        assert_eq!(
-            passthrough(&sysfs, std::slice::from_ref(&gpu)),
-            Err("0000:65:00.0 is in no IOMMU group".into())
-        );
+        let err = passthrough(&sysfs, std::slice::from_ref(&gpu)).unwrap_err();
+        assert_eq!(err.to_string(), "0000:65:00.0 is in no IOMMU group");
         std::os::unix::fs::symlink(
             dir.path().join("kernel/iommu_groups/7"),
             device.join("iommu_group"),
         )
         .unwrap();
-        assert_eq!(passthrough(&sysfs, &[gpu]), Ok(()));
+        assert!(passthrough(&sysfs, &[gpu]).is_ok());
     }
 }
