@@ -37,30 +37,11 @@ pub fn backend(view: &HostView, earlier: &[Check]) -> Check {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::config::{BackendChoice, FrpOverrides};
-    use crate::vfio::SysfsRoot;
+    use crate::config::BackendChoice;
 
     fn view(root: &std::path::Path, backend: BackendChoice) -> HostView {
-        HostView {
-            proc_root: root.join("proc"),
-            sysfs: SysfsRoot::new(root.join("sys")),
-            dev_root: root.join("dev"),
-            lib_modules: root.join("lib/modules"),
-            ovmf_dir: root.join("ovmf"),
-            docker_socket: root.join("docker.sock"),
-            search_path: root.join("bin").into_os_string(),
-            data_dir: root.join("data"),
-            frpc_binary: "frpc".into(),
-            frp_overrides: FrpOverrides::default(),
-            gpu_pci_addrs: None,
-            nvml_library: root.join("libnvidia-ml.so.1"),
-            backend,
-            command_timeout: Duration::from_secs(1),
-            accel: crate::doctor::AccelView::Undecided("not probed".into()),
-        }
+        HostView::under(root, backend)
     }
 
     fn checks(statuses: &[(&'static str, Status)]) -> Vec<Check> {

@@ -187,6 +187,28 @@ impl HostView {
         }
     }
 
+    /// Every root below `root` (for unit tests of the checks).
+    #[cfg(test)]
+    pub(crate) fn under(root: &std::path::Path, backend: BackendChoice) -> HostView {
+        HostView {
+            proc_root: root.join("proc"),
+            sysfs: SysfsRoot::new(root.join("sys")),
+            dev_root: root.join("dev"),
+            lib_modules: root.join("lib/modules"),
+            ovmf_dir: root.join("ovmf"),
+            docker_socket: root.join("docker.sock"),
+            search_path: root.join("bin").into_os_string(),
+            data_dir: root.join("data"),
+            frpc_binary: "frpc".into(),
+            frp_overrides: FrpOverrides::default(),
+            gpu_pci_addrs: None,
+            nvml_library: root.join("libnvidia-ml.so.1"),
+            backend,
+            command_timeout: Duration::from_secs(1),
+            accel: AccelView::Undecided("not probed".into()),
+        }
+    }
+
     /// The status of something missing: `fail` when the configured backend needs it.
     pub fn missing(&self, need: Need) -> Status {
         match (need, self.backend) {

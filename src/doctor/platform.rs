@@ -230,24 +230,7 @@ mod accel_tests {
     use crate::config::BackendChoice;
 
     fn view(accel: AccelView, backend: BackendChoice) -> HostView {
-        let root = std::path::Path::new("/nonexistent");
-        HostView {
-            proc_root: root.join("proc"),
-            sysfs: crate::vfio::SysfsRoot::new(root.join("sys")),
-            dev_root: root.join("dev"),
-            lib_modules: root.join("lib/modules"),
-            ovmf_dir: root.join("ovmf"),
-            docker_socket: root.join("docker.sock"),
-            search_path: root.join("bin").into_os_string(),
-            data_dir: root.join("data"),
-            frpc_binary: "frpc".into(),
-            frp_overrides: Default::default(),
-            gpu_pci_addrs: None,
-            nvml_library: root.join("libnvidia-ml.so.1"),
-            backend,
-            command_timeout: std::time::Duration::from_secs(1),
-            accel,
-        }
+        HostView { accel, ..HostView::under(std::path::Path::new("/nonexistent"), backend) }
     }
 
     fn decided(accel: Accel, reason: &str, choice: AccelChoice) -> AccelView {
