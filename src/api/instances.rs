@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::envelope::{self, ApiError, JsonBody};
-use crate::instance::Lifecycle;
+use crate::instance::{Lifecycle, ManagerError, spec};
 
 pub(super) async fn status(State(app): State<AppState>) -> Json<Value> {
     envelope::data(app.manager.status_live().await)
@@ -17,7 +17,8 @@ pub(super) async fn create(
     State(app): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(envelope::data(app.manager.create(&body).await?))
+    let spec = spec::parse_create(&body, app.manager.limits()).map_err(ManagerError::from)?;
+    Ok(envelope::data(app.manager.create(spec).await?))
 }
 
 pub(super) async fn command(

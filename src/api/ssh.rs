@@ -7,18 +7,21 @@ use serde_json::Value;
 
 use super::AppState;
 use super::envelope::{self, ApiError, JsonBody};
+use crate::instance::{KeyChange, ManagerError, spec};
 
-fn pubkey(body: &Value) -> Result<&str, ApiError> {
-    body.get("ssh_pubkey").and_then(Value::as_str).ok_or_else(|| {
+/// The request's key, parsed (400 with the reason when it is not one OpenSSH key line).
+fn pubkey(body: &Value) -> Result<String, ApiError> {
+    let line = body.get("ssh_pubkey").and_then(Value::as_str).ok_or_else(|| {
         ApiError::new(StatusCode::BAD_REQUEST, "ssh_pubkey: must be an OpenSSH public key line")
-    })
+    })?;
+    Ok(spec::parse_ssh_pubkey(line).map_err(ManagerError::from)?)
 }
 
 pub(super) async fn add(
     State(app): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    app.manager.add_ssh_key(pubkey(&body)?).await?;
+    app.manager.change_ssh_key(KeyChange::Add(pubkey(&body)?)).await?;
     Ok(envelope::ok())
 }
 
@@ -26,6 +29,6 @@ pub(super) async fn remove(
     State(app): State<AppState>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    app.manager.remove_ssh_key(pubkey(&body)?).await?;
+    app.manager.change_ssh_key(KeyChange::Remove(pubkey(&body)?)).await?;
     Ok(envelope::ok())
 }

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::watch;
 
 use super::model::{BackendKind, Instance, Status};
@@ -26,6 +25,7 @@ mod keys;
 mod publish;
 mod restore;
 
+pub use keys::KeyChange;
 pub use publish::Publisher;
 pub use restore::Restore;
 
@@ -231,13 +231,18 @@ impl Manager {
         }
     }
 
-    /// Validates and admits a create request; the build continues in the background.
+    /// The limits a create request is validated against (`spec::parse_create`, by the API).
+    pub fn limits(&self) -> &HostLimits {
+        &self.inner.settings.limits
+    }
+
+    /// Admits a parsed create request (`spec::parse_create`); the build continues in the
+    /// background.
     ///
     /// Creates are admitted one at a time (an async lock), so the checks can do their I/O
     /// (sysfs, `/proc`, test binds of ports, the record's fsync) off the runtime's workers
     /// without a std lock held: status reads and the stats loop never wait for a create.
-    pub async fn create(&self, body: &Value) -> Result<Created, ManagerError> {
-        let spec = spec::parse_create(body, &self.inner.settings.limits)?;
+    pub async fn create(&self, spec: spec::Spec) -> Result<Created, ManagerError> {
         let backend = self.backend()?;
         backend.validate(&spec).map_err(|e| match e {
             BackendError::Unsupported { field, reason } => {

@@ -4,21 +4,25 @@
 use super::{Manager, ManagerError, flows};
 use crate::guest::keys::same_public_key;
 use crate::instance::model::Status;
-use crate::instance::spec;
+
+/// A change of the renter's keys; the key is one parsed OpenSSH public key line
+/// (`spec::parse_ssh_pubkey`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyChange {
+    Add(String),
+    Remove(String),
+}
 
 impl Manager {
-    /// `POST /ssh`.
-    pub async fn add_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
-        self.change_keys(line, true).await
+    /// `POST /ssh` and `DELETE /ssh`.
+    pub async fn change_ssh_key(&self, change: KeyChange) -> Result<(), ManagerError> {
+        match change {
+            KeyChange::Add(key) => self.change_keys(key, true).await,
+            KeyChange::Remove(key) => self.change_keys(key, false).await,
+        }
     }
 
-    /// `DELETE /ssh`.
-    pub async fn remove_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
-        self.change_keys(line, false).await
-    }
-
-    async fn change_keys(&self, line: &str, add: bool) -> Result<(), ManagerError> {
-        let key = spec::parse_ssh_pubkey(line)?;
+    async fn change_keys(&self, key: String, add: bool) -> Result<(), ManagerError> {
         let slot = self.current().ok_or(ManagerError::NotFound)?;
         let current = slot.snapshot();
         if !current.spec.ssh_enabled {

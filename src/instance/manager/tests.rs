@@ -136,6 +136,27 @@ struct Harness {
     events: EventSink,
 }
 
+/// What the API does with a request body: parse it, then the typed command.
+pub(super) trait FromWire {
+    async fn create_json(&self, body: &serde_json::Value) -> Result<Created, ManagerError>;
+    async fn add_ssh_key(&self, line: &str) -> Result<(), ManagerError>;
+    async fn remove_ssh_key(&self, line: &str) -> Result<(), ManagerError>;
+}
+
+impl FromWire for Manager {
+    async fn create_json(&self, body: &serde_json::Value) -> Result<Created, ManagerError> {
+        self.create(spec::parse_create(body, self.limits())?).await
+    }
+
+    async fn add_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
+        self.change_ssh_key(KeyChange::Add(spec::parse_ssh_pubkey(line)?)).await
+    }
+
+    async fn remove_ssh_key(&self, line: &str) -> Result<(), ManagerError> {
+        self.change_ssh_key(KeyChange::Remove(spec::parse_ssh_pubkey(line)?)).await
+    }
+}
+
 fn settings(gpus: &[&str]) -> ManagerSettings {
     ManagerSettings {
         limits: HostLimits {
@@ -187,7 +208,7 @@ const KEY: &str =
 #[tokio::test]
 async fn create_runs_through_pending_to_running() {
     let h = harness(&["0000:65:00.0"]);
-    let created = h.manager.create(&json!({"ssh_enabled": true})).await.unwrap();
+    let created = h.manager.create_json(&json!({"ssh_enabled": true})).await.unwrap();
     assert_eq!(created.status, Status::Pending);
     assert!(created.ports.contains_key("22"));
     assert_eq!(h.manager.status().status, Status::Pending);
@@ -208,17 +229,17 @@ async fn create_runs_through_pending_to_running() {
 #[tokio::test]
 async fn admission_refuses_a_second_instance_bad_input_and_missing_gpus() {
     let h = harness(&["0000:65:00.0", "0000:66:00.0"]);
-    let err = h.manager.create(&json!({"gpus": 3})).await.unwrap_err();
+    let err = h.manager.create_json(&json!({"gpus": 3})).await.unwrap_err();
     assert!(matches!(err, ManagerError::Resources(ref m) if m.contains("2 free")), "{err}");
-    let err = h.manager.create(&json!({"image": "unknown"})).await.unwrap_err();
+    let err = h.manager.create_json(&json!({"image": "unknown"})).await.unwrap_err();
     assert!(matches!(err, ManagerError::Invalid(ref e) if e.field == "image"), "{err}");
-    let err = h.manager.create(&json!({"cpus": 99})).await.unwrap_err();
+    let err = h.manager.create_json(&json!({"cpus": 99})).await.unwrap_err();
     assert!(matches!(err, ManagerError::Invalid(_)));
     assert!(record_files(&h).is_empty(), "nothing created by a refused request");
 
-    h.manager.create(&json!({})).await.unwrap();
+    h.manager.create_json(&json!({})).await.unwrap();
     assert_eq!(h.manager.instances()[0].gpus.len(), 2, "default: every free GPU");
-    let err = h.manager.create(&json!({})).await.unwrap_err();
+    let err = h.manager.create_json(&json!({})).await.unwrap_err();
     assert!(matches!(err, ManagerError::Conflict { .. }), "{err}");
     assert_eq!(record_files(&h).len(), 1);
 }
@@ -226,7 +247,7 @@ async fn admission_refuses_a_second_instance_bad_input_and_missing_gpus() {
 #[tokio::test]
 async fn gpus_the_backend_cannot_give_are_refused_before_anything_starts() {
     let h = harness(&["0000:65:00.0", "0000:99:00.0"]);
-    let err = h.manager.create(&json!({})).await.unwrap_err();
+    let err = h.manager.create_json(&json!({})).await.unwrap_err();
     assert!(
         matches!(err, ManagerError::Resources(ref m) if m == "GPU 0000:99:00.0 is on nouveau"),
         "{err}"
@@ -234,7 +255,7 @@ async fn gpus_the_backend_cannot_give_are_refused_before_anything_starts() {
     assert!(record_files(&h).is_empty());
     assert!(h.backend.calls().is_empty());
     // The first free GPU alone is fine.
-    h.manager.create(&json!({"gpus": 1})).await.unwrap();
+    h.manager.create_json(&json!({"gpus": 1})).await.unwrap();
     assert_eq!(h.manager.instances()[0].gpus, ["0000:65:00.0"]);
 }
 
@@ -243,9 +264,9 @@ async fn no_backend_answers_every_create_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let manager = Manager::new(Err("no VM backend yet".into()), store, settings(&[]));
-    let err = manager.create(&json!({})).await.unwrap_err();
+    let err = manager.create_json(&json!({})).await.unwrap_err();
     assert_eq!(err.to_string(), "no instance can be created: no VM backend yet");
-    let err = manager.create(&json!({"ports": "x"})).await.unwrap_err();
+    let err = manager.create_json(&json!({"ports": "x"})).await.unwrap_err();
     assert!(matches!(err, ManagerError::Invalid(_)), "validation comes first");
 }
 
@@ -253,7 +274,7 @@ async fn no_backend_answers_every_create_with_its_reason() {
 async fn a_failed_launch_rolls_back_and_reports_error() {
     let h = harness(&[]);
     *h.backend.fail.lock().unwrap() = Some("launch");
-    h.manager.create(&json!({})).await.unwrap();
+    h.manager.create_json(&json!({})).await.unwrap();
     wait_for(&h.manager, Status::Error).await;
     assert_eq!(h.backend.calls(), ["launch", "destroy"]);
     let view = h.manager.status();
@@ -274,7 +295,7 @@ async fn a_failed_launch_rolls_back_and_reports_error() {
 #[tokio::test]
 async fn a_delete_whose_teardown_fails_twice_is_retried_until_it_succeeds() {
     let h = harness(&[]);
-    h.manager.create(&json!({})).await.unwrap();
+    h.manager.create_json(&json!({})).await.unwrap();
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     *h.backend.destroy_failures.lock().unwrap() = 2;
@@ -294,13 +315,13 @@ async fn a_delete_whose_teardown_fails_twice_is_retried_until_it_succeeds() {
 #[tokio::test]
 async fn delete_during_boot_stops_waiting_and_cleans_up() {
     let h = harness(&[]);
-    h.manager.create(&json!({})).await.unwrap();
+    h.manager.create_json(&json!({})).await.unwrap();
     while !h.backend.calls().contains(&"wait_ready".to_owned()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     h.manager.delete().unwrap();
     assert_eq!(h.manager.current_status(), Status::Destroyed, "deleting reads as destroyed");
-    let err = h.manager.create(&json!({})).await.unwrap_err();
+    let err = h.manager.create_json(&json!({})).await.unwrap_err();
     assert!(err.to_string().contains("still being deleted"), "{err}");
     for _ in 0..200 {
         if h.manager.instances().is_empty() {
@@ -316,7 +337,7 @@ async fn delete_during_boot_stops_waiting_and_cleans_up() {
 #[tokio::test]
 async fn lifecycle_follows_the_state_machine() {
     let h = harness(&[]);
-    h.manager.create(&json!({})).await.unwrap();
+    h.manager.create_json(&json!({})).await.unwrap();
     let err = h.manager.lifecycle(Lifecycle::Stop).await.unwrap_err();
     assert!(matches!(err, ManagerError::Conflict(ref c) if c.status == Status::Pending), "{err}");
     h.backend.ready.add_permits(1);
@@ -344,7 +365,7 @@ async fn lifecycle_follows_the_state_machine() {
 #[tokio::test]
 async fn an_exit_event_turns_into_error_and_start_boots_again() {
     let h = harness(&[]);
-    let id = h.manager.create(&json!({})).await.unwrap().id;
+    let id = h.manager.create_json(&json!({})).await.unwrap().id;
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     h.events.send(BackendEvent::Exited { id, reason: "QEMU exited with status 1".into() }).unwrap();
@@ -360,7 +381,7 @@ async fn an_exit_event_turns_into_error_and_start_boots_again() {
 #[tokio::test]
 async fn a_started_event_configures_the_instance_again() {
     let h = harness(&[]);
-    let id = h.manager.create(&json!({})).await.unwrap().id;
+    let id = h.manager.create_json(&json!({})).await.unwrap().id;
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     // Running, restarted behind our back (restart policy): configured again, still running.
@@ -388,7 +409,7 @@ async fn keys_added_while_pending_are_applied_when_ready() {
     let h = harness(&[]);
     let err = h.manager.add_ssh_key(KEY).await.unwrap_err();
     assert!(matches!(err, ManagerError::NotFound));
-    h.manager.create(&json!({"ssh_enabled": true})).await.unwrap();
+    h.manager.create_json(&json!({"ssh_enabled": true})).await.unwrap();
     h.manager.add_ssh_key(&format!("{KEY} me@laptop")).await.unwrap();
     h.manager.add_ssh_key(KEY).await.unwrap(); // the same key again: no duplicate
     assert_eq!(h.manager.instances()[0].ssh_keys.len(), 1);
@@ -408,7 +429,7 @@ async fn keys_added_while_pending_are_applied_when_ready() {
 #[tokio::test]
 async fn keys_need_ssh_enabled() {
     let h = harness(&[]);
-    h.manager.create(&json!({})).await.unwrap();
+    h.manager.create_json(&json!({})).await.unwrap();
     let err = h.manager.add_ssh_key(KEY).await.unwrap_err();
     assert!(err.to_string().contains("SSH is not enabled"), "{err}");
     let err = h.manager.add_ssh_key("not a key").await.unwrap_err();
@@ -418,7 +439,7 @@ async fn keys_need_ssh_enabled() {
 #[tokio::test]
 async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     let h = harness(&[]);
-    h.manager.create(&json!({})).await.unwrap();
+    h.manager.create_json(&json!({})).await.unwrap();
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     let Harness { dir, manager, .. } = h;
@@ -453,7 +474,7 @@ async fn local_mode_answers_with_the_host_ports() {
     let local = ManagerSettings { local: true, ..settings(&[]) };
     let manager = Manager::new(Ok(Scripted::new() as Arc<dyn Backend>), store, local);
     let body = json!({"ports": [{"guest_port": 8080, "remote_port": 20000, "proto": "http"}]});
-    let created = manager.create(&body).await.unwrap();
+    let created = manager.create_json(&body).await.unwrap();
     let instance = &manager.instances()[0];
     assert_eq!(instance.ports[0].remote_port, 20000, "the record keeps the remote port");
     let host = instance.ports[0].host_port.to_string();

@@ -70,7 +70,7 @@ async fn until_calls(h: &Harness, what: &str, check: impl Fn(&[String]) -> bool)
 const HTTP_8888: &str =
     r#"{"ssh_enabled":true,"ports":[{"container_port":8888,"remote_port":20000,"proto":"http"}]}"#;
 
-fn body() -> Value {
+fn body() -> serde_json::Value {
     serde_json::from_str(HTTP_8888).unwrap()
 }
 
@@ -80,7 +80,7 @@ async fn a_tunnel_refusal_is_a_400_and_creates_nothing() {
     let p = with_publisher(&h);
     let refusal = SpecError { field: "tunnel_token".into(), reason: "not a DNS label".into() };
     *p.refuse.lock().unwrap() = Some(refusal.clone());
-    let err = h.manager.create(&body()).await.unwrap_err();
+    let err = h.manager.create_json(&body()).await.unwrap_err();
     assert!(matches!(err, ManagerError::Invalid(ref e) if *e == refusal), "{err}");
     assert!(record_files(&h).is_empty());
     assert!(h.manager.instances().is_empty());
@@ -91,7 +91,7 @@ async fn a_tunnel_refusal_is_a_400_and_creates_nothing() {
 async fn ports_are_published_once_after_launch_without_waiting_for_the_guest() {
     let h = harness(&[]);
     let p = with_publisher(&h);
-    let id = h.manager.create(&body()).await.unwrap().id;
+    let id = h.manager.create_json(&body()).await.unwrap().id;
     // Published while the guest still boots (no ready permit yet).
     until_calls(&h, "publish", |c| c.contains(&"publish".to_owned())).await;
     assert_eq!(h.manager.current_status(), Status::Pending);
@@ -106,7 +106,7 @@ async fn ports_are_published_once_after_launch_without_waiting_for_the_guest() {
 async fn delete_withdraws_the_ports_before_teardown() {
     let h = harness(&[]);
     let p = with_publisher(&h);
-    let id = h.manager.create(&body()).await.unwrap().id;
+    let id = h.manager.create_json(&body()).await.unwrap().id;
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     h.manager.delete().unwrap();
@@ -121,7 +121,7 @@ async fn a_refused_port_shows_in_the_status_and_the_instance_stays_usable() {
     let h = harness(&[]);
     let p = with_publisher(&h);
     p.errors.lock().unwrap().insert(8888, "port already used".into());
-    h.manager.create(&body()).await.unwrap();
+    h.manager.create_json(&body()).await.unwrap();
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     let want = BTreeMap::from([("8888".to_owned(), "port already used".to_owned())]);
@@ -140,7 +140,7 @@ async fn a_refused_port_shows_in_the_status_and_the_instance_stays_usable() {
 #[tokio::test]
 async fn a_late_publisher_publishes_live_instances_and_withdraws_orphans() {
     let h = harness(&[]);
-    let id = h.manager.create(&body()).await.unwrap().id;
+    let id = h.manager.create_json(&body()).await.unwrap().id;
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     let p = ScriptedPublisher::new(&h.backend);
