@@ -26,7 +26,7 @@ mod publish;
 mod restore;
 
 pub use keys::KeyChange;
-pub use publish::Publisher;
+pub use publish::{PublishError, Publisher};
 pub use restore::Restore;
 
 /// How long a lifecycle command waits for the operation in progress on its instance.

@@ -8,7 +8,7 @@ pub mod store;
 pub mod transition;
 
 pub use manager::{
-    Created, KeyChange, Lifecycle, Manager, ManagerError, ManagerSettings, Publisher, Restore,
-    StatusView,
+    Created, KeyChange, Lifecycle, Manager, ManagerError, ManagerSettings, PublishError, Publisher,
+    Restore, StatusView,
 };
 pub use model::{BackendKind, Instance, Proto, PublishedPort, Status};

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use super::config::{InstanceTunnels, TunnelPort, TunnelProto};
 use super::{TunnelError, Tunnels, validate};
+use crate::instance::PublishError;
 use crate::instance::model::{Instance, Proto};
 use crate::instance::spec::SpecError;
 
@@ -43,6 +44,10 @@ pub fn instance_tunnels(instance: &Instance, host_subdomain: &str) -> InstanceTu
     InstanceTunnels { instance_id: instance.id.clone(), subdomain: subdomain.to_owned(), ports }
 }
 
+fn boxed(e: TunnelError) -> PublishError {
+    PublishError(Box::new(e))
+}
+
 /// A tunnel refusal as a create-request error naming the request field at fault.
 fn spec_error(e: TunnelError) -> SpecError {
     let field = match &e {
@@ -60,14 +65,14 @@ impl crate::instance::Publisher for TunnelPublisher {
         validate::validate_instance(self.tunnels.agent_id(), &tunnels).map_err(spec_error)
     }
 
-    async fn publish(&self, instance: &Instance) -> Result<BTreeMap<u16, String>, String> {
+    async fn publish(&self, instance: &Instance) -> Result<BTreeMap<u16, String>, PublishError> {
         let tunnels = instance_tunnels(instance, &self.subdomain);
-        let report = self.tunnels.publish(&tunnels).await.map_err(|e| e.to_string())?;
+        let report = self.tunnels.publish(&tunnels).await.map_err(boxed)?;
         Ok(report.errors())
     }
 
-    async fn unpublish(&self, instance_id: &str) -> Result<(), String> {
-        self.tunnels.unpublish(instance_id).await.map_err(|e| e.to_string())
+    async fn unpublish(&self, instance_id: &str) -> Result<(), PublishError> {
+        self.tunnels.unpublish(instance_id).await.map_err(boxed)
     }
 
     async fn errors(&self, instance_id: &str) -> BTreeMap<u16, String> {

@@ -12,6 +12,11 @@ use super::{Manager, ManagerError, Slot};
 use crate::instance::model::Instance;
 use crate::instance::spec::SpecError;
 
+/// Publishing failed as a whole (the tunnel layer's error, source kept).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PublishError(#[from] pub Box<dyn std::error::Error + Send + Sync>);
+
 /// Publishes an instance's ports (guest port → host port on 127.0.0.1 → public remote port).
 #[async_trait]
 pub trait Publisher: Send + Sync {
@@ -20,9 +25,9 @@ pub trait Publisher: Send + Sync {
     fn validate(&self, instance: &Instance) -> Result<(), SpecError>;
     /// Publishes (or publishes again) every port of `instance`. Ok: guest port → why that port
     /// is not public (empty when all are); Err: nothing could be published, and why.
-    async fn publish(&self, instance: &Instance) -> Result<BTreeMap<u16, String>, String>;
+    async fn publish(&self, instance: &Instance) -> Result<BTreeMap<u16, String>, PublishError>;
     /// Withdraws every port of an instance. Idempotent.
-    async fn unpublish(&self, instance_id: &str) -> Result<(), String>;
+    async fn unpublish(&self, instance_id: &str) -> Result<(), PublishError>;
     /// Guest port → why it is not public now.
     async fn errors(&self, instance_id: &str) -> BTreeMap<u16, String>;
     /// Ids of the instances that have something published (recovery: orphans are withdrawn).
@@ -92,7 +97,7 @@ impl Manager {
             Ok(errors) => errors,
             Err(e) => {
                 tracing::warn!(%id, error = %e, "cannot publish the instance's ports");
-                instance.ports.iter().map(|p| (p.guest_port, e.clone())).collect()
+                instance.ports.iter().map(|p| (p.guest_port, e.to_string())).collect()
             }
         };
         for (port, error) in &errors {

@@ -33,12 +33,12 @@ impl Publisher for ScriptedPublisher {
     fn validate(&self, _: &Instance) -> Result<(), SpecError> {
         self.refuse.lock().unwrap().clone().map_or(Ok(()), Err)
     }
-    async fn publish(&self, i: &Instance) -> Result<BTreeMap<u16, String>, String> {
+    async fn publish(&self, i: &Instance) -> Result<BTreeMap<u16, String>, PublishError> {
         self.note("publish".into());
         self.published.lock().unwrap().push(i.id.clone());
         Ok(self.errors.lock().unwrap().clone())
     }
-    async fn unpublish(&self, id: &str) -> Result<(), String> {
+    async fn unpublish(&self, id: &str) -> Result<(), PublishError> {
         self.note(format!("unpublish {id}"));
         self.published.lock().unwrap().retain(|p| p != id);
         Ok(())
