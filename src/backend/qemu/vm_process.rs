@@ -8,8 +8,7 @@
 
 mod ladder;
 
-use std::path::Path;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,10 +94,8 @@ impl VmProcess {
     /// found by its command line (a QEMU whose pidfile was deleted).
     pub fn adopt(owner: &Owner) -> Option<VmProcess> {
         let recorded = process::read_pidfile(&owner.paths().pidfile).ok();
-        recorded.and_then(|pid| VmProcess::pin(owner, pid)).or_else(|| {
-            let mut found = VmProcess::scan(owner);
-            (!found.is_empty()).then(|| found.swap_remove(0))
-        })
+        let pinned = recorded.and_then(|pid| VmProcess::pin(owner, pid));
+        pinned.or_else(|| VmProcess::scan(owner).into_iter().next())
     }
 
     /// Every QEMU of `owner` found by its command line (one, unless something went wrong).
