@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod guest;
 pub mod host;
 pub mod instance;
+pub mod pidfd;
 pub mod ports;
 pub mod recovery;
 pub mod secret;

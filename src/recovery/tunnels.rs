@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::plan::{Action, Row, Subject};
 use crate::config::Config;
-use crate::tunnel::process::{self, PidFd, STOP_GRACE};
+use crate::pidfd::PidFd;
+use crate::tunnel::process::{self, STOP_GRACE};
 
 /// The frpc this agent started (pidfile and command line agree), if it runs.
 pub fn running(cfg: &Config) -> Option<u32> {

@@ -4,14 +4,10 @@
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 
 /// Where the supervisor keeps its pidfile and frpc's output.
 pub fn pidfile(run_dir: &Path) -> PathBuf {
@@ -81,28 +77,6 @@ pub fn find_running(binary: &Path, config: &Path, run_dir: &Path) -> Option<u32>
     let pid: u32 = text.trim().parse().ok().filter(|&p| p > 1)?;
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     (cmdline_matches(&cmdline, binary, config) && !is_zombie(pid)).then_some(pid)
-}
-
-/// Readable once the process has exited; works for a process that is not our child.
-pub struct PidFd(AsyncFd<OwnedFd>);
-
-impl PidFd {
-    pub fn open(pid: u32) -> io::Result<PidFd> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the kernel just returned this fd to us and nothing else owns it.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // SAFETY: `owned` is a valid open fd that the AsyncFd owns for its whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }?;
-        Ok(PidFd(fd))
-    }
-
-    pub async fn exited(&self) {
-        let _ = self.0.readable().await;
-    }
 }
 
 /// Sends `signal` to frpc's whole process group (frpc leads it).

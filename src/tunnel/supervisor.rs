@@ -9,7 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::TunnelError;
-use super::process::{self, PidFd};
+use super::process;
+use crate::pidfd::PidFd;
 
 /// Restart policy (PROTOCOL.md §3: 1 s doubling to 60 s, reset after a minute of running).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

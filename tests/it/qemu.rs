@@ -9,8 +9,11 @@ use std::time::Duration;
 use qapi_qmp::RunState;
 use qudata_agent::backend::qemu::accel::{self, Accel, ProbeOutcome};
 use qudata_agent::backend::qemu::argv::{VmPlan, qemu_argv};
+use qudata_agent::backend::qemu::layout::VmPaths;
 use qudata_agent::backend::qemu::process::{self, Spawned};
+use qudata_agent::backend::qemu::procfs::ProcRoot;
 use qudata_agent::backend::qemu::qmp::{Qmp, QmpEvent};
+use qudata_agent::backend::qemu::vm_process::{Ladder, Owner, Stopped, VmProcess};
 use qudata_agent::backend::qemu::{disk, seed};
 use qudata_agent::config::AccelChoice;
 use tokio::sync::broadcast;
@@ -32,8 +35,16 @@ fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
 }
 
-/// A VM's files, built by the modules under test, in `dir`.
+/// Who owns instance `id`'s QEMU when the agent's run dir is `<dir>/run`.
+fn owner(dir: &Path, id: &str) -> Owner {
+    Owner { proc: ProcRoot::default(), run_dir: dir.join("run"), id: id.to_owned() }
+}
+
+/// A VM's files, built by the modules under test, in `dir`; its monitor socket and pidfile
+/// where the agent's layout puts them under `<dir>/run`.
 async fn prepare(dir: &Path, id: &str) -> VmPlan {
+    let layout = VmPaths::new(&dir.join("data"), &dir.join("run"), id);
+    std::fs::create_dir_all(&layout.run_dir).unwrap();
     let base = dir.join("base.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
     let overlay = dir.join("disk.qcow2");
@@ -54,8 +65,8 @@ async fn prepare(dir: &Path, id: &str) -> VmPlan {
         overlay,
         seed: seed_path,
         ports: vec![(free_port(), 22)],
-        qmp_socket: dir.join("qmp.sock"),
-        pidfile: dir.join("qemu.pid"),
+        qmp_socket: layout.qmp,
+        pidfile: layout.pidfile,
         serial_log: dir.join("serial.log"),
         gpus: vec![],
     }
@@ -66,7 +77,7 @@ struct KillOnDrop(u32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if process::is_alive(self.0) {
+        if ProcRoot::default().is_alive(self.0) {
             let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
         }
     }
@@ -109,7 +120,7 @@ async fn a_paused_vm_is_driven_over_qmp_and_reaped() {
     let dir = tempfile::tempdir().unwrap();
     let plan = prepare(dir.path(), "it-qmp").await;
     let log = dir.path().join("qemu.log");
-    let (mut spawned, qmp, _guard) = start(&plan, &log).await;
+    let (spawned, qmp, _guard) = start(&plan, &log).await;
     let mut events = qmp.subscribe();
 
     assert_eq!(status(&qmp).await, RunState::prelaunch);
@@ -130,37 +141,67 @@ async fn a_paused_vm_is_driven_over_qmp_and_reaped() {
 
     // The pidfile names this QEMU, and only this instance owns it.
     assert_eq!(process::read_pidfile(&plan.pidfile).unwrap(), spawned.pid);
-    assert_eq!(process::owned_pid(&plan.pidfile, "it-qmp"), Some(spawned.pid));
-    assert_eq!(process::owned_pid(&plan.pidfile, "it-other"), None);
-    let unrelated = dir.path().join("unrelated.pid");
-    std::fs::write(&unrelated, std::process::id().to_string()).unwrap();
-    assert_eq!(process::owned_pid(&unrelated, "it-qmp"), None);
+    let adopted = VmProcess::adopt(&owner(dir.path(), "it-qmp")).expect("adopted");
+    assert_eq!(adopted.pid(), spawned.pid);
+    assert!(VmProcess::adopt(&owner(dir.path(), "it-other")).is_none());
+    // Another instance's pidfile naming a process that is not its QEMU (this test).
+    let unrelated = VmPaths::new(&dir.path().join("data"), &dir.path().join("run"), "it-x");
+    std::fs::create_dir_all(&unrelated.run_dir).unwrap();
+    std::fs::write(&unrelated.pidfile, std::process::id().to_string()).unwrap();
+    assert!(VmProcess::adopt(&owner(dir.path(), "it-x")).is_none());
 
     qmp.quit().await.unwrap();
     let shutdown = QmpEvent::Shutdown { guest: false, reason: "host-qmp-quit".into() };
     assert_eq!(next_event(&mut events).await, shutdown);
     let exit = spawned.wait_exit(LIMIT).await.unwrap();
     assert!(exit.contains("exit status: 0"), "{exit}");
-    assert!(!process::is_alive(spawned.pid));
-    assert_eq!(process::owned_pid(&plan.pidfile, "it-qmp"), None);
+    // The adopted handle sees the exit of a process that is not its child.
+    tokio::time::timeout(LIMIT, adopted.exited()).await.unwrap();
+    assert!(!ProcRoot::default().is_alive(spawned.pid));
+    assert!(VmProcess::adopt(&owner(dir.path(), "it-qmp")).is_none());
     tokio::time::timeout(LIMIT, qmp.closed()).await.unwrap();
 }
 
 #[tokio::test]
-async fn terminate_stops_only_the_owned_qemu() {
+async fn signals_stop_only_the_owned_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let plan = prepare(dir.path(), "it-term").await;
-    let (mut spawned, qmp, _guard) = start(&plan, &dir.path().join("qemu.log")).await;
+    let (spawned, qmp, _guard) = start(&plan, &dir.path().join("qemu.log")).await;
     // QEMU runs in its own process group, so a signal to the agent's group misses it.
     let pgid = process_group(spawned.pid);
     assert_eq!(pgid, spawned.pid);
 
-    assert!(!process::terminate(&plan.pidfile, "it-nobody", LIMIT).await.unwrap());
-    assert!(process::is_alive(spawned.pid));
-    assert!(process::terminate(&plan.pidfile, "it-term", LIMIT).await.unwrap());
+    // Another instance's pidfile naming this QEMU finds nothing to stop.
+    let nobody = VmPaths::new(&dir.path().join("data"), &dir.path().join("run"), "it-nobody");
+    std::fs::create_dir_all(&nobody.run_dir).unwrap();
+    std::fs::copy(&plan.pidfile, &nobody.pidfile).unwrap();
+    assert!(VmProcess::adopt(&owner(dir.path(), "it-nobody")).is_none());
+    assert!(VmProcess::scan(&owner(dir.path(), "it-nobody")).is_empty());
+    assert!(ProcRoot::default().is_alive(spawned.pid));
+
+    let signals = Ladder { powerdown: None, quit: None, term: LIMIT, ..Ladder::abort() };
+    let ours = VmProcess::adopt(&owner(dir.path(), "it-term")).expect("adopted");
+    assert_eq!(ours.stop(&signals).await.unwrap(), Stopped::Terminated);
     spawned.wait_exit(LIMIT).await.unwrap();
     tokio::time::timeout(LIMIT, qmp.closed()).await.unwrap();
-    assert!(!process::terminate(&plan.pidfile, "it-term", LIMIT).await.unwrap());
+    assert_eq!(ours.stop(&signals).await.unwrap(), Stopped::NotRunning);
+    assert!(VmProcess::adopt(&owner(dir.path(), "it-term")).is_none());
+}
+
+#[tokio::test]
+async fn a_vm_that_never_ran_is_told_to_quit() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = prepare(dir.path(), "it-abort").await;
+    let log = dir.path().join("qemu.log");
+    let argv = qemu_argv(&plan);
+    let vm = VmProcess::spawn(owner(dir.path(), "it-abort"), Path::new(QEMU), &argv, &log, None)
+        .unwrap();
+    let _guard = KillOnDrop(vm.pid());
+    vm.spawned().unwrap().wait_for_path(&plan.qmp_socket, LIMIT).await.unwrap();
+    // Paused in prelaunch: no power button, `quit` over a monitor the stop opens itself.
+    assert_eq!(vm.stop(&Ladder::abort()).await.unwrap(), Stopped::Quit);
+    let status = vm.exit_status().await.unwrap();
+    assert!(status.contains("exit status: 0"), "{status}");
 }
 
 /// The process group of `pid`, from `/proc/<pid>/stat` (field 5).

@@ -223,8 +223,7 @@ async fn real_qemu_accepts_the_passthrough_argv_up_to_the_host_device() {
         }],
     };
     let log = file("qemu.log");
-    let mut qemu =
-        process::spawn(Path::new("qemu-system-x86_64"), &qemu_argv(&plan), &log).unwrap();
+    let qemu = process::spawn(Path::new("qemu-system-x86_64"), &qemu_argv(&plan), &log).unwrap();
     let status = qemu.wait_exit(Duration::from_secs(60)).await.unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!status.contains("exit status: 0"), "{status}: {text}");

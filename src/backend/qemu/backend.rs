@@ -21,6 +21,7 @@ use super::procfs::ProcRoot;
 use super::qmp::Qmp;
 use super::seed;
 use super::vm::{QMP_TIMEOUT, Vm};
+use super::vm_process::{Ladder, Owner, VmProcess};
 use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
 use crate::gpu::{GpuTelemetry, HostNvml};
 use crate::guest::metrics::StreamSpec;
@@ -69,8 +70,6 @@ pub struct QemuBackend {
 
 /// Time for QEMU to create its monitor socket after exec.
 const QMP_SOCKET_DEADLINE: Duration = Duration::from_secs(20);
-/// Time for QEMU to exit after `quit`, and for SIGTERM before SIGKILL.
-const QUIT_GRACE: Duration = Duration::from_secs(5);
 
 impl QemuBackend {
     pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
@@ -109,6 +108,12 @@ impl QemuBackend {
 
     fn paths(&self, id: &str) -> VmPaths {
         VmPaths::new(&self.settings.data_dir, &self.settings.run_dir, id)
+    }
+
+    /// What makes a process instance `id`'s QEMU, and where to look for it.
+    fn owner(&self, id: &str) -> Owner {
+        let proc = self.settings.proc_root.clone();
+        Owner { proc, run_dir: self.settings.run_dir.clone(), id: id.to_owned() }
     }
 
     fn live(&self, id: &str) -> Option<Arc<Vm>> {
@@ -306,7 +311,7 @@ impl Backend for QemuBackend {
 
     async fn boot(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
-        if process::owned_pid(&paths.pidfile, &instance.id).is_some() {
+        if VmProcess::adopt(&self.owner(&instance.id)).is_some() {
             return Err(BackendError::op("boot", "the VM's QEMU is still running"));
         }
         if !paths.overlay.is_file() {
@@ -318,7 +323,7 @@ impl Backend for QemuBackend {
 
     async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
         let paths = self.paths(&instance.id);
-        self.stop_vm(instance, &paths, true).await?;
+        self.stop_vm(&instance.id, Ladder::graceful(self.settings.powerdown_grace)).await?;
         // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
         if gpus::release(&self.settings.vfio, &instance.id).await? > 0 {
             nvml_reload(self.host_nvml()).await;
@@ -331,11 +336,7 @@ impl Backend for QemuBackend {
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
         let paths = self.paths(&instance.id);
         // The pidfile first; a QEMU whose pidfile was deleted is still found by its command line.
-        let scanned = || {
-            let found = self.settings.proc_root.scan(&self.settings.run_dir).into_iter();
-            found.filter(|f| f.instance_id == instance.id).map(|f| f.pid).next()
-        };
-        let Some(pid) = process::owned_pid(&paths.pidfile, &instance.id).or_else(scanned) else {
+        let Some(process) = VmProcess::adopt(&self.owner(&instance.id)) else {
             let detail = "no QEMU process carries its marker".to_owned();
             return Ok(Adoption::Gone { detail });
         };
@@ -349,7 +350,8 @@ impl Backend for QemuBackend {
             tracing::info!(id = %instance.id, "adopted VM never started its vCPUs: starting them");
             qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
         }
-        let vm = Vm::watch(&instance.id, pid, qmp, None, paths, self.events.clone());
+        let pid = process.pid();
+        let vm = Vm::watch(process, qmp, paths, self.events.clone());
         self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, "VM adopted");
         Ok(Adoption::Adopted)

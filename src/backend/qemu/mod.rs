@@ -5,25 +5,26 @@
 //! - [`accel`]: KVM or TCG, decided by a probe guest and cached per boot;
 //! - [`disk`]: the qcow2 overlay on the base image, OVMF detection, per-VM VARS copy;
 //! - [`seed`]: the NoCloud `cidata` seed, a vfat image built without mounting;
-//! - [`process`]: spawning QEMU so it outlives the agent, pidfile ownership, termination;
+//! - [`process`]: spawning QEMU so it outlives the agent, reading its pidfile;
+//! - [`vm_process`]: one QEMU process however it came (spawned, adopted, found), pinned by a
+//!   pidfd, owned by one rule, stopped along a [`vm_process::Ladder`];
 //! - [`qmp`]: a QMP client over the monitor socket, typed with `qapi-qmp`.
 //!
 //! A launch, in order: [`accel::choose`] (once, at start-up) → [`disk::detect_ovmf`] →
 //! [`disk::copy_vars`] → [`disk::create_overlay`] → [`seed::build_seed`] →
-//! (with GPUs: [`crate::vfio::Vfio::bind`]) → [`process::spawn_with_memlock`] with
+//! (with GPUs: [`crate::vfio::Vfio::bind`]) → [`vm_process::VmProcess::spawn`] with
 //! [`argv::qemu_argv`] →
 //! [`process::Spawned::wait_for_path`] (QMP socket) → [`qmp::Qmp::connect`] →
-//! `query_status` is `prelaunch` → `cont`. After an agent restart: [`process::owned_pid`] →
-//! [`qmp::Qmp::connect`]. Teardown: `quit` over QMP, then [`process::terminate`] as backstop.
-//! Recovery: [`procfs::ProcRoot::scan`] finds every QEMU of this agent, record or not;
-//! [`orphan::Orphan::stop`] stops one no record claims.
+//! `query_status` is `prelaunch` → `cont`. After an agent restart:
+//! [`vm_process::VmProcess::adopt`] → [`qmp::Qmp::connect`]. Recovery:
+//! [`procfs::ProcRoot::scan`] finds every QEMU of this agent, record or not. Delete, a failed
+//! start or boot, orphans and `recover --stop-all` all end in [`vm_process::VmProcess::stop`].
 
 pub mod accel;
 pub mod argv;
 pub mod console;
 pub mod disk;
 pub mod gpus;
-pub mod orphan;
 pub mod process;
 pub mod procfs;
 pub mod qmp;
@@ -33,5 +34,6 @@ pub mod vfat;
 pub mod backend;
 pub mod layout;
 pub mod vm;
+pub mod vm_process;
 
 pub use backend::{QemuBackend, QemuSettings};

@@ -1,10 +1,9 @@
-//! The QEMU process: started so it outlives the agent, found again by its pidfile, stopped
-//! with a deadline.
+//! Starting QEMU so it outlives the agent, and reading its pidfile.
 //!
 //! A VM must survive an agent restart, so QEMU gets its own process group (a signal to the
 //! agent's group does not reach it), no stdin, its output appended to a log file, and no
 //! kill-on-drop. While the agent runs it reaps its own child in a background task; after a
-//! restart the VM is found through its pidfile, checked against `/proc/<pid>/cmdline`.
+//! restart the VM is found again as a [`super::vm_process::VmProcess`].
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -15,7 +14,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
-use crate::instance::model::marker;
+use crate::pidfd::PidFd;
 
 /// How often waits below look again.
 const POLL: Duration = Duration::from_millis(50);
@@ -41,6 +40,9 @@ pub enum ProcessError {
     /// QEMU could not be started.
     #[error("cannot start {binary}: {source}; install qemu-system-x86 or set QUDATA_QEMU_BINARY")]
     Spawn { binary: PathBuf, source: std::io::Error },
+    /// The child could not be pinned with a pidfd (it was killed again).
+    #[error("cannot watch {binary} (pid {pid}): {source}; the agent needs Linux 5.3 or newer")]
+    Watch { binary: PathBuf, pid: u32, source: std::io::Error },
     /// Something did not happen before its deadline.
     #[error("{what} did not happen within {millis} ms")]
     Timeout { what: &'static str, millis: u128 },
@@ -50,6 +52,8 @@ pub enum ProcessError {
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: u32,
+    /// Opened before the reaper could run, so it pins this child and no later process.
+    pub pidfd: PidFd,
     log: PathBuf,
     /// Where this QEMU's output starts in `log` (it is appended to across starts).
     pub log_start: u64,
@@ -64,8 +68,9 @@ impl Spawned {
     }
 
     /// Waits until QEMU has exited and been reaped; returns its exit status.
-    pub async fn wait_exit(&mut self, deadline: Duration) -> Result<String, ProcessError> {
-        let waited = tokio::time::timeout(deadline, self.exit.wait_for(Option::is_some)).await;
+    pub async fn wait_exit(&self, deadline: Duration) -> Result<String, ProcessError> {
+        let mut exit = self.exit.clone();
+        let waited = tokio::time::timeout(deadline, exit.wait_for(Option::is_some)).await;
         match waited {
             Ok(Ok(status)) => Ok(status.clone().unwrap_or_default()),
             // The reaper task is gone only if the runtime is shutting down.
@@ -169,6 +174,16 @@ pub fn spawn_with_memlock(
         _ => ProcessError::Spawn { binary: binary.to_owned(), source },
     })?;
     let pid = child.id().unwrap_or_default();
+    let pidfd = match PidFd::open(pid) {
+        Ok(pidfd) => pidfd,
+        Err(source) => {
+            let _ = child.start_kill();
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            return Err(ProcessError::Watch { binary: binary.to_owned(), pid, source });
+        }
+    };
     let (tx, exit) = watch::channel(None);
     // Reaps the child; QEMU keeps running if the agent exits first.
     tokio::spawn(async move {
@@ -179,7 +194,7 @@ pub fn spawn_with_memlock(
         tracing::debug!(pid, %status, "QEMU exited");
         let _ = tx.send(Some(status));
     });
-    Ok(Spawned { pid, log: log.to_owned(), log_start, exit })
+    Ok(Spawned { pid, pidfd, log: log.to_owned(), log_start, exit })
 }
 
 /// The pid in a QEMU pidfile.
@@ -189,75 +204,9 @@ pub fn read_pidfile(path: &Path) -> Result<u32, ProcessError> {
     text.trim().parse().map_err(|_| err(format!("{:?} is not a pid", text.trim())))
 }
 
-/// Whether `argv` (NUL-separated, as in `/proc/<pid>/cmdline`) carries `-name qudata-<id>`.
-pub fn cmdline_has_marker(cmdline: &[u8], id: &str) -> bool {
-    let want = marker(id);
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(2).any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
-}
-
-/// The pid of instance `id`'s QEMU, if the pidfile names a live process whose command line
-/// carries its marker. A reused pid or a stale pidfile gives `None`.
-pub fn owned_pid(pidfile: &Path, id: &str) -> Option<u32> {
-    let pid = read_pidfile(pidfile).ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (is_alive(pid) && cmdline_has_marker(&cmdline, id)).then_some(pid)
-}
-
-/// The process exists and has not finished exiting (`ProcRoot::is_alive` on `/proc`).
-pub fn is_alive(pid: u32) -> bool {
-    super::procfs::ProcRoot::default().is_alive(pid)
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) only sends a signal; the pid was checked by the caller.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
-}
-
-async fn wait_gone(pid: u32, until: Instant) -> bool {
-    loop {
-        if !is_alive(pid) {
-            return true;
-        }
-        if Instant::now() >= until {
-            return false;
-        }
-        sleep(POLL).await;
-    }
-}
-
-/// Stops instance `id`'s QEMU: SIGTERM, then SIGKILL after `grace`. Does nothing when the
-/// pidfile does not name its live QEMU (never a process found by name alone). Returns whether
-/// a process was stopped.
-pub async fn terminate(pidfile: &Path, id: &str, grace: Duration) -> Result<bool, ProcessError> {
-    let Some(pid) = owned_pid(pidfile, id) else {
-        return Ok(false);
-    };
-    signal(pid, libc::SIGTERM);
-    if wait_gone(pid, Instant::now() + grace).await {
-        return Ok(true);
-    }
-    tracing::warn!(pid, id, "QEMU ignored SIGTERM; sending SIGKILL");
-    signal(pid, libc::SIGKILL);
-    if wait_gone(pid, Instant::now() + Duration::from_secs(5)).await {
-        Ok(true)
-    } else {
-        Err(ProcessError::Timeout { what: "QEMU exit after SIGKILL", millis: 5000 })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn marker_must_follow_dash_name() {
-        let id = "3f2a";
-        assert!(cmdline_has_marker(b"qemu\0-name\0qudata-3f2a\0-S\0", id));
-        assert!(!cmdline_has_marker(b"qemu\0-name\0qudata-3f2ab\0", id));
-        assert!(!cmdline_has_marker(b"qemu\0qudata-3f2a\0", id));
-        assert!(!cmdline_has_marker(b"vim\0-name\0", id));
-    }
 
     #[test]
     fn memlock_covers_guest_memory_and_a_gib() {
@@ -276,7 +225,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("out.log");
         let argv = ["-c".to_owned(), "cat /proc/self/limits".to_owned()];
-        let mut child = spawn_with_memlock(Path::new("sh"), &argv, &log, Some(memlock))?;
+        let child = spawn_with_memlock(Path::new("sh"), &argv, &log, Some(memlock))?;
         child.wait_exit(Duration::from_secs(30)).await.unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         let line = text.lines().find(|l| l.starts_with("Max locked memory")).unwrap();
@@ -324,14 +273,5 @@ mod tests {
         assert!(matches!(read_pidfile(&path), Err(ProcessError::Pidfile { .. })));
         std::fs::write(&path, "4242\n").unwrap();
         assert_eq!(read_pidfile(&path).unwrap(), 4242);
-    }
-
-    #[test]
-    fn this_process_is_alive_and_not_owned() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qemu.pid");
-        std::fs::write(&path, std::process::id().to_string()).unwrap();
-        assert!(is_alive(std::process::id()));
-        assert_eq!(owned_pid(&path, "abc"), None);
     }
 }

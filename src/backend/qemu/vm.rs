@@ -1,4 +1,4 @@
-//! One running QEMU as the backend holds it: the QMP connection, the pid, and a watcher that
+//! One running QEMU as the backend holds it: the QMP connection, the process, and a watcher that
 //! turns a VM that stopped working without being asked (QEMU exited, KVM's `internal-error`,
 //! a guest panic, a disk error) into a [`VmExit`] with QEMU's or the console's own words, and
 //! a [`BackendEvent::Exited`] for the manager.
@@ -12,8 +12,8 @@ use tokio::sync::watch;
 
 use super::accel::kvm_failure;
 use super::layout::VmPaths;
-use super::process::{self, Spawned};
 use super::qmp::{Qmp, QmpEvent};
+use super::vm_process::VmProcess;
 use crate::backend::{BackendEvent, EventSink};
 
 /// QMP calls are local and quick; a monitor that does not answer in this time is stuck.
@@ -22,6 +22,8 @@ pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const SERIAL_LINES: usize = 3;
 /// How much of `qemu.log` is read for QEMU's last words.
 const QEMU_LOG_TAIL: u64 = 16 << 10;
+/// Time for QEMU to be gone once its monitor closed.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(30);
 
 /// Why a VM stopped working.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +50,7 @@ pub struct VmExit {
 /// A live VM.
 pub struct Vm {
     pub id: String,
-    pub pid: u32,
+    pub process: VmProcess,
     pub qmp: Arc<Qmp>,
     /// Where this QEMU's own output starts in `qemu.log` (appended to across starts).
     log_start: u64,
@@ -66,23 +68,19 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Watches `qmp` and the process until QEMU exits. `spawned` is the child when this agent
-    /// started QEMU (its exit status is known); `None` after adoption.
-    pub fn watch(
-        id: &str,
-        pid: u32,
-        qmp: Qmp,
-        spawned: Option<Spawned>,
-        paths: VmPaths,
-        events: EventSink,
-    ) -> Arc<Vm> {
+    /// Watches `qmp` and the process until QEMU exits.
+    pub fn watch(process: VmProcess, qmp: Qmp, paths: VmPaths, events: EventSink) -> Arc<Vm> {
         let (tx, exited) = watch::channel(None);
+        // A QEMU this agent started has its own output from its start on; an adopted one
+        // from now on.
+        let spawned = process.spawned();
         let boot_offset = if spawned.is_some() { 0 } else { paths.serial_len() };
-        let log_start = spawned.as_ref().map_or_else(|| paths.qemu_log_len(), |s| s.log_start);
+        let log_start = spawned.map_or_else(|| paths.qemu_log_len(), |s| s.log_start);
+        let qmp = Arc::new(qmp);
         let vm = Arc::new(Vm {
-            id: id.to_owned(),
-            pid,
-            qmp: Arc::new(qmp),
+            id: process.id().to_owned(),
+            process: process.with_qmp(Arc::clone(&qmp)),
+            qmp,
             log_start,
             boot_offset: AtomicU64::new(boot_offset),
             stopping: AtomicBool::new(false),
@@ -91,7 +89,7 @@ impl Vm {
         });
         let watched = Arc::clone(&vm);
         tokio::spawn(async move {
-            let exit = watched.wait_for_exit(spawned, &paths).await;
+            let exit = watched.wait_for_exit(&paths).await;
             let watched_boot = {
                 let mut boot = watched.boot_watch.lock().unwrap_or_else(|e| e.into_inner());
                 boot.1 = true;
@@ -114,7 +112,7 @@ impl Vm {
 
     /// Follows QMP until the connection drops, telling QEMU to quit when its run state shows
     /// the VM cannot go on; then waits for the process and says why it went.
-    async fn wait_for_exit(&self, spawned: Option<Spawned>, paths: &VmPaths) -> VmExit {
+    async fn wait_for_exit(&self, paths: &VmPaths) -> VmExit {
         let mut events = self.qmp.subscribe();
         let mut shutdown: Option<(bool, String)> = None;
         let mut failed: Option<ExitCause> = None;
@@ -146,15 +144,11 @@ impl Vm {
                 let _ = self.qmp.quit().await;
             }
         }
-        let status = match spawned {
-            Some(mut child) => child
-                .wait_exit(Duration::from_secs(30))
-                .await
-                .unwrap_or_else(|_| "still running after closing its monitor".into()),
-            None => {
-                wait_gone(self.pid, Duration::from_secs(30)).await;
-                "not known (QEMU was adopted)".into()
-            }
+        let status = if self.process.exited_within(EXIT_AFTER_CLOSE).await {
+            let status = self.process.exit_status().await;
+            status.unwrap_or_else(|| "not known (QEMU was adopted)".into())
+        } else {
+            "still running after closing its monitor".into()
         };
         let said = paths.qemu_log_since(self.log_start, QEMU_LOG_TAIL);
         describe(failed, shutdown, &status, &said, paths)
@@ -185,18 +179,14 @@ impl Vm {
         self.exited.borrow().as_ref().map(|exit| exit.reason.clone())
     }
 
-    /// Resolves once QEMU is gone.
+    /// Resolves once the VM has stopped for good, with why: its QEMU gone
+    /// ([`VmProcess::exited`]), or its monitor closed and QEMU not gone in time.
     pub async fn exited(&self) -> VmExit {
         let mut exited = self.exited.clone();
         match exited.wait_for(Option::is_some).await {
             Ok(exit) => exit.clone().expect("waited for Some"),
             Err(_) => VmExit { cause: ExitCause::Qemu, reason: "the VM watcher stopped".into() },
         }
-    }
-
-    /// Waits up to `limit` for QEMU to be gone.
-    pub async fn wait_exited(&self, limit: Duration) -> bool {
-        tokio::time::timeout(limit, self.exited()).await.is_ok()
     }
 
     /// Marks a boot as watched (`true`) or no longer (`false`): while watched, an exit is
@@ -278,13 +268,6 @@ fn describe(
         }
     };
     VmExit { cause, reason: what }
-}
-
-async fn wait_gone(pid: u32, limit: Duration) {
-    let until = tokio::time::Instant::now() + limit;
-    while process::is_alive(pid) && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use crate::backend::qemu::accel::{Accel, Accelerator};
 use crate::backend::qemu::console::ConsoleFollower;
 use crate::backend::qemu::disk;
 use crate::backend::qemu::vm::{ExitCause, Vm, VmExit};
+use crate::backend::qemu::vm_process::Ladder;
 use crate::guest::{GuestClient, GuestError};
 use crate::instance::model::Instance;
 
@@ -97,11 +98,10 @@ impl QemuBackend {
     /// nobody to act on the power button), so `start` can boot it again.
     pub(super) async fn wait_booted(&self, instance: &Instance) -> Result<(), BackendError> {
         let result = self.boot_with_fallback(instance).await;
-        if result.is_err() {
-            let paths = self.paths(&instance.id);
-            if let Err(e) = self.stop_vm(instance, &paths, false).await {
-                tracing::error!(id = %instance.id, error = %e, "cannot stop QEMU");
-            }
+        if result.is_err()
+            && let Err(e) = self.stop_vm(&instance.id, Ladder::abort()).await
+        {
+            tracing::error!(id = %instance.id, error = %e, "cannot stop QEMU");
         }
         result
     }

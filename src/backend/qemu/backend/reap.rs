@@ -4,7 +4,7 @@
 
 use super::QemuBackend;
 use crate::backend::qemu::gpus;
-use crate::backend::qemu::orphan::Orphan;
+use crate::backend::qemu::vm_process::Ladder;
 use crate::backend::{BackendError, Owned};
 
 impl QemuBackend {
@@ -16,10 +16,11 @@ impl QemuBackend {
             .collect()
     }
 
-    /// Stops instance `id`'s orphan QEMU (power-down, quit, TERM, KILL, each with a deadline),
-    /// then returns its GPUs (only once QEMU is gone) and removes its layout files. Idempotent.
+    /// Stops instance `id`'s orphan QEMU ([`Ladder::graceful`]), then returns its GPUs (only
+    /// once QEMU is gone) and removes its layout files. Idempotent.
     pub(super) async fn reap_vm(&self, id: &str) -> Result<(), BackendError> {
-        let how = self.stop_found(id, false).await?;
+        let how = self.stop_vm(id, Ladder::graceful(self.settings.powerdown_grace)).await?;
+        gpus::release(&self.settings.vfio, id).await?;
         let removed = self
             .paths(id)
             .remove_known()
@@ -28,34 +29,12 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// [`QemuBackend::reap_vm`] for a VM whose record is kept: its disk, VARS and seed stay.
+    /// [`QemuBackend::reap_vm`] for a VM whose record is kept ([`Ladder::maintenance`]): its
+    /// disk, VARS and seed stay.
     pub(super) async fn halt_vm(&self, id: &str) -> Result<(), BackendError> {
-        let how = self.stop_found(id, true).await?;
+        let how = self.stop_vm(id, Ladder::maintenance(self.settings.powerdown_grace)).await?;
+        gpus::release(&self.settings.vfio, id).await?;
         tracing::info!(%id, stopped = ?how, "VM stopped; its disk is kept");
         Ok(())
-    }
-
-    /// Stops the QEMU of `id` found by its command line (a paused guest resumed first for a
-    /// clean power-down when `resume_paused`), then returns its GPUs.
-    async fn stop_found(
-        &self,
-        id: &str,
-        resume_paused: bool,
-    ) -> Result<crate::backend::qemu::orphan::Stopped, BackendError> {
-        let paths = self.paths(id);
-        if let Some(vm) = self.vms.lock().expect("vms lock").remove(id) {
-            vm.expect_exit();
-        }
-        let orphan = Orphan {
-            proc: &self.settings.proc_root,
-            run_dir: &self.settings.run_dir,
-            paths: &paths,
-            id,
-            powerdown_grace: self.settings.powerdown_grace,
-            resume_paused,
-        };
-        let how = orphan.stop().await.map_err(|e| BackendError::op("stop the QEMU", e))?;
-        gpus::release(&self.settings.vfio, id).await?;
-        Ok(how)
     }
 }

@@ -8,6 +8,7 @@ use crate::backend::qemu::argv::{GpuPassthrough, qemu_argv};
 use crate::backend::qemu::layout::VmPaths;
 use crate::backend::qemu::qmp::Qmp;
 use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
+use crate::backend::qemu::vm_process::{Ladder, VmProcess};
 use crate::backend::qemu::{gpus, process};
 use crate::instance::model::Instance;
 
@@ -42,7 +43,7 @@ impl QemuBackend {
             // A QEMU left paused with nobody watching it would make every later start answer
             // "still running"; with GPUs it also holds the devices open until it is gone.
             tracing::warn!(id = %instance.id, error = %e, "VM start failed; stopping its QEMU");
-            if let Err(stop) = self.stop_vm(instance, paths, false).await {
+            if let Err(stop) = self.stop_vm(&instance.id, Ladder::abort()).await {
                 tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
             } else if !instance.gpus.is_empty() {
                 match gpus::release(&self.settings.vfio, &instance.id).await {
@@ -85,27 +86,41 @@ impl QemuBackend {
         // VFIO pins all guest memory for DMA.
         let memlock = (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib));
         let argv = qemu_argv(&plan);
-        let spawned = process::spawn_with_memlock(
-            &self.settings.qemu_binary,
-            &argv,
-            &paths.qemu_log,
-            memlock,
-        )
-        .map_err(|e| BackendError::op("start QEMU", e))?;
-        let pid = spawned.pid;
-        spawned
-            .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
-            .await
-            .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
+        let owner = self.owner(&instance.id);
+        let binary = &self.settings.qemu_binary;
+        let process = VmProcess::spawn(owner, binary, &argv, &paths.qemu_log, memlock)
+            .map_err(|e| BackendError::op("start QEMU", e))?;
+        let pid = process.pid();
+        let qmp = match Self::let_run(&process, paths).await {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                // Stopped by whoever started it: a QEMU left paused makes every later start
+                // answer "still running", and holds its GPUs.
+                if let Err(stop) = process.stop(&Ladder::abort()).await {
+                    tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
+                }
+                return Err(e);
+            }
+        };
+        let vm = Vm::watch(process, qmp, paths.clone(), self.events.clone());
+        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
+        tracing::info!(id = %instance.id, pid, accel = plan.accel.as_str(), "VM started");
+        Ok(())
+    }
+
+    /// QEMU's monitor once it answers, with the vCPUs let go.
+    async fn let_run(process: &VmProcess, paths: &VmPaths) -> Result<Qmp, BackendError> {
+        if let Some(child) = process.spawned() {
+            child
+                .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
+                .await
+                .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
+        }
         let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
         crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
         qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
-        let vm =
-            Vm::watch(&instance.id, pid, qmp, Some(spawned), paths.clone(), self.events.clone());
-        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
-        tracing::info!(id = %instance.id, pid, accel = plan.accel.as_str(), "VM started");
-        Ok(())
+        Ok(qmp)
     }
 }
