@@ -41,7 +41,12 @@ pub enum QmpError {
     Command { command: &'static str, class: String, desc: String },
     /// The socket could not be opened.
     #[error("cannot connect to the QMP socket {path}: {detail}; check that the VM's QEMU runs")]
-    Connect { path: PathBuf, detail: String },
+    Connect {
+        path: PathBuf,
+        detail: String,
+        /// Nothing listens on the socket (yet: QEMU binds before it listens).
+        refused: bool,
+    },
     /// A reply did not have the shape the schema gives the command.
     #[error("QEMU's reply to {command} is not understood: {detail}")]
     Decode { command: &'static str, detail: String },
@@ -114,11 +119,20 @@ impl Qmp {
     /// Connects to QEMU's QMP socket and negotiates capabilities. `call_timeout` bounds the
     /// connection, the greeting and every later call.
     pub async fn connect(path: &Path, call_timeout: Duration) -> Result<Qmp, QmpError> {
-        let connect_err = |detail: String| QmpError::Connect { path: path.to_owned(), detail };
+        let connect_err = |detail: String, refused: bool| QmpError::Connect {
+            path: path.to_owned(),
+            detail,
+            refused,
+        };
         let stream = timeout(call_timeout, UnixStream::connect(path))
             .await
-            .map_err(|_| connect_err(format!("no answer within {} ms", call_timeout.as_millis())))?
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|_| {
+                connect_err(format!("no answer within {} ms", call_timeout.as_millis()), false)
+            })?
+            .map_err(|e| {
+                let refused = e.kind() == std::io::ErrorKind::ConnectionRefused;
+                connect_err(e.to_string(), refused)
+            })?;
         Qmp::handshake(stream, call_timeout).await
     }
 

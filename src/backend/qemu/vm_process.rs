@@ -140,6 +140,11 @@ impl VmProcess {
         }
     }
 
+    /// Whether the process is gone (its last thread), without waiting.
+    pub fn has_exited(&self) -> bool {
+        self.pidfd().has_exited()
+    }
+
     fn pidfd(&self) -> &PidFd {
         match &self.pinned {
             Pinned::Child(child) => &child.pidfd,

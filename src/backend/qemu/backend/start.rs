@@ -6,7 +6,7 @@ use crate::backend::BackendError;
 use crate::backend::qemu::accel::{Accel, kvm_failure};
 use crate::backend::qemu::argv::{GpuPassthrough, qemu_argv};
 use crate::backend::qemu::layout::VmPaths;
-use crate::backend::qemu::qmp::Qmp;
+use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::qemu::vm_process::{Ladder, VmProcess};
 use crate::backend::qemu::{gpus, process};
@@ -108,6 +108,25 @@ impl QemuBackend {
         Ok(())
     }
 
+    /// Connects to QEMU's monitor. QEMU creates the socket file when it binds, a moment
+    /// before it listens: a refused connection is tried again while QEMU lives (seen under
+    /// load), up to the socket deadline.
+    async fn connect_monitor(process: &VmProcess, paths: &VmPaths) -> Result<Qmp, BackendError> {
+        let until = tokio::time::Instant::now() + QMP_SOCKET_DEADLINE;
+        loop {
+            match Qmp::connect(&paths.qmp, QMP_TIMEOUT).await {
+                Err(QmpError::Connect { refused: true, .. })
+                    if tokio::time::Instant::now() < until && !process.has_exited() =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                result => {
+                    return result.map_err(|e| BackendError::op("connect to QEMU's monitor", e));
+                }
+            }
+        }
+    }
+
     /// QEMU's monitor once it answers, with the vCPUs let go.
     async fn let_run(process: &VmProcess, paths: &VmPaths) -> Result<Qmp, BackendError> {
         if let Some(child) = process.spawned() {
@@ -116,9 +135,7 @@ impl QemuBackend {
                 .await
                 .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
         }
-        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
-            .await
-            .map_err(|e| BackendError::op("connect to QEMU's monitor", e))?;
+        let qmp = Self::connect_monitor(process, paths).await?;
         crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
         qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
         Ok(qmp)
