@@ -41,6 +41,6 @@ pub(super) async fn command(
 }
 
 pub(super) async fn delete(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
-    app.manager.delete()?;
+    app.manager.delete().await?;
     Ok(envelope::ok())
 }

@@ -104,15 +104,27 @@ pub struct ManagerSettings {
 
 /// One instance: its record and the lock held by whatever operation changes it.
 struct Slot {
-    record: Mutex<Instance>,
+    /// The record as last saved: a read takes a copy and never waits for a write.
+    record: watch::Sender<Instance>,
+    /// Held while a change is decided, saved (off the runtime) and published.
+    write: tokio::sync::Mutex<()>,
     op: Arc<tokio::sync::Mutex<()>>,
     /// Set by `DELETE` so that a boot in progress stops waiting.
     cancel: watch::Sender<bool>,
 }
 
 impl Slot {
+    fn new(record: Instance) -> Slot {
+        Slot {
+            record: watch::Sender::new(record),
+            write: Default::default(),
+            op: Arc::default(),
+            cancel: watch::Sender::new(false),
+        }
+    }
+
     fn snapshot(&self) -> Instance {
-        self.record.lock().expect("record lock").clone()
+        self.record.borrow().clone()
     }
 }
 
@@ -275,11 +287,7 @@ impl Manager {
             status: instance.status,
             ports: self.port_map(&instance),
         };
-        let slot = Arc::new(Slot {
-            record: Mutex::new(instance.clone()),
-            op: Arc::default(),
-            cancel: watch::channel(false).0,
-        });
+        let slot = Arc::new(Slot::new(instance.clone()));
         self.slots().insert(instance.id.clone(), Arc::clone(&slot));
         tracing::info!(id = %instance.id, gpus = instance.gpus.len(), "instance accepted");
         self.spawn_flow(slot, Flow::Create);
@@ -377,7 +385,7 @@ impl Manager {
                 reason: "another operation on the instance is in progress".to_owned(),
             })?;
         // The state may have moved while waiting: decided again, and applied.
-        match self.apply(&slot, &event)? {
+        match self.apply(&slot, &event).await? {
             None => Ok(()),
             // Pause and resume are quick QMP calls: answer with their result.
             Some(flow @ (Flow::Pause | Flow::Resume)) => {
@@ -391,14 +399,14 @@ impl Manager {
     }
 
     /// `DELETE /instances`: answered at once; teardown continues in the background.
-    pub fn delete(&self) -> Result<(), ManagerError> {
+    pub async fn delete(&self) -> Result<(), ManagerError> {
         let slot = self.current().ok_or(ManagerError::NotFound)?;
-        self.begin_delete(slot)
+        self.begin_delete(slot).await
     }
 
     /// Marks the instance deleted and starts its teardown; a boot in progress stops waiting.
-    fn begin_delete(&self, slot: Arc<Slot>) -> Result<(), ManagerError> {
-        if let Some(flow) = self.apply(&slot, &Event::Delete)? {
+    async fn begin_delete(&self, slot: Arc<Slot>) -> Result<(), ManagerError> {
+        if let Some(flow) = self.apply(&slot, &Event::Delete).await? {
             slot.cancel.send_replace(true);
             tracing::info!(id = %slot.snapshot().id, "instance deletion accepted");
             self.spawn_flow(slot, flow);
@@ -419,30 +427,51 @@ impl Manager {
         tokio::spawn(async move { flows::run(&manager, &slot, flow, guard).await });
     }
 
-    /// Changes the record and saves it; on a failed save the in-memory record is unchanged.
-    fn update(&self, slot: &Slot, change: impl FnOnce(&mut Instance)) -> Result<(), ManagerError> {
-        let mut record = slot.record.lock().expect("record lock");
-        let mut next = record.clone();
-        change(&mut next);
-        if next != *record {
-            self.inner.store.save(&next)?;
-            *record = next;
-        }
-        Ok(())
+    /// Changes the record and saves it (fsync, on the blocking pool); on a failed save the
+    /// record is unchanged. Changes of one instance happen one at a time.
+    async fn change<T: Send + 'static>(
+        &self,
+        slot: &Slot,
+        change: impl FnOnce(&mut Instance) -> Result<T, ManagerError> + Send + 'static,
+    ) -> Result<T, ManagerError> {
+        let _writing = slot.write.lock().await;
+        let before = slot.snapshot();
+        let (out, after) = self
+            .blocking(move |manager| {
+                let mut after = before.clone();
+                let out = change(&mut after)?;
+                if after != before {
+                    manager.inner.store.save(&after)?;
+                }
+                Ok((out, after))
+            })
+            .await?;
+        slot.record.send_if_modified(|record| {
+            let modified = *record != after;
+            *record = after;
+            modified
+        });
+        Ok(out)
+    }
+
+    async fn update(
+        &self,
+        slot: &Slot,
+        change: impl FnOnce(&mut Instance) + Send + 'static,
+    ) -> Result<(), ManagerError> {
+        self.change(slot, |record| {
+            change(record);
+            Ok(())
+        })
+        .await
     }
 
     /// The one place an instance's status changes: `event` decided by
     /// [`transition::transition`], the record saved when it changed. Returns the flow the
     /// transition starts; on a refusal or a failed save the record is unchanged.
-    fn apply(&self, slot: &Slot, event: &Event) -> Result<Option<Flow>, ManagerError> {
-        let mut record = slot.record.lock().expect("record lock");
-        let mut changed = record.clone();
-        let flow = transition::apply(&mut changed, event)?;
-        if changed != *record {
-            self.inner.store.save(&changed)?;
-            *record = changed;
-        }
-        Ok(flow)
+    async fn apply(&self, slot: &Slot, event: &Event) -> Result<Option<Flow>, ManagerError> {
+        let event = event.clone();
+        self.change(slot, move |record| Ok(transition::apply(record, &event)?)).await
     }
 
     fn forget(&self, id: &str) -> Result<(), ManagerError> {

@@ -114,7 +114,7 @@ pub async fn apply_lease(
     }
     let facts = survey(records, backends, cfg, Some(running)).await?;
     for (instance, restore) in plan::plan(&facts, Mode::Agent).records {
-        manager.apply_lease(&instance.id, restore);
+        manager.apply_lease(&instance.id, restore).await;
     }
     Ok(())
 }

@@ -13,19 +13,19 @@ impl Manager {
         let manager = self.clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
-                manager.on_event(event);
+                manager.on_event(event).await;
             }
         });
     }
 
-    fn on_event(&self, event: BackendEvent) {
+    async fn on_event(&self, event: BackendEvent) {
         let (id, event) = match event {
             BackendEvent::Exited { id, reason } => (id, Event::Failed(reason)),
             BackendEvent::Started { id } => (id, Event::StartedAgain),
         };
         let Some(slot) = self.slots().get(&id).cloned() else { return };
         let before = slot.snapshot();
-        match self.apply(&slot, &event) {
+        match self.apply(&slot, &event).await {
             Ok(flow) => {
                 let after = slot.snapshot();
                 if after.status != before.status {

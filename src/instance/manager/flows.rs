@@ -25,7 +25,7 @@ pub(super) async fn run(manager: &Manager, slot: &Arc<Slot>, flow: Flow, _guard:
         Flow::Pause | Flow::Resume => Ok(Some(())),
     };
     match result {
-        Ok(Some(())) => match manager.apply(slot, &Event::Ready) {
+        Ok(Some(())) => match manager.apply(slot, &Event::Ready).await {
             Ok(_) => tracing::info!(%id, ?flow, "instance running"),
             Err(e) => tracing::error!(%id, error = %e, "cannot record the running state"),
         },
@@ -35,7 +35,7 @@ pub(super) async fn run(manager: &Manager, slot: &Arc<Slot>, flow: Flow, _guard:
             if flow == Flow::Create {
                 rollback(manager, slot).await;
             }
-            if let Err(save) = manager.apply(slot, &Event::Failed(e.to_string())) {
+            if let Err(save) = manager.apply(slot, &Event::Failed(e.to_string())).await {
                 tracing::error!(%id, error = %save, "cannot record the failure");
             }
         }
@@ -146,10 +146,10 @@ pub(super) async fn run_quick(
     let instance = slot.snapshot();
     if flow == Flow::Pause {
         backend.pause(&instance).await?;
-        return manager.apply(slot, &Event::Paused).map(drop);
+        return manager.apply(slot, &Event::Paused).await.map(drop);
     }
     backend.resume(&instance).await?;
-    manager.apply(slot, &Event::Resumed)?;
+    manager.apply(slot, &Event::Resumed).await?;
     // Keys changed while the vCPUs were stopped are applied now.
     if let Err(e) = backend.apply_ssh_keys(&slot.snapshot()).await {
         tracing::warn!(id = %instance.id, error = %e, "cannot apply SSH keys after resume");

@@ -34,19 +34,21 @@ impl Manager {
         if present == add {
             return Ok(()); // already as asked
         }
-        self.update(&slot, |i| {
+        self.update(&slot, move |i| {
             if add {
-                i.ssh_keys.push(key.clone());
+                i.ssh_keys.push(key);
             } else {
                 i.ssh_keys.retain(|k| !same_public_key(k, &key));
             }
-        })?;
+        })
+        .await?;
         // A guest that is not reachable now gets the keys when it is (end of boot or resume).
         if current.status == Status::Running
             && let Err(e) = flows::apply_keys_now(self, &slot).await
         {
             // Not applied: the record goes back to what the guest has.
-            self.update(&slot, |i| i.ssh_keys = current.ssh_keys.clone())?;
+            let keys = current.ssh_keys.clone();
+            self.update(&slot, move |i| i.ssh_keys = keys).await?;
             return Err(e);
         }
         Ok(())

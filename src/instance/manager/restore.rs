@@ -1,9 +1,7 @@
 //! Taking the records back at start-up, one decision per record (the decisions come from
 //! `crate::recovery`, which applies PROTOCOL.md §4; this file only carries them out).
 
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::watch;
+use std::sync::Arc;
 
 use super::{Manager, ManagerError, Slot};
 use crate::backend::Adoption;
@@ -38,11 +36,7 @@ impl Manager {
     pub async fn restore_with(&self, plan: Vec<(Instance, Restore)>) {
         for (instance, action) in plan {
             let id = instance.id.clone();
-            let slot = Arc::new(Slot {
-                record: Mutex::new(instance),
-                op: Arc::default(),
-                cancel: watch::channel(false).0,
-            });
+            let slot = Arc::new(Slot::new(instance));
             self.slots().insert(id, Arc::clone(&slot));
             self.restore_one(slot, action).await;
         }
@@ -50,27 +44,27 @@ impl Manager {
 
     /// A later decision about an instance restored at start-up (the lease from `/init`):
     /// only `TearDown` and `Reboot` act; an id that is gone meanwhile is skipped.
-    pub fn apply_lease(&self, id: &str, action: Restore) {
+    pub async fn apply_lease(&self, id: &str, action: Restore) {
         let Some(slot) = self.slots().get(id).cloned() else { return };
         match action {
             Restore::TearDown => {
                 tracing::info!(%id, "the lease is over: tearing the instance down");
-                self.tear_down(slot);
+                self.tear_down(slot).await;
             }
-            Restore::Reboot => self.run_event(slot, &Event::Reboot),
+            Restore::Reboot => self.run_event(slot, Event::Reboot).await,
             _ => {}
         }
     }
 
-    fn tear_down(&self, slot: Arc<Slot>) {
-        if let Err(e) = self.begin_delete(Arc::clone(&slot)) {
+    async fn tear_down(&self, slot: Arc<Slot>) {
+        if let Err(e) = self.begin_delete(Arc::clone(&slot)).await {
             tracing::error!(id = %slot.snapshot().id, error = %e, "cannot tear the instance down");
         }
     }
 
     /// Applies `event` and starts the flow it names.
-    fn run_event(&self, slot: Arc<Slot>, event: &Event) {
-        match self.apply(&slot, event) {
+    async fn run_event(&self, slot: Arc<Slot>, event: Event) {
+        match self.apply(&slot, &event).await {
             Ok(Some(flow)) => self.spawn_flow(slot, flow),
             Ok(None) => {}
             Err(e) => {
@@ -82,46 +76,46 @@ impl Manager {
     async fn restore_one(&self, slot: Arc<Slot>, action: Restore) {
         let instance = slot.snapshot();
         let id = instance.id.clone();
-        let fail = |reason: String| self.run_event(Arc::clone(&slot), &Event::Failed(reason));
+        let fail = |reason: String| self.run_event(Arc::clone(&slot), Event::Failed(reason));
         // The backend of the record's own kind (the agent may run another kind now); a
         // teardown finds its own in the delete flow.
         let backend = match self.backend_of(&instance) {
             Ok(b) => b,
-            Err(_) if action == Restore::TearDown => return self.tear_down(slot),
-            Err(e) if action != Restore::Keep => return fail(e.to_string()),
+            Err(_) if action == Restore::TearDown => return self.tear_down(slot).await,
+            Err(e) if action != Restore::Keep => return fail(e.to_string()).await,
             Err(_) => return,
         };
         match action {
             Restore::Keep => {}
-            Restore::TearDown => self.tear_down(slot),
+            Restore::TearDown => self.tear_down(slot).await,
             Restore::Gone { reason } => {
                 tracing::warn!(%id, %reason, "instance gone");
-                fail(reason);
+                fail(reason).await;
             }
             Restore::RollBack { reason } => {
                 tracing::warn!(%id, %reason, "rolling back an interrupted create");
                 if let Err(e) = backend.destroy(&instance).await {
                     tracing::error!(%id, error = %e, "rollback of an interrupted create is incomplete");
                 }
-                fail(reason);
+                fail(reason).await;
             }
             Restore::Reboot => {
                 // Its process is gone (an error, whatever the record said), and the lease
                 // goes on: boot it from its disk.
-                fail("the VM exited while the agent was down".into());
-                self.run_event(slot, &Event::Reboot);
+                fail("the VM exited while the agent was down".into()).await;
+                self.run_event(slot, Event::Reboot).await;
             }
             Restore::Adopt => match backend.adopt(&instance).await {
                 Ok(Adoption::Adopted) => {
                     tracing::info!(%id, status = %instance.status, "instance adopted");
-                    self.run_event(slot, &Event::Adopted);
+                    self.run_event(slot, Event::Adopted).await;
                 }
                 Ok(Adoption::Gone { detail }) => {
-                    fail(format!("the VM exited while the agent was down ({detail})"))
+                    fail(format!("the VM exited while the agent was down ({detail})")).await
                 }
                 Err(e) => {
                     tracing::warn!(%id, error = %e, "instance could not be adopted");
-                    fail(e.to_string());
+                    fail(e.to_string()).await;
                 }
             },
         }

@@ -279,7 +279,7 @@ async fn a_failed_launch_rolls_back_and_reports_error() {
     assert_eq!(h.backend.calls(), ["launch", "destroy"]);
     let view = h.manager.status();
     assert_eq!(view.error.as_deref(), Some("launch failed: scripted failure"));
-    h.manager.delete().unwrap();
+    h.manager.delete().await.unwrap();
     wait_for(&h.manager, Status::Destroyed).await;
     for _ in 0..100 {
         if record_files(&h).is_empty() {
@@ -299,7 +299,7 @@ async fn a_delete_whose_teardown_fails_twice_is_retried_until_it_succeeds() {
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     *h.backend.destroy_failures.lock().unwrap() = 2;
-    h.manager.delete().unwrap();
+    h.manager.delete().await.unwrap();
     for _ in 0..1000 {
         if h.manager.instances().is_empty() {
             break;
@@ -319,7 +319,7 @@ async fn delete_during_boot_stops_waiting_and_cleans_up() {
     while !h.backend.calls().contains(&"wait_ready".to_owned()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    h.manager.delete().unwrap();
+    h.manager.delete().await.unwrap();
     assert_eq!(h.manager.current_status(), Status::Destroyed, "deleting reads as destroyed");
     let err = h.manager.create_json(&json!({})).await.unwrap_err();
     assert!(err.to_string().contains("still being deleted"), "{err}");

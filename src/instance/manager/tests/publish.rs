@@ -109,7 +109,7 @@ async fn delete_withdraws_the_ports_before_teardown() {
     let id = h.manager.create_json(&body()).await.unwrap().id;
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
-    h.manager.delete().unwrap();
+    h.manager.delete().await.unwrap();
     until_calls(&h, "destroy", |c| c.contains(&"destroy".to_owned())).await;
     let calls = h.backend.calls();
     assert_eq!(calls[calls.len() - 2..], [format!("unpublish {id}"), "destroy".to_owned()]);
