@@ -146,6 +146,9 @@ async fn main() {
     }
     show("QEMU killed while booting → error", killed);
 
+    // A fresh agent without the short deadline for the creates that must reach `running`.
+    let dirs = Dirs::new();
+    let (_agent, api) = agent(&dirs, Some("tcg"), None).await;
     let mut plain = Vec::new();
     for _ in 0..rounds() {
         let started = Instant::now();

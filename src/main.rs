@@ -106,7 +106,7 @@ fn main() -> ExitCode {
             let wait = std::time::Duration::from_secs(wait);
             let result = runtime().block_on(async {
                 let (events, _) = tokio::sync::mpsc::unbounded_channel();
-                let backends = agent::backends::for_cleanup(&cfg, events).await;
+                let backends = agent::backends::sweepers(&cfg, events).await;
                 recovery::command(&cfg, &backends, dry_run, stop_all, wait).await
             });
             let report = match result {

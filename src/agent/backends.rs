@@ -11,8 +11,8 @@ use crate::backend::choice::{order, passthrough};
 use crate::backend::docker::{DockerBackend, DockerSettings};
 use crate::backend::qemu::accel::{self, Accel, Accelerator};
 use crate::backend::qemu::disk;
-use crate::backend::qemu::{QemuBackend, QemuSettings};
-use crate::backend::{Backend, EventSink};
+use crate::backend::qemu::{QemuBackend, QemuSettings, QemuSweeper};
+use crate::backend::{EventSink, HostSweeper, Lifecycle};
 use crate::config::{BackendChoice, Config};
 use crate::gpu::GpuTelemetry;
 use crate::guest::ManagementKey;
@@ -32,6 +32,12 @@ pub fn vfio(cfg: &Config) -> Vfio {
     Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir)
 }
 
+/// The backend that runs instances, and the sweeper of its kind (which knows its NVML).
+pub struct Chosen {
+    pub lifecycle: Arc<dyn Lifecycle>,
+    pub sweeper: Arc<dyn HostSweeper>,
+}
+
 /// Builds the backend for `gpus` (the ones offered to renters), or says in one sentence why
 /// none can run here. The choice and its reason are logged. `gpu`: in-guest GPU metrics
 /// and the host's NVML for the stats loop (production mode; VMs only).
@@ -40,26 +46,30 @@ pub async fn build(
     gpus: &[String],
     events: EventSink,
     gpu: Option<GpuTelemetry>,
-) -> Result<Arc<dyn Backend>, String> {
+) -> Result<Chosen, String> {
     let sysfs = SysfsRoot::new(&cfg.sysfs_root);
     let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, gpus));
     let mut failures = Vec::new();
     for kind in &order.try_in_order {
-        let built: Result<Arc<dyn Backend>, String> = match kind {
+        let built: Result<Chosen, String> = match kind {
             BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|backend| {
                 let backend = match gpu.clone() {
                     Some(gpu) => backend.with_gpu_telemetry(gpu),
                     None => backend,
                 };
-                Arc::new(backend) as _
+                let sweeper = Arc::new(backend.sweeper());
+                Chosen { lifecycle: Arc::new(backend), sweeper }
             }),
-            BackendKind::Docker => docker(cfg, events.clone()).await.map(|b| Arc::new(b) as _),
+            BackendKind::Docker => docker(cfg, events.clone()).await.map(|backend| {
+                let backend = Arc::new(backend);
+                Chosen { lifecycle: backend.clone(), sweeper: backend }
+            }),
         };
         match built {
-            Ok(backend) => {
+            Ok(chosen) => {
                 let why = failures.join("; ");
                 tracing::info!(backend = kind.as_str(), reason = %order.reason, passed_over = %why, "backend chosen");
-                return Ok(backend);
+                return Ok(chosen);
             }
             Err(e) => failures.push(format!("{}: {e}", kind.as_str())),
         }
@@ -80,12 +90,20 @@ async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String
     Ok(backend)
 }
 
-/// The backends recovery finds and cleans up with: a QEMU backend good only for finding,
-/// stopping and removing what the agent made (no accelerator probe, base image or firmware
-/// needed), and the Docker backend when the engine answers (not with `QUDATA_BACKEND=qemu`).
-/// For `recover`, and for the agent's start-up recovery beside the backend it runs.
-pub async fn for_cleanup(cfg: &Config, events: EventSink) -> Vec<Arc<dyn Backend>> {
-    let mut out = vec![qemu_for_cleanup(cfg, events.clone())];
+/// The sweepers recovery finds and cleans up with: QEMU's (it needs only where things live:
+/// no accelerator probe, key, base image or firmware), and Docker's when the engine answers
+/// (not with `QUDATA_BACKEND=qemu`). For `recover`, and for the agent's start-up recovery
+/// beside the sweeper of the backend it runs.
+pub async fn sweepers(cfg: &Config, events: EventSink) -> Vec<Arc<dyn HostSweeper>> {
+    let qemu = QemuSweeper {
+        data_dir: cfg.data_dir.clone(),
+        run_dir: cfg.run_dir.clone(),
+        proc_root: Default::default(),
+        vfio: Arc::new(vfio(cfg)),
+        powerdown_grace: POWERDOWN_GRACE,
+        host_nvml: None,
+    };
+    let mut out: Vec<Arc<dyn HostSweeper>> = vec![Arc::new(qemu)];
     if cfg.backend != BackendChoice::Qemu && cfg.docker_host.exists() {
         let connect = tokio::time::timeout(Duration::from_secs(10), docker(cfg, events));
         match connect.await {
@@ -97,31 +115,6 @@ pub async fn for_cleanup(cfg: &Config, events: EventSink) -> Vec<Arc<dyn Backend
         }
     }
     out
-}
-
-fn qemu_for_cleanup(cfg: &Config, events: EventSink) -> Arc<dyn Backend> {
-    let ovmf = disk::detect_ovmf(
-        cfg.ovmf_code.as_deref(),
-        cfg.ovmf_vars.as_deref(),
-        disk::OVMF_CANDIDATES,
-    )
-    .unwrap_or(disk::Ovmf { code: PathBuf::new(), vars_template: PathBuf::new() });
-    let settings = QemuSettings {
-        qemu_img: disk::qemu_img_for(&cfg.qemu_binary),
-        qemu_binary: cfg.qemu_binary.clone(),
-        ovmf,
-        accel: Arc::new(Accelerator::fixed(Accel::Tcg)),
-        base_image: cfg.base_image.clone().unwrap_or_else(|| default_base_image(cfg)),
-        images_dir: cfg.data_dir.join("images"),
-        data_dir: cfg.data_dir.clone(),
-        run_dir: cfg.run_dir.clone(),
-        boot_deadline: None,
-        powerdown_grace: POWERDOWN_GRACE,
-        proc_root: Default::default(),
-        vfio: Arc::new(vfio(cfg)),
-    };
-    // Never used to reach a guest: a throwaway key, nothing written.
-    Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
 }
 
 /// The accelerator decision, loudly when `auto` found KVM unusable.

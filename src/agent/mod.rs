@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, SecretSlot};
-use crate::backend::{Backend, BackendEvent};
+use crate::backend::{BackendEvent, HostSweeper};
 use crate::config::{BackendChoice, Config};
 use crate::fsutil::{self, FsError};
 use crate::gpu::GpuTelemetry;
@@ -71,7 +71,7 @@ pub(crate) struct Built {
     manager: Manager,
     events: mpsc::UnboundedReceiver<BackendEvent>,
     /// What recovery finds and cleans up with: the manager's backend and the other kinds.
-    cleanup: Vec<Arc<dyn Backend>>,
+    cleanup: Vec<Arc<dyn HostSweeper>>,
 }
 
 /// `gpu`: where the VM backend's in-guest GPU metrics go and the host's NVML (`None` in local
@@ -114,14 +114,16 @@ async fn manager(
         Err(reason) => tracing::warn!(%reason, "no backend: instances cannot be created"),
         Ok(_) => {}
     }
-    let mut cleanup: Vec<Arc<dyn Backend>> = backend.iter().cloned().collect();
-    for other in backends::for_cleanup(cfg, sink).await {
+    // The running backend's own sweeper first (it knows its NVML), then the other kinds'.
+    let mut cleanup: Vec<Arc<dyn HostSweeper>> =
+        backend.iter().map(|chosen| chosen.sweeper.clone()).collect();
+    for other in backends::sweepers(cfg, sink).await {
         if !cleanup.iter().any(|b| b.kind() == other.kind()) {
             cleanup.push(other);
         }
     }
-    let manager = Manager::new(backend, store, settings);
-    manager.set_other_kinds(cleanup.clone());
+    let manager = Manager::new(backend.map(|chosen| chosen.lifecycle), store, settings);
+    manager.set_sweepers(cleanup.clone());
     Ok(Built { manager, events, cleanup })
 }
 

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use super::tunnels::TunnelLink;
 use super::{AgentError, Built, notify, start_up, termination};
 use crate::api::{self, SecretSlot};
-use crate::backend::Backend;
+use crate::backend::HostSweeper;
 use crate::config::Config;
 use crate::control_plane::wire::InitRequest;
 use crate::control_plane::{
@@ -69,7 +69,7 @@ struct ControlPlane {
     manager: Manager,
     /// The backend recovery uses, and the instances restored at start-up: the lease from
     /// `/init` applies to those.
-    cleanup: Vec<Arc<dyn Backend>>,
+    cleanup: Vec<Arc<dyn HostSweeper>>,
     restored: Vec<String>,
     /// In-guest GPU values and the host's NVML.
     gpu: GpuTelemetry,

@@ -74,9 +74,11 @@ pub struct Owned {
     pub what: String,
 }
 
-/// One implementation per way of running an instance.
+/// One implementation per way of running an instance: the life of one instance, from its
+/// record. (What belongs to the agent on the host, with or without a record, is a
+/// [`HostSweeper`]'s.)
 #[async_trait]
-pub trait Backend: Send + Sync + 'static {
+pub trait Lifecycle: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
 
     /// The guest port the agent itself reaches the guest on (a VM's SSH), if any. The manager
@@ -125,12 +127,20 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Reattaches to the instance after an agent restart, without touching the guest.
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError>;
+}
+
+/// What belongs to this agent on the host, found without a record: a backend kind's side of
+/// recovery, `recover` and host maintenance. Built from where things live only, so it never
+/// needs what running an instance needs (keys, firmware, an accelerator decision).
+#[async_trait]
+pub trait HostSweeper: Send + Sync + 'static {
+    fn kind(&self) -> BackendKind;
 
     /// Everything on the host carrying this agent's marker (QEMU: `-name qudata-<id>` in
     /// `/proc/<pid>/cmdline`; Docker: the agent's label), with or without a record.
     async fn find_owned(&self) -> Result<Vec<Owned>, BackendError>;
 
-    /// Stops and removes an orphan that [`Backend::find_owned`] returned and no record claims:
+    /// Stops and removes an orphan that [`HostSweeper::find_owned`] returned and no record claims:
     /// graceful stop with a deadline, then kill; everything it made removed. Idempotent.
     async fn reap(&self, owned: &Owned) -> Result<(), BackendError>;
 
@@ -138,4 +148,8 @@ pub trait Backend: Send + Sync + 'static {
     /// --stop-all`): graceful stop with a deadline, then kill, its GPUs returned; its disk and
     /// files stay, so `start` boots it again. Idempotent; touches only its own kind.
     async fn halt(&self, owned: &Owned) -> Result<(), BackendError>;
+
+    /// Stops whatever a record's instance still runs and removes everything it made (a
+    /// record of a kind the agent does not run now, an interrupted create). Idempotent.
+    async fn tear_down(&self, instance: &Instance) -> Result<(), BackendError>;
 }

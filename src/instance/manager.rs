@@ -16,7 +16,7 @@ use super::model::{BackendKind, Instance, Status};
 use super::spec::{self, HostLimits, SpecError};
 use super::store::{Store, StoreError};
 use super::transition::{self, Event, Flow};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{self, BackendError, HostSweeper};
 use crate::ports::{self, PortError};
 
 mod events;
@@ -129,16 +129,16 @@ impl Slot {
 }
 
 struct Inner {
-    backend: Result<Arc<dyn Backend>, String>,
+    backend: Result<Arc<dyn backend::Lifecycle>, String>,
     store: Store,
     settings: ManagerSettings,
     slots: Mutex<BTreeMap<String, Arc<Slot>>>,
     /// Held by a create from its checks until its record is in `slots`.
     admission: tokio::sync::Mutex<()>,
     publish: publish::PublishState,
-    /// Backends of the other kinds, good for tearing down what they made (a record left by a
-    /// boot that chose another backend).
-    other_kinds: std::sync::OnceLock<Vec<Arc<dyn Backend>>>,
+    /// The host sweepers of every kind, for tearing down what a record's instance made when
+    /// the running backend is of another kind (a record left by a boot that chose another).
+    sweepers: std::sync::OnceLock<Vec<Arc<dyn HostSweeper>>>,
 }
 
 /// The instance manager. Cheap to clone.
@@ -150,7 +150,7 @@ pub struct Manager {
 impl Manager {
     /// `backend` is `Err(reason)` when no backend can run on this host: creates answer 503.
     pub fn new(
-        backend: Result<Arc<dyn Backend>, String>,
+        backend: Result<Arc<dyn backend::Lifecycle>, String>,
         store: Store,
         settings: ManagerSettings,
     ) -> Manager {
@@ -162,33 +162,44 @@ impl Manager {
             slots,
             admission: Default::default(),
             publish: Default::default(),
-            other_kinds: Default::default(),
+            sweepers: Default::default(),
         };
         Manager { inner: Arc::new(inner) }
     }
 
-    fn backend(&self) -> Result<Arc<dyn Backend>, ManagerError> {
+    fn backend(&self) -> Result<Arc<dyn backend::Lifecycle>, ManagerError> {
         self.inner.backend.clone().map_err(|reason| ManagerError::NoBackend { reason })
     }
 
-    /// Gives the manager the backends of the other kinds, for tearing down records they made.
-    /// Set once, at start-up.
-    pub fn set_other_kinds(&self, backends: Vec<Arc<dyn Backend>>) {
-        let _ = self.inner.other_kinds.set(backends);
+    /// Gives the manager the host sweepers of every kind, for tearing down records the
+    /// running backend did not make. Set once, at start-up.
+    pub fn set_sweepers(&self, sweepers: Vec<Arc<dyn HostSweeper>>) {
+        let _ = self.inner.sweepers.set(sweepers);
     }
 
-    /// The backend that made `instance`: the manager's when of its kind, else one of the other
-    /// kinds. Teardown must never ask the wrong kind, which would find nothing and forget a
-    /// VM or container that still runs.
-    fn backend_of(&self, instance: &Instance) -> Result<Arc<dyn Backend>, ManagerError> {
-        if let Ok(backend) = &self.inner.backend
-            && backend.kind() == instance.backend
-        {
-            return Ok(backend.clone());
+    /// The running backend when `instance` is of its kind (it can adopt and run it).
+    fn lifecycle_of(
+        &self,
+        instance: &Instance,
+    ) -> Result<Arc<dyn backend::Lifecycle>, ManagerError> {
+        match &self.inner.backend {
+            Ok(backend) if backend.kind() == instance.backend => Ok(backend.clone()),
+            _ => Err(ManagerError::NoBackend {
+                reason: format!("no {} backend runs here now", instance.backend.as_str()),
+            }),
         }
-        let others = self.inner.other_kinds.get().map(Vec::as_slice).unwrap_or_default();
-        match others.iter().find(|b| b.kind() == instance.backend) {
-            Some(backend) => Ok(backend.clone()),
+    }
+
+    /// Stops what `instance` runs and removes what it made: by the running backend when of
+    /// its kind (it holds the live VM or container), else by the sweeper of its kind. The
+    /// wrong kind would find nothing and forget a VM or container that still runs.
+    async fn tear_down_instance(&self, instance: &Instance) -> Result<(), ManagerError> {
+        if let Ok(backend) = self.lifecycle_of(instance) {
+            return Ok(backend.destroy(instance).await?);
+        }
+        let sweepers = self.inner.sweepers.get().map(Vec::as_slice).unwrap_or_default();
+        match sweepers.iter().find(|s| s.kind() == instance.backend) {
+            Some(sweeper) => Ok(sweeper.tear_down(instance).await?),
             None => Err(ManagerError::NoBackend {
                 reason: format!("no {} backend can run here now", instance.backend.as_str()),
             }),
@@ -301,7 +312,7 @@ impl Manager {
         spec: spec::Spec,
         gpus: Vec<String>,
         held: &[Instance],
-        backend: &dyn Backend,
+        backend: &dyn backend::Lifecycle,
     ) -> Result<Instance, ManagerError> {
         backend.check_gpus(&gpus).map_err(|e| match e {
             BackendError::Refused { reason } => ManagerError::Resources(reason),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 
 use super::plan::{Plan, Row, Subject};
-use crate::backend::{Backend, Owned};
+use crate::backend::{HostSweeper, Owned};
 use crate::config::Config;
 use crate::instance::Restore;
 use crate::instance::model::Instance;
@@ -17,7 +17,7 @@ use crate::instance::transition::{self, Event};
 
 const NO_BACKEND: &str = "no backend can run on this host";
 
-/// How a process found by [`Backend::find_owned`] is stopped.
+/// How a process found by [`HostSweeper::find_owned`] is stopped.
 #[derive(Clone, Copy)]
 enum Stop {
     /// An orphan: stopped and everything it made removed.
@@ -27,7 +27,7 @@ enum Stop {
 }
 
 /// Stops every orphan of the plan, all at once.
-pub async fn reap_orphans(plan: &mut Plan, backends: &[Arc<dyn Backend>]) {
+pub async fn reap_orphans(plan: &mut Plan, backends: &[Arc<dyn HostSweeper>]) {
     let failures = stop_all(&plan.orphans, backends, Stop::Reap).await;
     for (what, error) in failures {
         tracing::error!(%what, %error, "cannot stop an orphan");
@@ -37,7 +37,7 @@ pub async fn reap_orphans(plan: &mut Plan, backends: &[Arc<dyn Backend>]) {
 
 /// Stops the processes of the instances the plan halts (`recover --stop-all`), all at once;
 /// their records and disks are kept.
-pub async fn halt_instances(plan: &mut Plan, backends: &[Arc<dyn Backend>]) {
+pub async fn halt_instances(plan: &mut Plan, backends: &[Arc<dyn HostSweeper>]) {
     let failures = stop_all(&plan.halt, backends, Stop::Halt).await;
     for (what, error) in failures {
         tracing::error!(%what, %error, "cannot stop an instance");
@@ -50,7 +50,7 @@ pub async fn halt_instances(plan: &mut Plan, backends: &[Arc<dyn Backend>]) {
 /// the failures as (what, error).
 async fn stop_all(
     list: &[Owned],
-    backends: &[Arc<dyn Backend>],
+    backends: &[Arc<dyn HostSweeper>],
     how: Stop,
 ) -> Vec<(String, String)> {
     let stop = |o: &Owned| {
@@ -139,7 +139,7 @@ pub async fn return_gpus(plan: &mut Plan, cfg: &Config) {
 
 /// `recover`'s side of the records (the agent is not running): what the instance manager
 /// would do at start-up, minus adoption (left to the agent).
-pub async fn apply_records(plan: &mut Plan, backends: &[Arc<dyn Backend>], store: &Store) {
+pub async fn apply_records(plan: &mut Plan, backends: &[Arc<dyn HostSweeper>], store: &Store) {
     for (instance, restore) in plan.records.clone() {
         let backend = backends.iter().find(|b| b.kind() == instance.backend).map(|b| b.as_ref());
         let result = apply_record(&instance, &restore, backend, store).await;
@@ -153,7 +153,7 @@ pub async fn apply_records(plan: &mut Plan, backends: &[Arc<dyn Backend>], store
 async fn apply_record(
     instance: &Instance,
     restore: &Restore,
-    backend: Option<&dyn Backend>,
+    backend: Option<&dyn HostSweeper>,
     store: &Store,
 ) -> Result<(), String> {
     let needs_backend = matches!(restore, Restore::RollBack { .. } | Restore::TearDown);
@@ -173,11 +173,11 @@ async fn apply_record(
         Restore::Adopt | Restore::Keep | Restore::Reboot => Ok(()),
         Restore::Gone { reason } => set_error(reason),
         Restore::RollBack { reason } => {
-            backend.expect("checked").destroy(instance).await.map_err(|e| e.to_string())?;
+            backend.expect("checked").tear_down(instance).await.map_err(|e| e.to_string())?;
             set_error(reason)
         }
         Restore::TearDown => {
-            backend.expect("checked").destroy(instance).await.map_err(|e| e.to_string())?;
+            backend.expect("checked").tear_down(instance).await.map_err(|e| e.to_string())?;
             store.remove(&instance.id).map_err(|e| e.to_string())
         }
     }

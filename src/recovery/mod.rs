@@ -20,7 +20,7 @@ mod tunnels;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{BackendError, HostSweeper};
 use crate::config::Config;
 use crate::instance::model::Instance;
 use crate::instance::store::{Store, StoreError};
@@ -51,7 +51,7 @@ pub const AGENT_LOCK_WAIT: Duration = Duration::from_secs(120);
 /// Looks at the host.
 pub async fn survey(
     records: Vec<Instance>,
-    backends: &[Arc<dyn Backend>],
+    backends: &[Arc<dyn HostSweeper>],
     cfg: &Config,
     lease: Option<bool>,
 ) -> Result<Facts, RecoveryError> {
@@ -71,7 +71,7 @@ fn log_plan(plan: &Plan) {
 }
 
 /// Orphans, leaked files and GPUs: the part both callers share.
-async fn clean_up(plan: &mut Plan, backends: &[Arc<dyn Backend>], cfg: &Config) {
+async fn clean_up(plan: &mut Plan, backends: &[Arc<dyn HostSweeper>], cfg: &Config) {
     execute::reap_orphans(plan, backends).await;
     execute::remove_files(plan, cfg);
     execute::return_gpus(plan, cfg).await;
@@ -82,7 +82,7 @@ async fn clean_up(plan: &mut Plan, backends: &[Arc<dyn Backend>], cfg: &Config) 
 /// Returns the ids of the records it restored, for [`apply_lease`].
 pub async fn at_startup(
     manager: &Manager,
-    backends: &[Arc<dyn Backend>],
+    backends: &[Arc<dyn HostSweeper>],
     cfg: &Config,
 ) -> Result<Vec<String>, RecoveryError> {
     let records = manager.stored_records()?;
@@ -102,7 +102,7 @@ pub async fn at_startup(
 /// instances restored at start-up (never for ones created since).
 pub async fn apply_lease(
     manager: &Manager,
-    backends: &[Arc<dyn Backend>],
+    backends: &[Arc<dyn HostSweeper>],
     cfg: &Config,
     restored: &[String],
     running: bool,
@@ -123,7 +123,7 @@ pub async fn apply_lease(
 /// plane; with `stop_all` (host maintenance) every live instance and frpc are stopped too.
 pub async fn command(
     cfg: &Config,
-    backends: &[Arc<dyn Backend>],
+    backends: &[Arc<dyn HostSweeper>],
     dry_run: bool,
     stop_all: bool,
     lock_wait: Duration,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use qudata_agent::backend::docker::{DockerBackend, DockerSettings};
-use qudata_agent::backend::{Backend, Owned};
+use qudata_agent::backend::{HostSweeper, Owned};
 use serde_json::json;
 
 use crate::support::agent::{Api, Dirs, free_port, local_secret, recover_command};

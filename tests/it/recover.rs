@@ -6,11 +6,9 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qudata_agent::backend::qemu::accel::{Accel, Accelerator};
+use qudata_agent::backend::qemu::QemuSweeper;
 use qudata_agent::backend::qemu::layout::VmPaths;
-use qudata_agent::backend::qemu::{QemuBackend, QemuSettings, disk};
-use qudata_agent::backend::{Backend, Owned};
-use qudata_agent::guest::ManagementKey;
+use qudata_agent::backend::{HostSweeper, Owned};
 use qudata_agent::instance::Status;
 use qudata_agent::vfio::{SysfsRoot, Vfio};
 use serde_json::Value;
@@ -20,27 +18,20 @@ use crate::support::orphans::{TestQemu, foreign, orphan};
 use crate::support::records::store_record;
 use crate::support::wait::wait_until_blocking;
 
-fn backend(data: &Path, run: &Path) -> Arc<QemuBackend> {
-    let settings = QemuSettings {
-        qemu_binary: "qemu-system-x86_64".into(),
-        qemu_img: "qemu-img".into(),
-        ovmf: disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap(),
-        accel: std::sync::Arc::new(Accelerator::fixed(Accel::Tcg)),
-        base_image: data.join("images/base.qcow2"),
-        images_dir: data.join("images"),
+/// What recovery sweeps QEMUs with: only where things live, nothing half-built.
+fn sweeper(data: &Path, run: &Path) -> QemuSweeper {
+    QemuSweeper {
         data_dir: data.to_owned(),
         run_dir: run.to_owned(),
-        boot_deadline: Some(Duration::from_secs(60)),
-        powerdown_grace: Duration::from_secs(5),
         proc_root: Default::default(),
         vfio: Arc::new(Vfio::new(SysfsRoot::new(data.join("sys")), data)),
-    };
-    let (events, _) = tokio::sync::mpsc::unbounded_channel();
-    Arc::new(QemuBackend::new(settings, ManagementKey::generate(), events))
+        powerdown_grace: Duration::from_secs(5),
+        host_nvml: None,
+    }
 }
 
 #[tokio::test]
-async fn backend_finds_and_reaps_only_its_own_qemus() {
+async fn the_sweeper_finds_and_reaps_only_its_own_qemus() {
     let dir = tempfile::tempdir().unwrap();
     let (data, run) = (dir.path().join("data"), dir.path().join("run"));
     let mut ours = orphan(&data, &run, "orphan-1");
@@ -51,7 +42,7 @@ async fn backend_finds_and_reaps_only_its_own_qemus() {
     let stray = paths.dir.join("renter-notes.txt");
     std::fs::write(&stray, "not the agent's").unwrap();
 
-    let qemu = backend(&data, &run);
+    let qemu = sweeper(&data, &run);
     let found = qemu.find_owned().await.unwrap();
     let want = Owned { instance_id: "orphan-1".into(), what: format!("QEMU pid {}", ours.pid()) };
     assert_eq!(found, vec![want.clone()]);

@@ -16,7 +16,7 @@ use super::owned::{self, Fate};
 use super::plan::{self, container_name};
 use super::watch::{self, Watch};
 use super::{pull, sshd};
-use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
+use crate::backend::{Adoption, BackendError, EventSink, HostSweeper, Lifecycle, Owned};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
@@ -168,7 +168,7 @@ impl DockerBackend {
 }
 
 #[async_trait]
-impl Backend for DockerBackend {
+impl Lifecycle for DockerBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Docker
     }
@@ -359,6 +359,15 @@ impl Backend for DockerBackend {
         tracing::info!(id = %instance.id, "container adopted");
         Ok(Adoption::Adopted)
     }
+}
+
+/// The engine's containers with this agent's labels: the same engine connection, nothing
+/// half-built.
+#[async_trait]
+impl HostSweeper for DockerBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Docker
+    }
 
     async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
         let found = owned::find(&self.engine, &self.settings.owner).await;
@@ -380,5 +389,9 @@ impl Backend for DockerBackend {
         owned::settle(&self.engine, owner, &kept.instance_id, grace, Fate::Stopped)
             .await
             .map_err(|e| e.during("stop the container"))
+    }
+
+    async fn tear_down(&self, instance: &Instance) -> Result<(), BackendError> {
+        Lifecycle::destroy(self, instance).await
     }
 }

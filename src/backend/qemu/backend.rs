@@ -1,4 +1,5 @@
-//! `QemuBackend`: the [`Backend`] that runs each instance as a QEMU VM (DESIGN.md "Decisions").
+//! `QemuBackend`: the [`Lifecycle`] that runs each instance as a QEMU VM (DESIGN.md
+//! "Decisions"); sweeping the host is its [`QemuSweeper`]'s.
 //!
 //! Everything it makes is named from the instance id ([`VmPaths`], the `-name qudata-<id>`
 //! marker), so the record alone is enough to adopt, reboot or clean up a VM after a restart.
@@ -20,9 +21,10 @@ use super::process;
 use super::procfs::ProcRoot;
 use super::qmp::Qmp;
 use super::seed;
+use super::sweeper::QemuSweeper;
 use super::vm::{QMP_TIMEOUT, Vm};
 use super::vm_process::{Ladder, Owner, VmProcess};
-use crate::backend::{Adoption, Backend, BackendError, EventSink, Owned};
+use crate::backend::{Adoption, BackendError, EventSink, Lifecycle};
 use crate::gpu::{GpuTelemetry, HostNvml};
 use crate::guest::metrics::StreamSpec;
 use crate::guest::{GuestPaths, ManagementKey, setup};
@@ -31,7 +33,6 @@ use crate::instance::spec::Spec;
 
 mod boot;
 mod guest;
-mod reap;
 mod start;
 mod stop;
 
@@ -61,6 +62,8 @@ pub struct QemuSettings {
 
 pub struct QemuBackend {
     settings: QemuSettings,
+    /// Stops, finds and removes what VMs leave behind (the host side, shared with recovery).
+    sweeper: QemuSweeper,
     key: ManagementKey,
     events: EventSink,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
@@ -73,13 +76,28 @@ const QMP_SOCKET_DEADLINE: Duration = Duration::from_secs(20);
 
 impl QemuBackend {
     pub fn new(settings: QemuSettings, key: ManagementKey, events: EventSink) -> QemuBackend {
-        QemuBackend { settings, key, events, vms: Mutex::default(), gpu: None }
+        let sweeper = QemuSweeper {
+            data_dir: settings.data_dir.clone(),
+            run_dir: settings.run_dir.clone(),
+            proc_root: settings.proc_root.clone(),
+            vfio: settings.vfio.clone(),
+            powerdown_grace: settings.powerdown_grace,
+            host_nvml: None,
+        };
+        QemuBackend { settings, sweeper, key, events, vms: Mutex::default(), gpu: None }
+    }
+
+    /// The sweeper of this backend's VMs (with its NVML, so GPUs an orphan held reach the
+    /// stats again).
+    pub fn sweeper(&self) -> QemuSweeper {
+        self.sweeper.clone()
     }
 
     /// Runs an in-guest GPU metrics stream (`guest::metrics`) for every configured VM, and
     /// closes the host's NVML while GPUs are bound (the driver cannot let go of a GPU that
     /// NVML holds open).
     pub fn with_gpu_telemetry(mut self, gpu: GpuTelemetry) -> Self {
+        self.sweeper.host_nvml = Some(gpu.host_nvml.clone());
         self.gpu = Some(gpu);
         self
     }
@@ -107,13 +125,11 @@ impl QemuBackend {
     }
 
     fn paths(&self, id: &str) -> VmPaths {
-        VmPaths::new(&self.settings.data_dir, &self.settings.run_dir, id)
+        self.sweeper.paths(id)
     }
 
-    /// What makes a process instance `id`'s QEMU, and where to look for it.
     fn owner(&self, id: &str) -> Owner {
-        let proc = self.settings.proc_root.clone();
-        Owner { proc, run_dir: self.settings.run_dir.clone(), id: id.to_owned() }
+        self.sweeper.owner(id)
     }
 
     fn live(&self, id: &str) -> Option<Arc<Vm>> {
@@ -202,14 +218,6 @@ fn forwards(instance: &Instance) -> Vec<(u16, u16)> {
     out
 }
 
-/// Opens the host's NVML again after GPUs returned to the driver (blocking, so off the
-/// runtime).
-pub(super) async fn nvml_reload(host: Option<Arc<HostNvml>>) {
-    if let Some(host) = host {
-        let _ = tokio::task::spawn_blocking(move || host.reload()).await;
-    }
-}
-
 fn known_images(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
@@ -231,7 +239,7 @@ fn with_log(e: process::ProcessError, paths: &VmPaths) -> String {
 }
 
 #[async_trait]
-impl Backend for QemuBackend {
+impl Lifecycle for QemuBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
     }
@@ -322,15 +330,8 @@ impl Backend for QemuBackend {
     }
 
     async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
-        let paths = self.paths(&instance.id);
         self.stop_vm(&instance.id, Ladder::graceful(self.settings.powerdown_grace)).await?;
-        // Only once QEMU is gone: vfio-pci cannot let go of a device QEMU holds open.
-        if gpus::release(&self.settings.vfio, &instance.id).await? > 0 {
-            nvml_reload(self.host_nvml()).await;
-        }
-        paths.remove_all().map_err(|e| BackendError::op("remove the VM's files", e))?;
-        tracing::info!(id = %instance.id, "VM and its files removed");
-        Ok(())
+        self.sweeper.remove(&instance.id).await
     }
 
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
@@ -355,17 +356,5 @@ impl Backend for QemuBackend {
         self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, "VM adopted");
         Ok(Adoption::Adopted)
-    }
-
-    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
-        Ok(self.owned_vms())
-    }
-
-    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
-        self.reap_vm(&owned.instance_id).await
-    }
-
-    async fn halt(&self, owned: &Owned) -> Result<(), BackendError> {
-        self.halt_vm(&owned.instance_id).await
     }
 }

@@ -29,6 +29,7 @@ pub mod process;
 pub mod procfs;
 pub mod qmp;
 pub mod seed;
+pub mod sweeper;
 pub mod vfat;
 
 pub mod backend;
@@ -37,3 +38,4 @@ pub mod vm;
 pub mod vm_process;
 
 pub use backend::{QemuBackend, QemuSettings};
+pub use sweeper::QemuSweeper;

@@ -93,8 +93,7 @@ async fn rollback(manager: &Manager, slot: &Arc<Slot>) {
     let instance = slot.snapshot();
     // The published ports would otherwise point at host ports nothing holds any more.
     manager.unpublish_ports(&instance.id).await;
-    let Ok(backend) = manager.backend_of(&instance) else { return };
-    if let Err(e) = backend.destroy(&instance).await {
+    if let Err(e) = manager.tear_down_instance(&instance).await {
         tracing::error!(id = %instance.id, error = %e, "rollback of a failed create is incomplete");
     }
 }
@@ -105,21 +104,14 @@ const DESTROY_ATTEMPTS: u32 = 5;
 async fn delete(manager: &Manager, slot: &Arc<Slot>) {
     let instance = slot.snapshot();
     manager.unpublish_ports(&instance.id).await;
-    let backend = match manager.backend_of(&instance) {
-        Ok(backend) => backend,
-        Err(e) => {
-            // Forgetting the record would leave a VM or container running that nothing
-            // tracks; it stays (marked deleting) for the next start-up or `recover`.
-            tracing::error!(id = %instance.id, error = %e, "cannot tear the instance down now");
-            return;
-        }
-    };
     // A transient failure (an engine call timing out, a device slow to let go) must not
-    // leave the host blocked until the next restart: `destroy` is idempotent, so retry.
+    // leave the host blocked until the next restart: a teardown is idempotent, so retry.
+    // Forgetting the record would leave a VM or container running that nothing tracks: on
+    // giving up it stays (marked deleting) for the next start-up or `recover`.
     let mut wait = Duration::from_secs(2);
     let mut attempt = 1;
-    while let Err(e) = backend.destroy(&instance).await {
-        if attempt == DESTROY_ATTEMPTS {
+    while let Err(e) = manager.tear_down_instance(&instance).await {
+        if attempt == DESTROY_ATTEMPTS || matches!(e, ManagerError::NoBackend { .. }) {
             // The record stays (marked deleting): the next start-up or `recover` retries.
             tracing::error!(id = %instance.id, error = %e, attempt, "instance teardown failed; giving up until the next start-up or `recover`");
             return;

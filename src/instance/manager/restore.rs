@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{Manager, ManagerError, Slot};
-use crate::backend::Adoption;
+use crate::backend::{Adoption, Lifecycle};
 use crate::instance::model::Instance;
 use crate::instance::transition::Event;
 
@@ -77,14 +77,6 @@ impl Manager {
         let instance = slot.snapshot();
         let id = instance.id.clone();
         let fail = |reason: String| self.run_event(Arc::clone(&slot), Event::Failed(reason));
-        // The backend of the record's own kind (the agent may run another kind now); a
-        // teardown finds its own in the delete flow.
-        let backend = match self.backend_of(&instance) {
-            Ok(b) => b,
-            Err(_) if action == Restore::TearDown => return self.tear_down(slot).await,
-            Err(e) if action != Restore::Keep => return fail(e.to_string()).await,
-            Err(_) => return,
-        };
         match action {
             Restore::Keep => {}
             Restore::TearDown => self.tear_down(slot).await,
@@ -94,30 +86,44 @@ impl Manager {
             }
             Restore::RollBack { reason } => {
                 tracing::warn!(%id, %reason, "rolling back an interrupted create");
-                if let Err(e) = backend.destroy(&instance).await {
+                if let Err(e) = self.tear_down_instance(&instance).await {
                     tracing::error!(%id, error = %e, "rollback of an interrupted create is incomplete");
                 }
                 fail(reason).await;
             }
             Restore::Reboot => {
                 // Its process is gone (an error, whatever the record said), and the lease
-                // goes on: boot it from its disk.
+                // goes on: boot it from its disk, if the running backend is of its kind.
+                if let Err(e) = self.lifecycle_of(&instance) {
+                    return fail(e.to_string()).await;
+                }
                 fail("the VM exited while the agent was down".into()).await;
                 self.run_event(slot, Event::Reboot).await;
             }
-            Restore::Adopt => match backend.adopt(&instance).await {
-                Ok(Adoption::Adopted) => {
-                    tracing::info!(%id, status = %instance.status, "instance adopted");
-                    self.run_event(slot, Event::Adopted).await;
-                }
-                Ok(Adoption::Gone { detail }) => {
-                    fail(format!("the VM exited while the agent was down ({detail})")).await
-                }
-                Err(e) => {
-                    tracing::warn!(%id, error = %e, "instance could not be adopted");
-                    fail(e.to_string()).await;
-                }
+            // Only the running backend can adopt: a live instance of another kind is left
+            // alone, in error, until deleted (its sweeper tears it down then).
+            Restore::Adopt => match self.lifecycle_of(&instance) {
+                Err(e) => fail(e.to_string()).await,
+                Ok(backend) => self.adopt(slot, &instance, backend.as_ref()).await,
             },
+        }
+    }
+
+    async fn adopt(&self, slot: Arc<Slot>, instance: &Instance, backend: &dyn Lifecycle) {
+        let id = &instance.id;
+        let fail = |reason: String| self.run_event(Arc::clone(&slot), Event::Failed(reason));
+        match backend.adopt(instance).await {
+            Ok(Adoption::Adopted) => {
+                tracing::info!(%id, status = %instance.status, "instance adopted");
+                self.run_event(slot, Event::Adopted).await;
+            }
+            Ok(Adoption::Gone { detail }) => {
+                fail(format!("the VM exited while the agent was down ({detail})")).await
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "instance could not be adopted");
+                fail(e.to_string()).await;
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::*;
-use crate::backend::{Adoption, BackendEvent, EventSink, Owned};
+use crate::backend::{Adoption, BackendEvent, EventSink};
 use crate::instance::spec::Spec;
 
 /// Records every call; `wait_ready` waits for a permit of `ready` so tests control boot time.
@@ -18,8 +18,6 @@ struct Scripted {
     fail: StdMutex<Option<&'static str>>,
     adoption: StdMutex<Adoption>,
     keys_seen: StdMutex<Vec<Vec<String>>>,
-    /// What `find_owned` reports; `reap` removes from it.
-    owned: StdMutex<Vec<Owned>>,
     /// How many `destroy` calls fail before one succeeds.
     destroy_failures: StdMutex<u32>,
 }
@@ -32,7 +30,6 @@ impl Scripted {
             fail: StdMutex::default(),
             adoption: StdMutex::new(Adoption::Adopted),
             keys_seen: StdMutex::default(),
-            owned: StdMutex::default(),
             destroy_failures: StdMutex::default(),
         })
     }
@@ -51,7 +48,7 @@ impl Scripted {
 }
 
 #[async_trait]
-impl Backend for Scripted {
+impl backend::Lifecycle for Scripted {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
     }
@@ -113,20 +110,6 @@ impl Backend for Scripted {
         self.step("adopt")?;
         Ok(self.adoption.lock().unwrap().clone())
     }
-    async fn find_owned(&self) -> Result<Vec<Owned>, BackendError> {
-        self.step("find_owned")?;
-        Ok(self.owned.lock().unwrap().clone())
-    }
-    async fn reap(&self, owned: &Owned) -> Result<(), BackendError> {
-        self.step("reap")?;
-        self.owned.lock().unwrap().retain(|o| o != owned);
-        Ok(())
-    }
-    async fn halt(&self, owned: &Owned) -> Result<(), BackendError> {
-        self.step("halt")?;
-        self.owned.lock().unwrap().retain(|o| o != owned);
-        Ok(())
-    }
 }
 
 struct Harness {
@@ -175,7 +158,8 @@ fn settings(gpus: &[&str]) -> ManagerSettings {
 
 fn harness_in(dir: tempfile::TempDir, backend: Arc<Scripted>, gpus: &[&str]) -> Harness {
     let store = Store::open(dir.path()).unwrap();
-    let manager = Manager::new(Ok(backend.clone() as Arc<dyn Backend>), store, settings(gpus));
+    let manager =
+        Manager::new(Ok(backend.clone() as Arc<dyn backend::Lifecycle>), store, settings(gpus));
     let (events, rx) = mpsc::unbounded_channel();
     manager.spawn_event_loop(rx);
     Harness { manager, backend, dir, events }
@@ -472,7 +456,7 @@ async fn local_mode_answers_with_the_host_ports() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let local = ManagerSettings { local: true, ..settings(&[]) };
-    let manager = Manager::new(Ok(Scripted::new() as Arc<dyn Backend>), store, local);
+    let manager = Manager::new(Ok(Scripted::new() as Arc<dyn backend::Lifecycle>), store, local);
     let body = json!({"ports": [{"guest_port": 8080, "remote_port": 20000, "proto": "http"}]});
     let created = manager.create_json(&body).await.unwrap();
     let instance = &manager.instances()[0];

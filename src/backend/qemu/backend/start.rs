@@ -45,15 +45,10 @@ impl QemuBackend {
             tracing::warn!(id = %instance.id, error = %e, "VM start failed; stopping its QEMU");
             if let Err(stop) = self.stop_vm(&instance.id, Ladder::abort()).await {
                 tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
-            } else if !instance.gpus.is_empty() {
-                match gpus::release(&self.settings.vfio, &instance.id).await {
-                    Err(e) => {
-                        tracing::error!(id = %instance.id, error = %e, "GPU release incomplete")
-                    }
-                    // The GPUs are back on their driver: NVML opens again to see them.
-                    Ok(n) if n > 0 => super::nvml_reload(self.host_nvml()).await,
-                    Ok(_) => {}
-                }
+            } else if !instance.gpus.is_empty()
+                && let Err(e) = self.sweeper.release_gpus(&instance.id).await
+            {
+                tracing::error!(id = %instance.id, error = %e, "GPU release incomplete")
             }
         }
         result

@@ -5,7 +5,7 @@
 
 use super::QemuBackend;
 use crate::backend::BackendError;
-use crate::backend::qemu::vm_process::{Ladder, Stopped, VmProcess};
+use crate::backend::qemu::vm_process::{Ladder, Stopped};
 
 impl QemuBackend {
     /// Stops instance `id`'s QEMU along `ladder`. Idempotent: nothing running is fine.
@@ -14,17 +14,12 @@ impl QemuBackend {
             gpu.streams.stop(id).await;
         }
         let vm = self.vms.lock().expect("vms lock").remove(id);
-        let found = match &vm {
+        match vm {
             Some(vm) => {
                 vm.expect_exit();
-                Vec::new()
+                vm.process.stop(&ladder).await.map_err(|e| BackendError::op("stop QEMU", e))
             }
-            None => VmProcess::scan(&self.owner(id)),
-        };
-        let mut how = Stopped::NotRunning;
-        for process in vm.iter().map(|vm| &vm.process).chain(&found) {
-            how = process.stop(&ladder).await.map_err(|e| BackendError::op("stop QEMU", e))?;
+            None => self.sweeper.stop_found(id, &ladder).await,
         }
-        Ok(how)
     }
 }
