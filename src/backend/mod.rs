@@ -7,6 +7,8 @@ pub mod choice;
 pub mod docker;
 pub mod qemu;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
@@ -14,7 +16,7 @@ use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
 /// A backend operation failed. `Display` is one sentence a user can act on.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     /// The guest did not become reachable in time.
     #[error("the guest did not become reachable within {seconds} s: {detail}")]
@@ -22,9 +24,14 @@ pub enum BackendError {
     /// The VM cannot boot: QEMU stopped it or exited, or its console shows a failure.
     #[error("the VM did not boot: {detail}")]
     BootFailed { detail: String },
-    /// An operation on the instance failed.
-    #[error("{operation} failed: {detail}")]
-    Operation { operation: &'static str, detail: String },
+    /// An operation on the instance failed; `source` is the failure itself (a QMP, SSH,
+    /// disk or engine error), kept for whoever walks the chain.
+    #[error("{operation} failed: {source}")]
+    Operation {
+        operation: &'static str,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// The host cannot give what the request needs now (a GPU in use, on nouveau, …):
     /// answered with 409.
     #[error("{reason}")]
@@ -38,10 +45,34 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    pub fn op(operation: &'static str, detail: impl ToString) -> Self {
-        BackendError::Operation { operation, detail: detail.to_string() }
+    /// `operation` failed with `source` (an error, or a sentence when there is none).
+    pub fn op(
+        operation: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        BackendError::Operation { operation, source: Arc::from(source.into()) }
     }
 }
+
+/// Equal when they say the same (a source is compared by its message): for tests and for
+/// telling a repeated failure from a new one.
+impl PartialEq for BackendError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                BackendError::Operation { operation: a, source: x },
+                BackendError::Operation { operation: b, source: y },
+            ) => a == b && x.to_string() == y.to_string(),
+            (BackendError::Operation { .. }, _) | (_, BackendError::Operation { .. }) => false,
+            _ => {
+                self.to_string() == other.to_string()
+                    && std::mem::discriminant(self) == std::mem::discriminant(other)
+            }
+        }
+    }
+}
+
+impl Eq for BackendError {}
 
 /// What a backend learns on its own, outside a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,4 +183,22 @@ pub trait HostSweeper: Send + Sync + 'static {
     /// Stops whatever a record's instance still runs and removes everything it made (a
     /// record of a kind the agent does not run now, an interrupted create). Idempotent.
     async fn tear_down(&self, instance: &Instance) -> Result<(), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operation_keeps_its_source_and_says_it_in_one_sentence() {
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "monitor hung");
+        let err = BackendError::op("stop QEMU", io);
+        assert_eq!(err.to_string(), "stop QEMU failed: monitor hung");
+        let source = std::error::Error::source(&err).expect("a source");
+        let io = source.downcast_ref::<std::io::Error>().expect("the io::Error itself");
+        assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(err.clone(), BackendError::op("stop QEMU", "monitor hung"));
+        assert_ne!(err, BackendError::op("start QEMU", "monitor hung"));
+        assert_ne!(err, BackendError::Gone { detail: "stop QEMU failed: monitor hung".into() });
+    }
 }
