@@ -194,8 +194,11 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "monitor hung");
         let err = BackendError::op("stop QEMU", io);
         assert_eq!(err.to_string(), "stop QEMU failed: monitor hung");
+        // The source is the error itself, shared (an `Arc`, so the error stays `Clone`).
         let source = std::error::Error::source(&err).expect("a source");
-        let io = source.downcast_ref::<std::io::Error>().expect("the io::Error itself");
+        assert_eq!(source.to_string(), "monitor hung");
+        let shared = source.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>().unwrap();
+        let io = shared.downcast_ref::<std::io::Error>().expect("the io::Error itself");
         assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
         assert_eq!(err.clone(), BackendError::op("stop QEMU", "monitor hung"));
         assert_ne!(err, BackendError::op("start QEMU", "monitor hung"));
