@@ -6,7 +6,7 @@
 //!   decision read from the per-boot cache;
 //! - the time from `POST /instances` to `error` for each failure class: a disk of zeros, a GPT
 //!   disk without an EFI partition, a guest kernel panic, QEMU killed while the guest boots, a
-//!   guest that never answers SSH (boot deadline set to 10 s);
+//!   guest that never answers SSH (boot deadline set to 30 s);
 //! - with a passing probe recorded for this boot where KVM then fails the VM: the time to
 //!   `running` through the TCG fallback, against a plain TCG create.
 //!
@@ -26,6 +26,7 @@ use support::guests::{host_ovmf, install_test_guest, install_zeros, qemu};
 use support::vm::{
     BOOT, ci_guest_image, qemu_pids, small_vm, wait_for_qemu, wait_gone, wait_status,
 };
+use support::wait::wait_until;
 
 fn rounds() -> usize {
     std::env::var("QUDATA_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
@@ -65,6 +66,10 @@ async fn delete(dirs: &Dirs, api: &Api, id: &str) {
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(dirs, id, Duration::from_secs(60)).await;
     wait_status(api, "destroyed", Duration::from_secs(30)).await;
+    // The record goes last: the next create is refused until it has.
+    let what = format!("the record of {id} removed");
+    let every = Duration::from_millis(100);
+    wait_until(what, Duration::from_secs(30), every, async || dirs.records().is_empty()).await;
 }
 
 /// Create → `error` for `image`; prints the first reason seen.
@@ -122,11 +127,11 @@ async fn main() {
     let no_esp = install_test_guest(&dirs, "no-esp");
     let panics = install_test_guest(&dirs, "panic");
     let silent = install_test_guest(&dirs, "silent");
-    let (_agent, api) = agent(&dirs, Some("tcg"), Some("10")).await;
+    let (_agent, api) = agent(&dirs, Some("tcg"), Some("30")).await;
     to_error(&dirs, &api, &zeros, "create → error: disk of zeros").await;
     to_error(&dirs, &api, &no_esp, "create → error: GPT disk without an ESP").await;
     to_error(&dirs, &api, &panics, "create → error: guest kernel panic").await;
-    to_error(&dirs, &api, &silent, "create → error: never answers SSH (10 s deadline)").await;
+    to_error(&dirs, &api, &silent, "create → error: never answers SSH (30 s deadline)").await;
 
     let mut killed = Vec::new();
     for _ in 0..rounds() {
