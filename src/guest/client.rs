@@ -78,7 +78,8 @@ impl Output {
     }
 }
 
-/// An authenticated SSH connection to one guest. Commands may run concurrently on it.
+/// An authenticated SSH connection to one guest. Commands may run concurrently on it, each
+/// on a channel of its own; [`GuestSession`](super::session::GuestSession) shares one per guest.
 pub struct GuestClient {
     target: GuestTarget,
     handle: Handle<Pinning>,
@@ -275,8 +276,13 @@ impl GuestClient {
         self.run(&format!("write {}", path.as_str()), &command, bytes).await.map(drop)
     }
 
-    /// Says goodbye to the guest (best effort).
-    pub async fn close(self) {
+    /// The connection ended (the guest went, keepalives went unanswered, or it was closed).
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Says goodbye to the guest (best effort); channels still open on it end.
+    pub async fn close(&self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     }
 }

@@ -60,6 +60,12 @@ pub enum GuestError {
     )]
     Unreachable { instance: String, waited: Duration, last: Box<GuestError> },
 
+    #[error(
+        "instance {instance}: the agent closed its SSH session to the guest (the VM stopped or \
+         boots again); retry once the instance is running"
+    )]
+    SessionClosed { instance: String },
+
     #[error("instance {instance}: `{action}` failed in the guest ({status}): {stderr}")]
     CommandFailed { instance: String, action: String, status: String, stderr: String },
 
@@ -68,7 +74,8 @@ pub enum GuestError {
 }
 
 impl GuestError {
-    /// Errors that retrying cannot fix: `wait_reachable` stops on them at once.
+    /// Errors that retrying cannot fix: `wait_reachable` and `GuestSession::get` stop on
+    /// them at once.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
@@ -76,6 +83,7 @@ impl GuestError {
                 | GuestError::PinCorrupt { .. }
                 | GuestError::KnownHosts { .. }
                 | GuestError::BadValue { .. }
+                | GuestError::SessionClosed { .. }
         )
     }
 }

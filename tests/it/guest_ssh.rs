@@ -15,6 +15,8 @@ use tokio::time::Instant;
 use crate::support::sshd::{Sshd, keygen, openssh_login};
 use crate::support::wait::wait_until_blocking;
 
+mod session;
+
 struct Guest {
     sshd: Sshd,
     key: ManagementKey,
