@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::support::agent::{Agent, Api, Dirs, free_port};
 use crate::support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
 use crate::support::vm::{
-    create_running, openssh, record, small_vm, vm_env, wait_gone, wait_status,
+    create_running, guest_logins, openssh, record, small_vm, vm_env, wait_gone, wait_status,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -64,6 +64,8 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
         ok_stats(&r[before..]).iter().filter(|s| has_guest_gpus(&s.body)).count() >= 10
     })
     .await;
+    // Readiness, configuration and the metrics channel: one SSH login (it was three).
+    assert_eq!(guest_logins(&dirs, &id), 1, "one SSH session per guest");
     let samples: Vec<Value> = stats_after(&cp, before).into_iter().filter(has_guest_gpus).collect();
     let last = samples.last().unwrap();
     assert_eq!(last["status"], "running");
@@ -97,6 +99,7 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
     })
     .await;
     assert!(agent.output().contains("opening it again"), "{}", agent.output());
+    assert_eq!(guest_logins(&dirs, &id), 2, "the agent's session and the test's `killall`");
 
     // The agent is killed and started again: it adopts the VM and opens a new stream.
     agent.kill9();

@@ -7,8 +7,8 @@ use serde_json::json;
 
 use crate::support::agent::{Agent, Api, Dirs, local_secret};
 use crate::support::vm::{
-    BOOT, fresh_agent, host_port, http_get, leftovers, openssh, qemu_pids, record, ssh_keygen,
-    start_agent, wait_gone, wait_http, wait_status,
+    BOOT, fresh_agent, guest_logins, host_port, http_get, leftovers, openssh, qemu_pids, record,
+    ssh_keygen, start_agent, wait_gone, wait_http, wait_status,
 };
 
 /// The renter's service: busybox httpd serving a page made from an environment value. The
@@ -60,6 +60,8 @@ async fn create_running(dirs: &Dirs, api: &Api) -> String {
 async fn lifecycle_ports_keys_and_cleanup() {
     let (dirs, _agent, api) = started().await;
     let id = create_running(&dirs, &api).await;
+    // Readiness and configuration share one SSH session (it was two logins).
+    assert_eq!(guest_logins(&dirs, &id), 1, "one SSH session per guest");
 
     // QEMU outlives the agent with the environment it was given: none of the agent's settings
     // (in production the API key among them), only what every child may see.

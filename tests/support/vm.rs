@@ -115,6 +115,14 @@ pub fn host_port(dirs: &Dirs, id: &str, guest_port: u16) -> u16 {
     port["host_port"].as_u64().unwrap() as u16
 }
 
+/// SSH logins the guest's dropbear has logged on the serial console since this boot began
+/// (every client: the agent's and the test's own).
+pub fn guest_logins(dirs: &Dirs, id: &str) -> usize {
+    let serial = dirs.data.join("vms").join(id).join("serial.log");
+    let log = std::fs::read(serial).unwrap_or_default();
+    String::from_utf8_lossy(&log).matches("auth succeeded for").count()
+}
+
 /// Pids of processes whose command line carries `-name qudata-<id>`.
 pub fn qemu_pids(id: &str) -> Vec<u32> {
     let marker = format!("qudata-{id}");

@@ -27,7 +27,7 @@ use super::vm_process::{Ladder, Owner, VmProcess};
 use crate::backend::{Adoption, BackendError, EventSink, Lifecycle};
 use crate::gpu::{GpuTelemetry, HostNvml};
 use crate::guest::metrics::StreamSpec;
-use crate::guest::{GuestPaths, ManagementKey, setup};
+use crate::guest::{GuestPaths, GuestSession, ManagementKey, setup};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
@@ -67,6 +67,8 @@ pub struct QemuBackend {
     key: ManagementKey,
     events: EventSink,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Each VM's one SSH session, beside its `Vm` (see `backend/guest.rs`).
+    sessions: Mutex<HashMap<String, Arc<GuestSession>>>,
     /// In-guest GPU metrics and the host's NVML (production mode only).
     gpu: Option<GpuTelemetry>,
 }
@@ -84,7 +86,15 @@ impl QemuBackend {
             powerdown_grace: settings.powerdown_grace,
             host_nvml: None,
         };
-        QemuBackend { settings, sweeper, key, events, vms: Mutex::default(), gpu: None }
+        QemuBackend {
+            settings,
+            sweeper,
+            key,
+            events,
+            vms: Mutex::default(),
+            sessions: Mutex::default(),
+            gpu: None,
+        }
     }
 
     /// The sweeper of this backend's VMs (with its NVML, so GPUs an orphan held reach the
@@ -107,18 +117,15 @@ impl QemuBackend {
         self.gpu.as_ref().map(|g| g.host_nvml.clone())
     }
 
-    /// (Re)starts the instance's GPU metrics stream; it ends by itself when QEMU exits.
+    /// (Re)starts the instance's GPU metrics stream, a channel on the guest's session; it
+    /// ends by itself when QEMU exits.
     fn start_gpu_stream(&self, instance: &Instance) {
         let (Some(gpu), Some(vm)) = (&self.gpu, self.live(&instance.id)) else {
             return;
         };
-        let Ok(target) = self.target(instance) else { return };
-        let spec = StreamSpec {
-            target,
-            key: self.key.clone(),
-            has_gpus: !instance.gpus.is_empty(),
-            interval: gpu.interval,
-        };
+        let Ok(session) = self.session(instance) else { return };
+        let spec =
+            StreamSpec { session, has_gpus: !instance.gpus.is_empty(), interval: gpu.interval };
         gpu.streams.start(spec, async move {
             vm.exited().await;
         });
@@ -284,16 +291,13 @@ impl Lifecycle for QemuBackend {
                 .await
                 .map_err(|e| BackendError::op("start the command", e))?;
         }
-        client.close().await;
         self.start_gpu_stream(instance);
         Ok(())
     }
 
     async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError> {
         let client = self.client(instance, Instant::now() + Duration::from_secs(30)).await?;
-        let result = self.apply_keys(&client, instance).await;
-        client.close().await;
-        result
+        self.apply_keys(&client, instance).await
     }
 
     async fn pause(&self, instance: &Instance) -> Result<(), BackendError> {

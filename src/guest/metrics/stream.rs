@@ -1,9 +1,11 @@
-//! One guest's GPU metrics stream: a single SSH channel running `nvidia-smi … -lms <ms>`,
-//! read line by line into the board, for as long as the instance runs. A broken channel is
-//! opened again with back-off; no process is spawned per sample, in the guest or here.
+//! One guest's GPU metrics stream: a single SSH channel running `nvidia-smi … -lms <ms>` on
+//! the guest's shared session, read line by line into the board, for as long as the instance
+//! runs. A broken channel is opened again with back-off (the session makes the connection
+//! again with the same policy); no process is spawned per sample, in the guest or here.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use russh::ChannelMsg;
@@ -12,13 +14,11 @@ use tokio::time::Instant;
 
 use super::board::GuestGpuBoard;
 use super::parse::{QUERY, parse_line};
-use crate::control_plane::backoff::Backoff;
-use crate::guest::{GuestClient, GuestCommand, GuestError, GuestTarget, ManagementKey};
+use crate::guest::session::RECONNECT;
+use crate::guest::{GuestCommand, GuestError, GuestSession};
 
-/// Between attempts when the stream breaks; reset once lines flow again.
-const RETRY: Backoff = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(30) };
-/// One SSH connection attempt.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
+/// Opening the channel and starting the command on a live connection.
+const OPEN_DEADLINE: Duration = Duration::from_secs(20);
 /// A line is overdue after this many intervals: the channel is stuck, open a new one.
 const IDLE_INTERVALS: u32 = 20;
 /// Longer lines are not nvidia-smi's; they are dropped, so a runaway guest cannot grow memory.
@@ -37,8 +37,8 @@ pub fn stream_command(interval: Duration) -> GuestCommand {
 /// What the stream of one instance needs.
 #[derive(Clone)]
 pub struct StreamSpec {
-    pub target: GuestTarget,
-    pub key: ManagementKey,
+    /// The guest's session, shared with configuration.
+    pub session: Arc<GuestSession>,
     /// The instance has GPUs: a guest without `nvidia-smi` (driver not installed yet) is
     /// retried; without GPUs it ends the stream quietly.
     pub has_gpus: bool,
@@ -87,7 +87,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     gone: Pin<Box<dyn Future<Output = ()> + Send>>,
 ) {
-    let id = spec.target.instance.clone();
+    let id = spec.session.target().instance.clone();
     let session = async {
         let mut attempt = 0u32;
         loop {
@@ -108,7 +108,9 @@ pub async fn run(
             } else {
                 tracing::debug!(%id, reason = %ended, attempt, "in-guest GPU metrics stream retry");
             }
-            let pause = RETRY.delay(attempt);
+            // The session's back-off: its own wait for a broken connection overlaps this one
+            // instead of adding to it.
+            let pause = RECONNECT.delay(attempt);
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -123,37 +125,39 @@ pub async fn run(
     board.clear(&id);
 }
 
-/// One connection and one channel, read until it ends.
+/// One channel on the guest's session, read until it ends.
 async fn session(
     spec: &StreamSpec,
     board: &GuestGpuBoard,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
-    let connect = GuestClient::connect(&spec.target, &spec.key, Instant::now() + CONNECT_DEADLINE);
     let client = tokio::select! {
-        c = connect => match c {
+        c = spec.session.get() => match c {
             Ok(c) => c,
+            // The VM stopped or boots again: whoever starts it configures it anew.
+            Err(GuestError::SessionClosed { .. }) => return Ended::Stopped,
             Err(e) => return Ended::Failed(e),
         },
         _ = stop.wait_for(|s| *s) => return Ended::Stopped,
     };
     let command = stream_command(spec.interval);
-    let ended = match client.open_stream(&command, Instant::now() + CONNECT_DEADLINE).await {
-        Ok(channel) => read(channel, spec, board, stop).await,
-        Err(e) => Ended::Failed(e),
+    let mut channel = match client.open_stream(&command, Instant::now() + OPEN_DEADLINE).await {
+        Ok(channel) => channel,
+        Err(e) => return Ended::Failed(e),
     };
-    // Closing the connection ends nvidia-smi in the guest (its pipes close).
-    client.close().await;
+    let ended = read(&mut channel, spec, board, stop).await;
+    // Ends nvidia-smi in the guest (its pipes close); the connection stays for the others.
+    let _ = channel.close().await;
     ended
 }
 
 async fn read(
-    mut channel: russh::Channel<russh::client::Msg>,
+    channel: &mut russh::Channel<russh::client::Msg>,
     spec: &StreamSpec,
     board: &GuestGpuBoard,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
-    let id = &spec.target.instance;
+    let id = &spec.session.target().instance;
     let idle = spec.interval * IDLE_INTERVALS;
     let (mut pending, mut stderr) = (Vec::<u8>::new(), Vec::<u8>::new());
     let (mut lines, mut status) = (0u64, None);

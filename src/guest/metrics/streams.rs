@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::board::GuestGpuBoard;
 use super::stream::{self, StreamSpec};
 
-/// Time a stream gets to close its SSH connection when told to stop.
+/// Time a stream gets to close its SSH channel when told to stop.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 struct Running {
@@ -38,7 +38,7 @@ impl GpuStreams {
     /// Starts (or restarts) the stream of `spec`'s instance; it ends by itself when `gone`
     /// resolves (the VM exited).
     pub fn start(&self, spec: StreamSpec, gone: impl Future<Output = ()> + Send + 'static) {
-        let id = spec.target.instance.clone();
+        let id = spec.session.target().instance.clone();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(stream::run(spec, self.board.clone(), stopped, Box::pin(gone)));
         let previous =
@@ -48,7 +48,7 @@ impl GpuStreams {
         }
     }
 
-    /// Stops an instance's stream and waits for it to close its connection; a no-op when
+    /// Stops an instance's stream and waits for it to close its channel; a no-op when
     /// none runs.
     pub async fn stop(&self, instance: &str) {
         let running = self.running.lock().expect("streams lock").remove(instance);

@@ -13,7 +13,7 @@ use crate::backend::qemu::console::ConsoleFollower;
 use crate::backend::qemu::disk;
 use crate::backend::qemu::vm::{ExitCause, Vm, VmExit};
 use crate::backend::qemu::vm_process::Ladder;
-use crate::guest::{GuestClient, GuestError};
+use crate::guest::GuestError;
 use crate::instance::model::Instance;
 
 /// Boot-to-SSH allowance: software emulation is an order of magnitude slower than KVM.
@@ -97,6 +97,9 @@ impl QemuBackend {
     /// boot that fails leaves no QEMU behind (stopped at once: a guest that never came up has
     /// nobody to act on the power button), so `start` can boot it again.
     pub(super) async fn wait_booted(&self, instance: &Instance) -> Result<(), BackendError> {
+        // A boot starts from nothing: a connection of an earlier boot (a reset, a QEMU that
+        // went) may still look open but leads nowhere.
+        self.end_session(&instance.id).await;
         let result = self.boot_with_fallback(instance).await;
         if result.is_err()
             && let Err(e) = self.stop_vm(&instance.id, Ladder::abort()).await
@@ -132,15 +135,15 @@ impl QemuBackend {
         let vm = self.running(instance, "wait for the guest").map_err(BootEnd::Failed)?;
         let paths = self.paths(&instance.id);
         let limit = self.boot_deadline();
-        let target = self.target(instance).map_err(BootEnd::Failed)?;
+        let session = self.session(instance).map_err(BootEnd::Failed)?;
         let console = ConsoleFollower::new(&paths.serial_log, vm.boot_offset());
         vm.set_booting(true);
         let watched = Unwatch(&vm);
         tokio::select! {
-            client = GuestClient::wait_reachable(&target, &self.key, Instant::now() + limit) => {
+            // The connection is kept: configuration and GPU metrics use it next.
+            client = session.connect_until(Instant::now() + limit) => {
                 match client {
-                    Ok(client) => {
-                        client.close().await;
+                    Ok(_) => {
                         drop(watched);
                         if vm.set_booting(false) {
                             // Gone right after answering: the exit was kept from the manager.

@@ -1,21 +1,56 @@
-//! Reaching the guest over SSH with the management key, and its renter keys.
+//! The guest's one SSH session (readiness, configuration, renter keys, GPU metrics all use
+//! it), made on first use and closed when the VM stops or boots again.
+
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use super::QemuBackend;
 use crate::backend::BackendError;
-use crate::guest::{GuestClient, GuestPaths, GuestTarget, setup};
+use crate::guest::{GuestClient, GuestError, GuestPaths, GuestSession, GuestTarget, setup};
 use crate::instance::model::Instance;
 
 impl QemuBackend {
+    /// The instance's session, made (not yet connected) on first use.
+    pub(super) fn session(&self, instance: &Instance) -> Result<Arc<GuestSession>, BackendError> {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if let Some(session) = sessions.get(&instance.id) {
+            return Ok(session.clone());
+        }
+        let session = Arc::new(GuestSession::new(self.target(instance)?, self.key.clone()));
+        sessions.insert(instance.id.clone(), session.clone());
+        Ok(session)
+    }
+
+    /// Stops the GPU metrics channel and closes the session: the VM stops, or boots again
+    /// and nothing of the last boot's connection is any use.
+    pub(super) async fn end_session(&self, id: &str) {
+        if let Some(gpu) = &self.gpu {
+            gpu.streams.stop(id).await;
+        }
+        let session = self.sessions.lock().expect("sessions lock").remove(id);
+        if let Some(session) = session {
+            session.close().await;
+        }
+    }
+
+    /// The session's live connection, or a new one before `deadline`.
     pub(super) async fn client(
         &self,
         instance: &Instance,
         deadline: Instant,
-    ) -> Result<GuestClient, BackendError> {
-        let target = self.target(instance)?;
-        GuestClient::wait_reachable(&target, &self.key, deadline)
+    ) -> Result<Arc<GuestClient>, BackendError> {
+        let session = self.session(instance)?;
+        let started = Instant::now();
+        let timeout = || GuestError::Timeout {
+            instance: instance.id.clone(),
+            action: "reconnecting over SSH",
+            after: deadline.saturating_duration_since(started),
+        };
+        tokio::time::timeout_at(deadline, session.get())
             .await
+            .map_err(|_| timeout())
+            .and_then(|got| got)
             .map_err(|e| BackendError::op("reach the guest over SSH", e))
     }
 

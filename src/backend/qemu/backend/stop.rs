@@ -10,9 +10,7 @@ use crate::backend::qemu::vm_process::{Ladder, Stopped};
 impl QemuBackend {
     /// Stops instance `id`'s QEMU along `ladder`. Idempotent: nothing running is fine.
     pub(super) async fn stop_vm(&self, id: &str, ladder: Ladder) -> Result<Stopped, BackendError> {
-        if let Some(gpu) = &self.gpu {
-            gpu.streams.stop(id).await;
-        }
+        self.end_session(id).await;
         let vm = self.vms.lock().expect("vms lock").remove(id);
         match vm {
             Some(vm) => {
