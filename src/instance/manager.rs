@@ -485,9 +485,12 @@ impl Manager {
         self.change(slot, move |record| Ok(transition::apply(record, &event)?)).await
     }
 
+    /// Drops the instance, then its record. In this order a create that follows the record's
+    /// removal is never refused as "still being deleted"; a record that cannot be removed
+    /// (marked deleting) is torn down again, idempotently, at the next start-up.
     fn forget(&self, id: &str) -> Result<(), ManagerError> {
-        self.inner.store.remove(id)?;
         self.slots().remove(id);
+        self.inner.store.remove(id)?;
         Ok(())
     }
 
