@@ -210,6 +210,20 @@ impl Accelerator {
         self.decision().accel
     }
 
+    /// A VM with GPUs needs KVM (TCG cannot really pass a device through), so where `auto`
+    /// found KVM unusable such a VM is refused, never moved to TCG silently. `Err` says why.
+    /// `QUDATA_QEMU_ACCEL=tcg` is the operator's explicit word (tests of the bind paths).
+    pub fn allows_gpus(&self) -> Result<(), String> {
+        match self.decision() {
+            Decision { accel: Accel::Kvm, .. } => Ok(()),
+            _ if self.choice == AccelChoice::Tcg => Ok(()),
+            Decision { reason, .. } => Err(format!(
+                "a VM with GPUs needs KVM, and VMs on this host run under TCG ({reason}); fix \
+                 KVM (see `qudata-agent doctor`), then reboot the host"
+            )),
+        }
+    }
+
     /// A VM under KVM failed because of KVM (`detail`: QEMU's words). With `auto` KVM is
     /// marked unusable for this boot of the host (cached, so `doctor` and a restarted agent
     /// agree) and every later VM runs under TCG: returns `true`, the caller may retry the VM
@@ -343,7 +357,11 @@ mod tests {
         );
         let cached = read_cache(dir.path(), &probe_inputs(qemu, &ovmf())).unwrap();
         assert!(matches!(cached, ProbeOutcome::Fails { .. }), "{cached:?}");
+        let refused = auto.allows_gpus().unwrap_err();
+        assert!(refused.starts_with("a VM with GPUs needs KVM, and VMs on this host run under TCG (KVM failed while a VM booted"), "{refused}");
         let forced = Accelerator::new(AccelChoice::Kvm, kvm(), qemu, &ovmf(), dir.path());
+        assert_eq!(forced.allows_gpus(), Ok(()));
+        assert_eq!(Accelerator::fixed(Accel::Tcg).allows_gpus(), Ok(()), "tcg, as asked");
         assert!(!forced.kvm_failed("KVM internal error (emulation failure)"));
         assert_eq!(forced.current(), Accel::Kvm);
     }

@@ -260,6 +260,9 @@ impl Lifecycle for QemuBackend {
     }
 
     fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {
+        if !gpus.is_empty() {
+            self.settings.accel.allows_gpus().map_err(|reason| BackendError::Refused { reason })?;
+        }
         gpus::check(&self.settings.vfio, gpus)
     }
 

@@ -19,6 +19,11 @@ impl QemuBackend {
         instance: &Instance,
         paths: &VmPaths,
     ) -> Result<(), BackendError> {
+        // Also checked at admission; a `start` from disk may come after KVM was found broken.
+        if !instance.gpus.is_empty() {
+            let refused = |reason| BackendError::Refused { reason };
+            self.settings.accel.allows_gpus().map_err(refused)?;
+        }
         let passthrough = self.bind_gpus(instance).await?;
         crate::fault::crash_point(crate::fault::Phase::AfterGpuBind);
         let under_kvm = self.settings.accel.current() == Accel::Kvm;
