@@ -176,7 +176,13 @@ async fn a_guest_that_never_answers_ssh_fails_at_the_deadline_with_its_console()
         reason.starts_with("the guest did not become reachable within 45 s: it never answered SSH"),
         "{reason}"
     );
-    assert!(reason.contains("silent-guest: up, and no SSH server will ever start"), "{reason}");
+    // What the console showed last is quoted. How far a loaded machine gets in the deadline
+    // varies (the guest's own line, the kernel's or the firmware's lines before it), and a
+    // failed create's files, its console log with them, are removed: the quote is checked
+    // for being there (which lines it holds, by the follower's unit tests).
+    let (_, shown) = reason.split_once("its console last showed: ").expect("console quoted");
+    let (quoted, _advice) = shown.rsplit_once("; the image must").expect("the advice follows");
+    assert!(!quoted.trim().is_empty(), "{reason}");
     delete(&dirs, &api).await;
 }
 
