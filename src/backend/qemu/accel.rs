@@ -232,18 +232,25 @@ impl Accelerator {
         if self.choice != AccelChoice::Auto {
             return false;
         }
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.accel == Accel::Kvm {
+        let switched = {
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            let was_kvm = current.accel == Accel::Kvm;
+            if was_kvm {
+                *current = Decision {
+                    accel: Accel::Tcg,
+                    reason: format!("KVM failed while a VM booted: {detail}"),
+                };
+            }
+            was_kvm
+        };
+        // Logged and cached once, outside the lock (the cache write fsyncs).
+        if switched {
             tracing::error!(
                 %detail,
                 "KVM FAILED WHILE A VM BOOTED: KVM IS MARKED UNUSABLE UNTIL THE HOST REBOOTS; \
                  VMs now run under TCG software emulation (many times slower, no GPU \
                  passthrough). Fix KVM on this host (nested virtualisation?), then reboot"
             );
-            *current = Decision {
-                accel: Accel::Tcg,
-                reason: format!("KVM failed while a VM booted: {detail}"),
-            };
             let outcome = ProbeOutcome::Fails {
                 detail: format!("a VM failed under KVM after the probe passed: {detail}"),
             };
