@@ -87,13 +87,27 @@ pub enum BackendEvent {
 /// Where a backend reports [`BackendEvent`]s.
 pub type EventSink = mpsc::UnboundedSender<BackendEvent>;
 
-/// What [`Backend::adopt`] found for a recorded instance after an agent restart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What [`Lifecycle::adopt`] found for a recorded instance after an agent restart.
 pub enum Adoption {
-    /// Alive and reattached (monitoring resumed).
-    Adopted,
+    /// Alive and reattached (monitoring resumed): its machine, for the instance's task.
+    Adopted(Arc<dyn Machine>),
     /// Its process or container is gone.
     Gone { detail: String },
+    /// It could not be checked now (an engine that does not answer). It is watched all the
+    /// same: when it answers again and the instance runs, a [`BackendEvent::Started`] follows.
+    Unsure { machine: Arc<dyn Machine>, error: BackendError },
+}
+
+impl std::fmt::Debug for Adoption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Adoption::Adopted(_) => f.write_str("Adopted"),
+            Adoption::Gone { detail } => f.debug_struct("Gone").field("detail", detail).finish(),
+            Adoption::Unsure { error, .. } => {
+                f.debug_struct("Unsure").field("error", error).finish()
+            }
+        }
+    }
 }
 
 /// A VM or container on the host that carries this agent's marker, found without the record.
@@ -105,9 +119,9 @@ pub struct Owned {
     pub what: String,
 }
 
-/// One implementation per way of running an instance: the life of one instance, from its
-/// record. (What belongs to the agent on the host, with or without a record, is a
-/// [`HostSweeper`]'s.)
+/// One implementation per way of running an instance: what makes, starts again, adopts and
+/// removes an instance's [`Machine`], from its record. (What belongs to the agent on the
+/// host, with or without a record, is a [`HostSweeper`]'s.)
 #[async_trait]
 pub trait Lifecycle: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
@@ -129,9 +143,30 @@ pub trait Lifecycle: Send + Sync + 'static {
     }
 
     /// Builds and starts the instance. On failure everything it made is already removed.
-    async fn launch(&self, instance: &Instance) -> Result<(), BackendError>;
+    async fn launch(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError>;
 
-    /// Waits, with the backend's own deadline, until the guest answers.
+    /// Starts the instance again from its disk after its process is gone.
+    async fn boot(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError>;
+
+    /// Reattaches to the instance after an agent restart, without touching the guest.
+    async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError>;
+
+    /// Stops the instance (through `machine` when its task holds one, else whatever carries
+    /// its marker) and removes everything it made. Idempotent: what is already gone is not an
+    /// error.
+    async fn destroy(
+        &self,
+        instance: &Instance,
+        machine: Option<Arc<dyn Machine>>,
+    ) -> Result<(), BackendError>;
+}
+
+/// One instance's live VM or container, held by the instance's task only: its process (or
+/// container) handle and its one guest connection. Dropped when the instance stops for good.
+#[async_trait]
+pub trait Machine: Send + Sync + 'static {
+    /// Waits, with the backend's own deadline, until the guest answers. A boot that fails
+    /// leaves nothing running.
     async fn wait_ready(&self, instance: &Instance) -> Result<(), BackendError>;
 
     /// Applies renter keys and starts the renter's command. Idempotent: called after every
@@ -142,22 +177,16 @@ pub trait Lifecycle: Send + Sync + 'static {
     async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError>;
 
     /// Stops the vCPUs (container: pause); everything else is kept.
-    async fn pause(&self, instance: &Instance) -> Result<(), BackendError>;
+    async fn pause(&self) -> Result<(), BackendError>;
 
-    async fn resume(&self, instance: &Instance) -> Result<(), BackendError>;
+    async fn resume(&self) -> Result<(), BackendError>;
 
-    /// Resets the guest (container: restart).
-    async fn reset(&self, instance: &Instance) -> Result<(), BackendError>;
+    /// Resets the guest (container: restart); [`Machine::wait_ready`] follows.
+    async fn reset(&self) -> Result<(), BackendError>;
 
-    /// Starts the instance again from its disk after its process is gone.
-    async fn boot(&self, instance: &Instance) -> Result<(), BackendError>;
-
-    /// Stops the instance and removes everything it made. Idempotent: what is already gone is
-    /// not an error.
-    async fn destroy(&self, instance: &Instance) -> Result<(), BackendError>;
-
-    /// Reattaches to the instance after an agent restart, without touching the guest.
-    async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError>;
+    /// Stops the VM or container for good along the backend's graceful ladder; what it made
+    /// stays (that is [`Lifecycle::destroy`]'s). Idempotent.
+    async fn stop(&self) -> Result<(), BackendError>;
 }
 
 /// What belongs to this agent on the host, found without a record: a backend kind's side of

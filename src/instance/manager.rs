@@ -1,8 +1,9 @@
 //! The one command surface between the API and the backends (in the spirit of Firecracker's
-//! `VmmAction`): admission, the state machine and the per-instance lock.
+//! `VmmAction`): admission of new instances, and a registry that routes every other command
+//! to the instance's own task ([`task::InstanceTask`], its one owner).
 //!
-//! Reads (`status`, the stats loop) never wait for an operation: the record sits behind a
-//! short-held mutex, while a slow operation holds the instance's async `op` lock.
+//! Reads (`status`, the stats loop) never wait for an operation: each task publishes its
+//! record through a watch channel, and the registry's lock is held only to look a task up.
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -10,20 +11,21 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::watch;
 
 use super::model::{BackendKind, Instance, Status};
 use super::spec::{self, HostLimits, SpecError};
 use super::store::{Store, StoreError};
-use super::transition::{self, Event, Flow};
-use crate::backend::{self, BackendError, HostSweeper};
+use super::transition::{self, Event};
+use crate::backend::{self, BackendError, HostSweeper, Machine};
 use crate::ports::{self, PortError};
+use task::{Command, InstanceTask, TaskHandle};
 
 mod events;
-mod flows;
 mod keys;
+mod ops;
 mod publish;
 mod restore;
+mod task;
 
 pub use keys::KeyChange;
 pub use publish::{PublishError, Publisher};
@@ -102,38 +104,13 @@ pub struct ManagerSettings {
     pub local: bool,
 }
 
-/// One instance: its record and the lock held by whatever operation changes it.
-struct Slot {
-    /// The record as last saved: a read takes a copy and never waits for a write.
-    record: watch::Sender<Instance>,
-    /// Held while a change is decided, saved (off the runtime) and published.
-    write: tokio::sync::Mutex<()>,
-    op: Arc<tokio::sync::Mutex<()>>,
-    /// Set by `DELETE` so that a boot in progress stops waiting.
-    cancel: watch::Sender<bool>,
-}
-
-impl Slot {
-    fn new(record: Instance) -> Slot {
-        Slot {
-            record: watch::Sender::new(record),
-            write: Default::default(),
-            op: Arc::default(),
-            cancel: watch::Sender::new(false),
-        }
-    }
-
-    fn snapshot(&self) -> Instance {
-        self.record.borrow().clone()
-    }
-}
-
 struct Inner {
     backend: Result<Arc<dyn backend::Lifecycle>, String>,
     store: Store,
     settings: ManagerSettings,
-    slots: Mutex<BTreeMap<String, Arc<Slot>>>,
-    /// Held by a create from its checks until its record is in `slots`.
+    /// Each instance's task (std lock: held to look up, insert or remove, never across I/O).
+    tasks: Mutex<BTreeMap<String, TaskHandle>>,
+    /// Held by a create from its checks until its task is in `tasks`.
     admission: tokio::sync::Mutex<()>,
     publish: publish::PublishState,
     /// The host sweepers of every kind, for tearing down what a record's instance made when
@@ -154,17 +131,37 @@ impl Manager {
         store: Store,
         settings: ManagerSettings,
     ) -> Manager {
-        let slots = Mutex::new(BTreeMap::new());
         let inner = Inner {
             backend,
             store,
             settings,
-            slots,
+            tasks: Mutex::default(),
             admission: Default::default(),
             publish: Default::default(),
             sweepers: Default::default(),
         };
         Manager { inner: Arc::new(inner) }
+    }
+
+    /// A manager with no backend to run instances, for `recover` (the agent stopped): its
+    /// tasks carry out recovery's decisions with the host sweepers of every kind.
+    pub fn offline(store: Store, sweepers: Vec<Arc<dyn HostSweeper>>) -> Manager {
+        let settings = ManagerSettings {
+            limits: HostLimits {
+                cpus: 0,
+                memory_mib: 0,
+                storage_gb: 0,
+                default_cpus: 0,
+                default_memory_mib: 0,
+                default_storage_gb: 0,
+            },
+            gpu_pool: Vec::new(),
+            host_ports: ports::HOST_PORTS,
+            local: true,
+        };
+        let manager = Manager::new(Err("recover runs no instance".into()), store, settings);
+        manager.set_sweepers(sweepers);
+        manager
     }
 
     fn backend(&self) -> Result<Arc<dyn backend::Lifecycle>, ManagerError> {
@@ -193,9 +190,13 @@ impl Manager {
     /// Stops what `instance` runs and removes what it made: by the running backend when of
     /// its kind (it holds the live VM or container), else by the sweeper of its kind. The
     /// wrong kind would find nothing and forget a VM or container that still runs.
-    async fn tear_down_instance(&self, instance: &Instance) -> Result<(), ManagerError> {
+    async fn tear_down_instance(
+        &self,
+        instance: &Instance,
+        machine: Option<Arc<dyn Machine>>,
+    ) -> Result<(), ManagerError> {
         if let Ok(backend) = self.lifecycle_of(instance) {
-            return Ok(backend.destroy(instance).await?);
+            return Ok(backend.destroy(instance, machine).await?);
         }
         let sweepers = self.inner.sweepers.get().map(Vec::as_slice).unwrap_or_default();
         match sweepers.iter().find(|s| s.kind() == instance.backend) {
@@ -206,26 +207,38 @@ impl Manager {
         }
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
-        self.inner.slots.lock().expect("slots lock")
+    fn tasks(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TaskHandle>> {
+        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn task(&self, id: &str) -> Option<TaskHandle> {
+        self.tasks().get(id).cloned()
     }
 
     /// The instance the single-instance API talks about: the oldest one not being deleted.
-    fn current(&self) -> Option<Arc<Slot>> {
-        let slots = self.slots();
-        let mut live: Vec<_> = slots.values().filter(|s| !s.snapshot().deleting).collect();
-        live.sort_by_key(|s| s.snapshot().created_at);
-        live.first().map(|s| Arc::clone(s))
+    fn current(&self) -> Option<TaskHandle> {
+        let tasks = self.tasks();
+        let mut live: Vec<_> = tasks.values().filter(|t| !t.snapshot().deleting).collect();
+        live.sort_by_key(|t| t.snapshot().created_at);
+        live.first().map(|t| (*t).clone())
+    }
+
+    /// Starts the task of `instance` and registers it.
+    fn spawn_task(&self, instance: Instance) -> TaskHandle {
+        let id = instance.id.clone();
+        let handle = InstanceTask::spawn(self.clone(), instance);
+        self.tasks().insert(id, handle.clone());
+        handle
     }
 
     /// The status reported to the control plane.
     pub fn current_status(&self) -> Status {
-        self.current().map(|s| s.snapshot().status).unwrap_or(Status::Destroyed)
+        self.current().map(|t| t.snapshot().status).unwrap_or(Status::Destroyed)
     }
 
     /// Every record, deleted-in-progress ones included (recovery and tests).
     pub fn instances(&self) -> Vec<Instance> {
-        self.slots().values().map(|s| s.snapshot()).collect()
+        self.tasks().values().map(|t| t.snapshot()).collect()
     }
 
     pub fn status(&self) -> StatusView {
@@ -239,8 +252,8 @@ impl Manager {
                 created_at: None,
                 port_errors: None,
             },
-            Some(slot) => {
-                let i = slot.snapshot();
+            Some(task) => {
+                let i = task.snapshot();
                 StatusView {
                     status: i.status,
                     ports: Some(self.port_map(&i)),
@@ -274,7 +287,7 @@ impl Manager {
             other => ManagerError::Backend(other),
         })?;
         let _admission = self.inner.admission.lock().await;
-        let held: Vec<Instance> = self.slots().values().map(|s| s.snapshot()).collect();
+        let held = self.instances();
         if let Some(existing) = held.first() {
             let reason = if existing.deleting {
                 "the previous instance is still being deleted; try again shortly"
@@ -298,10 +311,10 @@ impl Manager {
             status: instance.status,
             ports: self.port_map(&instance),
         };
-        let slot = Arc::new(Slot::new(instance.clone()));
-        self.slots().insert(instance.id.clone(), Arc::clone(&slot));
         tracing::info!(id = %instance.id, gpus = instance.gpus.len(), "instance accepted");
-        self.spawn_flow(slot, Flow::Create);
+        let task = self.spawn_task(instance);
+        // A fresh channel has room: this never waits.
+        let _ = task.commands.send(Command::Create).await;
         Ok(created)
     }
 
@@ -376,121 +389,35 @@ impl Manager {
         Ok(free.into_iter().take(wanted).collect())
     }
 
-    /// `PUT /instances`.
+    /// `PUT /instances`: answered once applied (`stop` and a `start` that resumes: once
+    /// done). A command that does not fit the state is refused at once; one that fits waits
+    /// up to [`OP_WAIT`] for an operation in progress.
     pub async fn lifecycle(&self, command: Lifecycle) -> Result<(), ManagerError> {
-        let slot = self.current().ok_or(ManagerError::NotFound)?;
+        let task = self.current().ok_or(ManagerError::NotFound)?;
         let event = match command {
             Lifecycle::Start => Event::Start,
             Lifecycle::Stop => Event::Stop,
             Lifecycle::Restart => Event::Restart,
         };
-        // A state mismatch is answered at once; only a fitting command waits its turn.
-        transition::apply(&mut slot.snapshot(), &event)?; // a dry run on a copy
-        // Short operations (re-applying keys after adoption, a pause) finish soon: wait for
-        // them rather than refuse. A boot holds the lock for long, but its state is refused
-        // above.
-        let guard = tokio::time::timeout(OP_WAIT, Arc::clone(&slot.op).lock_owned())
-            .await
-            .map_err(|_| transition::Conflict {
-                status: slot.snapshot().status,
-                reason: "another operation on the instance is in progress".to_owned(),
-            })?;
-        // The state may have moved while waiting: decided again, and applied.
-        match self.apply(&slot, &event).await? {
-            None => Ok(()),
-            // Pause and resume are quick QMP calls: answer with their result.
-            Some(flow @ (Flow::Pause | Flow::Resume)) => {
-                flows::run_quick(self, &slot, flow, guard).await
-            }
-            Some(flow) => {
-                self.spawn_locked_flow(slot, flow, guard);
-                Ok(())
-            }
-        }
+        task.ask(|reply| Command::Lifecycle { event, reply }).await
     }
 
     /// `DELETE /instances`: answered at once; teardown continues in the background.
     pub async fn delete(&self) -> Result<(), ManagerError> {
-        let slot = self.current().ok_or(ManagerError::NotFound)?;
-        self.begin_delete(slot).await
+        let task = self.current().ok_or(ManagerError::NotFound)?;
+        task.ask(|reply| Command::Delete { reply }).await
     }
 
-    /// Marks the instance deleted and starts its teardown; a boot in progress stops waiting.
-    async fn begin_delete(&self, slot: Arc<Slot>) -> Result<(), ManagerError> {
-        if let Some(flow) = self.apply(&slot, &Event::Delete).await? {
-            slot.cancel.send_replace(true);
-            tracing::info!(id = %slot.snapshot().id, "instance deletion accepted");
-            self.spawn_flow(slot, flow);
-        }
-        Ok(())
-    }
-
-    fn spawn_flow(&self, slot: Arc<Slot>, flow: Flow) {
-        let manager = self.clone();
-        tokio::spawn(async move {
-            let guard = Arc::clone(&slot.op).lock_owned().await;
-            flows::run(&manager, &slot, flow, guard).await;
-        });
-    }
-
-    fn spawn_locked_flow(&self, slot: Arc<Slot>, flow: Flow, guard: flows::OpGuard) {
-        let manager = self.clone();
-        tokio::spawn(async move { flows::run(&manager, &slot, flow, guard).await });
-    }
-
-    /// Changes the record and saves it (fsync, on the blocking pool); on a failed save the
-    /// record is unchanged. Changes of one instance happen one at a time.
-    async fn change<T: Send + 'static>(
-        &self,
-        slot: &Slot,
-        change: impl FnOnce(&mut Instance) -> Result<T, ManagerError> + Send + 'static,
-    ) -> Result<T, ManagerError> {
-        let _writing = slot.write.lock().await;
-        let before = slot.snapshot();
-        let (out, after) = self
-            .blocking(move |manager| {
-                let mut after = before.clone();
-                let out = change(&mut after)?;
-                if after != before {
-                    manager.inner.store.save(&after)?;
-                }
-                Ok((out, after))
-            })
-            .await?;
-        slot.record.send_if_modified(|record| {
-            let modified = *record != after;
-            *record = after;
-            modified
-        });
-        Ok(out)
-    }
-
-    async fn update(
-        &self,
-        slot: &Slot,
-        change: impl FnOnce(&mut Instance) + Send + 'static,
-    ) -> Result<(), ManagerError> {
-        self.change(slot, |record| {
-            change(record);
-            Ok(())
-        })
-        .await
-    }
-
-    /// The one place an instance's status changes: `event` decided by
-    /// [`transition::transition`], the record saved when it changed. Returns the flow the
-    /// transition starts; on a refusal or a failed save the record is unchanged.
-    async fn apply(&self, slot: &Slot, event: &Event) -> Result<Option<Flow>, ManagerError> {
-        let event = event.clone();
-        self.change(slot, move |record| Ok(transition::apply(record, &event)?)).await
-    }
-
-    /// Drops the instance, then its record. In this order a create that follows the record's
-    /// removal is never refused as "still being deleted"; a record that cannot be removed
-    /// (marked deleting) is torn down again, idempotently, at the next start-up.
-    fn forget(&self, id: &str) -> Result<(), ManagerError> {
-        self.slots().remove(id);
-        self.inner.store.remove(id)?;
+    /// Drops the instance's task from the registry, then its record. In this order a create
+    /// that follows the record's removal is never refused as "still being deleted"; a record
+    /// that cannot be removed (marked deleting) is torn down again, idempotently, at the next
+    /// start-up.
+    async fn forget(&self, id: &str) -> Result<(), ManagerError> {
+        self.tasks().remove(id);
+        let (store, id) = (self.inner.store.clone(), id.to_owned());
+        tokio::task::spawn_blocking(move || store.remove(&id))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         Ok(())
     }
 

@@ -10,10 +10,8 @@ use futures_util::future::join_all;
 use super::plan::{Plan, Row, Subject};
 use crate::backend::{HostSweeper, Owned};
 use crate::config::Config;
-use crate::instance::Restore;
-use crate::instance::model::Instance;
+use crate::instance::Manager;
 use crate::instance::store::Store;
-use crate::instance::transition::{self, Event};
 
 const NO_BACKEND: &str = "no backend can run on this host";
 
@@ -137,48 +135,17 @@ pub async fn return_gpus(plan: &mut Plan, cfg: &Config) {
     }
 }
 
-/// `recover`'s side of the records (the agent is not running): what the instance manager
-/// would do at start-up, minus adoption (left to the agent).
+/// `recover`'s side of the records (the agent is not running): the instance manager's own
+/// tasks carry out each decision, offline (no backend runs instances; each kind's sweeper
+/// tears down), minus adoption and boots (left to the agent).
 pub async fn apply_records(plan: &mut Plan, backends: &[Arc<dyn HostSweeper>], store: &Store) {
-    for (instance, restore) in plan.records.clone() {
-        let backend = backends.iter().find(|b| b.kind() == instance.backend).map(|b| b.as_ref());
-        let result = apply_record(&instance, &restore, backend, store).await;
-        if let Err(error) = result {
-            tracing::error!(id = %instance.id, %error, "cannot recover an instance");
-            mark(&mut plan.rows, Subject::Instance, &format!("instance {}", instance.id), error);
-        }
-    }
-}
-
-async fn apply_record(
-    instance: &Instance,
-    restore: &Restore,
-    backend: Option<&dyn HostSweeper>,
-    store: &Store,
-) -> Result<(), String> {
-    let needs_backend = matches!(restore, Restore::RollBack { .. } | Restore::TearDown);
-    let backend = match backend {
-        Some(b) => Some(b),
-        None if needs_backend => return Err(NO_BACKEND.into()),
-        None => None,
-    };
-    // Offline, the same state machine as the agent's decides the record's new state.
-    let set_error = |reason: &str| {
-        let mut record = instance.clone();
-        transition::apply(&mut record, &Event::Failed(reason.to_owned()))
-            .map_err(|e| e.to_string())?;
-        store.save(&record).map_err(|e| e.to_string())
-    };
-    match restore {
-        Restore::Adopt | Restore::Keep | Restore::Reboot => Ok(()),
-        Restore::Gone { reason } => set_error(reason),
-        Restore::RollBack { reason } => {
-            backend.expect("checked").tear_down(instance).await.map_err(|e| e.to_string())?;
-            set_error(reason)
-        }
-        Restore::TearDown => {
-            backend.expect("checked").tear_down(instance).await.map_err(|e| e.to_string())?;
-            store.remove(&instance.id).map_err(|e| e.to_string())
+    let manager = Manager::offline(store.clone(), backends.to_vec());
+    let outcomes = manager.restore_offline(plan.records.clone()).await;
+    for (id, outcome) in outcomes {
+        if let Err(error) = outcome {
+            tracing::error!(%id, %error, "cannot recover an instance");
+            let name = format!("instance {id}");
+            mark(&mut plan.rows, Subject::Instance, &name, error.to_string());
         }
     }
 }

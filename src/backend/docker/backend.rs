@@ -1,27 +1,24 @@
-//! `DockerBackend`: the [`Backend`] that runs each instance as a container.
+//! `DockerBackend`: the [`Lifecycle`] that runs each instance as a container (a
+//! [`DockerMachine`] held by the instance's task), and the [`HostSweeper`] of containers.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bollard::query_parameters::{CreateContainerOptionsBuilder, RestartContainerOptionsBuilder};
-use tokio::time::Instant;
+use bollard::query_parameters::CreateContainerOptionsBuilder;
 
 use super::engine::{CALL, Engine};
 use super::error::DockerError;
+use super::machine::DockerMachine;
 use super::owned::{self, Fate};
 use super::plan::{self, container_name};
+use super::pull;
 use super::watch::{self, Watch};
-use super::{pull, sshd};
-use crate::backend::{Adoption, BackendError, EventSink, HostSweeper, Lifecycle, Owned};
+use crate::backend::{Adoption, BackendError, EventSink, HostSweeper, Lifecycle, Machine, Owned};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
-
-/// How long a started container must stay in the same run before it counts as running.
-const READY_SETTLE: Duration = Duration::from_millis(500);
 
 /// What the Docker backend needs to know.
 #[derive(Clone, Debug)]
@@ -53,48 +50,45 @@ impl DockerSettings {
     }
 }
 
+/// Holds no container: each is a [`DockerMachine`] held by its instance's task. Cheap to
+/// clone.
+#[derive(Clone)]
 pub struct DockerBackend {
-    settings: DockerSettings,
-    engine: Engine,
+    pub(super) settings: DockerSettings,
+    pub(super) engine: Engine,
     events: EventSink,
-    watches: Mutex<HashMap<String, Arc<Watch>>>,
     /// Until the engine refuses one, containers get `storage_gb` as a disk limit.
-    disk_quota: AtomicBool,
+    disk_quota: Arc<AtomicBool>,
 }
 
 impl DockerBackend {
     /// Connects to the engine; fails when it does not answer within a few seconds.
     pub async fn connect(settings: DockerSettings, events: EventSink) -> Result<Self, DockerError> {
         let engine = Engine::connect(&settings.socket).await?;
-        Ok(DockerBackend {
-            settings,
-            engine,
-            events,
-            watches: Mutex::default(),
-            disk_quota: AtomicBool::new(true),
-        })
+        Ok(DockerBackend { settings, engine, events, disk_quota: Arc::new(AtomicBool::new(true)) })
     }
 
-    fn watch(&self, instance: &Instance, started_at: Option<String>, known_down: bool) {
+    /// The instance's machine: its container, watched from the run `started_at` on.
+    fn machine(
+        &self,
+        instance: &Instance,
+        started_at: Option<String>,
+        known_down: bool,
+    ) -> Arc<DockerMachine> {
         let name = container_name(&instance.id);
-        let id = instance.id.clone();
         let watch = Watch::spawn(
             self.engine.clone(),
-            id.clone(),
-            name,
+            instance.id.clone(),
+            name.clone(),
             self.events.clone(),
             started_at,
             known_down,
         );
-        self.watches.lock().expect("watches").insert(id, watch);
-    }
-
-    fn watch_of(&self, id: &str) -> Option<Arc<Watch>> {
-        self.watches.lock().expect("watches").get(id).cloned()
+        Arc::new(DockerMachine { backend: self.clone(), id: instance.id.clone(), name, watch })
     }
 
     /// Stops and removes `name` if, and only if, it is this agent's container for `id`.
-    async fn remove_owned(&self, name: &str, id: &str) -> Result<(), DockerError> {
+    pub(super) async fn remove_owned(&self, name: &str, id: &str) -> Result<(), DockerError> {
         let (owner, grace) = (&self.settings.owner, self.settings.stop_grace);
         owned::remove(&self.engine, name, id, owner, grace).await
     }
@@ -152,7 +146,7 @@ impl DockerBackend {
 
     /// The run the container is in (`StartedAt`, restart count) when it is up; `None` while it
     /// is still starting; an error with the exit code and last output when it is not running.
-    async fn check_up(&self, name: &str) -> Result<Option<(String, i64)>, BackendError> {
+    pub(super) async fn check_up(&self, name: &str) -> Result<Option<(String, i64)>, BackendError> {
         let info = self.engine.inspect(name).await.map_err(|e| e.during("check the container"))?;
         let restarts = info.restart_count.unwrap_or(0);
         let state = info.state.unwrap_or_default();
@@ -194,12 +188,11 @@ impl Lifecycle for DockerBackend {
             .map_err(|reason| BackendError::Refused { reason })
     }
 
-    async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {
+    async fn launch(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError> {
         match self.create_and_start(instance).await {
             Ok(started_at) => {
-                self.watch(instance, started_at, false);
                 tracing::info!(id = %instance.id, "container started");
-                Ok(())
+                Ok(self.machine(instance, started_at, false))
             }
             Err(e) => {
                 tracing::warn!(id = %instance.id, error = %e, "container launch failed; removing it");
@@ -212,94 +205,7 @@ impl Lifecycle for DockerBackend {
         }
     }
 
-    async fn wait_ready(&self, instance: &Instance) -> Result<(), BackendError> {
-        let name = container_name(&instance.id);
-        let until = Instant::now() + self.settings.start_deadline;
-        loop {
-            if let Some(run) = self.check_up(&name).await? {
-                // A command that fails at once must be an error, not a flash of `running`.
-                tokio::time::sleep(READY_SETTLE).await;
-                match self.check_up(&name).await? {
-                    Some(again) if again == run => return Ok(()),
-                    _ => {
-                        let logs = self.engine.logs_tail(&name, 5).await;
-                        let detail = format!(
-                            "the container's command exited right after starting; last output: {logs}"
-                        );
-                        return Err(BackendError::Gone { detail });
-                    }
-                }
-            }
-            if Instant::now() >= until {
-                let seconds = self.settings.start_deadline.as_secs();
-                let detail = "the container did not start running".to_owned();
-                return Err(BackendError::NotReachable { seconds, detail });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn configure(&self, instance: &Instance) -> Result<(), BackendError> {
-        if !instance.spec.ssh_enabled {
-            return Ok(());
-        }
-        let name = container_name(&instance.id);
-        let sshd = sshd::ensure_installed(&self.engine, &name)
-            .await
-            .map_err(|e| e.during("set up SSH"))?;
-        // Keys first: the server must never run with a stale key file.
-        self.apply_ssh_keys(instance).await?;
-        sshd::ensure_running(&self.engine, &name, sshd).await.map_err(|e| e.during("start SSH"))
-    }
-
-    async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError> {
-        if !instance.spec.ssh_enabled {
-            return Ok(());
-        }
-        let name = container_name(&instance.id);
-        sshd::set_keys(&self.engine, &name, &instance.ssh_keys)
-            .await
-            .map_err(|e| e.during("apply SSH keys"))
-    }
-
-    async fn pause(&self, instance: &Instance) -> Result<(), BackendError> {
-        let name = container_name(&instance.id);
-        let pause = self.engine.docker.pause_container(&name);
-        self.engine.call("pause the container", CALL, pause).await.map_err(|e| e.during("stop"))
-    }
-
-    async fn resume(&self, instance: &Instance) -> Result<(), BackendError> {
-        let name = container_name(&instance.id);
-        let unpause = self.engine.docker.unpause_container(&name);
-        self.engine
-            .call("unpause the container", CALL, unpause)
-            .await
-            .map_err(|e| e.during("start"))
-    }
-
-    async fn reset(&self, instance: &Instance) -> Result<(), BackendError> {
-        let name = container_name(&instance.id);
-        let grace = self.settings.stop_grace;
-        let restart = async {
-            let info = self.engine.inspect(&name).await?;
-            if info.state.and_then(|s| s.paused) == Some(true) {
-                // The engine refuses to restart a paused container.
-                let unpause = self.engine.docker.unpause_container(&name);
-                self.engine.call("unpause the container", CALL, unpause).await?;
-            }
-            let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
-            let options = RestartContainerOptionsBuilder::new().t(t).build();
-            let restart = self.engine.docker.restart_container(&name, Some(options));
-            self.engine.call("restart the container", grace + CALL, restart).await
-        };
-        let result = match self.watch_of(&instance.id) {
-            Some(watch) => watch.quietly(&self.engine, &name, restart).await,
-            None => restart.await,
-        };
-        result.map_err(|e| e.during("restart"))
-    }
-
-    async fn boot(&self, instance: &Instance) -> Result<(), BackendError> {
+    async fn boot(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError> {
         let name = container_name(&instance.id);
         let info = self.engine.inspect(&name).await.map_err(|e| e.during("start"))?;
         if !info.state.as_ref().is_some_and(watch::is_up) {
@@ -310,13 +216,17 @@ impl Lifecycle for DockerBackend {
                 .map_err(|e| e.during("start"))?;
         }
         let info = self.engine.inspect(&name).await.map_err(|e| e.during("start"))?;
-        self.watch(instance, info.state.and_then(|s| s.started_at), false);
-        Ok(())
+        Ok(self.machine(instance, info.state.and_then(|s| s.started_at), false))
     }
 
-    async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
-        if let Some(watch) = self.watches.lock().expect("watches").remove(&instance.id) {
-            watch.set_quiet();
+    async fn destroy(
+        &self,
+        instance: &Instance,
+        machine: Option<Arc<dyn Machine>>,
+    ) -> Result<(), BackendError> {
+        // Its watch quiet first: what follows is not the container stopping on its own.
+        if let Some(machine) = machine {
+            machine.stop().await?;
         }
         let name = container_name(&instance.id);
         match self.remove_owned(&name, &instance.id).await {
@@ -340,9 +250,9 @@ impl Lifecycle for DockerBackend {
                 return Ok(Adoption::Gone { detail: format!("no container named {name}") });
             }
             Err(e) => {
-                // Watch anyway: when the engine is back, the instance is configured again.
-                self.watch(instance, None, true);
-                return Err(e.during("find the container"));
+                // Watched anyway: when the engine is back, the instance is configured again.
+                let machine = self.machine(instance, None, true);
+                return Ok(Adoption::Unsure { machine, error: e.during("find the container") });
             }
         };
         let labels = info.config.and_then(|c| c.labels).unwrap_or_default();
@@ -355,9 +265,8 @@ impl Lifecycle for DockerBackend {
             let logs = self.engine.logs_tail(&name, 5).await;
             return Ok(Adoption::Gone { detail: watch::exit_reason(&state, &logs) });
         }
-        self.watch(instance, state.started_at, false);
         tracing::info!(id = %instance.id, "container adopted");
-        Ok(Adoption::Adopted)
+        Ok(Adoption::Adopted(self.machine(instance, state.started_at, false)))
     }
 }
 
@@ -383,15 +292,12 @@ impl HostSweeper for DockerBackend {
 
     async fn halt(&self, kept: &Owned) -> Result<(), BackendError> {
         let (owner, grace) = (&self.settings.owner, self.settings.stop_grace);
-        if let Some(watch) = self.watch_of(&kept.instance_id) {
-            watch.set_quiet();
-        }
         owned::settle(&self.engine, owner, &kept.instance_id, grace, Fate::Stopped)
             .await
             .map_err(|e| e.during("stop the container"))
     }
 
     async fn tear_down(&self, instance: &Instance) -> Result<(), BackendError> {
-        Lifecycle::destroy(self, instance).await
+        Lifecycle::destroy(self, instance, None).await
     }
 }

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod machine;
 pub mod owned;
 pub mod plan;
 pub mod pull;

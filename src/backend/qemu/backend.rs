@@ -4,13 +4,11 @@
 //! Everything it makes is named from the instance id ([`VmPaths`], the `-name qudata-<id>`
 //! marker), so the record alone is enough to adopt, reboot or clean up a VM after a restart.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::time::Instant;
 
 use super::accel::Accelerator;
 use super::argv::VmPlan;
@@ -24,17 +22,18 @@ use super::seed;
 use super::sweeper::QemuSweeper;
 use super::vm::{QMP_TIMEOUT, Vm};
 use super::vm_process::{Ladder, Owner, VmProcess};
-use crate::backend::{Adoption, BackendError, EventSink, Lifecycle};
+use crate::backend::{Adoption, BackendError, EventSink, Lifecycle, Machine};
 use crate::gpu::{GpuTelemetry, HostNvml};
-use crate::guest::metrics::StreamSpec;
-use crate::guest::{GuestPaths, GuestSession, ManagementKey, setup};
+use crate::guest::ManagementKey;
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
 
 mod boot;
 mod guest;
+mod machine;
 mod start;
-mod stop;
+
+pub use machine::QemuMachine;
 
 /// What the QEMU backend needs to know about the host.
 #[derive(Clone, Debug)]
@@ -60,15 +59,15 @@ pub struct QemuSettings {
     pub vfio: Arc<crate::vfio::Vfio>,
 }
 
+/// Holds no VM: each live VM is a [`QemuMachine`] held by its instance's task. Cheap to
+/// clone (each machine keeps a copy for what it does on the host).
+#[derive(Clone)]
 pub struct QemuBackend {
     settings: QemuSettings,
     /// Stops, finds and removes what VMs leave behind (the host side, shared with recovery).
     sweeper: QemuSweeper,
     key: ManagementKey,
     events: EventSink,
-    vms: Mutex<HashMap<String, Arc<Vm>>>,
-    /// Each VM's one SSH session, beside its `Vm` (see `backend/guest.rs`).
-    sessions: Mutex<HashMap<String, Arc<GuestSession>>>,
     /// In-guest GPU metrics and the host's NVML (production mode only).
     gpu: Option<GpuTelemetry>,
 }
@@ -86,15 +85,7 @@ impl QemuBackend {
             powerdown_grace: settings.powerdown_grace,
             host_nvml: None,
         };
-        QemuBackend {
-            settings,
-            sweeper,
-            key,
-            events,
-            vms: Mutex::default(),
-            sessions: Mutex::default(),
-            gpu: None,
-        }
+        QemuBackend { settings, sweeper, key, events, gpu: None }
     }
 
     /// The sweeper of this backend's VMs (with its NVML, so GPUs an orphan held reach the
@@ -117,41 +108,12 @@ impl QemuBackend {
         self.gpu.as_ref().map(|g| g.host_nvml.clone())
     }
 
-    /// (Re)starts the instance's GPU metrics stream, a channel on the guest's session; it
-    /// ends by itself when QEMU exits.
-    fn start_gpu_stream(&self, instance: &Instance) {
-        let (Some(gpu), Some(vm)) = (&self.gpu, self.live(&instance.id)) else {
-            return;
-        };
-        let Ok(session) = self.session(instance) else { return };
-        let spec =
-            StreamSpec { session, has_gpus: !instance.gpus.is_empty(), interval: gpu.interval };
-        gpu.streams.start(spec, async move {
-            vm.exited().await;
-        });
-    }
-
     fn paths(&self, id: &str) -> VmPaths {
         self.sweeper.paths(id)
     }
 
     fn owner(&self, id: &str) -> Owner {
         self.sweeper.owner(id)
-    }
-
-    fn live(&self, id: &str) -> Option<Arc<Vm>> {
-        let vms = self.vms.lock().expect("vms lock");
-        vms.get(id).filter(|vm| vm.exit_reason().is_none()).cloned()
-    }
-
-    fn running(
-        &self,
-        instance: &Instance,
-        operation: &'static str,
-    ) -> Result<Arc<Vm>, BackendError> {
-        self.live(&instance.id).ok_or_else(|| BackendError::Gone {
-            detail: format!("cannot {operation}: the VM's QEMU is not running"),
-        })
     }
 
     /// The base image of a spec: a named image must exist in the images dir.
@@ -266,65 +228,25 @@ impl Lifecycle for QemuBackend {
         gpus::check(&self.settings.vfio, gpus)
     }
 
-    async fn launch(&self, instance: &Instance) -> Result<(), BackendError> {
+    async fn launch(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError> {
         let paths = self.paths(&instance.id);
         let result = match self.prepare(instance, &paths).await {
             Ok(()) => self.start(instance, &paths).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = &result {
-            tracing::warn!(id = %instance.id, error = %e, "VM launch failed; removing what it made");
-            if let Err(cleanup) = self.destroy(instance).await {
-                tracing::error!(id = %instance.id, error = %cleanup, "launch rollback incomplete");
+        match result {
+            Ok(vm) => Ok(QemuMachine::new(self.clone(), vm)),
+            Err(e) => {
+                tracing::warn!(id = %instance.id, error = %e, "VM launch failed; removing what it made");
+                if let Err(cleanup) = self.destroy(instance, None).await {
+                    tracing::error!(id = %instance.id, error = %cleanup, "launch rollback incomplete");
+                }
+                Err(e)
             }
         }
-        result
     }
 
-    async fn wait_ready(&self, instance: &Instance) -> Result<(), BackendError> {
-        self.wait_booted(instance).await
-    }
-
-    async fn configure(&self, instance: &Instance) -> Result<(), BackendError> {
-        let deadline = Instant::now() + self.boot_deadline();
-        let client = self.client(instance, deadline).await?;
-        self.apply_keys(&client, instance).await?;
-        if let Some(command) = &instance.spec.command {
-            setup::start_service(&client, &GuestPaths::default(), command, &instance.spec.env)
-                .await
-                .map_err(|e| BackendError::op("start the command", e))?;
-        }
-        self.start_gpu_stream(instance);
-        Ok(())
-    }
-
-    async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError> {
-        let client = self.client(instance, Instant::now() + Duration::from_secs(30)).await?;
-        self.apply_keys(&client, instance).await
-    }
-
-    async fn pause(&self, instance: &Instance) -> Result<(), BackendError> {
-        let vm = self.running(instance, "stop")?;
-        vm.qmp.stop().await.map_err(|e| BackendError::op("stop", e))
-    }
-
-    async fn resume(&self, instance: &Instance) -> Result<(), BackendError> {
-        let vm = self.running(instance, "start")?;
-        vm.qmp.cont().await.map_err(|e| BackendError::op("start", e))
-    }
-
-    async fn reset(&self, instance: &Instance) -> Result<(), BackendError> {
-        let vm = self.running(instance, "restart")?;
-        let was_paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
-        vm.mark_reboot(&self.paths(&instance.id));
-        vm.qmp.system_reset().await.map_err(|e| BackendError::op("restart", e))?;
-        if was_paused {
-            vm.qmp.cont().await.map_err(|e| BackendError::op("restart", e))?;
-        }
-        Ok(())
-    }
-
-    async fn boot(&self, instance: &Instance) -> Result<(), BackendError> {
+    async fn boot(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError> {
         let paths = self.paths(&instance.id);
         if VmProcess::adopt(&self.owner(&instance.id)).is_some() {
             return Err(BackendError::op("boot", "the VM's QEMU is still running"));
@@ -333,12 +255,8 @@ impl Lifecycle for QemuBackend {
             let detail = format!("its disk {} is missing", paths.overlay.display());
             return Err(BackendError::Gone { detail });
         }
-        self.start(instance, &paths).await
-    }
-
-    async fn destroy(&self, instance: &Instance) -> Result<(), BackendError> {
-        self.stop_vm(&instance.id, Ladder::graceful(self.settings.powerdown_grace)).await?;
-        self.sweeper.remove(&instance.id).await
+        let vm = self.start(instance, &paths).await?;
+        Ok(QemuMachine::new(self.clone(), vm))
     }
 
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
@@ -360,8 +278,24 @@ impl Lifecycle for QemuBackend {
         }
         let pid = process.pid();
         let vm = Vm::watch(process, qmp, paths, self.events.clone());
-        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, "VM adopted");
-        Ok(Adoption::Adopted)
+        Ok(Adoption::Adopted(QemuMachine::new(self.clone(), vm)))
+    }
+
+    async fn destroy(
+        &self,
+        instance: &Instance,
+        machine: Option<Arc<dyn Machine>>,
+    ) -> Result<(), BackendError> {
+        // Stopped through the machine the task holds; a QEMU nobody holds (a launch cut
+        // short, one that could not be adopted) is found by its marker.
+        match machine {
+            Some(machine) => machine.stop().await?,
+            None => {
+                let ladder = Ladder::graceful(self.settings.powerdown_grace);
+                self.sweeper.stop_found(&instance.id, &ladder).await?;
+            }
+        }
+        self.sweeper.remove(&instance.id).await
     }
 }

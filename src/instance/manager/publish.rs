@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Manager, ManagerError, Slot};
+use super::task::Command;
+use super::{Manager, ManagerError};
 use crate::instance::model::Instance;
 use crate::instance::spec::SpecError;
 
@@ -46,13 +47,13 @@ const LIVE_ERRORS_WAIT: Duration = Duration::from_secs(1);
 
 impl Manager {
     /// Hands the manager its publisher (again after new FRP credentials): every instance is
-    /// published under its operation lock, and whatever is published for an id that has no
-    /// live record is withdrawn.
+    /// published by its task (after the operation in progress), and whatever is published
+    /// for an id that has no live record is withdrawn.
     pub fn set_publisher(&self, publisher: Arc<dyn Publisher>) {
         *self.inner.publish.publisher.write().expect("publisher lock") = Some(publisher.clone());
-        let slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        let tasks: Vec<_> = self.tasks().values().cloned().collect();
         let live: BTreeSet<String> =
-            slots.iter().map(|s| s.snapshot()).filter(|i| !i.deleting).map(|i| i.id).collect();
+            tasks.iter().map(|t| t.snapshot()).filter(|i| !i.deleting).map(|i| i.id).collect();
         for id in publisher.published_ids().into_iter().filter(|id| !live.contains(id)) {
             let publisher = publisher.clone();
             tokio::spawn(async move {
@@ -64,13 +65,9 @@ impl Manager {
                 }
             });
         }
-        for slot in slots {
-            let manager = self.clone();
+        for task in tasks {
             tokio::spawn(async move {
-                let _guard = Arc::clone(&slot.op).lock_owned().await;
-                if !slot.snapshot().deleting {
-                    manager.publish_ports(&slot).await;
-                }
+                let _ = task.commands.send(Command::Publish).await;
             });
         }
     }
@@ -88,12 +85,11 @@ impl Manager {
     }
 
     /// Publishes the instance's ports; a failure is logged and shown per port in the status,
-    /// never a reason to fail the instance. Call with the instance's `op` lock held.
-    pub(super) async fn publish_ports(&self, slot: &Slot) {
+    /// never a reason to fail the instance. Only the instance's task calls it.
+    pub(super) async fn publish_ports(&self, instance: &Instance) {
         let Some(publisher) = self.publisher() else { return };
-        let instance = slot.snapshot();
         let id = instance.id.clone();
-        let errors = match publisher.publish(&instance).await {
+        let errors = match publisher.publish(instance).await {
             Ok(errors) => errors,
             Err(e) => {
                 tracing::warn!(%id, error = %e, "cannot publish the instance's ports");
@@ -129,8 +125,8 @@ impl Manager {
     /// `GET /instances`: the status with the tunnel's live per-port errors (the last known
     /// ones when the tunnel does not answer at once, e.g. during a publish).
     pub async fn status_live(&self) -> super::StatusView {
-        if let (Some(publisher), Some(slot)) = (self.publisher(), self.current()) {
-            let id = slot.snapshot().id;
+        if let (Some(publisher), Some(task)) = (self.publisher(), self.current()) {
+            let id = task.snapshot().id;
             if let Ok(errors) = tokio::time::timeout(LIVE_ERRORS_WAIT, publisher.errors(&id)).await
             {
                 self.inner.publish.errors.lock().expect("errors lock").insert(id, errors);

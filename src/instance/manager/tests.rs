@@ -1,6 +1,6 @@
 //! The manager driven without HTTP, through a scripted backend (test support only).
 
-use std::sync::Mutex as StdMutex;
+use std::sync::{Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,15 +8,17 @@ use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::*;
-use crate::backend::{Adoption, BackendEvent, EventSink};
+use crate::backend::{Adoption, BackendEvent, EventSink, Machine};
 use crate::instance::spec::Spec;
 
 /// Records every call; `wait_ready` waits for a permit of `ready` so tests control boot time.
 struct Scripted {
+    me: Weak<Scripted>,
     calls: StdMutex<Vec<String>>,
     ready: Semaphore,
     fail: StdMutex<Option<&'static str>>,
-    adoption: StdMutex<Adoption>,
+    /// `Some(detail)`: adoption finds the instance gone.
+    gone: StdMutex<Option<String>>,
     keys_seen: StdMutex<Vec<Vec<String>>>,
     /// How many `destroy` calls fail before one succeeds.
     destroy_failures: StdMutex<u32>,
@@ -24,11 +26,12 @@ struct Scripted {
 
 impl Scripted {
     fn new() -> Arc<Scripted> {
-        Arc::new(Scripted {
+        Arc::new_cyclic(|me| Scripted {
+            me: me.clone(),
             calls: StdMutex::default(),
             ready: Semaphore::new(0),
             fail: StdMutex::default(),
-            adoption: StdMutex::new(Adoption::Adopted),
+            gone: StdMutex::default(),
             keys_seen: StdMutex::default(),
             destroy_failures: StdMutex::default(),
         })
@@ -36,6 +39,10 @@ impl Scripted {
 
     fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
+    }
+
+    fn machine(&self) -> Arc<dyn Machine> {
+        Arc::new(ScriptedMachine(self.me.upgrade().expect("the backend lives")))
     }
 
     fn step(&self, name: &'static str) -> Result<(), BackendError> {
@@ -69,35 +76,15 @@ impl backend::Lifecycle for Scripted {
             None => Ok(()),
         }
     }
-    async fn launch(&self, _: &Instance) -> Result<(), BackendError> {
-        self.step("launch")
+    async fn launch(&self, _: &Instance) -> Result<Arc<dyn Machine>, BackendError> {
+        self.step("launch")?;
+        Ok(self.machine())
     }
-    async fn wait_ready(&self, _: &Instance) -> Result<(), BackendError> {
-        self.step("wait_ready")?;
-        self.ready.acquire().await.unwrap().forget();
-        Ok(())
+    async fn boot(&self, _: &Instance) -> Result<Arc<dyn Machine>, BackendError> {
+        self.step("boot")?;
+        Ok(self.machine())
     }
-    async fn configure(&self, i: &Instance) -> Result<(), BackendError> {
-        self.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
-        self.step("configure")
-    }
-    async fn apply_ssh_keys(&self, i: &Instance) -> Result<(), BackendError> {
-        self.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
-        self.step("apply_ssh_keys")
-    }
-    async fn pause(&self, _: &Instance) -> Result<(), BackendError> {
-        self.step("pause")
-    }
-    async fn resume(&self, _: &Instance) -> Result<(), BackendError> {
-        self.step("resume")
-    }
-    async fn reset(&self, _: &Instance) -> Result<(), BackendError> {
-        self.step("reset")
-    }
-    async fn boot(&self, _: &Instance) -> Result<(), BackendError> {
-        self.step("boot")
-    }
-    async fn destroy(&self, _: &Instance) -> Result<(), BackendError> {
+    async fn destroy(&self, _: &Instance, _: Option<Arc<dyn Machine>>) -> Result<(), BackendError> {
         self.step("destroy")?;
         let mut failures = self.destroy_failures.lock().unwrap();
         if *failures > 0 {
@@ -108,7 +95,42 @@ impl backend::Lifecycle for Scripted {
     }
     async fn adopt(&self, _: &Instance) -> Result<Adoption, BackendError> {
         self.step("adopt")?;
-        Ok(self.adoption.lock().unwrap().clone())
+        Ok(match self.gone.lock().unwrap().clone() {
+            Some(detail) => Adoption::Gone { detail },
+            None => Adoption::Adopted(self.machine()),
+        })
+    }
+}
+
+/// The scripted backend's machine: every call recorded by the backend.
+struct ScriptedMachine(Arc<Scripted>);
+
+#[async_trait]
+impl Machine for ScriptedMachine {
+    async fn wait_ready(&self, _: &Instance) -> Result<(), BackendError> {
+        self.0.step("wait_ready")?;
+        self.0.ready.acquire().await.unwrap().forget();
+        Ok(())
+    }
+    async fn configure(&self, i: &Instance) -> Result<(), BackendError> {
+        self.0.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
+        self.0.step("configure")
+    }
+    async fn apply_ssh_keys(&self, i: &Instance) -> Result<(), BackendError> {
+        self.0.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
+        self.0.step("apply_ssh_keys")
+    }
+    async fn pause(&self) -> Result<(), BackendError> {
+        self.0.step("pause")
+    }
+    async fn resume(&self) -> Result<(), BackendError> {
+        self.0.step("resume")
+    }
+    async fn reset(&self) -> Result<(), BackendError> {
+        self.0.step("reset")
+    }
+    async fn stop(&self) -> Result<(), BackendError> {
+        self.0.step("stop")
     }
 }
 
@@ -303,6 +325,8 @@ async fn delete_during_boot_stops_waiting_and_cleans_up() {
     while !h.backend.calls().contains(&"wait_ready".to_owned()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // A teardown that takes a while (the first try fails; the next comes 2 s later).
+    *h.backend.destroy_failures.lock().unwrap() = 1;
     h.manager.delete().await.unwrap();
     assert_eq!(h.manager.current_status(), Status::Destroyed, "deleting reads as destroyed");
     let err = h.manager.create_json(&json!({})).await.unwrap_err();
@@ -315,7 +339,7 @@ async fn delete_during_boot_stops_waiting_and_cleans_up() {
     }
     assert!(h.manager.instances().is_empty());
     assert!(record_files(&h).is_empty());
-    assert_eq!(h.backend.calls(), ["launch", "wait_ready", "destroy"]);
+    assert_eq!(h.backend.calls(), ["launch", "wait_ready", "destroy", "destroy"]);
 }
 
 #[tokio::test]
@@ -442,7 +466,7 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     assert_eq!(again.backend.calls(), ["adopt", "configure"]);
 
     let gone = Scripted::new();
-    *gone.adoption.lock().unwrap() = Adoption::Gone { detail: "no QEMU process".into() };
+    *gone.gone.lock().unwrap() = Some("no QEMU process".into());
     let third = harness_in(again.dir, gone, &[]);
     let records = third.manager.stored_records().unwrap();
     third.manager.restore_with(records.into_iter().map(|i| (i, Restore::Adopt)).collect()).await;

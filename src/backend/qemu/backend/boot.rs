@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::QemuBackend;
+use super::{QemuBackend, QemuMachine};
 use crate::backend::BackendError;
 use crate::backend::qemu::accel::{Accel, Accelerator};
 use crate::backend::qemu::console::ConsoleFollower;
@@ -92,17 +92,19 @@ impl QemuBackend {
             Accel::Tcg => BOOT_DEADLINE_TCG,
         })
     }
+}
 
+impl QemuMachine {
     /// Waits for the guest's SSH; a KVM failure under `auto` boots it once more under TCG. A
     /// boot that fails leaves no QEMU behind (stopped at once: a guest that never came up has
     /// nobody to act on the power button), so `start` can boot it again.
     pub(super) async fn wait_booted(&self, instance: &Instance) -> Result<(), BackendError> {
         // A boot starts from nothing: a connection of an earlier boot (a reset, a QEMU that
         // went) may still look open but leads nowhere.
-        self.end_session(&instance.id).await;
+        self.end_session().await;
         let result = self.boot_with_fallback(instance).await;
         if result.is_err()
-            && let Err(e) = self.stop_vm(&instance.id, Ladder::abort()).await
+            && let Err(e) = self.stop_along(&Ladder::abort()).await
         {
             tracing::error!(id = %instance.id, error = %e, "cannot stop QEMU");
         }
@@ -115,13 +117,15 @@ impl QemuBackend {
             Err(BootEnd::Failed(e)) => return Err(e),
             Err(BootEnd::Kvm { detail, exit }) => (detail, exit),
         };
-        after_kvm_failure(&self.settings.accel, !instance.gpus.is_empty(), &detail, &exit)?;
+        let backend = &self.backend;
+        after_kvm_failure(&backend.settings.accel, !instance.gpus.is_empty(), &detail, &exit)?;
         tracing::warn!(id = %instance.id, %detail, "booting the VM again under TCG");
-        let paths = self.paths(&instance.id);
+        let paths = backend.paths(&instance.id);
         // The firmware may have written its variables before it died.
-        disk::copy_vars(&self.settings.ovmf.vars_template, &paths.vars)
+        disk::copy_vars(&backend.settings.ovmf.vars_template, &paths.vars)
             .map_err(|e| BackendError::op("create the firmware variables", e))?;
-        self.start(instance, &paths).await?;
+        self.end_session().await;
+        self.replace_vm(backend.start(instance, &paths).await?);
         match self.watch_boot(instance).await {
             Ok(()) => Ok(()),
             Err(BootEnd::Failed(e)) => Err(e),
@@ -132,9 +136,9 @@ impl QemuBackend {
     /// One boot: SSH answers, QEMU stops the VM or exits, the console shows a failure, or
     /// the deadline passes.
     async fn watch_boot(&self, instance: &Instance) -> Result<(), BootEnd> {
-        let vm = self.running(instance, "wait for the guest").map_err(BootEnd::Failed)?;
-        let paths = self.paths(&instance.id);
-        let limit = self.boot_deadline();
+        let vm = self.running("wait for the guest").map_err(BootEnd::Failed)?;
+        let paths = self.backend.paths(&instance.id);
+        let limit = self.backend.boot_deadline();
         let session = self.session(instance).map_err(BootEnd::Failed)?;
         let console = ConsoleFollower::new(&paths.serial_log, vm.boot_offset());
         vm.set_booting(true);

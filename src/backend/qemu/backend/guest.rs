@@ -5,30 +5,30 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::QemuBackend;
+use super::QemuMachine;
 use crate::backend::BackendError;
 use crate::guest::{GuestClient, GuestError, GuestPaths, GuestSession, GuestTarget, setup};
 use crate::instance::model::Instance;
 
-impl QemuBackend {
+impl QemuMachine {
     /// The instance's session, made (not yet connected) on first use.
     pub(super) fn session(&self, instance: &Instance) -> Result<Arc<GuestSession>, BackendError> {
-        let mut sessions = self.sessions.lock().expect("sessions lock");
-        if let Some(session) = sessions.get(&instance.id) {
+        let mut held = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(session) = held.as_ref() {
             return Ok(session.clone());
         }
-        let session = Arc::new(GuestSession::new(self.target(instance)?, self.key.clone()));
-        sessions.insert(instance.id.clone(), session.clone());
+        let session = Arc::new(GuestSession::new(self.target(instance)?, self.backend.key.clone()));
+        *held = Some(session.clone());
         Ok(session)
     }
 
     /// Stops the GPU metrics channel and closes the session: the VM stops, or boots again
     /// and nothing of the last boot's connection is any use.
-    pub(super) async fn end_session(&self, id: &str) {
-        if let Some(gpu) = &self.gpu {
-            gpu.streams.stop(id).await;
+    pub(super) async fn end_session(&self) {
+        if let Some(gpu) = &self.backend.gpu {
+            gpu.streams.stop(&self.id).await;
         }
-        let session = self.sessions.lock().expect("sessions lock").remove(id);
+        let session = self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(session) = session {
             session.close().await;
         }
@@ -58,7 +58,8 @@ impl QemuBackend {
         let port = instance.management_port.ok_or_else(|| {
             BackendError::op("reach the guest", "the instance record has no management port")
         })?;
-        Ok(GuestTarget::new(instance.id.clone(), port, self.paths(&instance.id).known_hosts))
+        let known_hosts = self.backend.paths(&instance.id).known_hosts;
+        Ok(GuestTarget::new(instance.id.clone(), port, known_hosts))
     }
 
     pub(super) async fn apply_keys(
@@ -69,7 +70,7 @@ impl QemuBackend {
         setup::set_authorized_keys(
             client,
             &GuestPaths::default(),
-            Some(&self.key.public_line()),
+            Some(&self.backend.key.public_line()),
             &instance.ssh_keys,
         )
         .await

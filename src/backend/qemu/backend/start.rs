@@ -1,6 +1,8 @@
 //! Starting a VM's QEMU: its GPUs bound first, QEMU spawned with the locked-memory limit
 //! passthrough needs, its monitor checked, then the vCPUs let go.
 
+use std::sync::Arc;
+
 use super::{QMP_SOCKET_DEADLINE, QemuBackend, with_log};
 use crate::backend::BackendError;
 use crate::backend::qemu::accel::{Accel, kvm_failure};
@@ -18,7 +20,7 @@ impl QemuBackend {
         &self,
         instance: &Instance,
         paths: &VmPaths,
-    ) -> Result<(), BackendError> {
+    ) -> Result<Arc<Vm>, BackendError> {
         // Also checked at admission; a `start` from disk may come after KVM was found broken.
         if !instance.gpus.is_empty() {
             let refused = |reason| BackendError::Refused { reason };
@@ -48,7 +50,7 @@ impl QemuBackend {
             // A QEMU left paused with nobody watching it would make every later start answer
             // "still running"; with GPUs it also holds the devices open until it is gone.
             tracing::warn!(id = %instance.id, error = %e, "VM start failed; stopping its QEMU");
-            if let Err(stop) = self.stop_vm(&instance.id, Ladder::abort()).await {
+            if let Err(stop) = self.sweeper.stop_found(&instance.id, &Ladder::abort()).await {
                 tracing::error!(id = %instance.id, error = %stop, "cannot stop QEMU");
             } else if !instance.gpus.is_empty()
                 && let Err(e) = self.sweeper.release_gpus(&instance.id).await
@@ -77,7 +79,7 @@ impl QemuBackend {
         instance: &Instance,
         paths: &VmPaths,
         passthrough: Vec<GpuPassthrough>,
-    ) -> Result<(), BackendError> {
+    ) -> Result<Arc<Vm>, BackendError> {
         crate::fsutil::ensure_private_dir(&paths.run_dir)
             .map_err(|e| BackendError::op("start", e))?;
         let _ = std::fs::remove_file(&paths.qmp);
@@ -103,9 +105,8 @@ impl QemuBackend {
             }
         };
         let vm = Vm::watch(process, qmp, paths.clone(), self.events.clone());
-        self.vms.lock().expect("vms lock").insert(instance.id.clone(), vm);
         tracing::info!(id = %instance.id, pid, accel = plan.accel.as_str(), "VM started");
-        Ok(())
+        Ok(vm)
     }
 
     /// Connects to QEMU's monitor. QEMU creates the socket file when it binds, a moment

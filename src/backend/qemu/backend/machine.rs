@@ -1,0 +1,125 @@
+//! `QemuMachine`: one live VM as its instance's task holds it: the QEMU (its process, monitor
+//! and watcher, as a [`Vm`]) and the guest's one SSH session.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::QemuBackend;
+use crate::backend::qemu::vm::Vm;
+use crate::backend::qemu::vm_process::Ladder;
+use crate::backend::{BackendError, Machine};
+use crate::guest::metrics::StreamSpec;
+use crate::guest::{GuestPaths, GuestSession, setup};
+use crate::instance::model::Instance;
+
+pub struct QemuMachine {
+    pub(super) backend: QemuBackend,
+    pub(super) id: String,
+    /// The VM's QEMU; replaced only when a boot that KVM failed is started again under TCG.
+    /// (A std lock: held to read or swap the handle, never across a wait.)
+    vm: Mutex<Arc<Vm>>,
+    /// The guest's session, made on first use, closed when the VM stops or boots again
+    /// (see `guest.rs`).
+    pub(super) session: Mutex<Option<Arc<GuestSession>>>,
+}
+
+impl QemuMachine {
+    pub(super) fn new(backend: QemuBackend, vm: Arc<Vm>) -> Arc<QemuMachine> {
+        let id = vm.id.clone();
+        Arc::new(QemuMachine { backend, id, vm: Mutex::new(vm), session: Mutex::default() })
+    }
+
+    pub(super) fn vm(&self) -> Arc<Vm> {
+        Arc::clone(&self.vm.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(super) fn replace_vm(&self, vm: Arc<Vm>) {
+        *self.vm.lock().unwrap_or_else(|e| e.into_inner()) = vm;
+    }
+
+    /// The VM when its QEMU still runs.
+    pub(super) fn running(&self, operation: &'static str) -> Result<Arc<Vm>, BackendError> {
+        let vm = self.vm();
+        match vm.exit_reason() {
+            None => Ok(vm),
+            Some(reason) => Err(BackendError::Gone {
+                detail: format!("cannot {operation}: the VM's QEMU is not running ({reason})"),
+            }),
+        }
+    }
+
+    /// Stops the VM's QEMU along `ladder`, returning once its last thread is gone (so its
+    /// GPUs can be let go). Idempotent.
+    pub(super) async fn stop_along(&self, ladder: &Ladder) -> Result<(), BackendError> {
+        self.end_session().await;
+        let vm = self.vm();
+        vm.expect_exit();
+        vm.process.stop(ladder).await.map(drop).map_err(|e| BackendError::op("stop QEMU", e))
+    }
+
+    /// (Re)starts the instance's GPU metrics stream, a channel on the guest's session; it
+    /// ends by itself when QEMU exits.
+    fn start_gpu_stream(&self, instance: &Instance) {
+        let Some(gpu) = &self.backend.gpu else { return };
+        let Ok(vm) = self.running("report GPU metrics") else { return };
+        let Ok(session) = self.session(instance) else { return };
+        let spec =
+            StreamSpec { session, has_gpus: !instance.gpus.is_empty(), interval: gpu.interval };
+        gpu.streams.start(spec, async move {
+            vm.exited().await;
+        });
+    }
+}
+
+#[async_trait]
+impl Machine for QemuMachine {
+    async fn wait_ready(&self, instance: &Instance) -> Result<(), BackendError> {
+        self.wait_booted(instance).await
+    }
+
+    async fn configure(&self, instance: &Instance) -> Result<(), BackendError> {
+        let deadline = Instant::now() + self.backend.boot_deadline();
+        let client = self.client(instance, deadline).await?;
+        self.apply_keys(&client, instance).await?;
+        if let Some(command) = &instance.spec.command {
+            setup::start_service(&client, &GuestPaths::default(), command, &instance.spec.env)
+                .await
+                .map_err(|e| BackendError::op("start the command", e))?;
+        }
+        self.start_gpu_stream(instance);
+        Ok(())
+    }
+
+    async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError> {
+        let client = self.client(instance, Instant::now() + Duration::from_secs(30)).await?;
+        self.apply_keys(&client, instance).await
+    }
+
+    async fn pause(&self) -> Result<(), BackendError> {
+        let vm = self.running("stop")?;
+        vm.qmp.stop().await.map_err(|e| BackendError::op("stop", e))
+    }
+
+    async fn resume(&self) -> Result<(), BackendError> {
+        let vm = self.running("start")?;
+        vm.qmp.cont().await.map_err(|e| BackendError::op("start", e))
+    }
+
+    async fn reset(&self) -> Result<(), BackendError> {
+        let vm = self.running("restart")?;
+        let was_paused = matches!(vm.qmp.query_status().await.map(|s| s.running), Ok(false));
+        vm.mark_reboot(&self.backend.paths(&self.id));
+        vm.qmp.system_reset().await.map_err(|e| BackendError::op("restart", e))?;
+        if was_paused {
+            vm.qmp.cont().await.map_err(|e| BackendError::op("restart", e))?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), BackendError> {
+        self.stop_along(&Ladder::graceful(self.backend.settings.powerdown_grace)).await
+    }
+}
