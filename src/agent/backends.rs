@@ -8,14 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::choice::{order, passthrough};
+use crate::backend::docker::error::DockerError;
 use crate::backend::docker::{DockerBackend, DockerSettings};
-use crate::backend::qemu::accel::{self, Accel, Accelerator};
-use crate::backend::qemu::disk;
+use crate::backend::qemu::accel::{self, Accel, AccelError, Accelerator};
+use crate::backend::qemu::disk::{self, DiskError};
 use crate::backend::qemu::{QemuBackend, QemuSettings, QemuSweeper};
 use crate::backend::{EventSink, HostSweeper, Lifecycle};
+use crate::config::ConfigError;
 use crate::config::{BackendChoice, Config};
 use crate::gpu::GpuTelemetry;
 use crate::guest::ManagementKey;
+use crate::guest::keys::KeyError;
 use crate::instance::model::BackendKind;
 use crate::vfio::{SysfsRoot, Vfio};
 
@@ -32,6 +35,40 @@ pub fn vfio(cfg: &Config) -> Vfio {
     Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir)
 }
 
+/// Why one backend kind cannot run here.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot list the host's GPUs: {0}")]
+    Gpus(#[source] ConfigError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Firmware(#[from] DiskError),
+    #[error(
+        "the base VM image {} is missing; build one with image-builder/build-ci-guest.sh or \
+         set QUDATA_BASE_IMAGE",
+        path.display()
+    )]
+    NoBaseImage { path: PathBuf },
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// No backend can run here: the choice's reason, and why each kind tried failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}, but {}", describe(.failures))]
+pub struct NoBackend {
+    pub reason: String,
+    pub failures: Vec<(BackendKind, BuildError)>,
+}
+
+fn describe(failures: &[(BackendKind, BuildError)]) -> String {
+    let each = failures.iter().map(|(kind, e)| format!("{}: {e}", kind.as_str()));
+    each.collect::<Vec<_>>().join("; ")
+}
+
 /// The backend that runs instances, and the sweeper of its kind (which knows its NVML).
 pub struct Chosen {
     pub lifecycle: Arc<dyn Lifecycle>,
@@ -46,12 +83,12 @@ pub async fn build(
     gpus: &[String],
     events: EventSink,
     gpu: Option<GpuTelemetry>,
-) -> Result<Chosen, String> {
+) -> Result<Chosen, NoBackend> {
     let sysfs = SysfsRoot::new(&cfg.sysfs_root);
     let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, gpus));
     let mut failures = Vec::new();
     for kind in &order.try_in_order {
-        let built: Result<Chosen, String> = match kind {
+        let built: Result<Chosen, BuildError> = match kind {
             BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|backend| {
                 let backend = match gpu.clone() {
                     Some(gpu) => backend.with_gpu_telemetry(gpu),
@@ -67,25 +104,25 @@ pub async fn build(
         };
         match built {
             Ok(chosen) => {
-                let why = failures.join("; ");
+                let why = describe(&failures);
                 tracing::info!(backend = kind.as_str(), reason = %order.reason, passed_over = %why, "backend chosen");
                 return Ok(chosen);
             }
-            Err(e) => failures.push(format!("{}: {e}", kind.as_str())),
+            Err(e) => failures.push((*kind, e)),
         }
     }
-    Err(format!("{}, but {}", order.reason, failures.join("; ")))
+    Err(NoBackend { reason: order.reason, failures })
 }
 
-async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, String> {
+async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, BuildError> {
     let owner = cfg.data_dir.display().to_string();
     let every_gpu = crate::gpu::pool::offered(&SysfsRoot::new(&cfg.sysfs_root), None)
-        .map_err(|e| e.to_string())?;
+        .map_err(BuildError::Gpus)?;
     let settings = DockerSettings {
         host_gpus: every_gpu.iter().map(ToString::to_string).collect(),
         ..DockerSettings::new(cfg.docker_host.clone(), owner)
     };
-    let backend = DockerBackend::connect(settings, events).await.map_err(|e| e.to_string())?;
+    let backend = DockerBackend::connect(settings, events).await?;
     tracing::info!(socket = %cfg.docker_host.display(), "Docker backend ready");
     Ok(backend)
 }
@@ -130,29 +167,21 @@ fn log_accel(cfg: &Config, decision: &accel::Decision) {
     }
 }
 
-async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, String> {
+async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, BuildError> {
     let ovmf = disk::detect_ovmf(
         cfg.ovmf_code.as_deref(),
         cfg.ovmf_vars.as_deref(),
         disk::OVMF_CANDIDATES,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let base_image = cfg.base_image.clone().unwrap_or_else(|| default_base_image(cfg));
     if !base_image.is_file() {
-        return Err(format!(
-            "the base VM image {} is missing; build one with image-builder/build-ci-guest.sh \
-             or set QUDATA_BASE_IMAGE",
-            base_image.display()
-        ));
+        return Err(BuildError::NoBaseImage { path: base_image });
     }
-    let decision = accel::decide(cfg.qemu_accel, &cfg.qemu_binary, &ovmf, &cfg.run_dir)
-        .await
-        .map_err(|e| e.to_string())?;
+    let decision = accel::decide(cfg.qemu_accel, &cfg.qemu_binary, &ovmf, &cfg.run_dir).await?;
     log_accel(cfg, &decision);
     let accel =
         Arc::new(Accelerator::new(cfg.qemu_accel, decision, &cfg.qemu_binary, &ovmf, &cfg.run_dir));
-    let key =
-        ManagementKey::load_or_create(&cfg.data_dir.join("keys")).map_err(|e| e.to_string())?;
+    let key = ManagementKey::load_or_create(&cfg.data_dir.join("keys"))?;
     let settings = QemuSettings {
         qemu_img: disk::qemu_img_for(&cfg.qemu_binary),
         qemu_binary: cfg.qemu_binary.clone(),

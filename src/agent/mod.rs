@@ -26,7 +26,7 @@ use crate::backend::{BackendEvent, HostSweeper};
 use crate::config::{BackendChoice, Config};
 use crate::fsutil::{self, FsError};
 use crate::gpu::GpuTelemetry;
-use crate::instance::manager::{Manager, ManagerSettings};
+use crate::instance::manager::{Manager, ManagerSettings, Unavailable};
 use crate::instance::store::{Store, StoreError};
 use crate::ports;
 use crate::recovery::lock::{LockError, RunLock};
@@ -53,8 +53,8 @@ pub enum AgentError {
     #[error("cannot load the agent identity: {0}")]
     Identity(#[from] crate::control_plane::IdentityError),
     /// `QUDATA_BACKEND=auto` found neither a VM nor a Docker backend that can run here.
-    #[error("no backend can run on this host: {reason}")]
-    NoBackend { reason: String },
+    #[error("no backend can run on this host: {0}")]
+    NoBackend(#[source] Arc<backends::NoBackend>),
     #[error("QUDATA_API_KEY is not set; set it to the key issued by Qudata, or use `run --local`")]
     NoApiKey,
     /// A setting that only the host can check (a listed GPU that is not there).
@@ -102,14 +102,14 @@ async fn manager(
     };
     let (sink, events) = mpsc::unbounded_channel();
     // The backend is chosen for the GPUs the manager hands out.
-    let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu).await;
+    let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu).await.map_err(Arc::new);
     // `auto` with nothing usable is a host that is not provisioned: stop with the reason
     // (systemd starts the agent again, so it runs once the image or the engine is there). An
     // explicit choice keeps serving and reporting instead, every create answered 503 with the
     // reason, until a restart finds its backend.
     match &backend {
         Err(reason) if cfg.backend == BackendChoice::Auto => {
-            return Err(AgentError::NoBackend { reason: reason.clone() });
+            return Err(AgentError::NoBackend(reason.clone()));
         }
         Err(reason) => tracing::warn!(%reason, "no backend: instances cannot be created"),
         Ok(_) => {}
@@ -122,7 +122,8 @@ async fn manager(
             cleanup.push(other);
         }
     }
-    let manager = Manager::new(backend.map(|chosen| chosen.lifecycle), store, settings);
+    let backend = backend.map(|chosen| chosen.lifecycle).map_err(|e| e as Unavailable);
+    let manager = Manager::new(backend, store, settings);
     manager.set_sweepers(cleanup.clone());
     Ok(Built { manager, events, cleanup })
 }

@@ -92,6 +92,9 @@ pub struct Created {
     pub ports: BTreeMap<String, String>,
 }
 
+/// Why no backend can run instances here (the agent's choice of backend, sources kept).
+pub type Unavailable = Arc<dyn std::error::Error + Send + Sync>;
+
 /// Fixed facts the manager decides with.
 #[derive(Clone, Debug)]
 pub struct ManagerSettings {
@@ -105,7 +108,7 @@ pub struct ManagerSettings {
 }
 
 struct Inner {
-    backend: Result<Arc<dyn backend::Lifecycle>, String>,
+    backend: Result<Arc<dyn backend::Lifecycle>, Unavailable>,
     store: Store,
     settings: ManagerSettings,
     /// Each instance's task (std lock: held to look up, insert or remove, never across I/O).
@@ -127,7 +130,7 @@ pub struct Manager {
 impl Manager {
     /// `backend` is `Err(reason)` when no backend can run on this host: creates answer 503.
     pub fn new(
-        backend: Result<Arc<dyn backend::Lifecycle>, String>,
+        backend: Result<Arc<dyn backend::Lifecycle>, Unavailable>,
         store: Store,
         settings: ManagerSettings,
     ) -> Manager {
@@ -159,13 +162,16 @@ impl Manager {
             host_ports: ports::HOST_PORTS,
             local: true,
         };
-        let manager = Manager::new(Err("recover runs no instance".into()), store, settings);
+        let none =
+            Arc::from(Box::<dyn std::error::Error + Send + Sync>::from("recover runs no instance"));
+        let manager = Manager::new(Err(none), store, settings);
         manager.set_sweepers(sweepers);
         manager
     }
 
     fn backend(&self) -> Result<Arc<dyn backend::Lifecycle>, ManagerError> {
-        self.inner.backend.clone().map_err(|reason| ManagerError::NoBackend { reason })
+        let unavailable = |e: &Unavailable| ManagerError::NoBackend { reason: e.to_string() };
+        self.inner.backend.clone().map_err(|e| unavailable(&e))
     }
 
     /// Gives the manager the host sweepers of every kind, for tearing down records the

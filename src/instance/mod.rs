@@ -9,6 +9,6 @@ pub mod transition;
 
 pub use manager::{
     Created, KeyChange, Lifecycle, Manager, ManagerError, ManagerSettings, PublishError, Publisher,
-    Restore, StatusView,
+    Restore, StatusView, Unavailable,
 };
 pub use model::{BackendKind, Instance, Proto, PublishedPort, Status};

@@ -4,6 +4,7 @@
 use super::task::Command;
 use super::{Manager, ManagerError};
 use crate::instance::model::Instance;
+use crate::instance::transition::Event;
 
 /// What to do with one recorded instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,11 +79,14 @@ impl Manager {
     /// only `TearDown` and `Reboot` act; an id that is gone meanwhile is skipped.
     pub async fn apply_lease(&self, id: &str, action: Restore) {
         let Some(task) = self.task(id) else { return };
-        if matches!(action, Restore::TearDown | Restore::Reboot) {
-            if action == Restore::TearDown {
+        let command = match action {
+            Restore::TearDown => {
                 tracing::info!(%id, "the lease is over: tearing the instance down");
+                Command::Restore { action, reply: None }
             }
-            let _ = task.commands.send(Command::Restore { action, reply: None }).await;
-        }
+            Restore::Reboot => Command::Lease(Event::Reboot),
+            _ => return,
+        };
+        let _ = task.commands.send(command).await;
     }
 }

@@ -39,6 +39,9 @@ pub(super) enum Command {
     Keys { change: KeyChange, reply: Reply },
     /// What the backend saw the instance do on its own (exited, running again).
     Observed(Event),
+    /// The lease's word on an instance restored at start-up (`Reboot`: boot it from its
+    /// disk, if it is in error).
+    Lease(Event),
     /// Recovery's decision for a record taken back; answered once its work is done.
     Restore { action: Restore, reply: Option<Reply> },
     /// Publish the instance's ports (again): a new publisher.
@@ -173,6 +176,11 @@ impl InstanceTask {
             }
             Command::Keys { change, reply } => self.change_keys(change, reply).await,
             Command::Observed(event) => self.observed(event).await,
+            Command::Lease(event) => {
+                if let Err(e) = self.run_event(event.clone()).await {
+                    tracing::error!(id = %self.id, ?event, error = %e, "cannot record the instance's state");
+                }
+            }
             Command::Restore { action, reply } => self.restore(action, reply).await,
             Command::Publish => {
                 if !self.snapshot().deleting {

@@ -269,7 +269,8 @@ async fn gpus_the_backend_cannot_give_are_refused_before_anything_starts() {
 async fn no_backend_answers_every_create_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let manager = Manager::new(Err("no VM backend yet".into()), store, settings(&[]));
+    let manager =
+        Manager::new(Err(Arc::from(Box::from("no VM backend yet"))), store, settings(&[]));
     let err = manager.create_json(&json!({})).await.unwrap_err();
     assert_eq!(err.to_string(), "no instance can be created: no VM backend yet");
     let err = manager.create_json(&json!({"ports": "x"})).await.unwrap_err();
