@@ -16,10 +16,15 @@ struct Scripted {
     me: Weak<Scripted>,
     calls: StdMutex<Vec<String>>,
     ready: Semaphore,
+    /// While `true`, `configure` waits for a permit of `configured`.
+    hold_configure: StdMutex<bool>,
+    configured: Semaphore,
     fail: StdMutex<Option<&'static str>>,
     /// `Some(detail)`: adoption finds the instance gone.
     gone: StdMutex<Option<String>>,
     keys_seen: StdMutex<Vec<Vec<String>>>,
+    /// Per `destroy` call: whether the instance's task handed over its machine.
+    destroyed_held: StdMutex<Vec<bool>>,
     /// How many `destroy` calls fail before one succeeds.
     destroy_failures: StdMutex<u32>,
 }
@@ -30,8 +35,11 @@ impl Scripted {
             me: me.clone(),
             calls: StdMutex::default(),
             ready: Semaphore::new(0),
+            hold_configure: StdMutex::new(false),
+            configured: Semaphore::new(0),
             fail: StdMutex::default(),
             gone: StdMutex::default(),
+            destroyed_held: StdMutex::default(),
             keys_seen: StdMutex::default(),
             destroy_failures: StdMutex::default(),
         })
@@ -84,7 +92,12 @@ impl backend::Lifecycle for Scripted {
         self.step("boot")?;
         Ok(self.machine())
     }
-    async fn destroy(&self, _: &Instance, _: Option<Arc<dyn Machine>>) -> Result<(), BackendError> {
+    async fn destroy(
+        &self,
+        _: &Instance,
+        held: Option<Arc<dyn Machine>>,
+    ) -> Result<(), BackendError> {
+        self.destroyed_held.lock().unwrap().push(held.is_some());
         self.step("destroy")?;
         let mut failures = self.destroy_failures.lock().unwrap();
         if *failures > 0 {
@@ -114,7 +127,11 @@ impl Machine for ScriptedMachine {
     }
     async fn configure(&self, i: &Instance) -> Result<(), BackendError> {
         self.0.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
-        self.0.step("configure")
+        self.0.step("configure")?;
+        if *self.0.hold_configure.lock().unwrap() {
+            self.0.configured.acquire().await.unwrap().forget();
+        }
+        Ok(())
     }
     async fn apply_ssh_keys(&self, i: &Instance) -> Result<(), BackendError> {
         self.0.keys_seen.lock().unwrap().push(i.ssh_keys.clone());
@@ -284,6 +301,7 @@ async fn a_failed_launch_rolls_back_and_reports_error() {
     h.manager.create_json(&json!({})).await.unwrap();
     wait_for(&h.manager, Status::Error).await;
     assert_eq!(h.backend.calls(), ["launch", "destroy"]);
+    assert_eq!(*h.backend.destroyed_held.lock().unwrap(), [false], "no machine was made");
     let view = h.manager.status();
     assert_eq!(view.error.as_deref(), Some("launch failed: scripted failure"));
     h.manager.delete().await.unwrap();
@@ -341,6 +359,9 @@ async fn delete_during_boot_stops_waiting_and_cleans_up() {
     assert!(h.manager.instances().is_empty());
     assert!(record_files(&h).is_empty());
     assert_eq!(h.backend.calls(), ["launch", "wait_ready", "destroy", "destroy"]);
+    // The boot that stopped waiting handed its machine to the task, and the task to the
+    // teardown: the VM is stopped through its own handle, not searched for.
+    assert_eq!(*h.backend.destroyed_held.lock().unwrap(), [true, true]);
 }
 
 #[tokio::test]
@@ -411,6 +432,55 @@ async fn a_started_event_configures_the_instance_again() {
     h.backend.ready.add_permits(1);
     wait_for(&h.manager, Status::Running).await;
     assert!(h.backend.calls().ends_with(&["wait_ready".into(), "configure".into()]));
+}
+
+/// The instance's task runs one operation at a time: a command that fits waits for the one
+/// in progress and is answered after it; a deletion refuses whatever still waits.
+#[tokio::test]
+async fn a_command_waits_for_the_operation_in_progress_and_a_delete_refuses_what_waits() {
+    let h = harness(&[]);
+    let id = h.manager.create_json(&json!({})).await.unwrap().id;
+    h.backend.ready.add_permits(1);
+    wait_for(&h.manager, Status::Running).await;
+    *h.backend.hold_configure.lock().unwrap() = true;
+    // Restarted behind our back: the task configures it again (held in `configure`).
+    h.events.send(BackendEvent::Started { id }).unwrap();
+    while h.backend.calls().iter().filter(|c| *c == "configure").count() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let manager = h.manager.clone();
+    let stop = tokio::spawn(async move { manager.lifecycle(Lifecycle::Stop).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!stop.is_finished(), "the stop waits for the configuration");
+    assert_eq!(h.manager.current_status(), Status::Running);
+    h.backend.configured.add_permits(1);
+    stop.await.unwrap().unwrap();
+    assert_eq!(h.manager.current_status(), Status::Paused);
+    assert!(h.backend.calls().ends_with(&["configure".into(), "pause".into()]));
+
+    // Running again and being configured (held): a stop fits, and waits…
+    h.manager.lifecycle(Lifecycle::Start).await.unwrap();
+    let configures = h.backend.calls().iter().filter(|c| *c == "configure").count();
+    h.events.send(BackendEvent::Started { id: h.manager.instances()[0].id.clone() }).unwrap();
+    while h.backend.calls().iter().filter(|c| *c == "configure").count() == configures {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let manager = h.manager.clone();
+    let queued = tokio::spawn(async move { manager.lifecycle(Lifecycle::Stop).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!queued.is_finished());
+    // …until the instance is deleted: then it is refused, and the teardown follows.
+    h.manager.delete().await.unwrap();
+    let err = queued.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("being deleted"), "{err}");
+    h.backend.configured.add_permits(1);
+    for _ in 0..200 {
+        if h.manager.instances().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(h.manager.instances().is_empty());
 }
 
 #[tokio::test]
