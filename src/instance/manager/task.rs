@@ -19,10 +19,12 @@ use tokio::time::Instant;
 
 use super::ops::{self, Done, Op};
 use super::{KeyChange, Manager, ManagerError, OP_WAIT, Restore};
-use crate::backend::{Adoption, Machine};
-use crate::guest::keys::same_public_key;
+use crate::backend::Machine;
 use crate::instance::model::{Instance, Status};
 use crate::instance::transition::{self, Conflict, Event, Flow};
+
+mod keys;
+mod restore;
 
 /// Answers a caller that waits for a command's outcome.
 pub(super) type Reply = oneshot::Sender<Result<(), ManagerError>>;
@@ -360,127 +362,6 @@ impl InstanceTask {
         }
     }
 
-    async fn change_keys(&mut self, change: KeyChange, reply: Reply) {
-        let current = self.snapshot();
-        if !current.spec.ssh_enabled {
-            let reason = "SSH is not enabled for this instance (ssh_enabled was false)".into();
-            return answer(Some(reply), Err(Conflict { status: current.status, reason }.into()));
-        }
-        let (key, add) = match change {
-            KeyChange::Add(key) => (key, true),
-            KeyChange::Remove(key) => (key, false),
-        };
-        let present = current.ssh_keys.iter().any(|k| same_public_key(k, &key));
-        if present == add {
-            return answer(Some(reply), Ok(())); // already as asked
-        }
-        let changed = self
-            .change(move |i| {
-                if add {
-                    i.ssh_keys.push(key);
-                } else {
-                    i.ssh_keys.retain(|k| !same_public_key(k, &key));
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = changed {
-            return answer(Some(reply), Err(e));
-        }
-        // A guest that is not reachable now gets the keys when it is (end of boot or resume).
-        if current.status != Status::Running {
-            return answer(Some(reply), Ok(()));
-        }
-        let previous = current.ssh_keys;
-        let deadline = Some(Instant::now() + OP_WAIT);
-        self.enqueue(Queued { work: Work::Keys { previous }, deadline, reply: Some(reply) });
-        self.next().await;
-    }
-
-    /// Carries out recovery's decision for this record (PROTOCOL.md §4, decided by
-    /// `crate::recovery`).
-    async fn restore(&mut self, action: Restore, reply: Option<Reply>) {
-        let id = self.id.clone();
-        let result = match action {
-            Restore::Keep => Ok(()),
-            Restore::TearDown => {
-                tracing::info!(%id, "tearing the instance down");
-                // Answered when the teardown is done (or given up).
-                return if let Err(e) = self.delete(None).await {
-                    answer(reply, Err(e));
-                } else {
-                    self.attach_reply(reply);
-                };
-            }
-            Restore::Gone { reason } => {
-                tracing::warn!(%id, %reason, "instance gone");
-                self.run_event(Event::Failed(reason)).await
-            }
-            Restore::RollBack { reason } => {
-                tracing::warn!(%id, %reason, "rolling back an interrupted create");
-                self.enqueue_op(Op::RollBack { reason }, reply);
-                return;
-            }
-            Restore::Reboot => match self.manager.lifecycle_of(&self.snapshot()) {
-                // Its process is gone (an error, whatever the record said), and the lease
-                // goes on: boot it from its disk, if the running backend is of its kind.
-                Err(e) => self.run_event(Event::Failed(e.to_string())).await,
-                Ok(_) => {
-                    let gone = Event::Failed("the VM exited while the agent was down".into());
-                    match self.run_event(gone).await {
-                        Ok(()) => self.run_event(Event::Reboot).await,
-                        Err(e) => Err(e),
-                    }
-                }
-            },
-            // Only the running backend can adopt: a live instance of another kind is left
-            // alone, in error, until deleted (its sweeper tears it down then).
-            Restore::Adopt => match self.manager.lifecycle_of(&self.snapshot()) {
-                Err(e) => self.run_event(Event::Failed(e.to_string())).await,
-                Ok(_) => {
-                    self.enqueue_op(Op::Adopt, reply);
-                    return;
-                }
-            },
-        };
-        if let Err(e) = &result {
-            tracing::error!(%id, error = %e, "cannot record the instance's state");
-        }
-        answer(reply, result);
-    }
-
-    /// Hands `reply` to the deletion that is queued or running.
-    fn attach_reply(&mut self, reply: Option<Reply>) {
-        let Some(reply) = reply else { return };
-        let deleting = |op: &Op| matches!(op, Op::Flow(Flow::Delete));
-        if let Some(running) = self.running.as_mut().filter(|r| deleting(&r.op))
-            && running.reply.is_none()
-        {
-            running.reply = Some(reply);
-            return;
-        }
-        if let Some(queued) =
-            self.queue.iter_mut().find(|q| matches!(q.work, Work::Flow(Flow::Delete)))
-            && queued.reply.is_none()
-        {
-            queued.reply = Some(reply);
-            return;
-        }
-        let _ = reply.send(Ok(()));
-    }
-
-    fn enqueue_op(&mut self, op: Op, reply: Option<Reply>) {
-        match self.running {
-            None => self.start(op, reply),
-            Some(_) => {
-                // Recovery's operation is the task's first: nothing else can run yet.
-                let status = self.record.borrow().status;
-                let reason = "another operation on the instance is in progress".into();
-                answer(reply, Err(Conflict { status, reason }.into()));
-            }
-        }
-    }
-
     /// Records how an operation ended. Returns `true` when the instance is gone for good.
     async fn finish(&mut self, op: Op, reply: Option<Reply>, done: Done) -> bool {
         let id = self.id.clone();
@@ -542,27 +423,6 @@ impl InstanceTask {
             }
         }
         false
-    }
-
-    /// What adoption found, recorded.
-    async fn adopted(&mut self, adoption: Adoption) -> Result<(), ManagerError> {
-        let id = self.id.clone();
-        match adoption {
-            Adoption::Adopted(machine) => {
-                tracing::info!(%id, status = %self.record.borrow().status, "instance adopted");
-                self.machine = Some(machine);
-                self.run_event(Event::Adopted).await
-            }
-            Adoption::Unsure { machine, error } => {
-                tracing::warn!(%id, %error, "instance could not be checked; watching it");
-                self.machine = Some(machine);
-                self.run_event(Event::Failed(error.to_string())).await
-            }
-            Adoption::Gone { detail } => {
-                let reason = format!("the VM exited while the agent was down ({detail})");
-                self.run_event(Event::Failed(reason)).await
-            }
-        }
     }
 }
 
