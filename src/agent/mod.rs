@@ -5,7 +5,9 @@
 //! → API listens
 //! → systemd told we are ready → (production) frpc with the stored FRP credentials, beside
 //! registration with the control plane; frpc updated with `/init`'s; then the stats loop.
-//! A `SIGTERM` stops the agent and leaves every instance and frpc running.
+//! A `SIGTERM` stops the agent and leaves every instance and frpc running; deletions already
+//! accepted are finished first (their VMs or containers stopped at once), so a lease that
+//! ended does not outlive the agent.
 
 pub mod backends;
 pub mod limits;
@@ -156,14 +158,18 @@ fn local_secret(cfg: &Config) -> Result<(Secret, bool), AgentError> {
     Ok((secret, true))
 }
 
+/// How long the agent, asked to exit, spends finishing the deletions it accepted (the unit's
+/// `TimeoutStopSec` is 30 s).
+const DELETIONS_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Resolves on SIGTERM or SIGINT, having told systemd that the shutdown has begun.
 async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down, instances keep running"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down, instances keep running"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down; instances keep running, deletions in progress are finished first"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down; instances keep running, deletions in progress are finished first"),
     }
     notify::stopping();
 }
@@ -189,7 +195,9 @@ pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
 
     termination().await;
     stop.send_replace(true);
-    server.await.expect("server task").map_err(AgentError::Serve)
+    let served = server.await.expect("server task").map_err(AgentError::Serve);
+    manager.finish_deletions(DELETIONS_AT_EXIT).await;
+    served
 }
 
 fn print_local_banner(cfg: &Config, port: u16, new_secret: Option<&Secret>) {

@@ -49,14 +49,25 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     tracing::info!(port, agent_id = %identity.agent_id, "agent API listening on 127.0.0.1");
 
     let request = init_request(&cfg, &identity, &manager);
-    let background =
-        ControlPlane { cfg, client, identity, request, slot, manager, cleanup, restored, gpu };
+    let background = ControlPlane {
+        cfg,
+        client,
+        identity,
+        request,
+        slot,
+        manager: manager.clone(),
+        cleanup,
+        restored,
+        gpu,
+    };
     let control = tokio::spawn(background.run(stopped));
 
     termination().await;
     stop.send_replace(true);
     control.abort();
-    server.await.expect("server task").map_err(AgentError::Serve)
+    let served = server.await.expect("server task").map_err(AgentError::Serve);
+    manager.finish_deletions(super::DELETIONS_AT_EXIT).await;
+    served
 }
 
 /// Registration, then telemetry; lives as long as the agent.

@@ -187,6 +187,10 @@ pub trait Machine: Send + Sync + 'static {
     /// Stops the VM or container for good along the backend's graceful ladder; what it made
     /// stays (that is [`Lifecycle::destroy`]'s). Idempotent.
     async fn stop(&self) -> Result<(), BackendError>;
+
+    /// Stops it at once (QEMU: `quit`, then signals; a container: killed), for a deletion
+    /// that must finish before the agent exits. A [`Machine::stop`] under way then returns.
+    async fn stop_now(&self) -> Result<(), BackendError>;
 }
 
 /// What belongs to this agent on the host, found without a record: a backend kind's side of

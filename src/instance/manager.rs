@@ -414,6 +414,37 @@ impl Manager {
         task.ask(|reply| Command::Delete { reply }).await
     }
 
+    /// At exit: finishes every deletion already accepted, the VMs and containers stopped at
+    /// once (QMP `quit`, then signals), within `within`. A deletion still unfinished then
+    /// keeps its record (marked deleting) for the next start-up or `recover`.
+    pub async fn finish_deletions(&self, within: std::time::Duration) {
+        let deleting: Vec<(String, TaskHandle)> = self
+            .tasks()
+            .iter()
+            .filter(|(_, task)| task.snapshot().deleting)
+            .map(|(id, task)| (id.clone(), task.clone()))
+            .collect();
+        if deleting.is_empty() {
+            return;
+        }
+        tracing::info!(count = deleting.len(), "finishing the deletions in progress before exit");
+        let finished = deleting.into_iter().map(|(id, mut task)| async move {
+            let _ = task.commands.send(Command::Hurry).await;
+            // The task drops its record's sender when it ends, after forgetting the instance.
+            while task.record.changed().await.is_ok() {}
+            id
+        });
+        let all = futures_util::future::join_all(finished);
+        if tokio::time::timeout(within, all).await.is_err() {
+            let left: Vec<String> =
+                self.instances().into_iter().filter(|i| i.deleting).map(|i| i.id).collect();
+            tracing::error!(
+                ?left,
+                "deletions unfinished at exit; the next start-up or `recover` finishes them"
+            );
+        }
+    }
+
     /// Drops the instance's task from the registry, then its record. In this order a create
     /// that follows the record's removal is never refused as "still being deleted"; a record
     /// that cannot be removed (marked deleting) is torn down again, idempotently, at the next

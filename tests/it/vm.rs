@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::support::agent::{Agent, Api, Dirs, local_secret};
 use crate::support::vm::{
     BOOT, fresh_agent, guest_logins, host_port, http_get, leftovers, openssh, qemu_pids, record,
-    ssh_keygen, start_agent, wait_gone, wait_http, wait_status,
+    ssh_keygen, start_agent, wait_for_qemu, wait_gone, wait_http, wait_status,
 };
 
 /// The renter's service: busybox httpd serving a page made from an environment value. The
@@ -242,4 +242,21 @@ async fn stop_all_powers_a_paused_vm_down_cleanly_and_start_boots_it_again() {
     assert_eq!(wait_http(web, Duration::from_secs(60)).await, GREETING, "booted from its disk");
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id, Duration::from_secs(120)).await;
+}
+
+/// A lease that ended does not outlive the agent: a `DELETE` accepted just before a `SIGTERM`
+/// is finished before the agent exits, without a restart. The guest is still booting, so it
+/// would ignore the ACPI power button for the whole grace: QEMU is stopped at once instead.
+#[tokio::test]
+async fn a_delete_accepted_before_sigterm_is_finished_before_the_agent_exits() {
+    let (dirs, mut agent, api) = started().await;
+    let created = api.json("POST", "/instances", &create_body()).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
+    wait_for_qemu(&id, Duration::from_secs(60)).await;
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    let status = agent.terminate();
+    assert!(status.success(), "{status:?}\n{}", agent.output());
+    assert_eq!(leftovers(&dirs, &id), Vec::<String>::new(), "{}", agent.output());
+    assert!(agent.output().contains("finishing the deletions in progress"), "{}", agent.output());
 }

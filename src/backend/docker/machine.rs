@@ -121,8 +121,19 @@ impl Machine for DockerMachine {
     }
 
     async fn stop(&self) -> Result<(), BackendError> {
+        self.stop_within(self.backend.settings.stop_grace).await
+    }
+
+    async fn stop_now(&self) -> Result<(), BackendError> {
+        self.stop_within(Duration::ZERO).await
+    }
+}
+
+impl DockerMachine {
+    /// The engine's stop: SIGTERM, SIGKILL after `grace`.
+    async fn stop_within(&self, grace: Duration) -> Result<(), BackendError> {
         self.watch.set_quiet();
-        let (owner, grace) = (&self.backend.settings.owner, self.backend.settings.stop_grace);
+        let owner = &self.backend.settings.owner;
         owned::settle(&self.backend.engine, owner, &self.id, grace, Fate::Stopped)
             .await
             .map_err(|e| e.during("stop the container"))

@@ -34,6 +34,8 @@ pub(super) struct Context {
     pub manager: Manager,
     pub record: watch::Receiver<Instance>,
     pub cancel: watch::Receiver<bool>,
+    /// Set when the agent is about to exit: a deletion stops its VM or container at once.
+    pub hurry: watch::Receiver<bool>,
     pub machine: Option<Arc<dyn Machine>>,
 }
 
@@ -214,6 +216,30 @@ async fn adopt(context: &Context) -> Done {
     }
 }
 
+/// One teardown; when the agent is about to exit (now or meanwhile), the machine is stopped at
+/// once beside it, so the teardown ends within the agent's stop timeout.
+async fn tear_down(
+    context: &Context,
+    instance: &Instance,
+    machine: Option<Arc<dyn Machine>>,
+) -> Result<(), ManagerError> {
+    let mut hurry = context.hurry.clone();
+    let held = machine.clone();
+    let hurried = async move {
+        if hurry.wait_for(|h| *h).await.is_ok()
+            && let Some(machine) = held
+            && let Err(e) = machine.stop_now().await
+        {
+            tracing::warn!(error = %e, "cannot stop the instance at once");
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        torn = context.manager.tear_down_instance(instance, machine) => torn,
+        () = hurried => unreachable!("never resolves"),
+    }
+}
+
 /// How many times a deletion tries the teardown (2 s, doubling, between tries: about a
 /// minute).
 const DESTROY_ATTEMPTS: u32 = 5;
@@ -229,7 +255,7 @@ async fn delete(context: &Context) -> Done {
     let mut wait = Duration::from_secs(2);
     let mut attempt = 1;
     let machine = context.machine.clone();
-    while let Err(e) = context.manager.tear_down_instance(&instance, machine.clone()).await {
+    while let Err(e) = tear_down(context, &instance, machine.clone()).await {
         if attempt == DESTROY_ATTEMPTS || matches!(e, ManagerError::NoBackend { .. }) {
             tracing::error!(id = %instance.id, error = %e, attempt, "instance teardown failed; giving up until the next start-up or `recover`");
             return Done::of(Err::<bool, _>(e));

@@ -48,6 +48,8 @@ pub(super) enum Command {
     Restore { action: Restore, reply: Option<Reply> },
     /// Publish the instance's ports (again): a new publisher.
     Publish,
+    /// The agent is about to exit: a deletion stops the VM or container at once.
+    Hurry,
 }
 
 /// The commands-side view of a task: where to send, and the record as last saved.
@@ -107,6 +109,8 @@ pub(super) struct InstanceTask {
     machine: Option<Arc<dyn Machine>>,
     /// Set by a deletion: a boot in progress stops waiting for the guest.
     cancel: watch::Sender<bool>,
+    /// Set when the agent is about to exit.
+    hurry: watch::Sender<bool>,
     running: Option<Running>,
     queue: VecDeque<Queued>,
 }
@@ -125,6 +129,7 @@ impl InstanceTask {
             record,
             machine: None,
             cancel: watch::Sender::new(false),
+            hurry: watch::Sender::new(false),
             running: None,
             queue: VecDeque::new(),
         };
@@ -184,6 +189,9 @@ impl InstanceTask {
                 }
             }
             Command::Restore { action, reply } => self.restore(action, reply).await,
+            Command::Hurry => {
+                self.hurry.send_replace(true);
+            }
             Command::Publish => {
                 if !self.snapshot().deleting {
                     self.enqueue(Queued { work: Work::Publish, deadline: None, reply: None });
@@ -210,6 +218,7 @@ impl InstanceTask {
             manager: self.manager.clone(),
             record: self.record.subscribe(),
             cancel: self.cancel.subscribe(),
+            hurry: self.hurry.subscribe(),
             machine: self.machine.clone(),
         };
         let future = Box::pin(ops::run(op.clone(), context));

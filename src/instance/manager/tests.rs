@@ -149,6 +149,9 @@ impl Machine for ScriptedMachine {
     async fn stop(&self) -> Result<(), BackendError> {
         self.0.step("stop")
     }
+    async fn stop_now(&self) -> Result<(), BackendError> {
+        self.0.step("stop_now")
+    }
 }
 
 struct Harness {

@@ -122,4 +122,8 @@ impl Machine for QemuMachine {
     async fn stop(&self) -> Result<(), BackendError> {
         self.stop_along(&Ladder::graceful(self.backend.settings.powerdown_grace)).await
     }
+
+    async fn stop_now(&self) -> Result<(), BackendError> {
+        self.stop_along(&Ladder::abort()).await
+    }
 }
