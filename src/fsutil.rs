@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A state file could not be written or read.
@@ -14,6 +14,8 @@ pub enum FsError {
     Read { path: PathBuf, source: io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error("{path} is not safe for the agent's state: {reason}")]
+    Unsafe { path: PathBuf, reason: String },
 }
 
 /// Creates `dir` (and parents) with mode 0700 when missing.
@@ -25,6 +27,31 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), FsError> {
         .map_err(|source| FsError::CreateDir { path: dir.to_owned(), source })
 }
 
+/// [`ensure_private_dir`] for a directory that holds the agent's state (records, keys,
+/// secrets, VM disks): it must be a real directory owned by this user and writable by no one
+/// else, or whoever could write there could plant links or replace records.
+pub fn ensure_state_dir(dir: &Path) -> Result<(), FsError> {
+    ensure_private_dir(dir)?;
+    let meta = fs::symlink_metadata(dir)
+        .map_err(|source| FsError::Read { path: dir.to_owned(), source })?;
+    let unsafe_because = |reason: String| FsError::Unsafe { path: dir.to_owned(), reason };
+    if !meta.file_type().is_dir() {
+        return Err(unsafe_because("it is a link, not a directory".into()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(unsafe_because(format!("it is owned by uid {}, not {me}", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        let mode = meta.mode() & 0o7777;
+        return Err(unsafe_because(format!(
+            "its mode {mode:04o} lets others write in it (chmod go-w it)"
+        )));
+    }
+    Ok(())
+}
+
 /// Replaces `path` with `contents` atomically: temp file in the same directory, fsync, rename,
 /// fsync of the directory. A crash leaves either the old or the new file, never a torn one;
 /// a failure (disk full) leaves the old file untouched and no temp file behind.
@@ -32,10 +59,21 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), FsError> {
     let err = |source| FsError::Write { path: path.to_owned(), source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| err(io::ErrorKind::InvalidInput.into()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    // A fresh name, created exclusively and never through a link: another writer (or a link
+    // planted in the directory) cannot make this write land elsewhere.
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{:016x}",
+        name.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let result = (|| {
-        let mut file =
-            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&tmp)?;
         // The mode above is filtered by the umask and ignored for an existing file.
         file.set_permissions(fs::Permissions::from_mode(0o600))?;
         file.write_all(contents)?;
@@ -61,6 +99,23 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_dir_others_can_write_in_or_a_link_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let good = root.path().join("state");
+        ensure_state_dir(&good).unwrap();
+        ensure_state_dir(&good).unwrap(); // existing and fine
+        fs::set_permissions(&good, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ensure_state_dir(&good).unwrap_err().to_string();
+        assert!(err.ends_with("its mode 0777 lets others write in it (chmod go-w it)"), "{err}");
+        fs::set_permissions(&good, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_state_dir(&good).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let err = ensure_state_dir(&link).unwrap_err().to_string();
+        assert!(err.contains("is a link"), "{err}");
+    }
 
     #[test]
     fn writes_private_files_and_replaces_them_whole() {

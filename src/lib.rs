@@ -19,5 +19,6 @@ pub mod pidfd;
 pub mod ports;
 pub mod recovery;
 pub mod secret;
+pub mod text;
 pub mod tunnel;
 pub mod vfio;

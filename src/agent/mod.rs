@@ -176,8 +176,8 @@ async fn termination() {
 
 /// `qudata-agent run --local`: no control plane, no frpc, a generated secret.
 pub async fn run_local(cfg: Config) -> Result<(), AgentError> {
-    fsutil::ensure_private_dir(&cfg.data_dir)?;
-    fsutil::ensure_private_dir(&cfg.run_dir)?;
+    fsutil::ensure_state_dir(&cfg.data_dir)?;
+    fsutil::ensure_state_dir(&cfg.run_dir)?;
     let (secret, fresh) = local_secret(&cfg)?;
     // Local mode reports no stats, so it runs no in-guest GPU metrics.
     let (_lock, Built { manager, events, .. }, _) = start_up(&cfg, true, None).await?;

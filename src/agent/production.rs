@@ -24,8 +24,8 @@ use crate::recovery;
 use crate::vfio::SysfsRoot;
 
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
-    fsutil::ensure_private_dir(&cfg.data_dir)?;
-    fsutil::ensure_private_dir(&cfg.run_dir)?;
+    fsutil::ensure_state_dir(&cfg.data_dir)?;
+    fsutil::ensure_state_dir(&cfg.run_dir)?;
     let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;

@@ -39,6 +39,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request that is not answered within [`super::REQUEST_DEADLINE`] (a body sent slowly, a
+/// command stuck) gets 503 and its connection is closed.
+pub(super) async fn deadline(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(super::REQUEST_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let seconds = super::REQUEST_DEADLINE.as_secs();
+            let message = format!("the request was not answered within {seconds} s");
+            let mut response =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
         let status = match &e {

@@ -6,6 +6,7 @@
 mod auth;
 mod envelope;
 mod instances;
+mod server;
 mod ssh;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,6 +24,9 @@ use crate::instance::Manager;
 
 /// Largest request body accepted (413 past it).
 pub const BODY_LIMIT: usize = 64 * 1024;
+/// The longest a request may take, body included (a lifecycle command waits up to 30 s for
+/// the operation in progress, then for a pause or resume).
+pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -48,6 +52,7 @@ pub fn router(manager: Manager, secret: SecretSlot) -> Router {
         .with_state(state);
     routes
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(envelope::deadline))
         .layer(axum::middleware::from_fn(envelope::json_errors))
         .layer(axum::middleware::from_fn_with_state(secret, auth::require_secret))
 }
@@ -61,15 +66,11 @@ pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves until `shutdown` turns true, with the limits of [`server`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
+    server::serve(listener, app, shutdown).await
 }

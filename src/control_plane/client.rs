@@ -42,6 +42,8 @@ impl Client {
     pub fn new(base: &str, api_key: Secret, timeout: Duration) -> Result<Client, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
+            // A redirect would carry X-API-Key / X-Agent-Secret to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("qudata-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Build { detail: chain(&e) })?;

@@ -260,7 +260,7 @@ impl GuestClient {
             instance: self.target.instance.clone(),
             action: action.to_owned(),
             status: out.describe_status(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().chars().take(500).collect(),
+            stderr: crate::text::printable(String::from_utf8_lossy(&out.stderr).trim(), 500),
         })
     }
 

@@ -95,7 +95,7 @@ pub async fn start_service(
         instance: client.target().instance.clone(),
         action: "start the renter's command".into(),
         status: "no pid printed".into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
+        stderr: crate::text::printable(String::from_utf8_lossy(&out.stderr).trim(), 500),
     })?;
     tracing::info!(instance = %client.target().instance, pid, "renter command started");
     Ok(pid)

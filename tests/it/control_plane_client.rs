@@ -100,3 +100,42 @@ async fn nobody_listening_is_unreachable_and_transient() {
     assert!(err.is_transient());
     assert!(!err.to_string().contains("ak-x"));
 }
+
+/// A control plane (or something in its place) that answers with a redirect does not get the
+/// credentials sent on: the redirect is an error, and nothing reaches its target.
+#[tokio::test]
+async fn a_redirect_is_not_followed_with_the_credentials() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_port = target.local_addr().unwrap().port();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&reached);
+    tokio::spawn(async move {
+        while let Ok((_stream, _)) = target.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let redirector = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://127.0.0.1:{}", redirector.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = redirector.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let _ = stream.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{target_port}/init\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    let key = "ak-redirect-test-1";
+    remember_secret(key);
+    let c = Client::new(&url, Secret::new(key), Duration::from_secs(5)).unwrap().with_backoff(FAST);
+    let err = c.init(&request()).await.unwrap_err();
+    assert!(err.to_string().contains("307"), "{err}");
+    assert_eq!(reached.load(Ordering::SeqCst), 0, "the redirect was followed");
+}

@@ -14,6 +14,7 @@
 mod support;
 
 mod api;
+mod api_limits;
 mod boot;
 mod cli;
 mod control_plane;

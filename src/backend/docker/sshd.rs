@@ -20,6 +20,8 @@ const SSHD_PATHS: &[&str] = &["/usr/sbin/sshd", "/usr/bin/sshd", "/sbin/sshd"];
 const INSTALL: Duration = Duration::from_secs(600);
 /// A short command (key generation, the server forking into the background).
 const SHORT: Duration = Duration::from_secs(60);
+/// How much of a command's output is kept (its tail): the last lines explain a failure.
+const EXEC_OUTPUT_KEPT: usize = 16 * 1024;
 
 /// What a finished exec left.
 #[derive(Debug)]
@@ -55,6 +57,12 @@ pub async fn exec(
         let read = async {
             while let Some(Ok(chunk)) = output.next().await {
                 text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                // Only the last lines are kept: a command may print without end.
+                if text.len() > EXEC_OUTPUT_KEPT * 2 {
+                    let cut = text.len() - EXEC_OUTPUT_KEPT;
+                    let cut = (cut..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+                    text.drain(..cut);
+                }
             }
         };
         if tokio::time::timeout_at(until, read).await.is_err() {
@@ -68,7 +76,8 @@ pub async fn exec(
         let state = engine.call(what, CALL, engine.docker.inspect_exec(&created.id)).await?;
         if state.running != Some(true) {
             let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-            let output = lines[lines.len().saturating_sub(5)..].join(" | ");
+            let output =
+                crate::text::printable(&lines[lines.len().saturating_sub(5)..].join(" | "), 1000);
             return Ok(Ran { code: state.exit_code.unwrap_or(-1), output });
         }
         if Instant::now() >= until {

@@ -179,7 +179,10 @@ async fn read(
                             lines += 1;
                             board.record(id, gpu.stats());
                         }
-                        Err(e) => tracing::debug!(%id, error = %e, "not a GPU line"),
+                        Err(e) => {
+                            let error = crate::text::printable(&e.to_string(), 300);
+                            tracing::debug!(%id, %error, "not a GPU line")
+                        }
                     }
                 }
                 if pending.len() > MAX_LINE {
@@ -194,7 +197,7 @@ async fn read(
                 return Ended::NotFound;
             }
             Some(ChannelMsg::Close) | None => {
-                let stderr = String::from_utf8_lossy(&stderr).trim().chars().take(300).collect();
+                let stderr = crate::text::printable(String::from_utf8_lossy(&stderr).trim(), 300);
                 return Ended::Closed { lines, status, stderr };
             }
             _ => {}

@@ -509,6 +509,28 @@ async fn keys_added_while_pending_are_applied_when_ready() {
 }
 
 #[tokio::test]
+async fn an_instance_holds_at_most_64_renter_keys() {
+    let h = harness(&[]);
+    h.manager.create_json(&json!({"ssh_enabled": true})).await.unwrap();
+    let key = |i: u8| {
+        let seed = [i; 32];
+        let key = russh::keys::PrivateKey::from(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed),
+        );
+        key.public_key().to_openssh().unwrap()
+    };
+    for i in 0..64 {
+        h.manager.add_ssh_key(&key(i)).await.unwrap();
+    }
+    let err = h.manager.add_ssh_key(&key(64)).await.unwrap_err();
+    assert!(err.to_string().contains("64 SSH keys"), "{err}");
+    assert_eq!(h.manager.instances()[0].ssh_keys.len(), 64);
+    h.manager.add_ssh_key(&key(3)).await.unwrap(); // one it has: no change, no refusal
+    h.manager.remove_ssh_key(&key(0)).await.unwrap();
+    h.manager.add_ssh_key(&key(64)).await.unwrap();
+}
+
+#[tokio::test]
 async fn keys_need_ssh_enabled() {
     let h = harness(&[]);
     h.manager.create_json(&json!({})).await.unwrap();

@@ -10,6 +10,9 @@ use crate::instance::manager::{KeyChange, OP_WAIT};
 use crate::instance::model::Status;
 use crate::instance::transition::Conflict;
 
+/// The most renter keys an instance holds (each is written to the guest on every change).
+pub const MAX_RENTER_KEYS: usize = 64;
+
 impl InstanceTask {
     pub(super) async fn change_keys(&mut self, change: KeyChange, reply: Reply) {
         let current = self.snapshot();
@@ -24,6 +27,12 @@ impl InstanceTask {
         let present = current.ssh_keys.iter().any(|k| same_public_key(k, &key));
         if present == add {
             return answer(Some(reply), Ok(())); // already as asked
+        }
+        if add && current.ssh_keys.len() >= MAX_RENTER_KEYS {
+            let reason = format!(
+                "the instance has {MAX_RENTER_KEYS} SSH keys, the most it may have; remove one first"
+            );
+            return answer(Some(reply), Err(Conflict { status: current.status, reason }.into()));
         }
         let changed = self
             .change(move |i| {
