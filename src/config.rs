@@ -90,6 +90,20 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_DOCKER_PRIVATE_REGISTRIES",
+        None,
+        "comma-separated host[:port] list",
+        "registries on the host or a private network that containers may pull from (a LAN mirror); others there are refused",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_DOCKER_UNLIMITED_DISK",
+        Some("false"),
+        "true or false (1/0, yes/no)",
+        "run containers without a disk limit when the engine cannot enforce storage_gb (else such creates are refused)",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_DOCKER_HOST",
         Some("unix:///var/run/docker.sock"),
         "unix:///<absolute path> (or an absolute socket path)",
@@ -296,6 +310,10 @@ pub struct Config {
     pub debug: bool,
     /// The Docker engine's socket (from `QUDATA_DOCKER_HOST`, `unix://` stripped).
     pub docker_host: PathBuf,
+    /// The operator accepts containers whose `storage_gb` the engine cannot enforce.
+    pub docker_unlimited_disk: bool,
+    /// Registries on private addresses containers may pull from.
+    pub docker_private_registries: Vec<String>,
     pub frpc_binary: PathBuf,
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
@@ -472,6 +490,16 @@ pub fn parse_pci_address(v: &str) -> Result<String, String> {
     if shape_ok { Ok(v.to_ascii_lowercase()) } else { Err(format!("{v:?} is not a PCI address")) }
 }
 
+fn parse_registry_list(v: &str) -> Result<Vec<String>, String> {
+    let host = |c: char| c.is_ascii_alphanumeric() || ".-:[]".contains(c);
+    let parts: Vec<String> =
+        v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect();
+    match parts.iter().find(|p| !p.chars().all(host) || p.starts_with('-')) {
+        Some(bad) => Err(format!("{bad:?} is not a registry host[:port]")),
+        None => Ok(parts),
+    }
+}
+
 fn parse_pci_list(v: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -526,6 +554,10 @@ impl Config {
             data_dir: r.required("QUDATA_DATA_DIR", parse_abs_path)?,
             debug: r.required("QUDATA_DEBUG", parse_bool)?,
             docker_host: r.required("QUDATA_DOCKER_HOST", parse_docker_host)?,
+            docker_unlimited_disk: r.required("QUDATA_DOCKER_UNLIMITED_DISK", parse_bool)?,
+            docker_private_registries: r
+                .parse("QUDATA_DOCKER_PRIVATE_REGISTRIES", parse_registry_list)?
+                .unwrap_or_default(),
             frpc_binary: r.required("QUDATA_FRPC_BINARY", |v| Ok(PathBuf::from(v)))?,
             frpc_config: r.required("QUDATA_FRPC_CONFIG", parse_abs_path)?,
             frp: FrpOverrides {

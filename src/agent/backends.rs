@@ -98,6 +98,7 @@ pub async fn build(
                 Chosen { lifecycle: Arc::new(backend), sweeper }
             }),
             BackendKind::Docker => docker(cfg, events.clone()).await.map(|backend| {
+                backend.log_disk_limits();
                 let backend = Arc::new(backend);
                 Chosen { lifecycle: backend.clone(), sweeper: backend }
             }),
@@ -120,6 +121,8 @@ async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, BuildE
         .map_err(BuildError::Gpus)?;
     let settings = DockerSettings {
         host_gpus: every_gpu.iter().map(ToString::to_string).collect(),
+        unlimited_disk: cfg.docker_unlimited_disk,
+        private_registries: cfg.docker_private_registries.clone(),
         ..DockerSettings::new(cfg.docker_host.clone(), owner)
     };
     let backend = DockerBackend::connect(settings, events).await?;

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::support::agent::{Api, local_secret};
 use crate::support::docker::Engine;
 use crate::support::docker_agent::{
-    START, container, refused, start_agent, started, wait_container_gone,
+    START, container, refused, start_agent, start_agent_with, started, wait_container_gone,
 };
 use crate::support::docker_images::busybox;
 use crate::support::vm::{host_port, http_get, record, wait_gone, wait_http, wait_status};
@@ -81,6 +81,25 @@ async fn lifecycle_ports_env_command_and_cleanup() {
         Some("[]"),
         "no GPUs here"
     );
+    // Hardening: no GPU even where nvidia is the default runtime, a process cap, fewer
+    // capabilities, no privilege gain through setuid, logs that cannot fill the disk.
+    let env = engine.inspect(&name, "{{json .Config.Env}}").unwrap_or_default();
+    assert!(env.contains("NVIDIA_VISIBLE_DEVICES=void"), "{env}");
+    assert_eq!(engine.inspect(&name, "{{.HostConfig.PidsLimit}}").as_deref(), Some("4096"));
+    let dropped = engine.inspect(&name, "{{json .HostConfig.CapDrop}}").unwrap_or_default();
+    for cap in ["NET_RAW", "MKNOD", "SETFCAP", "SETPCAP"] {
+        assert!(dropped.contains(cap), "{cap} not dropped: {dropped}");
+    }
+    assert_eq!(
+        engine.inspect(&name, "{{json .HostConfig.SecurityOpt}}").as_deref(),
+        Some(r#"["no-new-privileges"]"#)
+    );
+    assert_eq!(
+        engine.inspect(&name, "{{json .HostConfig.LogConfig}}").as_deref(),
+        Some(r#"{"Type":"json-file","Config":{"max-file":"3","max-size":"10m"}}"#)
+    );
+    let no_raw = engine.cli(&["exec", &name, "ping", "-c", "1", "-W", "1", "127.0.0.1"]);
+    assert!(!no_raw.status.success(), "raw sockets work without NET_RAW");
 
     // The command runs with the environment as data; the port answers on 127.0.0.1 and on no
     // other local address.
@@ -216,10 +235,30 @@ async fn agent_kill9_adopts_the_running_container_untouched() {
 
 #[tokio::test]
 async fn the_registry_password_reaches_neither_a_log_nor_the_record() {
+    use crate::support::agent::{Dirs, free_port};
     let engine = Engine::shared();
-    let (dirs, agent, api) = started(engine).await;
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-    // A registry on 127.0.0.1 where nothing listens: the pull fails with the engine's words.
+    let body = json!({
+        "image": "127.0.0.1:9/team/app:1",
+        "registry": "127.0.0.1:9",
+        "login": "renter",
+        "password": password,
+    });
+    // A registry on the host is refused unless the operator allows it…
+    let (_, refusing, api) = started(engine).await;
+    let refused = api.json("POST", "/instances", &body).await;
+    assert_eq!(refused.status, 400, "{:?}", refused.body);
+    let error = refused.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("private network") && !error.contains(&password), "{error}");
+    assert!(!refusing.output().contains(&password), "the password was logged");
+    drop(refusing);
+    // …as a mirror: then, with nothing listening on 127.0.0.1:9, the pull fails with the
+    // engine's words.
+    let dirs = Dirs::new();
+    let mirror = [("QUDATA_DOCKER_PRIVATE_REGISTRIES", "127.0.0.1:9".to_owned())];
+    let mut agent = start_agent_with(&dirs, engine, free_port(), &mirror);
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
     let body = json!({
         "image": "127.0.0.1:9/team/app:1",
         "registry": "127.0.0.1:9",
@@ -236,4 +275,40 @@ async fn the_registry_password_reaches_neither_a_log_nor_the_record() {
     assert!(!reason.contains(&password));
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_status(&api, "destroyed", Duration::from_secs(30)).await;
+}
+
+/// `storage_gb` is a promise: where the engine cannot keep it (decided by asking the engine
+/// itself for a container with a disk limit), a create is refused with 400 and nothing is
+/// made, unless the operator allowed containers without a limit.
+#[tokio::test]
+async fn a_disk_limit_the_engine_cannot_enforce_is_refused_unless_the_operator_allows_it() {
+    use crate::support::agent::{Agent, Dirs, free_port};
+    let engine = Engine::shared();
+    let image = busybox(engine);
+    let probe = engine.cli(&["create", "--storage-opt", "size=1G", image, "true"]);
+    let can_limit = probe.status.success();
+    if can_limit {
+        let id = String::from_utf8_lossy(&probe.stdout).trim().to_owned();
+        engine.must(&["rm", &id]);
+    }
+    let dirs = Dirs::new();
+    let env = [("QUDATA_BACKEND", "docker".to_owned()), ("QUDATA_DOCKER_HOST", engine.host())];
+    let mut agent = Agent::start(&dirs, &["run", "--local"], &env, free_port());
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let answer = api.json("POST", "/instances", &web_body(image)).await;
+    if can_limit {
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        let id = answer.body["data"]["id"].as_str().unwrap().to_owned();
+        assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+        wait_container_gone(engine, &id, START);
+        return;
+    }
+    assert_eq!(answer.status, 400, "{:?}", answer.body);
+    let error = answer.body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("storage_gb: ") && error.contains("QUDATA_DOCKER_UNLIMITED_DISK"),
+        "{error}"
+    );
+    assert!(dirs.records().is_empty(), "a refused create left a record");
 }

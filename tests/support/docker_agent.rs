@@ -11,7 +11,23 @@ pub const START: Duration = Duration::from_secs(120);
 
 /// `qudata-agent run --local` with `QUDATA_BACKEND=docker` on `engine`.
 pub fn start_agent(dirs: &Dirs, engine: &Engine, port: u16) -> Agent {
-    let env = [("QUDATA_BACKEND", "docker".to_owned()), ("QUDATA_DOCKER_HOST", engine.host())];
+    start_agent_with(dirs, engine, port, &[])
+}
+
+/// [`start_agent`] with more settings.
+pub fn start_agent_with(
+    dirs: &Dirs,
+    engine: &Engine,
+    port: u16,
+    extra: &[(&'static str, String)],
+) -> Agent {
+    // The test engine's data root is on the machine's file system: it may not limit disks.
+    let mut env = vec![
+        ("QUDATA_BACKEND", "docker".to_owned()),
+        ("QUDATA_DOCKER_HOST", engine.host()),
+        ("QUDATA_DOCKER_UNLIMITED_DISK", "true".to_owned()),
+    ];
+    env.extend_from_slice(extra);
     Agent::start(dirs, &["run", "--local"], &env, port)
 }
 

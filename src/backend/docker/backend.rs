@@ -35,6 +35,12 @@ pub struct DockerSettings {
     /// Every NVIDIA GPU of the host (PCI addresses). The device request gives a container all
     /// of them, so a container may only be given all of them or none.
     pub host_gpus: Vec<String>,
+    /// Registries on private addresses the operator allows (`QUDATA_DOCKER_PRIVATE_REGISTRIES`:
+    /// a mirror on the LAN); every other one on the host or a private network is refused.
+    pub private_registries: Vec<String>,
+    /// Containers may run without a disk limit where the engine cannot enforce `storage_gb`
+    /// (`QUDATA_DOCKER_UNLIMITED_DISK`); else such creates are refused.
+    pub unlimited_disk: bool,
 }
 
 impl DockerSettings {
@@ -46,6 +52,8 @@ impl DockerSettings {
             stop_grace: Duration::from_secs(10),
             pull_deadline: Duration::from_secs(30 * 60),
             host_gpus: Vec::new(),
+            unlimited_disk: false,
+            private_registries: Vec::new(),
         }
     }
 }
@@ -65,7 +73,41 @@ impl DockerBackend {
     /// Connects to the engine; fails when it does not answer within a few seconds.
     pub async fn connect(settings: DockerSettings, events: EventSink) -> Result<Self, DockerError> {
         let engine = Engine::connect(&settings.socket).await?;
-        Ok(DockerBackend { settings, engine, events, disk_quota: Arc::new(AtomicBool::new(true)) })
+        // What the engine says of its storage: a driver known not to limit a container's disk
+        // is known from the start; one that may (overlay2 on xfs needs `pquota`) is tried.
+        let limits = match engine.docker.info().await {
+            Ok(info) => plan::disk_quota_possible(&info),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the engine's storage driver");
+                true
+            }
+        };
+        let disk_quota = Arc::new(AtomicBool::new(limits));
+        Ok(DockerBackend { settings, engine, events, disk_quota })
+    }
+
+    /// Says once, for the backend that runs instances, when the engine is known not to limit
+    /// a container's disk.
+    pub fn log_disk_limits(&self) {
+        if !self.disk_quota.load(Ordering::Relaxed) {
+            self.warn_no_disk_limit("the engine's storage driver");
+        }
+    }
+
+    /// Why `storage_gb` cannot be honoured here, for a refused create.
+    fn no_disk_limit() -> String {
+        "this host's Docker engine cannot limit a container's disk (its storage driver needs \
+         overlay2 on xfs mounted with pquota, btrfs or zfs); the operator may allow containers \
+         without a disk limit (QUDATA_DOCKER_UNLIMITED_DISK=true)"
+            .to_owned()
+    }
+
+    fn warn_no_disk_limit(&self, seen: &str) {
+        if self.settings.unlimited_disk {
+            tracing::warn!(%seen, "storage_gb is not enforced for containers (QUDATA_DOCKER_UNLIMITED_DISK=true)");
+        } else {
+            tracing::warn!(%seen, "the Docker engine cannot limit a container's disk: creates are refused until it can (or QUDATA_DOCKER_UNLIMITED_DISK=true)");
+        }
     }
 
     /// The instance's machine: its container, watched from the run `started_at` on.
@@ -94,7 +136,7 @@ impl DockerBackend {
     }
 
     async fn create_and_start(&self, instance: &Instance) -> Result<Option<String>, DockerError> {
-        let image = plan::pull_reference(&instance.spec)
+        let image = plan::pull_reference(&instance.spec, &self.settings.private_registries)
             .map_err(|reason| DockerError::Pull { image: String::new(), message: reason })?;
         pull::ensure_image(
             &self.engine,
@@ -112,14 +154,12 @@ impl DockerBackend {
             Err(DockerError::Engine { message, .. })
                 if quota && plan::is_disk_quota_refusal(&message) =>
             {
-                // Said once: every later container is made without the limit.
+                // Said once; later creates know it at admission.
                 if self.disk_quota.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                        engine = %message,
-                        "the Docker engine cannot limit a container's disk (its storage driver \
-                         needs overlay2 on xfs mounted with pquota, btrfs or zfs): storage_gb \
-                         is not enforced for containers"
-                    );
+                    self.warn_no_disk_limit(&message);
+                }
+                if !self.settings.unlimited_disk {
+                    return Err(DockerError::Refused { reason: Self::no_disk_limit() });
                 }
                 self.create(instance, &name, &image, false).await?;
             }
@@ -170,12 +210,17 @@ impl Lifecycle for DockerBackend {
     fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
         plan::image_of(spec)
             .map_err(|reason| BackendError::Unsupported { field: "image", reason })?;
-        plan::check_registry(spec)
+        let private = &self.settings.private_registries;
+        plan::check_registry(spec, private)
             .map_err(|reason| BackendError::Unsupported { field: "registry", reason })?;
-        plan::pull_reference(spec)
+        plan::pull_reference(spec, private)
             .map_err(|reason| BackendError::Unsupported { field: "image", reason })?;
         plan::check_env(spec)
             .map_err(|reason| BackendError::Unsupported { field: "env_variables", reason })?;
+        if !self.disk_quota.load(Ordering::Relaxed) && !self.settings.unlimited_disk {
+            let reason = Self::no_disk_limit();
+            return Err(BackendError::Unsupported { field: "storage_gb", reason });
+        }
         if spec.registry.password.is_some() && spec.registry.login.is_none() {
             let reason = "is required with password".to_owned();
             return Err(BackendError::Unsupported { field: "login", reason });
@@ -237,7 +282,13 @@ impl Lifecycle for DockerBackend {
             Err(e) => Err(e.during("remove the container")),
             Ok(()) => {
                 tracing::info!(id = %instance.id, "container and its anonymous volumes removed");
-                Ok(())
+                let spec = &instance.spec;
+                match plan::pull_reference(spec, &self.settings.private_registries) {
+                    Ok(image) => pull::remove_private_image(&self.engine, &image, &spec.registry)
+                        .await
+                        .map_err(|e| e.during("remove the image pulled with a login")),
+                    Err(_) => Ok(()),
+                }
             }
         }
     }

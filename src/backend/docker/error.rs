@@ -25,6 +25,9 @@ pub enum DockerError {
     /// The container does not exist (removed outside the agent, or never made).
     #[error("the container {name} does not exist")]
     NotFound { name: String },
+    /// What the request asks for cannot be honoured on this engine.
+    #[error("{reason}")]
+    Refused { reason: String },
     /// Pulling the image failed; `message` is the engine's or the registry's.
     #[error("pulling the image {image} failed: {message}")]
     Pull { image: String, message: String },

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use bollard::models::{
-    ContainerCreateBody, DeviceRequest, HostConfig, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 
 use crate::instance::model::{Instance, marker};
@@ -19,6 +19,14 @@ pub const LABEL_INSTANCE: &str = "ai.qudata.instance";
 /// as QEMU's pidfiles live in one agent's run dir, so two agents sharing an engine (tests, a
 /// misconfigured host) never take each other's containers for orphans.
 pub const LABEL_OWNER: &str = "ai.qudata.owner";
+
+/// Processes a container may have at once.
+pub const PIDS_LIMIT: i64 = 4096;
+/// Capabilities of Docker's default set that a renter's container does without: raw sockets
+/// (spoofed packets), device nodes, file capabilities and changing the capability bounding
+/// set. Kept: what sshd and package installs need (setuid/setgid, chroot, chown, audit
+/// writes, binding port 22).
+pub const CAP_DROP: &[&str] = &["NET_RAW", "MKNOD", "SETFCAP", "SETPCAP"];
 
 /// The labels of instance `id` made by `owner`.
 pub fn labels(id: &str, owner: &str) -> HashMap<String, String> {
@@ -52,10 +60,14 @@ pub fn create_body(
     let spec = &instance.spec;
     let gpus = !instance.gpus.is_empty();
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // After the renter's values, so these win. Without GPUs, `void`: an image whose own
+    // `ENV NVIDIA_VISIBLE_DEVICES=all` would otherwise get every GPU where nvidia is the
+    // engine's default runtime.
     if gpus {
-        // After the renter's values, so these win.
         env.push("NVIDIA_VISIBLE_DEVICES=all".into());
         env.push("NVIDIA_DRIVER_CAPABILITIES=compute,utility".into());
+    } else {
+        env.push("NVIDIA_VISIBLE_DEVICES=void".into());
     }
     let port_key = |guest: u16| format!("{guest}/tcp");
     let bindings: HashMap<String, Option<Vec<PortBinding>>> = instance
@@ -89,6 +101,18 @@ pub fn create_body(
         device_requests,
         storage_opt: disk_quota
             .then(|| HashMap::from([("size".to_owned(), format!("{}G", spec.storage_gb))])),
+        // A fork bomb stays inside its container (QEMU and the agent must still start
+        // processes).
+        pids_limit: Some(PIDS_LIMIT),
+        cap_drop: Some(CAP_DROP.iter().map(|c| (*c).to_owned()).collect()),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_owned(), "10m".to_owned()),
+                ("max-file".to_owned(), "3".to_owned()),
+            ])),
+        }),
         ..Default::default()
     };
     ContainerCreateBody {
@@ -102,6 +126,21 @@ pub fn create_body(
         labels: Some(labels(&instance.id, owner)),
         host_config: Some(host_config),
         ..Default::default()
+    }
+}
+
+/// Whether the engine's storage driver may limit a container's disk: btrfs and zfs can,
+/// overlay2 only on xfs (mounted with `pquota`, which `docker info` does not show, so it is
+/// tried); every other driver or backing file system cannot.
+pub fn disk_quota_possible(info: &bollard::models::SystemInfo) -> bool {
+    let backing = info.driver_status.iter().flatten().find_map(|pair| match pair.as_slice() {
+        [key, value] if key == "Backing Filesystem" => Some(value.as_str()),
+        _ => None,
+    });
+    match info.driver.as_deref() {
+        Some("btrfs" | "zfs") => true,
+        Some("overlay2") => backing.is_none_or(|fs| fs == "xfs"),
+        _ => false,
     }
 }
 
@@ -156,14 +195,17 @@ pub fn image_of(spec: &Spec) -> Result<&str, String> {
 /// The reference to pull: the request's image, under the legacy `registry` field's host when
 /// the image names none. An image naming another registry is refused: the login and password
 /// go with the `registry` field, and the engine would send them wherever the image points.
-pub fn pull_reference(spec: &Spec) -> Result<String, String> {
+pub fn pull_reference(spec: &Spec, allowed: &[String]) -> Result<String, String> {
     let image = image_of(spec)?;
-    let Some(registry) = spec.registry.registry.as_deref() else { return Ok(image.to_owned()) };
     // Docker's rule: a first component with a dot or a port, or `localhost`, is a host.
     let host = image
         .split_once('/')
         .map(|(first, _)| first)
         .filter(|f| f.contains(['.', ':']) || *f == "localhost");
+    if let Some(host) = host {
+        check_registry_host(host, allowed)?;
+    }
+    let Some(registry) = spec.registry.registry.as_deref() else { return Ok(image.to_owned()) };
     match host {
         None => Ok(format!("{registry}/{image}")),
         Some(host) if host == registry => Ok(image.to_owned()),
@@ -175,14 +217,58 @@ pub fn pull_reference(spec: &Spec) -> Result<String, String> {
 }
 
 /// The registry of the legacy `registry` field: a host name with an optional port.
-pub fn check_registry(spec: &Spec) -> Result<(), String> {
+pub fn check_registry(spec: &Spec, allowed: &[String]) -> Result<(), String> {
     let Some(registry) = spec.registry.registry.as_deref() else { return Ok(()) };
-    let allowed = |c: char| c.is_ascii_alphanumeric() || ".-:".contains(c);
-    if registry.len() <= 253 && registry.chars().all(allowed) && !registry.starts_with('-') {
-        Ok(())
-    } else {
-        Err(format!("{registry:?} is not a registry host (like registry.example.com:5000)"))
+    let host_char = |c: char| c.is_ascii_alphanumeric() || ".-:".contains(c);
+    if registry.len() > 253 || !registry.chars().all(host_char) || registry.starts_with('-') {
+        return Err(format!(
+            "{registry:?} is not a registry host (like registry.example.com:5000)"
+        ));
     }
+    check_registry_host(registry, allowed)
+}
+
+/// The engine pulls from the host's network position: a registry on the host itself or on its
+/// private networks (loopback, RFC 1918, CGNAT, link-local, unique-local) is refused, unless
+/// the operator allowed that `host[:port]`.
+pub fn check_registry_host(host_and_port: &str, allowed: &[String]) -> Result<(), String> {
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(host_and_port)) {
+        return Ok(());
+    }
+    let host = match host_and_port.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => host_and_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let lower = host.to_ascii_lowercase();
+    let private = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            let [a, b, ..] = ip.octets();
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || (a == 100 && (64..128).contains(&b))
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            let first = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || ip.to_ipv4_mapped().is_some()
+        }
+        Err(_) => {
+            lower == "localhost" || lower.ends_with(".localhost") || lower.ends_with(".local")
+        }
+    };
+    if private {
+        return Err(format!(
+            "{host_and_port:?} is on the host or a private network; images come from public registries only"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ fn golden_without_gpus() {
     );
     let expected = json!({
         "Hostname": "qudata-4f1c",
-        "Env": ["A=$(x)", "B=two words"],
+        "Env": ["A=$(x)", "B=two words", "NVIDIA_VISIBLE_DEVICES=void"],
         "Cmd": ["/bin/sh", "-c", "jupyter lab --ip=0.0.0.0"],
         "Image": "app:1",
         "Labels": {"ai.qudata.instance": "4f1c", "ai.qudata.owner": "/var/lib/qudata"},
@@ -72,7 +72,11 @@ fn golden_without_gpus() {
                 "8888/tcp": [{"HostIp": "127.0.0.1", "HostPort": "41888"}]
             },
             "RestartPolicy": {"Name": "unless-stopped"},
-            "StorageOpt": {"size": "10G"}
+            "StorageOpt": {"size": "10G"},
+            "PidsLimit": 4096,
+            "CapDrop": ["NET_RAW", "MKNOD", "SETFCAP", "SETPCAP"],
+            "SecurityOpt": ["no-new-privileges"],
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}}
         }
     });
     assert_eq!(serde_json::to_value(&body).unwrap(), expected);
@@ -120,15 +124,15 @@ fn image_references_are_checked() {
     spec.image = None;
     assert!(image_of(&spec).unwrap_err().starts_with("is required"));
     spec.registry.registry = Some("reg.example.com:5000".into());
-    assert_eq!(check_registry(&spec), Ok(()));
+    assert_eq!(check_registry(&spec, &[]), Ok(()));
     spec.registry.registry = Some("https://reg/x".into());
-    assert!(check_registry(&spec).is_err());
+    assert!(check_registry(&spec, &[]).is_err());
 }
 
 #[test]
 fn the_registry_field_decides_where_the_image_is_pulled_from() {
     let mut spec = instance(Vec::new(), None).spec;
-    let pull = |spec: &Spec| pull_reference(spec);
+    let pull = |spec: &Spec| pull_reference(spec, &[]);
     assert_eq!(pull(&spec), Ok("registry.example.com:5000/team/app:1.2".into()), "no field");
     spec.registry.registry = Some("registry.example.com:5000".into());
     assert_eq!(pull(&spec), Ok("registry.example.com:5000/team/app:1.2".into()), "same host");
@@ -167,4 +171,70 @@ fn a_container_gets_every_gpu_of_the_host_or_none() {
         Err("a container can have all 2 GPUs of this host or none, not 1; ask for gpus 2 or 0"
             .into())
     );
+}
+
+#[test]
+fn registries_on_the_host_or_private_networks_are_refused() {
+    for private in [
+        "localhost:5000",
+        "127.0.0.1:5000",
+        "10.1.2.3",
+        "172.16.0.1:443",
+        "192.168.1.10:5000",
+        "100.64.0.1",
+        "169.254.169.254",
+        "[::1]:5000",
+        "[fd00::1]:5000",
+        "[fe80::1]",
+        "registry.local",
+        "0.0.0.0",
+    ] {
+        let err = check_registry_host(private, &[]).unwrap_err();
+        assert!(err.contains("private network"), "{private}: {err}");
+    }
+    for public in
+        ["registry-1.docker.io", "ghcr.io", "nvcr.io:443", "8.8.8.8:5000", "[2001:db8::1]"]
+    {
+        assert_eq!(check_registry_host(public, &[]), Ok(()), "{public}");
+    }
+    // The operator may allow a mirror on the LAN, by its exact host and port.
+    let mirror = ["10.0.0.5:5000".to_owned()];
+    assert_eq!(check_registry_host("10.0.0.5:5000", &mirror), Ok(()));
+    assert!(check_registry_host("10.0.0.5:5001", &mirror).is_err());
+    // The host named inside the image counts as much as the `registry` field.
+    let mut spec = instance(vec![], None).spec;
+    spec.image = Some("10.0.0.5:5000/team/model:1".into());
+    assert!(pull_reference(&spec, &[]).unwrap_err().contains("private network"));
+    spec.image = Some("localhost/x".into());
+    assert!(pull_reference(&spec, &[]).is_err());
+    spec.image = Some("pytorch/pytorch:2.1.0".into());
+    assert_eq!(pull_reference(&spec, &[]).unwrap(), "pytorch/pytorch:2.1.0");
+}
+
+#[test]
+fn only_btrfs_zfs_or_overlay2_on_xfs_may_limit_a_containers_disk() {
+    let info = |driver: &str, backing: Option<&str>| bollard::models::SystemInfo {
+        driver: Some(driver.into()),
+        driver_status: backing.map(|fs| vec![vec!["Backing Filesystem".into(), fs.into()]]),
+        ..Default::default()
+    };
+    assert!(disk_quota_possible(&info("overlay2", Some("xfs"))));
+    assert!(!disk_quota_possible(&info("overlay2", Some("extfs"))));
+    assert!(disk_quota_possible(&info("btrfs", None)));
+    assert!(disk_quota_possible(&info("zfs", None)));
+    assert!(!disk_quota_possible(&info("vfs", None)));
+}
+
+#[test]
+fn a_container_is_confined_whatever_its_image_says() {
+    let body = create_body(&instance(vec![], None), "busybox:latest", "/var/lib/qudata", false);
+    let env = body.env.unwrap();
+    assert_eq!(env.last().map(String::as_str), Some("NVIDIA_VISIBLE_DEVICES=void"));
+    let host = body.host_config.unwrap();
+    assert_eq!(host.pids_limit, Some(PIDS_LIMIT));
+    assert_eq!(host.cap_drop.unwrap(), ["NET_RAW", "MKNOD", "SETFCAP", "SETPCAP"]);
+    assert_eq!(host.security_opt.unwrap(), ["no-new-privileges"]);
+    let logs = host.log_config.unwrap();
+    assert_eq!(logs.typ.as_deref(), Some("json-file"));
+    assert_eq!(logs.config.unwrap()["max-size"], "10m");
 }

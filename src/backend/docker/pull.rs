@@ -45,11 +45,16 @@ pub async fn ensure_image(
     limit: Duration,
 ) -> Result<(), DockerError> {
     let reference = with_tag(image);
-    let inspect = engine.docker.inspect_image(&reference);
-    match engine.call("inspect the image", CALL, inspect).await {
-        Ok(_) => return Ok(()),
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e),
+    // With a login, the registry checks it on every pull: an image another renter pulled with
+    // their login is never taken from the engine's store (and it is removed with its
+    // instance, see `remove_private_image`).
+    if registry.login.is_none() {
+        let inspect = engine.docker.inspect_image(&reference);
+        match engine.call("inspect the image", CALL, inspect).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
     }
     tracing::info!(image = %reference, "pulling the image");
     let options = CreateImageOptionsBuilder::new().from_image(&reference).build();
@@ -94,6 +99,29 @@ pub async fn ensure_image(
     }
     tracing::info!(image = %reference, "image pulled");
     Ok(())
+}
+
+/// Removes an image pulled with a renter's login once its instance is gone, so nobody else on
+/// this host runs it without the registry's say. An image still used by a container stays.
+pub async fn remove_private_image(
+    engine: &Engine,
+    image: &str,
+    registry: &Registry,
+) -> Result<(), DockerError> {
+    if registry.login.is_none() {
+        return Ok(());
+    }
+    let reference = with_tag(image);
+    let options = bollard::query_parameters::RemoveImageOptionsBuilder::default().build();
+    let remove = engine.docker.remove_image(&reference, Some(options), None);
+    match engine.call("remove the private image", CALL, remove).await {
+        Ok(_) => {
+            tracing::info!(image = %reference, "image pulled with a login removed");
+            Ok(())
+        }
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
