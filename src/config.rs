@@ -90,6 +90,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_DOCKER_HOST",
+        Some("unix:///var/run/docker.sock"),
+        "unix:///<absolute path> (or an absolute socket path)",
+        "Docker engine socket of the docker backend",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_DOCKER_PRIVATE_REGISTRIES",
         None,
         "comma-separated host[:port] list",
@@ -101,13 +108,6 @@ pub const SETTINGS: &[Setting] = &[
         Some("false"),
         "true or false (1/0, yes/no)",
         "run containers without a disk limit when the engine cannot enforce storage_gb (else such creates are refused)",
-        Scope::Host,
-    ),
-    row(
-        "QUDATA_DOCKER_HOST",
-        Some("unix:///var/run/docker.sock"),
-        "unix:///<absolute path> (or an absolute socket path)",
-        "Docker engine socket of the docker backend",
         Scope::Host,
     ),
     row(
