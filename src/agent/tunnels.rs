@@ -81,6 +81,6 @@ impl TunnelLink {
     /// A new publisher (the subdomain may have changed): the manager publishes every instance
     /// again and withdraws what has no record.
     fn publish_with(&self, tunnels: Arc<Tunnels>, creds: &FrpCredentials) {
-        self.manager.set_publisher(Arc::new(TunnelPublisher::new(tunnels, &creds.subdomain)));
+        self.manager.set_publisher(Arc::new(TunnelPublisher::new(tunnels, creds)));
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::config::{InstanceTunnels, TunnelPort, TunnelProto};
+use super::config::{FrpCredentials, InstanceTunnels, TunnelPort, TunnelProto};
 use super::{TunnelError, Tunnels, validate};
 use crate::instance::PublishError;
 use crate::instance::model::{Instance, Proto};
@@ -17,11 +17,17 @@ pub struct TunnelPublisher {
     tunnels: Arc<Tunnels>,
     /// The host's subdomain (from the FRP credentials in force).
     subdomain: String,
+    /// What the agent's own proxy holds on the server: never given to an instance.
+    reserved: validate::Reserved,
 }
 
 impl TunnelPublisher {
-    pub fn new(tunnels: Arc<Tunnels>, host_subdomain: &str) -> TunnelPublisher {
-        TunnelPublisher { tunnels, subdomain: host_subdomain.to_owned() }
+    pub fn new(tunnels: Arc<Tunnels>, creds: &FrpCredentials) -> TunnelPublisher {
+        let reserved = validate::Reserved {
+            subdomain: creds.subdomain.clone(),
+            server_port: creds.server_port,
+        };
+        TunnelPublisher { tunnels, subdomain: creds.subdomain.clone(), reserved }
     }
 }
 
@@ -62,11 +68,14 @@ fn spec_error(e: TunnelError) -> SpecError {
 impl crate::instance::Publisher for TunnelPublisher {
     fn validate(&self, instance: &Instance) -> Result<(), SpecError> {
         let tunnels = instance_tunnels(instance, &self.subdomain);
-        validate::validate_instance(self.tunnels.agent_id(), &tunnels).map_err(spec_error)
+        validate::validate_instance(self.tunnels.agent_id(), &tunnels).map_err(spec_error)?;
+        validate::not_reserved(&tunnels, &self.reserved).map_err(spec_error)
     }
 
     async fn publish(&self, instance: &Instance) -> Result<BTreeMap<u16, String>, PublishError> {
         let tunnels = instance_tunnels(instance, &self.subdomain);
+        // Checked again: an instance admitted under other credentials (a new subdomain).
+        validate::not_reserved(&tunnels, &self.reserved).map_err(boxed)?;
         let report = self.tunnels.publish(&tunnels).await.map_err(boxed)?;
         Ok(report.errors())
     }

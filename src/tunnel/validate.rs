@@ -67,12 +67,83 @@ pub fn validate_instance(agent_id: &str, tunnels: &InstanceTunnels) -> Result<()
     Ok(())
 }
 
+/// What the agent itself holds on the FRP server: its own proxy's domain (the host's bare
+/// subdomain) and the server's own port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reserved {
+    pub subdomain: String,
+    pub server_port: u16,
+}
+
+/// Remote ports an instance's tcp proxy may never take: the server's own, and the HTTP and
+/// HTTPS ports its virtual hosts answer on.
+fn reserved_tcp_ports(reserved: &Reserved) -> [u16; 3] {
+    [reserved.server_port, 80, 443]
+}
+
+/// Checks that no proxy of an instance takes what the agent holds: an http proxy whose domain
+/// is the agent's own (the bare subdomain: remote port 80 or 443 without a `tunnel_token` of
+/// its own, or a token naming the agent's subdomain) would compete with the agent's proxy on
+/// the server, and whenever it won, the control plane's requests, secret included, would
+/// reach the renter. Pure.
+pub fn not_reserved(tunnels: &InstanceTunnels, reserved: &Reserved) -> Result<(), TunnelError> {
+    let invalid = |what: &str, value: String, hint| TunnelError::Invalid {
+        what: what.to_owned(),
+        value,
+        hint,
+    };
+    for p in &tunnels.ports {
+        match p.proto {
+            TunnelProto::Http => {
+                let domain = super::config::http_domain(&tunnels.subdomain, p.remote_port);
+                if domain.eq_ignore_ascii_case(&reserved.subdomain) {
+                    return Err(invalid(
+                        "http domain",
+                        format!("{domain} (remote port {})", p.remote_port),
+                        "it is the agent's own; an http port on remote port 80 or 443 needs a tunnel_token subdomain of its own",
+                    ));
+                }
+            }
+            TunnelProto::Tcp if reserved_tcp_ports(reserved).contains(&p.remote_port) => {
+                return Err(invalid(
+                    "remote port",
+                    p.remote_port.to_string(),
+                    "the FRP server uses it itself; pick another remote port",
+                ));
+            }
+            TunnelProto::Tcp => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tunnel::config::TunnelPort;
 
     const AGENT: &str = "3f1c1b2e-8a4d-4c3e-9b7a-0d5e6f7a8b9c";
+
+    #[test]
+    fn no_instance_proxy_takes_the_agents_domain_or_the_servers_ports() {
+        let reserved = Reserved { subdomain: "host-7".into(), server_port: 7000 };
+        let ok = |sub: &str, ports: &[(u16, u16, TunnelProto)]| {
+            not_reserved(&instance(sub, ports), &reserved)
+        };
+        use TunnelProto::{Http, Tcp};
+        // The host's subdomain on another remote port is its own domain, not the agent's.
+        assert!(ok("host-7", &[(8888, 20000, Http), (22, 10001, Tcp)]).is_ok());
+        // A token of its own may use 80 and 443.
+        assert!(ok("renter-token", &[(8888, 443, Http), (8080, 80, Http)]).is_ok());
+        for (sub, port) in [("host-7", 80), ("host-7", 443), ("HOST-7", 443)] {
+            let err = ok(sub, &[(8888, port, Http)]).unwrap_err().to_string();
+            assert!(err.contains("the agent's own"), "{sub} {port}: {err}");
+        }
+        for port in [7000, 80, 443] {
+            let err = ok("host-7", &[(22, port, Tcp)]).unwrap_err().to_string();
+            assert!(err.contains("the FRP server uses it"), "{port}: {err}");
+        }
+    }
 
     fn instance(subdomain: &str, ports: &[(u16, u16, TunnelProto)]) -> InstanceTunnels {
         InstanceTunnels {

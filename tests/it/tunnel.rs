@@ -362,3 +362,63 @@ async fn a_missing_frpc_binary_is_a_clear_error() {
     assert!(matches!(err, TunnelError::Spawn { .. }), "{err:?}");
     assert!(err.to_string().contains("QUDATA_FRPC_BINARY"), "{err}");
 }
+
+/// An instance never takes the agent's own domain on the FRP server (an http port on remote
+/// port 80 or 443 without a subdomain of its own, or a token naming the agent's) nor the
+/// server's ports: the create is refused with the field at fault, and no include file is
+/// written even if it got as far as publishing.
+#[tokio::test]
+async fn a_create_asking_for_the_agents_domain_is_refused_and_nothing_is_written() {
+    use qudata_agent::instance::Publisher;
+    use qudata_agent::instance::model::{BackendKind, Instance, Proto, PublishedPort, Status};
+    use qudata_agent::instance::spec::{HostLimits, parse_create};
+    use qudata_agent::tunnel::TunnelPublisher;
+
+    let sb = Sandbox::new();
+    let tunnels = Arc::new(start(&sb, FAST).await);
+    let publisher = TunnelPublisher::new(Arc::clone(&tunnels), &creds(TEST_TOKEN));
+    let limits = HostLimits {
+        cpus: 4,
+        memory_mib: 4096,
+        storage_gb: 50,
+        default_cpus: 1,
+        default_memory_mib: 1024,
+        default_storage_gb: 5,
+    };
+    let instance = |token: Option<&str>, remote_port: u16, proto: Proto| {
+        let body = serde_json::json!({"tunnel_token": token});
+        Instance {
+            id: "i-9".into(),
+            backend: BackendKind::Qemu,
+            spec: parse_create(&body, &limits).unwrap(),
+            status: Status::Pending,
+            error: None,
+            created_at: chrono::Utc::now(),
+            ports: vec![PublishedPort { guest_port: 8888, host_port: 42888, remote_port, proto }],
+            gpus: Vec::new(),
+            ssh_keys: Vec::new(),
+            management_port: None,
+            deleting: false,
+        }
+    };
+    let refused = [
+        (instance(None, 443, Proto::Http), "ports"),
+        (instance(None, 80, Proto::Http), "ports"),
+        (instance(Some("host-a1"), 443, Proto::Http), "ports"),
+        (instance(None, 7000, Proto::Tcp), "ports"),
+    ];
+    for (hijack, field) in refused {
+        let err = publisher.validate(&hijack).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(publisher.publish(&hijack).await.is_err());
+    }
+    assert!(tunnels.published_ids().is_empty());
+    let include = config::include_dir(&sb.config);
+    let written = std::fs::read_dir(&include).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(written, 0, "an include file was written in {}", include.display());
+    // With a subdomain of its own, remote port 443 is the renter's.
+    publisher.validate(&instance(Some("lease-7"), 443, Proto::Http)).unwrap();
+    drop(publisher);
+    let tunnels = Arc::try_unwrap(tunnels).ok().expect("the only handle");
+    tunnels.teardown().await;
+}
