@@ -79,6 +79,26 @@ pub fn find_running(binary: &Path, config: &Path, run_dir: &Path) -> Option<u32>
     (cmdline_matches(&cmdline, binary, config) && !is_zombie(pid)).then_some(pid)
 }
 
+/// Every other process started with our config (`-c <config>` in its command line) that is not
+/// `adopted`: an frpc of ours the agent cannot adopt (its pidfile lost, or started from
+/// another path). Left running, it would hold the admin port and the proxies beside the new
+/// one, which would fail and be restarted forever.
+pub fn find_stale(config: &Path, adopted: Option<u32>) -> Vec<u32> {
+    let config = config.as_os_str().as_encoded_bytes();
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let me = std::process::id();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| Some(*pid) != adopted && *pid != me)
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.windows(2).any(|w| w[0] == b"-c" && w[1] == config) && !is_zombie(*pid)
+        })
+        .collect()
+}
+
 /// Sends `signal` to frpc's whole process group (frpc leads it).
 pub fn signal_group(pid: u32, signal: libc::c_int) {
     // SAFETY: plain syscall; a group that is already gone gives ESRCH, which is fine.

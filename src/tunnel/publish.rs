@@ -132,7 +132,7 @@ impl Tunnels {
                     run_dir: s.run_dir.clone(),
                     backoff: s.backoff,
                 };
-                let (supervisor, started) = Supervisor::start(opts)?;
+                let (supervisor, started) = Supervisor::start(opts).await?;
                 if matches!(started, Started::Adopted(_)) && changed {
                     tracing::info!("frpc config changed while the agent was down; restarting frpc");
                     supervisor.restart().await;

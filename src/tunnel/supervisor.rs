@@ -118,9 +118,30 @@ fn spawn_frpc(opts: &SupervisorOptions) -> Result<Running, TunnelError> {
     Ok(Running::Child(child))
 }
 
+/// Stops every frpc of ours that is not the adopted one (SIGTERM, then SIGKILL after
+/// [`process::STOP_GRACE`]), each pinned by a pidfd so a recycled pid is never signalled.
+async fn stop_stale(config: &std::path::Path, adopted: Option<u32>) {
+    for pid in process::find_stale(config, adopted) {
+        let Ok(fd) = PidFd::open(pid) else { continue };
+        // Checked again once pinned.
+        if !process::find_stale(config, adopted).contains(&pid) {
+            continue;
+        }
+        tracing::warn!(
+            pid,
+            "an frpc with this agent's config runs but cannot be adopted; stopping it"
+        );
+        let _ = fd.signal(libc::SIGTERM);
+        if tokio::time::timeout(process::STOP_GRACE, fd.exited()).await.is_err() {
+            let _ = fd.signal(libc::SIGKILL);
+            let _ = tokio::time::timeout(process::STOP_GRACE, fd.exited()).await;
+        }
+    }
+}
+
 impl Supervisor {
     /// Adopts the frpc recorded in the run dir if it is ours and alive, else starts one.
-    pub fn start(opts: SupervisorOptions) -> Result<(Supervisor, Started), TunnelError> {
+    pub async fn start(opts: SupervisorOptions) -> Result<(Supervisor, Started), TunnelError> {
         crate::fsutil::ensure_private_dir(&opts.run_dir)?;
         let adopted = process::find_running(&opts.binary, &opts.config, &opts.run_dir)
             .and_then(|pid| PidFd::open(pid).ok().map(|fd| (pid, fd)))
@@ -128,6 +149,8 @@ impl Supervisor {
             .filter(|(pid, _)| {
                 process::find_running(&opts.binary, &opts.config, &opts.run_dir) == Some(*pid)
             });
+        let adopted_pid = adopted.as_ref().map(|(pid, _)| *pid);
+        stop_stale(&opts.config, adopted_pid).await;
         let (running, started) = match adopted {
             Some((pid, fd)) => {
                 tracing::info!(pid, "adopted the running frpc");

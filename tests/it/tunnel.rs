@@ -422,3 +422,27 @@ async fn a_create_asking_for_the_agents_domain_is_refused_and_nothing_is_written
     let tunnels = Arc::try_unwrap(tunnels).ok().expect("the only handle");
     tunnels.teardown().await;
 }
+
+/// An frpc of ours that cannot be adopted (its pidfile lost) is stopped before a new one
+/// starts: left running, it would hold the admin port beside the new one forever.
+#[tokio::test]
+async fn a_stale_frpc_that_cannot_be_adopted_is_stopped_before_a_new_one_starts() {
+    let sb = Sandbox::new();
+    let t = start(&sb, FAST).await;
+    let old = t.frpc_pid().await.unwrap();
+    drop(t); // the agent dies; frpc keeps running
+    std::fs::remove_file(sb.run.join("frpc.pid")).unwrap();
+
+    let t = start(&sb, FAST).await;
+    let new = t.frpc_pid().await.unwrap();
+    assert_ne!(new, old);
+    // Gone, or a zombie of this test process (its parent) that nobody reaped.
+    let stat = std::fs::read_to_string(format!("/proc/{old}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+    assert!(matches!(state, None | Some(Some('Z'))), "the stale frpc still runs: {stat}");
+    // The new one serves: a publish reaches it.
+    t.publish(&instance("i-5", &[(22, 42055, 10005, TunnelProto::Tcp)])).await.unwrap();
+    let admin = t.admin().await.unwrap();
+    assert_eq!(admin.status().await.unwrap()[&proxy_name(AGENT, "i-5", 22)].status, "running");
+    t.teardown().await;
+}
