@@ -73,8 +73,9 @@ LOCAL_PKGS=(ca-certificates curl qemu-system-x86 qemu-utils ovmf dosfstools mtoo
 prepare_local_image() {
   local data_dir="${QUDATA_DATA_DIR:-/var/lib/qudata}"
   local images="$data_dir/images"
-  install -d -m 0700 "$data_dir"
-  install -d -m 0700 "$images"
+  # Traverse-only for QEMU's unprivileged user, which reads the base image (0644).
+  install -d -m 0711 "$data_dir"
+  install -d -m 0711 "$images"
   image-builder/build-ci-guest.sh "$images" >/dev/null
   [ -e "$images/base.qcow2" ] || ln -s ci-guest.qcow2 "$images/base.qcow2"
 }
@@ -138,6 +139,26 @@ private_dir() {
   if [ -d "$1" ] && [ "$(stat -c %a "$1")" != 700 ]; then
     if dry; then say "would chmod 0700 $1"; else chmod 0700 "$1"; fi
   fi
+}
+
+# traverse_dir DIR: DIR exists with mode 0711 (others may pass through, not list: QEMU's user
+# reaches its VM's files and the base image below it).
+traverse_dir() {
+  make_dir "$1" 0711
+  if [ -d "$1" ] && [ "$(stat -c %a "$1")" != 711 ]; then
+    if dry; then say "would chmod 0711 $1"; else chmod 0711 "$1"; fi
+  fi
+}
+
+# The unprivileged user QEMU runs as (the agent makes it too when it is missing).
+QEMU_USER=qudata-qemu
+create_qemu_user() {
+  if getent passwd "$QEMU_USER" >/dev/null; then say "up to date: user $QEMU_USER"; return 0; fi
+  if dry; then say "would create the system user $QEMU_USER"; return 0; fi
+  if [ "$ROOT" != / ]; then say "not creating user $QEMU_USER under --root (the agent makes it)"; return 0; fi
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "qudata-agent QEMU" "$QEMU_USER"
+  say "created the system user $QEMU_USER"
 }
 
 sha256_of() { sha256sum -- "$1" | cut -d' ' -f1; }
@@ -256,9 +277,11 @@ fetch_base_image() {
   fi
   # Checked by check_inputs: hashing a large image once is enough.
   if [ "$IMAGE_UP_TO_DATE" = 1 ]; then say "up to date: $dest (sha256 ok)"; return 0; fi
-  private_dir "$(at /var/lib/qudata)"
-  private_dir "$(dirname "$dest")"
+  traverse_dir "$(at /var/lib/qudata)"
+  traverse_dir "$(dirname "$dest")"
   fetch_verified "$IMAGE_URL" "$IMAGE_SHA256" "$dest" || true
+  # Read by QEMU's user (as the backing file of every overlay), written by nobody.
+  if [ -f "$dest" ] && ! dry; then chmod 0644 "$dest"; fi
 }
 
 install_frpc() {
@@ -381,6 +404,7 @@ production() {
   fetch_base_image
   install_agent
   install_frpc
+  create_qemu_user
   install_unit
   write_env_file
   install_vfio_modules

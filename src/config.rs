@@ -221,6 +221,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_QEMU_USER",
+        Some("qudata-qemu"),
+        "a system user name",
+        "the unprivileged user QEMU runs as (made if missing)",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_RUN_DIR",
         Some("/run/qudata"),
         "an absolute path",
@@ -330,6 +337,8 @@ pub struct Config {
     pub public_address: Option<IpAddr>,
     pub qemu_accel: AccelChoice,
     pub qemu_binary: PathBuf,
+    /// The unprivileged user QEMU runs as.
+    pub qemu_user: String,
     pub run_dir: PathBuf,
     pub service_url: String,
     pub stats_interval: Duration,
@@ -592,6 +601,7 @@ impl Config {
                 _ => Err("is not a known accelerator".into()),
             })?,
             qemu_binary: r.required("QUDATA_QEMU_BINARY", |v| Ok(PathBuf::from(v)))?,
+            qemu_user: r.required("QUDATA_QEMU_USER", |v| Ok(v.trim().to_owned()))?,
             run_dir: r.required("QUDATA_RUN_DIR", parse_abs_path)?,
             service_url: r.required("QUDATA_SERVICE_URL", parse_url)?,
             stats_interval: Duration::from_millis(interval_ms),

@@ -11,6 +11,7 @@ use crate::backend::choice::{order, passthrough};
 use crate::backend::docker::error::DockerError;
 use crate::backend::docker::{DockerBackend, DockerSettings};
 use crate::backend::qemu::accel::{self, Accel, AccelError, Accelerator};
+use crate::backend::qemu::confine::{ConfineError, QemuUser};
 use crate::backend::qemu::disk::{self, DiskError};
 use crate::backend::qemu::{QemuBackend, QemuSettings, QemuSweeper};
 use crate::backend::{EventSink, HostSweeper, Lifecycle};
@@ -54,6 +55,8 @@ pub enum BuildError {
     Accel(#[from] AccelError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Confine(#[from] ConfineError),
 }
 
 /// No backend can run here: the choice's reason, and why each kind tried failed.
@@ -185,6 +188,8 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, BuildError
     let accel =
         Arc::new(Accelerator::new(cfg.qemu_accel, decision, &cfg.qemu_binary, &ovmf, &cfg.run_dir));
     let key = ManagementKey::load_or_create(&cfg.data_dir.join("keys"))?;
+    let user = QemuUser::ensure(&cfg.qemu_user)?;
+    tracing::info!(user = %user.name, uid = user.uid, "QEMU runs as an unprivileged user");
     let settings = QemuSettings {
         qemu_img: disk::qemu_img_for(&cfg.qemu_binary),
         qemu_binary: cfg.qemu_binary.clone(),
@@ -198,6 +203,8 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, BuildError
         powerdown_grace: POWERDOWN_GRACE,
         proc_root: Default::default(),
         vfio: Arc::new(vfio(cfg)),
+        user: Some(user),
+        dev_vfio: PathBuf::from("/dev/vfio"),
     };
     tracing::info!(base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))

@@ -27,6 +27,21 @@ fn create_body() -> serde_json::Value {
 
 const GREETING: &str = "hello $(touch /tmp/pwned) `id` ';\n";
 
+/// QEMU runs as its unprivileged user (never root, no capabilities) under its seccomp filter.
+fn assert_confined(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        let line = status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default();
+        line.split_whitespace().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let user = std::process::Command::new("id").args(["-u", "qudata-qemu"]).output().unwrap();
+    let uid = String::from_utf8_lossy(&user.stdout).trim().to_owned();
+    assert!(!uid.is_empty() && uid != "0", "qudata-qemu: {user:?}");
+    assert_eq!(field("Uid:"), [uid.as_str(); 4], "real, effective, saved, fs uid:\n{status}");
+    assert_eq!(field("CapEff:"), ["0000000000000000"], "{status}");
+    assert_eq!(field("Seccomp:"), ["2"], "seccomp filter mode:\n{status}");
+}
+
 async fn started() -> (Dirs, Agent, Api) {
     let dirs = Dirs::new();
     let mut agent = fresh_agent(&dirs);
@@ -51,6 +66,7 @@ async fn create_running(dirs: &Dirs, api: &Api) -> String {
     );
     wait_status(api, "running", BOOT).await;
     assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the instance");
+    assert_confined(qemu_pids(&id)[0]);
     let rec = record(dirs, &id);
     assert!(rec["management_port"].is_u64(), "{rec}");
     id

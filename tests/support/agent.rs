@@ -21,6 +21,10 @@ pub struct Dirs {
 impl Dirs {
     pub fn new() -> Dirs {
         let root = tempfile::Builder::new().prefix("qudata-test-").tempdir().expect("tempdir");
+        // Like /var/lib and /run: QEMU's unprivileged user may pass through to its VM's files.
+        use std::os::unix::fs::PermissionsExt;
+        let traverse = std::fs::Permissions::from_mode(0o711);
+        std::fs::set_permissions(root.path(), traverse).expect("chmod the test root");
         let data = root.path().join("data");
         let run = root.path().join("run");
         Dirs { root, data, run }

@@ -37,6 +37,9 @@ pub struct VmPlan {
     pub gpus: Vec<GpuPassthrough>,
 }
 
+/// QEMU's seccomp filter, as libvirt sets it.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The arguments after the program name. The VM starts paused (`-S`): the caller checks it
 /// over QMP, then sends `cont`.
 pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
@@ -53,6 +56,9 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     a.pair("-m", format!("{}M", plan.memory_mib));
     a.flag("-nodefaults");
     a.flag("-no-user-config");
+    // seccomp: no obsolete system calls, no set*uid (QEMU starts as its user, see
+    // `VmProcess::spawn`), no new processes, no scheduler or cgroup changes.
+    a.pair("-sandbox", SANDBOX);
     a.pair("-display", "none");
     a.flag("-S");
     let code = opt_path(&plan.ovmf_code);

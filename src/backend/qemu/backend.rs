@@ -12,6 +12,7 @@ use async_trait::async_trait;
 
 use super::accel::Accelerator;
 use super::argv::VmPlan;
+use super::confine::QemuUser;
 use super::disk::{self, Ovmf};
 use super::gpus;
 use super::layout::VmPaths;
@@ -57,6 +58,10 @@ pub struct QemuSettings {
     pub proc_root: ProcRoot,
     /// Binds and releases the GPUs of VMs.
     pub vfio: Arc<crate::vfio::Vfio>,
+    /// The unprivileged user QEMU runs as (`None`: root, for tests of the argv alone).
+    pub user: Option<QemuUser>,
+    /// Where the VFIO group devices are (`/dev/vfio`).
+    pub dev_vfio: PathBuf,
 }
 
 /// Holds no VM: each live VM is a [`QemuMachine`] held by its instance's task. Cheap to
@@ -174,7 +179,27 @@ impl QemuBackend {
         let hostname = instance.marker();
         seed::build_seed(&paths.seed, &instance.id, &hostname, &self.key.public_line())
             .await
-            .map_err(|e| BackendError::op("create the seed", e))
+            .map_err(|e| BackendError::op("create the seed", e))?;
+        self.give_to_qemu(paths).map_err(|e| BackendError::op("create", e))
+    }
+
+    /// Gives QEMU's user its VM's files and run dir, and a way through the directories above
+    /// them (traverse only).
+    fn give_to_qemu(&self, paths: &VmPaths) -> Result<(), super::confine::ConfineError> {
+        let Some(user) = &self.settings.user else { return Ok(()) };
+        for dir in [&paths.dir, &paths.run_dir] {
+            let above = dir.ancestors().skip(1).take(2);
+            for parent in above.filter(|p| !p.as_os_str().is_empty()) {
+                user.traverse(parent)?;
+            }
+            user.own(dir)?;
+        }
+        for file in [&paths.overlay, &paths.vars, &paths.seed] {
+            if file.exists() {
+                user.own(file)?;
+            }
+        }
+        Ok(())
     }
 }
 

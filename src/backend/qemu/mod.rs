@@ -22,6 +22,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod confine;
 pub mod console;
 pub mod disk;
 pub mod gpus;

@@ -14,6 +14,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
+use super::confine::QemuUser;
 use crate::pidfd::PidFd;
 
 /// How often waits below look again.
@@ -125,17 +126,19 @@ fn memlock_limit(bytes: u64) -> Result<Option<libc::rlimit>, ProcessError> {
 /// Starts `binary argv…` detached from the agent's process group, output appended to `log`.
 /// Call it inside a Tokio runtime: the child is reaped by a task on it.
 pub fn spawn(binary: &Path, argv: &[String], log: &Path) -> Result<Spawned, ProcessError> {
-    spawn_with_memlock(binary, argv, log, None)
+    spawn_with_memlock(binary, argv, log, None, None)
 }
 
 /// [`spawn`], with the child's RLIMIT_MEMLOCK raised to at least `memlock` bytes (a VM with
-/// passed-through devices pins all of its memory; see [`memlock_bytes`]). Only the child's
-/// limit changes, set between fork and exec, so it holds before QEMU maps guest memory.
+/// passed-through devices pins all of its memory; see [`memlock_bytes`]), and run as `user`
+/// ([`QemuUser`]). Only the child changes, between fork and exec: the limit first (only root
+/// may raise it, and it stays across the change of user), then groups, gid and uid.
 pub fn spawn_with_memlock(
     binary: &Path,
     argv: &[String],
     log: &Path,
     memlock: Option<u64>,
+    user: Option<&QemuUser>,
 ) -> Result<Spawned, ProcessError> {
     let log_err = |source| ProcessError::Log { path: log.to_owned(), source };
     let out = OpenOptions::new().create(true).append(true).open(log).map_err(log_err)?;
@@ -156,21 +159,36 @@ pub fn spawn_with_memlock(
         Some(bytes) => memlock_limit(bytes)?,
         None => None,
     };
-    if let Some(limit) = limit {
-        // SAFETY: the closure runs in the forked child before exec. It only calls setrlimit,
-        // a plain system call that neither allocates nor takes locks, on a struct copied in
-        // before the fork, and builds its error from errno without allocating.
+    // Copied before the fork: the child allocates nothing.
+    let identity = user.map(|u| (u.uid, u.gid, u.groups.clone()));
+    if limit.is_some() || identity.is_some() {
+        // SAFETY: the closure runs in the forked child before exec. It only makes plain
+        // system calls (setrlimit, setgroups, setgid, setuid) that neither allocate nor take
+        // locks, on values moved in before the fork, and builds its error from errno without
+        // allocating.
         unsafe {
             command.pre_exec(move || {
-                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) != 0 {
+                if let Some(limit) = &limit
+                    && libc::setrlimit(libc::RLIMIT_MEMLOCK, limit) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some((uid, gid, groups)) = &identity
+                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0)
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
     }
+    let unprivileged = user.is_some();
     let mut child = command.spawn().map_err(|source| match (limit, source.raw_os_error()) {
-        (Some(l), Some(libc::EPERM)) => ProcessError::Memlock { bytes: l.rlim_cur, source },
+        (Some(l), Some(libc::EPERM)) if !unprivileged => {
+            ProcessError::Memlock { bytes: l.rlim_cur, source }
+        }
         _ => ProcessError::Spawn { binary: binary.to_owned(), source },
     })?;
     let pid = child.id().unwrap_or_default();
@@ -225,12 +243,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("out.log");
         let argv = ["-c".to_owned(), "cat /proc/self/limits".to_owned()];
-        let child = spawn_with_memlock(Path::new("sh"), &argv, &log, Some(memlock))?;
+        let child = spawn_with_memlock(Path::new("sh"), &argv, &log, Some(memlock), None)?;
         child.wait_exit(Duration::from_secs(30)).await.unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         let line = text.lines().find(|l| l.starts_with("Max locked memory")).unwrap();
         let mut fields = line.split_whitespace().skip(3);
         Ok((fields.next().unwrap().to_owned(), fields.next().unwrap().to_owned()))
+    }
+
+    /// The child runs as the user, with only its groups, and keeps the memlock limit that was
+    /// raised while it was still root.
+    #[tokio::test]
+    async fn the_child_runs_as_the_user_with_the_limit_set_before_the_switch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("out.log");
+        let script = "id -u; id -g; id -G; grep '^Max locked memory' /proc/self/limits";
+        let argv = ["-c".to_owned(), script.to_owned()];
+        let user = QemuUser { name: "nobody".into(), uid: 65534, gid: 65534, groups: vec![] };
+        // Up to the hard limit: raising that needs CAP_SYS_RESOURCE, which root in a container
+        // may lack (the test below covers it).
+        let bytes = memlock().rlim_max.min(3 << 30);
+        let child =
+            spawn_with_memlock(Path::new("sh"), &argv, &log, Some(bytes), Some(&user)).unwrap();
+        child.wait_exit(Duration::from_secs(30)).await.unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[..3], ["65534", "65534", "65534"], "{text}");
+        let soft = lines[3].split_whitespace().nth(3).unwrap();
+        let soft: u64 = if soft == "unlimited" { u64::MAX } else { soft.parse().unwrap() };
+        assert!(soft >= bytes, "{text}");
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub use ladder::{EXIT_DEADLINE, Ladder, QUIT_GRACE, Stopped};
 
+use super::confine::QemuUser;
 use super::layout::VmPaths;
 use super::process::{self, ProcessError, Spawned};
 use super::procfs::ProcRoot;
@@ -85,8 +86,9 @@ impl VmProcess {
         argv: &[String],
         log: &Path,
         memlock: Option<u64>,
+        user: Option<&QemuUser>,
     ) -> Result<VmProcess, ProcessError> {
-        let child = process::spawn_with_memlock(binary, argv, log, memlock)?;
+        let child = process::spawn_with_memlock(binary, argv, log, memlock, user)?;
         Ok(VmProcess { pid: child.pid, owner, pinned: Pinned::Child(child), qmp: None })
     }
 

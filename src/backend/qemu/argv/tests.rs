@@ -34,6 +34,7 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
         "-m", "2048M",
         "-nodefaults",
         "-no-user-config",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-display", "none",
         "-S",
         "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",

@@ -7,6 +7,7 @@ use super::{QMP_SOCKET_DEADLINE, QemuBackend, with_log};
 use crate::backend::BackendError;
 use crate::backend::qemu::accel::{Accel, kvm_failure};
 use crate::backend::qemu::argv::{GpuPassthrough, qemu_argv};
+use crate::backend::qemu::confine::QemuUser;
 use crate::backend::qemu::layout::VmPaths;
 use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
@@ -27,6 +28,14 @@ impl QemuBackend {
             self.settings.accel.allows_gpus().map_err(refused)?;
         }
         let passthrough = self.bind_gpus(instance).await?;
+        // QEMU's user opens the groups' devices itself. (They go with the last device of
+        // their group leaving vfio-pci at release: nothing to take back.)
+        if let Err(e) = self.give_vfio_groups(&passthrough) {
+            if let Err(release) = self.sweeper.release_gpus(&instance.id).await {
+                tracing::error!(id = %instance.id, error = %release, "GPU release incomplete");
+            }
+            return Err(BackendError::op("give the GPUs to QEMU's user", e));
+        }
         crate::fault::crash_point(crate::fault::Phase::AfterGpuBind);
         let under_kvm = self.settings.accel.current() == Accel::Kvm;
         let log_start = paths.qemu_log_len();
@@ -61,6 +70,23 @@ impl QemuBackend {
         result
     }
 
+    fn give_vfio_groups(
+        &self,
+        passthrough: &[GpuPassthrough],
+    ) -> Result<(), crate::backend::qemu::confine::ConfineError> {
+        let Some(user) = &self.settings.user else { return Ok(()) };
+        let sysfs = &self.settings.vfio.sysfs;
+        let mut groups: Vec<u32> = passthrough
+            .iter()
+            .flat_map(|gpu| gpu.functions.iter())
+            .filter_map(|f| f.parse().ok())
+            .filter_map(|addr| sysfs.iommu_group(&addr).ok().flatten())
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        QemuUser::vfio_groups(Some(user), &self.settings.dev_vfio, &groups)
+    }
+
     /// Binds the instance's GPUs with the host's NVML closed: the NVIDIA driver does not let
     /// go of a GPU whose `/dev/nvidiaN` a process (this one, through NVML) holds open.
     async fn bind_gpus(&self, instance: &Instance) -> Result<Vec<GpuPassthrough>, BackendError> {
@@ -82,6 +108,8 @@ impl QemuBackend {
     ) -> Result<Arc<Vm>, BackendError> {
         crate::fsutil::ensure_private_dir(&paths.run_dir)
             .map_err(|e| BackendError::op("start", e))?;
+        // Made again after a reboot of the host (the run dir is on tmpfs).
+        self.give_to_qemu(paths).map_err(|e| BackendError::op("start", e))?;
         let _ = std::fs::remove_file(&paths.qmp);
         let mut plan = self.plan(instance, paths);
         plan.gpus = passthrough;
@@ -90,7 +118,8 @@ impl QemuBackend {
         let argv = qemu_argv(&plan);
         let owner = self.owner(&instance.id);
         let binary = &self.settings.qemu_binary;
-        let process = VmProcess::spawn(owner, binary, &argv, &paths.qemu_log, memlock)
+        let user = self.settings.user.as_ref();
+        let process = VmProcess::spawn(owner, binary, &argv, &paths.qemu_log, memlock, user)
             .map_err(|e| BackendError::op("start QEMU", e))?;
         let pid = process.pid();
         let qmp = match Self::let_run(&process, paths).await {
