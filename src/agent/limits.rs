@@ -1,7 +1,5 @@
 //! What this host can give an instance: the limits and defaults of a create request.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::instance::spec::HostLimits;
@@ -11,28 +9,13 @@ const HOST_RESERVED_MIB: u64 = 2048;
 /// …or this share of its memory, whichever is larger.
 const HOST_RESERVED_PERCENT: u64 = 10;
 /// Disk kept free on the data dir's filesystem.
-const DISK_RESERVED_GB: u64 = 5;
+/// Disk kept free for the host (GiB), the same as each create checks again.
+const DISK_RESERVED_GB: u64 = crate::backend::qemu::disk::HOST_DISK_RESERVE_GB;
 /// Default disk of an instance when the request names none.
 const DEFAULT_STORAGE_GB: u64 = 20;
 /// Local mode's instance when the request names no size: a newcomer's laptop keeps working.
 const LOCAL_DEFAULT_CPUS: u32 = 1;
 const LOCAL_DEFAULT_MEMORY_MIB: u64 = 1024;
-
-/// Free bytes for an unprivileged writer on the filesystem holding `path`.
-pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the
-    // right size; statvfs fills it completely on success.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so the struct is initialised.
-    let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
 
 /// What the host has, as read from /proc and the data dir's filesystem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +97,7 @@ pub fn probe(data_dir: &Path, wanted: Wanted, local: bool) -> HostLimits {
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
         memory_mib,
         hugepages_mib,
-        free_disk_gb: free_bytes(data_dir).unwrap_or(0) / (1024 * 1024 * 1024),
+        free_disk_gb: crate::fsutil::free_bytes(data_dir).unwrap_or(0) / (1024 * 1024 * 1024),
     };
     limits_from(host, wanted, local)
 }
@@ -176,7 +159,7 @@ mod tests {
         assert!(limits.cpus >= 1 && limits.default_cpus <= limits.cpus);
         assert!(limits.memory_mib >= 128 && limits.default_memory_mib <= limits.memory_mib);
         assert!(limits.default_storage_gb <= limits.storage_gb);
-        assert!(free_bytes(Path::new("/")).unwrap() > 0);
-        assert!(free_bytes(Path::new("/does/not/exist")).is_err());
+        assert!(crate::fsutil::free_bytes(Path::new("/")).unwrap() > 0);
+        assert!(crate::fsutil::free_bytes(Path::new("/does/not/exist")).is_err());
     }
 }

@@ -142,6 +142,13 @@ pub trait Lifecycle: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Checks, reading only, that the host's disk can hold `spec`'s `storage_gb` besides what
+    /// the `held` instances may still grow to; a refusal is [`BackendError::Refused`].
+    fn check_disk(&self, spec: &Spec, held: &[Instance]) -> Result<(), BackendError> {
+        let _ = (spec, held);
+        Ok(())
+    }
+
     /// Builds and starts the instance. On failure everything it made is already removed.
     async fn launch(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError>;
 

@@ -333,10 +333,13 @@ impl Manager {
         held: &[Instance],
         backend: &dyn backend::Lifecycle,
     ) -> Result<Instance, ManagerError> {
-        backend.check_gpus(&gpus).map_err(|e| match e {
+        let refused = |e| match e {
             BackendError::Refused { reason } => ManagerError::Resources(reason),
             other => ManagerError::Backend(other),
-        })?;
+        };
+        backend.check_gpus(&gpus).map_err(refused)?;
+        // Measured now, not at start-up: the disk fills while the agent runs.
+        backend.check_disk(&spec, held).map_err(refused)?;
         let taken = ports::Taken::from_instances(held);
         let host_range = self.inner.settings.host_ports.clone();
         let ports = ports::allocate(&spec.ports, &taken, host_range.clone())?;

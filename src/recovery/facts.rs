@@ -103,6 +103,7 @@ fn layout_kind(p: &VmPaths, file: &Path) -> FileKind {
         (&p.vars, FileKind::Vars),
         (&p.seed, FileKind::Seed),
         (&p.serial_log, FileKind::SerialLog),
+        (&p.serial_log_old, FileKind::SerialLog),
         (&p.qemu_log, FileKind::QemuLog),
         (&p.known_hosts, FileKind::KnownHosts),
         (&p.qmp, FileKind::QmpSocket),

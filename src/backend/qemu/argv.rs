@@ -83,9 +83,12 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     // A guest kernel panic becomes a QMP event instead of a silent hang.
     a.pair("-device", "pvpanic");
     a.pair("-qmp", format!("unix:{},server=on,wait=off", opt_path(&plan.qmp_socket)));
-    // -pidfile and -serial file: take the rest of the argument verbatim.
+    // -pidfile takes the rest of the argument verbatim.
     a.pair("-pidfile", plan.pidfile.display().to_string());
-    a.pair("-serial", format!("file:{}", plan.serial_log.display()));
+    // Appended to, so the agent can cut it while QEMU writes (`VmPaths::cap_serial_log`).
+    let serial = format!("file,id=serial0,path={},append=on", opt_path(&plan.serial_log));
+    a.pair("-chardev", serial);
+    a.pair("-serial", "chardev:serial0");
     if let Some(mib) = mmio64_window_mib(&plan.gpus) {
         // OVMF sizes the 64-bit PCI aperture from this, not from QEMU's pci-hole64 property.
         a.pair("-fw_cfg", format!("name=opt/ovmf/X-PciMmio64Mb,string={mib}"));

@@ -77,6 +77,9 @@ pub struct QemuBackend {
     gpu: Option<GpuTelemetry>,
 }
 
+/// Disk kept free for the host at every create (as the largest `storage_gb` leaves it).
+const DISK_RESERVE: u64 = disk::HOST_DISK_RESERVE_GB << 30;
+
 /// Time for QEMU to create its monitor socket after exec.
 const QMP_SOCKET_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -244,6 +247,24 @@ impl Lifecycle for QemuBackend {
 
     fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
         self.base_image(spec).map(drop)
+    }
+
+    fn check_disk(&self, spec: &Spec, held: &[Instance]) -> Result<(), BackendError> {
+        let free = crate::fsutil::free_bytes(&self.settings.data_dir)
+            .map_err(|e| BackendError::op("read the free disk space", e))?;
+        let held: Vec<(u64, u64)> = held
+            .iter()
+            .map(|i| {
+                let overlay = self.paths(&i.id).overlay;
+                let used = std::fs::metadata(&overlay).map_or(0, |m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.blocks() * 512
+                });
+                (i.spec.storage_gb << 30, used)
+            })
+            .collect();
+        disk::room_for(spec.storage_gb << 30, free, DISK_RESERVE, &held)
+            .map_err(|reason| BackendError::Refused { reason })
     }
 
     fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {

@@ -193,5 +193,29 @@ pub fn copy_vars(template: &Path, dest: &Path) -> Result<(), DiskError> {
     })
 }
 
+/// Disk kept free for the host (GiB): the largest `storage_gb` leaves this much, and each
+/// create checks it again.
+pub const HOST_DISK_RESERVE_GB: u64 = 5;
+
+/// Whether `wanted` bytes fit on a disk with `free` bytes, keeping `reserve` for the host and
+/// room for each held overlay (`(size, allocated)`) to grow to its full size. The refusal is
+/// one sentence in GiB.
+pub fn room_for(wanted: u64, free: u64, reserve: u64, held: &[(u64, u64)]) -> Result<(), String> {
+    let promised: u64 = held.iter().map(|(size, used)| size.saturating_sub(*used)).sum();
+    let left = free.saturating_sub(reserve).saturating_sub(promised);
+    if wanted <= left {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(format!(
+        "not enough free disk for storage_gb {:.0}: {:.1} GiB free, {:.1} GiB of it kept for the \
+         host and {:.1} GiB for the instances already here to grow into",
+        gib(wanted),
+        gib(free),
+        gib(reserve),
+        gib(promised)
+    ))
+}
+
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,9 @@ pub struct VmPaths {
     pub vars: PathBuf,
     pub seed: PathBuf,
     pub serial_log: PathBuf,
+    /// The serial log's previous part: the last QEMU's, or the tail cut off by
+    /// [`VmPaths::cap_serial_log`].
+    pub serial_log_old: PathBuf,
     /// QEMU's own stdout and stderr.
     pub qemu_log: PathBuf,
     pub known_hosts: PathBuf,
@@ -30,6 +33,7 @@ impl VmPaths {
             vars: dir.join("OVMF_VARS.fd"),
             seed: dir.join("seed.img"),
             serial_log: dir.join("serial.log"),
+            serial_log_old: dir.join("serial.log.1"),
             qemu_log: dir.join("qemu.log"),
             known_hosts: dir.join("known_hosts"),
             qmp: run.join("qmp.sock"),
@@ -51,12 +55,13 @@ impl VmPaths {
     }
 
     /// Every file the agent makes for a VM, in both directories.
-    pub fn files(&self) -> [&Path; 8] {
+    pub fn files(&self) -> [&Path; 9] {
         [
             &self.overlay,
             &self.vars,
             &self.seed,
             &self.serial_log,
+            &self.serial_log_old,
             &self.qemu_log,
             &self.known_hosts,
             &self.qmp,
@@ -93,6 +98,28 @@ impl VmPaths {
         tail[tail.len().saturating_sub(lines)..].join(" | ")
     }
 
+    /// A fresh serial log for a new QEMU: the last one becomes `serial.log.1`.
+    pub fn rotate_serial_log(&self) -> std::io::Result<()> {
+        match std::fs::rename(&self.serial_log, &self.serial_log_old) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Keeps the serial log under `max` bytes while QEMU writes it (opened with `O_APPEND`, so
+    /// its writes go on at the new end): past `max`, its last `keep` bytes go to
+    /// `serial.log.1` and it starts again empty. Returns whether it was cut.
+    pub fn cap_serial_log(&self, max: u64, keep: u64) -> std::io::Result<bool> {
+        if self.serial_len() <= max {
+            return Ok(false);
+        }
+        let tail = read_tail(&self.serial_log, keep);
+        crate::fsutil::write_atomic(&self.serial_log_old, tail.as_bytes())
+            .map_err(std::io::Error::other)?;
+        std::fs::OpenOptions::new().write(true).open(&self.serial_log)?.set_len(0)?;
+        Ok(true)
+    }
+
     /// The serial log's current length (0 when it does not exist).
     pub fn serial_len(&self) -> u64 {
         std::fs::metadata(&self.serial_log).map_or(0, |m| m.len())
@@ -124,6 +151,35 @@ pub fn read_tail(path: &Path, bytes: u64) -> String {
     let mut tail = Vec::new();
     let _ = file.take(bytes).read_to_end(&mut tail);
     String::from_utf8_lossy(&tail).into_owned()
+}
+
+#[cfg(test)]
+mod serial_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn the_serial_log_is_cut_past_its_cap_and_its_tail_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = VmPaths::new(dir.path(), dir.path(), "i-1");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        // Opened as QEMU opens it (append=on), and written on after the cut.
+        let mut qemu =
+            std::fs::OpenOptions::new().create(true).append(true).open(&paths.serial_log).unwrap();
+        qemu.write_all(&vec![b'x'; 1000]).unwrap();
+        qemu.write_all(b"\nlast line\n").unwrap();
+        assert!(!paths.cap_serial_log(4096, 64).unwrap(), "under the cap: untouched");
+        assert!(paths.cap_serial_log(512, 64).unwrap());
+        assert_eq!(paths.serial_len(), 0);
+        let old = std::fs::read_to_string(&paths.serial_log_old).unwrap();
+        assert!(old.len() <= 64 && old.ends_with("last line\n"), "{old:?}");
+        qemu.write_all(b"after the cut\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&paths.serial_log).unwrap(), "after the cut\n");
+        paths.rotate_serial_log().unwrap();
+        assert_eq!(std::fs::read_to_string(&paths.serial_log_old).unwrap(), "after the cut\n");
+        assert_eq!(paths.serial_len(), 0);
+        paths.rotate_serial_log().unwrap(); // nothing to rotate is fine
+    }
 }
 
 #[cfg(test)]

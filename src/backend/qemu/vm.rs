@@ -24,6 +24,11 @@ const SERIAL_LINES: usize = 3;
 const QEMU_LOG_TAIL: u64 = 16 << 10;
 /// Time for QEMU to be gone once its monitor closed.
 const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(30);
+/// The serial log's cap on disk, how much of its tail is kept when it is cut, and how often
+/// its size is looked at (the guest writes as much as it likes).
+const SERIAL_MAX: u64 = 4 << 20;
+const SERIAL_KEEP: u64 = 256 << 10;
+const SERIAL_CHECK: Duration = Duration::from_secs(5);
 
 /// Why a VM stopped working.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +92,7 @@ impl Vm {
             boot_watch: std::sync::Mutex::new((false, false)),
             exited,
         });
+        tokio::spawn(cap_serial_log(Arc::clone(&vm), paths.clone()));
         let watched = Arc::clone(&vm);
         tokio::spawn(async move {
             let exit = watched.wait_for_exit(&paths).await;
@@ -206,6 +212,23 @@ impl Vm {
     /// A reset starts a new boot at the console's current end.
     pub fn mark_reboot(&self, paths: &VmPaths) {
         self.boot_offset.store(paths.serial_len(), Ordering::SeqCst);
+    }
+}
+
+/// Keeps the VM's serial log under [`SERIAL_MAX`] until QEMU is gone.
+async fn cap_serial_log(vm: Arc<Vm>, paths: VmPaths) {
+    loop {
+        tokio::select! {
+            _ = vm.exited() => return,
+            () = tokio::time::sleep(SERIAL_CHECK) => {}
+        }
+        let log = paths.clone();
+        let cut = tokio::task::spawn_blocking(move || log.cap_serial_log(SERIAL_MAX, SERIAL_KEEP));
+        match cut.await {
+            Ok(Ok(true)) => tracing::debug!(id = %vm.id, "serial log cut at its cap"),
+            Ok(Err(e)) => tracing::warn!(id = %vm.id, error = %e, "cannot cut the serial log"),
+            _ => {}
+        }
     }
 }
 

@@ -50,7 +50,8 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
         "-device", "pvpanic",
         "-qmp", "unix:/run/qudata/abc/qmp.sock,server=on,wait=off",
         "-pidfile", "/run/qudata/abc/qemu.pid",
-        "-serial", "file:/var/lib/qudata/vms/abc/serial.log",
+        "-chardev", "file,id=serial0,path=/var/lib/qudata/vms/abc/serial.log,append=on",
+        "-serial", "chardev:serial0",
     ])
 }
 

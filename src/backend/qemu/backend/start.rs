@@ -111,6 +111,8 @@ impl QemuBackend {
         // Made again after a reboot of the host (the run dir is on tmpfs).
         self.give_to_qemu(paths).map_err(|e| BackendError::op("start", e))?;
         let _ = std::fs::remove_file(&paths.qmp);
+        // Each QEMU writes a log of its own; the last one's is kept as serial.log.1.
+        paths.rotate_serial_log().map_err(|e| BackendError::op("start", e))?;
         let mut plan = self.plan(instance, paths);
         plan.gpus = passthrough;
         // VFIO pins all guest memory for DMA.

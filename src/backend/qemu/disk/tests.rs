@@ -119,3 +119,21 @@ async fn bad_bases_and_small_disks_are_refused() {
     assert!(err.to_string().contains("ask for at least 5"), "{err}");
     assert!(!overlay.exists());
 }
+
+#[test]
+fn a_disk_is_promised_to_the_overlays_that_may_still_grow() {
+    const G: u64 = 1 << 30;
+    assert_eq!(room_for(10 * G, 100 * G, 5 * G, &[]), Ok(()));
+    assert_eq!(room_for(95 * G, 100 * G, 5 * G, &[]), Ok(()));
+    // An instance of 50 GiB that has used 10 may still take 40 more.
+    assert_eq!(room_for(55 * G, 100 * G, 5 * G, &[(50 * G, 10 * G)]), Ok(()));
+    let err = room_for(56 * G, 100 * G, 5 * G, &[(50 * G, 10 * G)]).unwrap_err();
+    assert_eq!(
+        err,
+        "not enough free disk for storage_gb 56: 100.0 GiB free, 5.0 GiB of it kept for the host \
+         and 40.0 GiB for the instances already here to grow into"
+    );
+    // An overlay past its size (metadata) promises nothing more.
+    assert_eq!(room_for(95 * G, 100 * G, 5 * G, &[(G, 2 * G)]), Ok(()));
+    assert!(room_for(1, 4 * G, 5 * G, &[]).is_err(), "below the reserve nothing fits");
+}
