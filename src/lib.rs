@@ -11,6 +11,8 @@ pub mod control_plane;
 pub mod doctor;
 pub mod fault;
 pub mod fsutil;
+#[cfg(test)]
+mod fuzz;
 pub mod gpu;
 pub mod guest;
 pub mod host;

@@ -124,3 +124,27 @@ mod tests {
         assert_eq!(parsed["http"][0].status, "running");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, json};
+
+    const KEYS: &[&str] = &["tcp", "http", "name", "type", "status", "err", "local_addr"];
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// frpc's admin answers whatever it likes: it is read or refused, never a panic.
+        #[test]
+        fn frpc_status_answers(body in json(KEYS)) {
+            if let Ok(parsed) = serde_json::from_value::<StatusResponse>(body) {
+                let by_name: BTreeMap<String, ProxyStatus> =
+                    parsed.into_values().flatten().map(|p| (p.name.clone(), p)).collect();
+                let _ = by_name.len();
+            }
+        }
+    }
+}

@@ -96,3 +96,45 @@ fn a_damaged_file_is_named_without_its_content() {
     let text = err.to_string();
     assert!(text.contains("frp.json") && !text.contains("sk-not-json"), "{text}");
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, json};
+
+    const KEYS: &[&str] = &[
+        "ok",
+        "data",
+        "error",
+        "secret_key",
+        "host_exists",
+        "frp",
+        "server_addr",
+        "server_port",
+        "token",
+        "subdomain",
+        "tunnel_token",
+        "instance_running",
+    ];
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// The `/init` answer, envelope and all: read or refused; an answer that is applied
+        /// leaves an identity whose credentials are valid or absent.
+        #[test]
+        fn init_answers(status in prop_oneof![Just(200u16), 100u16..600], body in json(KEYS)) {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let Ok(data) = crate::control_plane::envelope::open("/init", status, &bytes) else {
+                return Ok(());
+            };
+            let Ok(init) = serde_json::from_value::<InitResponse>(data) else { return Ok(()) };
+            let dir = tempfile::tempdir().unwrap();
+            let mut id = Identity::load_or_create(dir.path(), None).unwrap();
+            if id.apply_init(&init).is_ok() {
+                let _ = Identity::load_or_create(dir.path(), None).unwrap();
+            }
+        }
+    }
+}

@@ -138,3 +138,38 @@ mod tests {
         assert!(parse_line("-1, X, 1, 2, 3, 4, 5").is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, hostile_text};
+
+    /// A line in nvidia-smi's shape with hostile fields.
+    fn near_line() -> impl Strategy<Value = String> {
+        let field = prop_oneof![
+            hostile_text(),
+            Just("[N/A]".to_owned()),
+            Just("NaN".to_owned()),
+            Just("inf".to_owned()),
+            "-?[0-9]{0,6}(\\.[0-9]{0,3})?",
+        ];
+        proptest::collection::vec(field, 0..10).prop_map(|fields| fields.join(", "))
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// The guest writes these lines: any of them is parsed or refused, and a parsed one
+        /// carries finite numbers only.
+        #[test]
+        fn nvidia_smi_lines(line in prop_oneof![hostile_text(), near_line()]) {
+            if let Ok(gpu) = parse_line(&line) {
+                let values = [gpu.util, gpu.temp, gpu.mem_used_mib, gpu.mem_total_mib, gpu.power_w];
+                prop_assert!(values.iter().flatten().all(|v| v.is_finite()));
+                let _ = gpu.stats();
+            }
+        }
+    }
+}

@@ -150,3 +150,85 @@ fn env_names() {
     assert!(is_env_name("_A1") && is_env_name("a"));
     assert!(!is_env_name("") && !is_env_name("9") && !is_env_name("A-B") && !is_env_name("Ä"));
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, hostile_text, json};
+
+    const CREATE_KEYS: &[&str] = &[
+        "image",
+        "ports",
+        "container_port",
+        "guest_port",
+        "remote_port",
+        "proto",
+        "env_variables",
+        "command",
+        "ssh_enabled",
+        "cpus",
+        "memory",
+        "storage_gb",
+        "gpus",
+        "tunnel_token",
+        "registry",
+        "login",
+        "password",
+        "image_tag",
+        "tcp",
+        "http",
+    ];
+
+    /// A key line that is almost right: real key types and base64, with hostile parts.
+    fn near_key_line() -> impl Strategy<Value = String> {
+        let kind = prop_oneof![
+            Just("ssh-ed25519"),
+            Just("ssh-rsa"),
+            Just("ecdsa-sha2-nistp256"),
+            Just("sk-ssh-ed25519@openssh.com"),
+            Just("command=\"rm -rf /\" ssh-ed25519"),
+        ];
+        let body = prop_oneof![
+            Just("AAAAC3NzaC1lZDI1NTE5AAAAIGdj0ztsvqr9qxDpzEX9DHR4ZrCcGbiYfHqwMuX0MG0W".to_owned()),
+            "[A-Za-z0-9+/=]{0,120}",
+        ];
+        (kind, body, hostile_text()).prop_map(|(k, b, c)| format!("{k} {b} {c}"))
+    }
+
+    /// Found by the fuzzer: a tab inside the comment (allowed, as OpenSSH allows it).
+    #[test]
+    fn a_tab_in_a_key_comment_is_kept() {
+        let line = format!("{ED25519} a\t!");
+        assert_eq!(parse_ssh_pubkey(&line).unwrap(), line);
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Whatever the body, the parser answers; what it accepts is within the host.
+        #[test]
+        fn create_requests(body in json(CREATE_KEYS)) {
+            let host = host();
+            if let Ok(spec) = parse_create(&body, &host) {
+                prop_assert!((1..=host.cpus).contains(&spec.cpus));
+                prop_assert!(spec.memory_mib >= 1 && spec.memory_mib <= host.memory_mib);
+                prop_assert!((1..=host.storage_gb).contains(&spec.storage_gb));
+                prop_assert!(spec.ports.len() <= MAX_PORTS + 1);
+                prop_assert!(spec.ports.iter().all(|p| p.guest_port >= 1));
+                prop_assert!(spec.env.len() <= MAX_ENV);
+                prop_assert!(spec.command.as_ref().is_none_or(|c| c.len() <= MAX_COMMAND));
+            }
+        }
+
+        /// A key line is accepted as one line of printable text (a tab is OpenSSH's separator
+        /// too), or refused.
+        #[test]
+        fn ssh_key_lines(line in prop_oneof![hostile_text(), near_key_line()]) {
+            if let Ok(key) = parse_ssh_pubkey(&line) {
+                prop_assert!(!key.chars().any(|c| c.is_control() && c != '\t'), "{key:?}");
+                prop_assert!(!key.is_empty());
+            }
+        }
+    }
+}

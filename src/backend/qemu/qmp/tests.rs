@@ -199,3 +199,49 @@ async fn connect_names_the_socket_it_could_not_open() {
     let err = Qmp::connect(&path, LIMIT).await.err().unwrap();
     assert!(matches!(&err, QmpError::Connect { path: p, .. } if p == &path), "{err}");
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, hostile_text, json};
+
+    const KEYS: &[&str] = &[
+        "event",
+        "data",
+        "return",
+        "error",
+        "id",
+        "status",
+        "running",
+        "guest",
+        "reason",
+        "class",
+        "desc",
+        "QMP",
+        "timestamp",
+        "action",
+    ];
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Whatever QEMU (or a guest that took it over) writes on the monitor, a line is
+        /// dispatched or ignored, and a reply only ever reaches the call it names.
+        #[test]
+        fn monitor_lines(message in json(KEYS), raw in hostile_text(), as_raw in any::<bool>()) {
+            let inner = Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                closed: watch::Sender::new(false),
+            });
+            let (tx, mut rx) = oneshot::channel();
+            lock(&inner).pending.insert(7, tx);
+            let (events, _keep) = broadcast::channel(16);
+            let line = if as_raw { raw.into_bytes() } else { message.to_string().into_bytes() };
+            dispatch(&line, &inner, &events);
+            if let Ok(reply) = rx.try_recv() {
+                prop_assert_eq!(reply.get("id").and_then(Value::as_u64), Some(7));
+            }
+        }
+    }
+}
