@@ -153,9 +153,10 @@ traverse_dir() {
 # The unprivileged user QEMU runs as (the agent makes it too when it is missing).
 QEMU_USER=qudata-qemu
 create_qemu_user() {
+  # The host's user database is not under --root: the agent makes the user where it runs.
+  if [ "$ROOT" != / ]; then say "skip: user $QEMU_USER (installing into $ROOT; the agent makes it)"; return 0; fi
   if getent passwd "$QEMU_USER" >/dev/null; then say "up to date: user $QEMU_USER"; return 0; fi
   if dry; then say "would create the system user $QEMU_USER"; return 0; fi
-  if [ "$ROOT" != / ]; then say "not creating user $QEMU_USER under --root (the agent makes it)"; return 0; fi
   useradd --system --user-group --no-create-home --home-dir /nonexistent \
     --shell /usr/sbin/nologin --comment "qudata-agent QEMU" "$QEMU_USER"
   say "created the system user $QEMU_USER"

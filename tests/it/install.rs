@@ -36,7 +36,9 @@ fn installs_everything_private_and_a_second_run_changes_nothing() {
     assert_eq!(fx.mode("/var/lib/qudata"), 0o711, "QEMU's user passes through, never lists");
     assert_eq!(fx.mode("/var/lib/qudata/images/base.qcow2"), 0o644);
     assert_eq!(read("/var/lib/qudata/images/base.qcow2"), fx.image);
-    for skipped in ["skip: packages", "skip: modprobe", "skip: update-grub", "skip: systemctl"] {
+    let skips =
+        ["skip: packages", "skip: user", "skip: modprobe", "skip: update-grub", "skip: systemctl"];
+    for skipped in skips {
         assert!(run.text.contains(skipped), "{skipped} missing:\n{}", run.text);
     }
     assert!(run.text.contains("reboot"), "a changed command line needs a reboot:\n{}", run.text);

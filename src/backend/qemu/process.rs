@@ -29,6 +29,11 @@ pub enum ProcessError {
     /// The log file could not be opened.
     #[error("cannot open the QEMU log {path}: {source}; check the data dir")]
     Log { path: PathBuf, source: std::io::Error },
+    /// The child could not switch to QEMU's unprivileged user.
+    #[error(
+        "cannot start QEMU as the user {user}: the switch of user was refused; run the agent as root"
+    )]
+    RunAs { user: String },
     /// RLIMIT_MEMLOCK could not be raised (VFIO pins all guest memory).
     #[error(
         "cannot raise RLIMIT_MEMLOCK to {bytes} bytes: {source}; run the agent as root with \
@@ -129,6 +134,9 @@ pub fn spawn(binary: &Path, argv: &[String], log: &Path) -> Result<Spawned, Proc
     spawn_with_memlock(binary, argv, log, None, None)
 }
 
+/// The error code a child reports when it cannot become QEMU's user (not one exec gives).
+const RUN_AS_FAILED: i32 = libc::ENOTRECOVERABLE;
+
 /// [`spawn`], with the child's RLIMIT_MEMLOCK raised to at least `memlock` bytes (a VM with
 /// passed-through devices pins all of its memory; see [`memlock_bytes`]), and run as `user`
 /// ([`QemuUser`]). Only the child changes, between fork and exec: the limit first (only root
@@ -178,17 +186,18 @@ pub fn spawn_with_memlock(
                         || libc::setgid(*gid) != 0
                         || libc::setuid(*uid) != 0)
                 {
-                    return Err(std::io::Error::last_os_error());
+                    // A code of its own, so the parent tells it from a refused memlock limit.
+                    return Err(std::io::Error::from_raw_os_error(RUN_AS_FAILED));
                 }
                 Ok(())
             });
         }
     }
-    let unprivileged = user.is_some();
     let mut child = command.spawn().map_err(|source| match (limit, source.raw_os_error()) {
-        (Some(l), Some(libc::EPERM)) if !unprivileged => {
-            ProcessError::Memlock { bytes: l.rlim_cur, source }
+        (_, Some(RUN_AS_FAILED)) => {
+            ProcessError::RunAs { user: user.map(|u| u.name.clone()).unwrap_or_default() }
         }
+        (Some(l), Some(libc::EPERM)) => ProcessError::Memlock { bytes: l.rlim_cur, source },
         _ => ProcessError::Spawn { binary: binary.to_owned(), source },
     })?;
     let pid = child.id().unwrap_or_default();

@@ -84,7 +84,11 @@ impl QemuBackend {
             .collect();
         groups.sort_unstable();
         groups.dedup();
-        QemuUser::vfio_groups(Some(user), &self.settings.dev_vfio, &groups)
+        // The kernel makes a group's node when its first device binds to vfio-pci; one that is
+        // missing is QEMU's to report (it opens it), in its own words.
+        let dev = &self.settings.dev_vfio;
+        groups.retain(|g| dev.join(g.to_string()).exists());
+        QemuUser::vfio_groups(Some(user), dev, &groups)
     }
 
     /// Binds the instance's GPUs with the host's NVML closed: the NVIDIA driver does not let
