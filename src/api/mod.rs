@@ -6,6 +6,7 @@
 mod auth;
 mod envelope;
 mod instances;
+pub mod openapi;
 mod server;
 mod ssh;
 
@@ -13,9 +14,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::SecretSlot;
 pub use envelope::ApiError;
@@ -34,19 +36,25 @@ pub struct AppState {
     pub manager: Manager,
 }
 
+/// Every route with its OpenAPI entry: what [`router`] serves and [`openapi::document`]
+/// describes.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(utoipa_axum::routes!(ping))
+        .routes(utoipa_axum::routes!(
+            instances::status,
+            instances::create,
+            instances::command,
+            instances::delete
+        ))
+        .routes(utoipa_axum::routes!(ssh::add, ssh::remove))
+}
+
 /// The router with authentication, body limit and JSON errors for every status.
 pub fn router(manager: Manager, secret: SecretSlot) -> Router {
     let state = AppState { manager };
-    let routes = Router::new()
-        .route("/ping", get(ping))
-        .route(
-            "/instances",
-            get(instances::status)
-                .post(instances::create)
-                .put(instances::command)
-                .delete(instances::delete),
-        )
-        .route("/ssh", axum::routing::post(ssh::add).delete(ssh::remove))
+    let (routes, _) = routes().split_for_parts();
+    let routes = routes
         .fallback(envelope::not_found)
         .method_not_allowed_fallback(envelope::method_not_allowed)
         .with_state(state);
@@ -57,6 +65,10 @@ pub fn router(manager: Manager, secret: SecretSlot) -> Router {
         .layer(axum::middleware::from_fn_with_state(secret, auth::require_secret))
 }
 
+/// Whether the agent answers (no secret needed).
+#[utoipa::path(get, path = "/ping", responses(
+    (status = 200, description = "The agent answers", body = openapi::OkAnswer),
+))]
 async fn ping() -> axum::Json<serde_json::Value> {
     envelope::ok()
 }

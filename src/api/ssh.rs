@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::envelope::{self, ApiError, JsonBody};
+use super::openapi::{ErrorAnswer, OkAnswer, SshKeyRequest};
 use crate::instance::{KeyChange, ManagerError, spec};
 
 /// The request's key, parsed (400 with the reason when it is not one OpenSSH key line).
@@ -17,6 +18,19 @@ fn pubkey(body: &Value) -> Result<String, ApiError> {
     Ok(spec::parse_ssh_pubkey(line).map_err(ManagerError::from)?)
 }
 
+/// Adds a renter key (applied to a running guest at once).
+#[utoipa::path(post, path = "/ssh", security(("agent_secret" = [])), request_body = SshKeyRequest, responses(
+        (status = 200, description = "Done", body = OkAnswer),
+        (status = 400, description = "Not one OpenSSH public key line", body = ErrorAnswer),
+        (status = 404, description = "There is no instance", body = ErrorAnswer),
+        (status = 409, description = "SSH is not enabled, 64 keys already, or an operation is in progress", body = ErrorAnswer),
+        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
+        (status = 403, description = "Wrong secret", body = ErrorAnswer),
+        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
+        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
+        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        (status = 500, description = "The key could not be applied", body = ErrorAnswer),
+))]
 pub(super) async fn add(
     State(app): State<AppState>,
     JsonBody(body): JsonBody,
@@ -25,6 +39,19 @@ pub(super) async fn add(
     Ok(envelope::ok())
 }
 
+/// Removes a renter key.
+#[utoipa::path(delete, path = "/ssh", security(("agent_secret" = [])), request_body = SshKeyRequest, responses(
+        (status = 200, description = "Done", body = OkAnswer),
+        (status = 400, description = "Not one OpenSSH public key line", body = ErrorAnswer),
+        (status = 404, description = "There is no instance", body = ErrorAnswer),
+        (status = 409, description = "SSH is not enabled, 64 keys already, or an operation is in progress", body = ErrorAnswer),
+        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
+        (status = 403, description = "Wrong secret", body = ErrorAnswer),
+        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
+        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
+        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        (status = 500, description = "The key could not be applied", body = ErrorAnswer),
+))]
 pub(super) async fn remove(
     State(app): State<AppState>,
     JsonBody(body): JsonBody,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::spec::Spec;
 
 /// Where an instance stands (PROTOCOL.md §2, **compat** strings).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Accepted, being built, or booting until the guest is reachable.

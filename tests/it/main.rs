@@ -15,6 +15,7 @@ mod support;
 
 mod api;
 mod api_limits;
+mod api_schema;
 mod boot;
 mod cli;
 mod control_plane;
