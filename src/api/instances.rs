@@ -8,18 +8,14 @@ use serde_json::Value;
 use super::AppState;
 use super::envelope::{self, ApiError, JsonBody};
 use super::openapi::{
-    CreateRequest, CreatedAnswer, ErrorAnswer, LifecycleRequest, OkAnswer, StatusAnswer,
+    CreateRequest, CreatedAnswer, ErrorAnswer, LifecycleRequest, OkAnswer, Refusals, StatusAnswer,
 };
 use crate::instance::{Lifecycle, ManagerError, spec};
 
 /// The instance's status (`destroyed` when there is none).
 #[utoipa::path(get, path = "/instances", security(("agent_secret" = [])), responses(
         (status = 200, description = "The status", body = StatusAnswer),
-        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
-        (status = 403, description = "Wrong secret", body = ErrorAnswer),
-        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
-        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
-        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        Refusals,
 ))]
 pub(super) async fn status(State(app): State<AppState>) -> Json<Value> {
     envelope::data(app.manager.status_live().await)
@@ -30,11 +26,7 @@ pub(super) async fn status(State(app): State<AppState>) -> Json<Value> {
         (status = 200, description = "Accepted: pending", body = CreatedAnswer),
         (status = 400, description = "A field is invalid (named in the error)", body = ErrorAnswer),
         (status = 409, description = "An instance exists, or the resources are not free", body = ErrorAnswer),
-        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
-        (status = 403, description = "Wrong secret", body = ErrorAnswer),
-        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
-        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
-        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        Refusals,
         (status = 500, description = "The agent failed (its record could not be saved)", body = ErrorAnswer),
 ))]
 pub(super) async fn create(
@@ -51,11 +43,7 @@ pub(super) async fn create(
         (status = 400, description = "Not a command", body = ErrorAnswer),
         (status = 404, description = "There is no instance", body = ErrorAnswer),
         (status = 409, description = "The command does not fit the instance's state", body = ErrorAnswer),
-        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
-        (status = 403, description = "Wrong secret", body = ErrorAnswer),
-        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
-        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
-        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        Refusals,
         (status = 500, description = "The agent failed to carry it out", body = ErrorAnswer),
 ))]
 pub(super) async fn command(
@@ -81,11 +69,7 @@ pub(super) async fn command(
 #[utoipa::path(delete, path = "/instances", security(("agent_secret" = [])), responses(
         (status = 200, description = "Deletion under way", body = OkAnswer),
         (status = 404, description = "There is no instance", body = ErrorAnswer),
-        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
-        (status = 403, description = "Wrong secret", body = ErrorAnswer),
-        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
-        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
-        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        Refusals,
         (status = 500, description = "The deletion could not be recorded", body = ErrorAnswer),
 ))]
 pub(super) async fn delete(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {

@@ -40,12 +40,33 @@ impl Modify for Secret {
 }
 
 /// An error answer: one sentence.
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Serialize)]
 #[allow(dead_code)]
 pub struct ErrorAnswer {
     /// Always false.
     ok: bool,
     error: String,
+}
+
+/// What any authenticated route may answer besides its own statuses.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Refusals {
+    /// No X-Agent-Secret header
+    #[response(status = 401)]
+    NoSecret(ErrorAnswer),
+    /// Wrong secret
+    #[response(status = 403)]
+    WrongSecret(ErrorAnswer),
+    /// The body did not arrive in time
+    #[response(status = 408)]
+    SlowBody(ErrorAnswer),
+    /// Body over 64 KiB
+    #[response(status = 413)]
+    TooLarge(ErrorAnswer),
+    /// No agent secret yet, or the request was not answered within 60 s
+    #[response(status = 503)]
+    Unavailable(ErrorAnswer),
 }
 
 /// A success without data.

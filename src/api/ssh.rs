@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::envelope::{self, ApiError, JsonBody};
-use super::openapi::{ErrorAnswer, OkAnswer, SshKeyRequest};
+use super::openapi::{ErrorAnswer, OkAnswer, Refusals, SshKeyRequest};
 use crate::instance::{KeyChange, ManagerError, spec};
 
 /// The request's key, parsed (400 with the reason when it is not one OpenSSH key line).
@@ -24,11 +24,7 @@ fn pubkey(body: &Value) -> Result<String, ApiError> {
         (status = 400, description = "Not one OpenSSH public key line", body = ErrorAnswer),
         (status = 404, description = "There is no instance", body = ErrorAnswer),
         (status = 409, description = "SSH is not enabled, 64 keys already, or an operation is in progress", body = ErrorAnswer),
-        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
-        (status = 403, description = "Wrong secret", body = ErrorAnswer),
-        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
-        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
-        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        Refusals,
         (status = 500, description = "The key could not be applied", body = ErrorAnswer),
 ))]
 pub(super) async fn add(
@@ -45,11 +41,7 @@ pub(super) async fn add(
         (status = 400, description = "Not one OpenSSH public key line", body = ErrorAnswer),
         (status = 404, description = "There is no instance", body = ErrorAnswer),
         (status = 409, description = "SSH is not enabled, 64 keys already, or an operation is in progress", body = ErrorAnswer),
-        (status = 401, description = "No X-Agent-Secret header", body = ErrorAnswer),
-        (status = 403, description = "Wrong secret", body = ErrorAnswer),
-        (status = 408, description = "The body did not arrive in time", body = ErrorAnswer),
-        (status = 413, description = "Body over 64 KiB", body = ErrorAnswer),
-        (status = 503, description = "No agent secret yet, or the request was not answered within 60 s", body = ErrorAnswer),
+        Refusals,
         (status = 500, description = "The key could not be applied", body = ErrorAnswer),
 ))]
 pub(super) async fn remove(

@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 
 use crate::support::agent::{Agent, Answer, Api, Dirs, free_port, local_secret};
 
-async fn started() -> (Dirs, Agent, Api) {
+/// A local-mode agent, ready, and its API client.
+pub(crate) async fn started() -> (Dirs, Agent, Api) {
     let dirs = Dirs::new();
     let mut agent = Agent::local(&dirs);
     agent.wait_ready().await;

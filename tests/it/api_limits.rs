@@ -9,21 +9,13 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::agent::{Agent, Api, Dirs, local_secret};
+use crate::api::started;
 use crate::support::wait::{wait_until, wait_until_blocking};
 
 /// The agent's connection cap (`api::server::MAX_CONNECTIONS`).
 const CAP: usize = 256;
 /// Half-open connections held by the flood.
 const FLOOD: usize = 3000;
-
-async fn started() -> (Dirs, Agent, Api) {
-    let dirs = Dirs::new();
-    let mut agent = Agent::local(&dirs);
-    agent.wait_ready().await;
-    let api = Api::new(&agent, Some(&local_secret(&dirs)));
-    (dirs, agent, api)
-}
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
