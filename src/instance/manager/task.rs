@@ -327,9 +327,15 @@ impl InstanceTask {
     /// Marks the instance deleted and starts its teardown (after the operation in progress,
     /// which a boot ends at once); `reply` is answered when the teardown is done.
     async fn delete(&mut self, reply: Option<Reply>) -> Result<(), ManagerError> {
-        let Some(flow) = self.apply(&Event::Delete).await? else {
-            answer(reply, Ok(()));
-            return Ok(()); // already being deleted
+        let flow = match self.apply(&Event::Delete).await? {
+            Some(flow) => flow,
+            // Marked deleting by a deletion that did not finish (the agent stopped, or the
+            // teardown gave up): it runs again.
+            None if self.snapshot().deleting && !self.deletion_under_way() => Flow::Delete,
+            None => {
+                self.attach_reply(reply);
+                return Ok(()); // already being deleted
+            }
         };
         self.cancel.send_replace(true);
         tracing::info!(id = %self.id, "instance deletion accepted");
@@ -347,6 +353,13 @@ impl InstanceTask {
             self.next().await;
         }
         Ok(())
+    }
+
+    /// Whether a deletion runs or waits for its turn.
+    fn deletion_under_way(&self) -> bool {
+        let deleting = |op: &Op| matches!(op, Op::Flow(Flow::Delete));
+        self.running.as_ref().is_some_and(|r| deleting(&r.op))
+            || self.queue.iter().any(|q| matches!(q.work, Work::Flow(Flow::Delete)))
     }
 
     async fn observed(&mut self, event: Event) {

@@ -571,6 +571,72 @@ async fn restore_adopts_running_instances_and_marks_vanished_ones() {
     assert!(error.contains("exited while the agent was down"), "{error}");
 }
 
+/// A sweeper that records what it tears down (for `recover`, which runs no backend).
+#[derive(Default)]
+struct Sweeps(StdMutex<Vec<String>>);
+
+#[async_trait]
+impl backend::HostSweeper for Sweeps {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+    async fn find_owned(&self) -> Result<Vec<backend::Owned>, BackendError> {
+        Ok(Vec::new())
+    }
+    async fn reap(&self, _: &backend::Owned) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn halt(&self, _: &backend::Owned) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn tear_down(&self, instance: &Instance) -> Result<(), BackendError> {
+        self.0.lock().unwrap().push(instance.id.clone());
+        Ok(())
+    }
+}
+
+/// A record an agent left marked deleting (killed mid-teardown) is torn down and forgotten at
+/// the next start-up, and likewise by `recover` with the agent stopped.
+#[tokio::test]
+async fn an_interrupted_deletion_is_finished_at_start_up_and_by_recover() {
+    for offline in [false, true] {
+        let h = harness(&[]);
+        h.manager.create_json(&json!({})).await.unwrap();
+        h.backend.ready.add_permits(1);
+        wait_for(&h.manager, Status::Running).await;
+        let mut record = h.manager.instances()[0].clone();
+        record.deleting = true;
+        Store::open(h.dir.path()).unwrap().save(&record).unwrap();
+        let Harness { dir, manager, .. } = h;
+        drop(manager);
+
+        let records = Store::open(dir.path()).unwrap().load_all().unwrap();
+        assert!(records[0].deleting);
+        let plan: Vec<_> = records.into_iter().map(|i| (i, Restore::TearDown)).collect();
+        if offline {
+            let sweeps = Arc::new(Sweeps::default());
+            let store = Store::open(dir.path()).unwrap();
+            let manager = Manager::offline(store, vec![sweeps.clone()]);
+            let outcomes = manager.restore_offline(plan).await;
+            assert!(outcomes.iter().all(|(_, r)| r.is_ok()), "{outcomes:?}");
+            assert_eq!(*sweeps.0.lock().unwrap(), [record.id.clone()]);
+        } else {
+            let again = harness_in(dir, Scripted::new(), &[]);
+            again.manager.restore_with(plan).await;
+            for _ in 0..200 {
+                if again.manager.instances().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(again.backend.calls(), ["destroy"]);
+            assert!(record_files(&again).is_empty());
+            continue;
+        }
+        assert!(Store::open(dir.path()).unwrap().load_all().unwrap().is_empty());
+    }
+}
+
 #[tokio::test]
 async fn local_mode_answers_with_the_host_ports() {
     let dir = tempfile::tempdir().unwrap();

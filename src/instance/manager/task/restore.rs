@@ -61,7 +61,7 @@ impl InstanceTask {
     }
 
     /// Hands `reply` to the deletion that is queued or running.
-    fn attach_reply(&mut self, reply: Option<Reply>) {
+    pub(super) fn attach_reply(&mut self, reply: Option<Reply>) {
         let Some(reply) = reply else { return };
         let deleting = |op: &Op| matches!(op, Op::Flow(Flow::Delete));
         if let Some(running) = self.running.as_mut().filter(|r| deleting(&r.op))
