@@ -343,8 +343,13 @@ impl Manager {
         let taken = ports::Taken::from_instances(held);
         let host_range = self.inner.settings.host_ports.clone();
         let ports = ports::allocate(&spec.ports, &taken, host_range.clone())?;
+        // One forward per guest port: where the renter publishes the agent's guest port (a
+        // VM's SSH), the agent reaches it through the same host port.
         let management_port = match backend.management_guest_port() {
-            Some(_) => Some(ports::allocate_host(&taken, &ports, host_range)?),
+            Some(guest) => match ports.iter().find(|p| p.guest_port == guest) {
+                Some(published) => Some(published.host_port),
+                None => Some(ports::allocate_host(&taken, &ports, host_range)?),
+            },
             None => None,
         };
         let instance = Instance {

@@ -206,12 +206,16 @@ impl QemuBackend {
     }
 }
 
-/// `(host port, guest port)` of every forward: the published ports and the management port.
+/// `(host port, guest port)` of every forward: the published ports and the management port,
+/// once each (a management port that is a published one is not forwarded twice).
 fn forwards(instance: &Instance) -> Vec<(u16, u16)> {
     let mut out: Vec<(u16, u16)> =
         instance.ports.iter().map(|p| (p.host_port, p.guest_port)).collect();
-    // A second forward to guest port 22 is fine: QEMU's user network allows several.
-    out.extend(instance.management_port.map(|port| (port, 22)));
+    if let Some(port) = instance.management_port
+        && !out.iter().any(|(host, _)| *host == port)
+    {
+        out.push((port, 22));
+    }
     out
 }
 

@@ -245,11 +245,24 @@ async fn create_runs_through_pending_to_running() {
     let view = h.manager.status();
     assert_eq!(view.gpus, Some(1));
     assert_eq!(view.id.as_deref(), Some(created.id.as_str()));
-    // The agent's own way in has a host port of its own, published to nobody.
+    // With SSH published, the agent's own way in is the same forward: one per guest port.
+    let instance = &h.manager.instances()[0];
+    let management = instance.management_port.expect("management port");
+    let ssh = instance.ports.iter().find(|p| p.guest_port == 22).unwrap();
+    assert_eq!(ssh.host_port, management);
+    assert_eq!(view.ports.unwrap()["22"], ssh.remote_port.to_string());
+}
+
+#[tokio::test]
+async fn without_ssh_published_the_agent_has_a_host_port_of_its_own_published_to_nobody() {
+    let h = harness(&[]);
+    let body = json!({"ports": [{"container_port": 8888, "remote_port": 20000, "proto": "http"}]});
+    let created = h.manager.create_json(&body).await.unwrap();
     let instance = &h.manager.instances()[0];
     let management = instance.management_port.expect("management port");
     assert!(instance.ports.iter().all(|p| p.host_port != management));
-    assert!(!view.ports.unwrap().values().any(|p| p == &management.to_string()));
+    assert!(!created.ports.values().any(|p| p == &management.to_string()));
+    assert!(!created.ports.contains_key("22"));
 }
 
 #[tokio::test]
@@ -329,7 +342,8 @@ async fn a_delete_whose_teardown_fails_twice_is_retried_until_it_succeeds() {
     *h.backend.destroy_failures.lock().unwrap() = 2;
     h.manager.delete().await.unwrap();
     for _ in 0..1000 {
-        if h.manager.instances().is_empty() {
+        // The task leaves the registry first, then removes the record file.
+        if h.manager.instances().is_empty() && record_files(&h).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -354,7 +368,8 @@ async fn delete_during_boot_stops_waiting_and_cleans_up() {
     let err = h.manager.create_json(&json!({})).await.unwrap_err();
     assert!(err.to_string().contains("still being deleted"), "{err}");
     for _ in 0..200 {
-        if h.manager.instances().is_empty() {
+        // The task leaves the registry first, then removes the record file.
+        if h.manager.instances().is_empty() && record_files(&h).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -478,7 +493,8 @@ async fn a_command_waits_for_the_operation_in_progress_and_a_delete_refuses_what
     assert!(err.to_string().contains("being deleted"), "{err}");
     h.backend.configured.add_permits(1);
     for _ in 0..200 {
-        if h.manager.instances().is_empty() {
+        // The task leaves the registry first, then removes the record file.
+        if h.manager.instances().is_empty() && record_files(&h).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -624,7 +640,7 @@ async fn an_interrupted_deletion_is_finished_at_start_up_and_by_recover() {
             let again = harness_in(dir, Scripted::new(), &[]);
             again.manager.restore_with(plan).await;
             for _ in 0..200 {
-                if again.manager.instances().is_empty() {
+                if again.manager.instances().is_empty() && record_files(&again).is_empty() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
