@@ -45,8 +45,11 @@ async fn every_answer_matches_the_document_and_no_request_gets_a_server_error() 
     let run = tokio::task::spawn_blocking({
         let url = format!("http://127.0.0.1:{}", agent.port);
         let report = report.clone();
+        let scratch = dirs.root.path().to_owned();
         move || {
             Command::new(&st)
+                // Its cache (`.schemathesis/`) goes to the test's own directory.
+                .current_dir(&scratch)
                 .arg("run")
                 .arg(&document)
                 .args(["--url", &url])
