@@ -276,3 +276,40 @@ async fn a_delete_accepted_before_sigterm_is_finished_before_the_agent_exits() {
     assert_eq!(leftovers(&dirs, &id), Vec::<String>::new(), "{}", agent.output());
     assert!(agent.output().contains("finishing the deletions in progress"), "{}", agent.output());
 }
+
+/// A host installed before QEMU ran as a user of its own keeps its base image private (0600
+/// under 0700 directories, as the old installer left it): the agent lets QEMU's user read it
+/// (directories traverse-only, the image world-readable) and the VM boots.
+#[tokio::test]
+async fn a_base_image_left_private_by_an_older_install_still_boots() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use crate::support::agent::free_port;
+    use crate::support::vm::{ci_guest_image, create_running, small_vm};
+
+    let dirs = Dirs::new();
+    let images = dirs.data.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let base = images.join("base.qcow2");
+    std::fs::copy(ci_guest_image(), &base).unwrap();
+    let private = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    private(&base, 0o600);
+    private(&images, 0o700);
+    private(&dirs.data, 0o700);
+    let env = [
+        ("QUDATA_BASE_IMAGE", base.display().to_string()),
+        ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
+    ];
+    let mut agent = Agent::start(&dirs, &["run", "--local"], &env, free_port());
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let id = create_running(&api, &small_vm()).await;
+    assert_confined(qemu_pids(&id)[0]);
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&dirs.data), mode(&images), mode(&base)), (0o711, 0o711, 0o644));
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, Duration::from_secs(120)).await;
+}

@@ -150,6 +150,27 @@ impl QemuUser {
         Ok(())
     }
 
+    /// Lets the user read a base image of the agent's (an overlay's backing file, opened
+    /// read-only): its directories up to `root` traversable, the file readable by all. An
+    /// image elsewhere is the operator's: it is left as it is.
+    pub fn may_read_image(&self, image: &Path, root: &Path) -> Result<(), ConfineError> {
+        let Ok(inside) = image.strip_prefix(root) else { return Ok(()) };
+        let mut dir = root.to_owned();
+        self.traverse(&dir)?;
+        for part in inside.parent().into_iter().flat_map(Path::components) {
+            dir.push(part);
+            self.traverse(&dir)?;
+        }
+        let chmod = |source| ConfineError::Chown { path: image.to_owned(), source };
+        // Through a link (local mode's base.qcow2) to the image itself.
+        let mode = std::fs::metadata(image).map_err(chmod)?.permissions().mode();
+        if mode & 0o004 == 0 {
+            let wanted = std::fs::Permissions::from_mode((mode & 0o7777) | 0o044);
+            std::fs::set_permissions(image, wanted).map_err(chmod)?;
+        }
+        Ok(())
+    }
+
     /// Gives (`Some`) or takes back (`None`, to root) the VFIO group devices of a VM's GPUs.
     pub fn vfio_groups(
         user: Option<&QemuUser>,
@@ -201,6 +222,32 @@ mod tests {
         assert_eq!(std::fs::metadata(dir.path().join("42")).unwrap().uid(), 0);
         let err = QemuUser::vfio_groups(Some(&user), dir.path(), &[43]).unwrap_err();
         assert!(err.to_string().contains("43"), "{err}");
+    }
+
+    #[test]
+    fn an_image_of_the_agents_is_made_readable_and_one_elsewhere_is_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let images = root.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        let private = std::fs::Permissions::from_mode(0o700);
+        std::fs::set_permissions(root.path(), private.clone()).unwrap();
+        std::fs::set_permissions(&images, private).unwrap();
+        let image = images.join("ci-guest.qcow2");
+        std::fs::write(&image, b"qcow").unwrap();
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink("ci-guest.qcow2", images.join("base.qcow2")).unwrap();
+        let user = QemuUser { name: "nobody".into(), uid: 65534, gid: 65534, groups: vec![] };
+        user.may_read_image(&images.join("base.qcow2"), root.path()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(root.path()), 0o711);
+        assert_eq!(mode(&images), 0o711);
+        assert_eq!(mode(&image), 0o644);
+        let elsewhere = tempfile::tempdir().unwrap();
+        let theirs = elsewhere.path().join("x.qcow2");
+        std::fs::write(&theirs, b"qcow").unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o600)).unwrap();
+        user.may_read_image(&theirs, root.path()).unwrap();
+        assert_eq!(mode(&theirs), 0o600, "not the agent's to change");
     }
 
     #[test]

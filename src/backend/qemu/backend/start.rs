@@ -27,6 +27,12 @@ impl QemuBackend {
             let refused = |reason| BackendError::Refused { reason };
             self.settings.accel.allows_gpus().map_err(refused)?;
         }
+        // An image installed before QEMU had a user of its own (0600 under 0700) is opened by
+        // that user now, as the overlay's backing file (a create, or a boot from disk).
+        if let (Some(user), Ok(base)) = (&self.settings.user, self.base_image(&instance.spec)) {
+            user.may_read_image(&base, &self.settings.data_dir)
+                .map_err(|e| BackendError::op("start", e))?;
+        }
         let passthrough = self.bind_gpus(instance).await?;
         // QEMU's user opens the groups' devices itself. (They go with the last device of
         // their group leaving vfio-pci at release: nothing to take back.)
