@@ -69,8 +69,29 @@ pub enum Refusals {
     Unavailable(ErrorAnswer),
 }
 
+/// What `POST /ssh` and `DELETE /ssh` answer besides [`Refusals`].
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum KeyAnswers {
+    /// Done
+    #[response(status = 200)]
+    Done(OkAnswer),
+    /// Not one OpenSSH public key line
+    #[response(status = 400)]
+    NotAKey(ErrorAnswer),
+    /// There is no instance
+    #[response(status = 404)]
+    NoInstance(ErrorAnswer),
+    /// SSH is not enabled, 64 keys already, or an operation is in progress
+    #[response(status = 409)]
+    Conflict(ErrorAnswer),
+    /// The key could not be applied
+    #[response(status = 500)]
+    NotApplied(ErrorAnswer),
+}
+
 /// A success without data.
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Serialize)]
 #[allow(dead_code)]
 pub struct OkAnswer {
     /// Always true.

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::envelope::{self, ApiError, JsonBody};
-use super::openapi::{ErrorAnswer, OkAnswer, Refusals, SshKeyRequest};
+use super::openapi::{KeyAnswers, Refusals, SshKeyRequest};
 use crate::instance::{KeyChange, ManagerError, spec};
 
 /// The request's key, parsed (400 with the reason when it is not one OpenSSH key line).
@@ -20,12 +20,8 @@ fn pubkey(body: &Value) -> Result<String, ApiError> {
 
 /// Adds a renter key (applied to a running guest at once).
 #[utoipa::path(post, path = "/ssh", security(("agent_secret" = [])), request_body = SshKeyRequest, responses(
-        (status = 200, description = "Done", body = OkAnswer),
-        (status = 400, description = "Not one OpenSSH public key line", body = ErrorAnswer),
-        (status = 404, description = "There is no instance", body = ErrorAnswer),
-        (status = 409, description = "SSH is not enabled, 64 keys already, or an operation is in progress", body = ErrorAnswer),
+        KeyAnswers,
         Refusals,
-        (status = 500, description = "The key could not be applied", body = ErrorAnswer),
 ))]
 pub(super) async fn add(
     State(app): State<AppState>,
@@ -37,12 +33,8 @@ pub(super) async fn add(
 
 /// Removes a renter key.
 #[utoipa::path(delete, path = "/ssh", security(("agent_secret" = [])), request_body = SshKeyRequest, responses(
-        (status = 200, description = "Done", body = OkAnswer),
-        (status = 400, description = "Not one OpenSSH public key line", body = ErrorAnswer),
-        (status = 404, description = "There is no instance", body = ErrorAnswer),
-        (status = 409, description = "SSH is not enabled, 64 keys already, or an operation is in progress", body = ErrorAnswer),
+        KeyAnswers,
         Refusals,
-        (status = 500, description = "The key could not be applied", body = ErrorAnswer),
 ))]
 pub(super) async fn remove(
     State(app): State<AppState>,

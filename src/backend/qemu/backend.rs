@@ -186,8 +186,11 @@ impl QemuBackend {
         self.give_to_qemu(paths).map_err(|e| BackendError::op("create", e))
     }
 
-    /// Gives QEMU's user its VM's files and run dir, and a way through the directories above
-    /// them (traverse only).
+    /// Gives QEMU's user the files it writes (disk, firmware variables, serial log), the seed
+    /// it reads and its run dir (it creates the monitor socket and pidfile there), and a way
+    /// through the directories above them. The VM's data dir stays root's and traverse-only:
+    /// an escaped QEMU cannot put a link where the agent, as root, reads or writes (the logs,
+    /// `known_hosts`, the firmware variables' copy).
     fn give_to_qemu(&self, paths: &VmPaths) -> Result<(), super::confine::ConfineError> {
         let Some(user) = &self.settings.user else { return Ok(()) };
         for dir in [&paths.dir, &paths.run_dir] {
@@ -195,9 +198,10 @@ impl QemuBackend {
             for parent in above.filter(|p| !p.as_os_str().is_empty()) {
                 user.traverse(parent)?;
             }
-            user.own(dir)?;
         }
-        for file in [&paths.overlay, &paths.vars, &paths.seed] {
+        user.traverse(&paths.dir)?;
+        user.own(&paths.run_dir)?;
+        for file in [&paths.overlay, &paths.vars, &paths.seed, &paths.serial_log] {
             if file.exists() {
                 user.own(file)?;
             }

@@ -214,7 +214,10 @@ impl ConsoleFollower {
 /// (QEMU truncates it when it starts) is read from its start; one far ahead is skipped to
 /// its last chunk.
 fn read_from(path: &Path, offset: &mut u64) -> Option<Vec<u8>> {
-    let mut file = std::fs::File::open(path).ok()?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a link: QEMU's user writes this file.
+    let open = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
+    let mut file = open.ok()?;
     let len = file.metadata().ok()?.len();
     if len < *offset {
         *offset = 0;

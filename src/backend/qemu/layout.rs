@@ -106,6 +106,18 @@ impl VmPaths {
         }
     }
 
+    /// An empty serial log for QEMU to append to (created, never through a link).
+    pub fn create_serial_log(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&self.serial_log)
+            .map(drop)
+    }
+
     /// Keeps the serial log under `max` bytes while QEMU writes it (opened with `O_APPEND`, so
     /// its writes go on at the new end): past `max`, its last `keep` bytes go to
     /// `serial.log.1` and it starts again empty. Returns whether it was cut.
@@ -116,13 +128,16 @@ impl VmPaths {
         let tail = read_tail(&self.serial_log, keep);
         crate::fsutil::write_atomic(&self.serial_log_old, tail.as_bytes())
             .map_err(std::io::Error::other)?;
-        std::fs::OpenOptions::new().write(true).open(&self.serial_log)?.set_len(0)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut log = std::fs::OpenOptions::new();
+        log.write(true).custom_flags(libc::O_NOFOLLOW);
+        log.open(&self.serial_log)?.set_len(0)?;
         Ok(true)
     }
 
     /// The serial log's current length (0 when it does not exist).
     pub fn serial_len(&self) -> u64 {
-        std::fs::metadata(&self.serial_log).map_or(0, |m| m.len())
+        std::fs::symlink_metadata(&self.serial_log).map_or(0, |m| m.len())
     }
 
     /// QEMU's own output from `start` on (one QEMU's run), at most its last `bytes`.
@@ -143,7 +158,10 @@ const SERIAL_TAIL_BYTES: u64 = 16 << 10;
 /// The last `bytes` of a file as text (lossy; "" when it cannot be read).
 pub fn read_tail(path: &Path, bytes: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a link: these files sit where QEMU's user writes.
+    let open = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
+    let Ok(mut file) = open else { return String::new() };
     let len = file.metadata().map_or(0, |m| m.len());
     if file.seek(SeekFrom::Start(len.saturating_sub(bytes))).is_err() {
         return String::new();
@@ -179,6 +197,23 @@ mod serial_tests {
         assert_eq!(std::fs::read_to_string(&paths.serial_log_old).unwrap(), "after the cut\n");
         assert_eq!(paths.serial_len(), 0);
         paths.rotate_serial_log().unwrap(); // nothing to rotate is fine
+    }
+
+    /// An escaped QEMU that put links where the agent reads and writes as root gets nothing:
+    /// the target is neither cut, read into an error message, nor written.
+    #[test]
+    fn links_in_place_of_the_logs_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = VmPaths::new(dir.path(), dir.path(), "i-1");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let secret = dir.path().join("someone-elses-disk");
+        std::fs::write(&secret, vec![b's'; 8192]).unwrap();
+        std::os::unix::fs::symlink(&secret, &paths.serial_log).unwrap();
+        assert!(!matches!(paths.cap_serial_log(512, 64), Ok(true)), "a link is not cut");
+        assert_eq!(std::fs::metadata(&secret).unwrap().len(), 8192, "the target was cut");
+        assert_eq!(paths.serial_tail(3), "", "the target was read");
+        assert!(paths.create_serial_log().is_err(), "a link is not a fresh log");
+        assert_eq!(std::fs::metadata(&secret).unwrap().len(), 8192);
     }
 }
 

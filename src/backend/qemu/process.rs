@@ -227,7 +227,16 @@ pub fn spawn_with_memlock(
 /// The pid in a QEMU pidfile.
 pub fn read_pidfile(path: &Path) -> Result<u32, ProcessError> {
     let err = |detail: String| ProcessError::Pidfile { path: path.to_owned(), detail };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // QEMU's user writes it in its run dir: never read through a link, and only a pid's worth.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
+    let mut text = String::new();
+    (&mut file).take(64).read_to_string(&mut text).map_err(|e| err(e.to_string()))?;
     text.trim().parse().map_err(|_| err(format!("{:?} is not a pid", text.trim())))
 }
 

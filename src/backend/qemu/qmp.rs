@@ -124,6 +124,11 @@ impl Qmp {
             detail,
             refused,
         };
+        // The socket sits in QEMU's run dir: a link there (put by an escaped QEMU) could lead
+        // to another VM's monitor.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(connect_err("it is a link, not QEMU's socket".into(), false));
+        }
         let stream = timeout(call_timeout, UnixStream::connect(path))
             .await
             .map_err(|_| {

@@ -204,16 +204,6 @@ impl InstanceTask {
     /// Starts `op` now (nothing is running).
     fn start(&mut self, op: Op, reply: Option<Reply>) {
         debug_assert!(self.running.is_none());
-        if let Op::Flow(Flow::Delete) = op {
-            // Whatever waited for its turn will not get one.
-            for queued in self.queue.drain(..) {
-                let conflict = Conflict {
-                    status: self.record.borrow().status,
-                    reason: "the instance is being deleted".into(),
-                };
-                answer(queued.reply, Err(conflict.into()));
-            }
-        }
         let context = ops::Context {
             manager: self.manager.clone(),
             record: self.record.subscribe(),
@@ -318,10 +308,15 @@ impl InstanceTask {
     /// Applies an event and starts (or queues) the flow it names.
     async fn run_event(&mut self, event: Event) -> Result<(), ManagerError> {
         if let Some(flow) = self.apply(&event).await? {
-            self.enqueue(Queued { work: Work::Flow(flow), deadline: None, reply: None });
-            self.next().await;
+            self.run_flow(flow).await;
         }
         Ok(())
+    }
+
+    /// Starts `flow` now, or after the operation in progress.
+    async fn run_flow(&mut self, flow: Flow) {
+        self.enqueue(Queued { work: Work::Flow(flow), deadline: None, reply: None });
+        self.next().await;
     }
 
     /// Marks the instance deleted and starts its teardown (after the operation in progress,
@@ -339,19 +334,15 @@ impl InstanceTask {
         };
         self.cancel.send_replace(true);
         tracing::info!(id = %self.id, "instance deletion accepted");
-        let queued = Queued { work: Work::Flow(flow), deadline: None, reply };
-        if self.running.is_some() {
-            // Nothing else waits behind a deletion.
-            let status = self.record.borrow().status;
-            for waiting in self.queue.drain(..) {
-                let reason = "the instance is being deleted".into();
-                answer(waiting.reply, Err(Conflict { status, reason }.into()));
-            }
-            self.queue.push_back(queued);
-        } else {
-            self.queue.push_front(queued);
-            self.next().await;
+        // Whatever waited for its turn will not get one: the deletion is next. (A deleting
+        // instance takes no new work: commands are refused, events start nothing.)
+        let status = self.record.borrow().status;
+        for waiting in self.queue.drain(..) {
+            let reason = "the instance is being deleted".into();
+            answer(waiting.reply, Err(Conflict { status, reason }.into()));
         }
+        self.queue.push_back(Queued { work: Work::Flow(flow), deadline: None, reply });
+        self.next().await;
         Ok(())
     }
 
@@ -374,8 +365,7 @@ impl InstanceTask {
                 // progress (boot, reset) configures it anyway.
                 if let Some(flow) = flow {
                     tracing::info!(id = %self.id, "instance started again on its own; configuring it");
-                    self.enqueue(Queued { work: Work::Flow(flow), deadline: None, reply: None });
-                    self.next().await;
+                    self.run_flow(flow).await;
                 }
             }
             Err(e) => {

@@ -118,11 +118,13 @@ impl QemuBackend {
     ) -> Result<Arc<Vm>, BackendError> {
         crate::fsutil::ensure_private_dir(&paths.run_dir)
             .map_err(|e| BackendError::op("start", e))?;
+        let _ = std::fs::remove_file(&paths.qmp);
+        // Each QEMU writes a log of its own (made here: QEMU cannot create files in the VM's
+        // dir); the last one's is kept as serial.log.1.
+        paths.rotate_serial_log().map_err(|e| BackendError::op("start", e))?;
+        paths.create_serial_log().map_err(|e| BackendError::op("start", e))?;
         // Made again after a reboot of the host (the run dir is on tmpfs).
         self.give_to_qemu(paths).map_err(|e| BackendError::op("start", e))?;
-        let _ = std::fs::remove_file(&paths.qmp);
-        // Each QEMU writes a log of its own; the last one's is kept as serial.log.1.
-        paths.rotate_serial_log().map_err(|e| BackendError::op("start", e))?;
         let mut plan = self.plan(instance, paths);
         plan.gpus = passthrough;
         // VFIO pins all guest memory for DMA.
