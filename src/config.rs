@@ -76,6 +76,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_CONTAINER_SUBNET",
+        Some("10.213.1.0/24"),
+        "a private IPv4 network /16-/29, e.g. 10.213.1.0/24",
+        "addresses of containers on the agent's Docker network (bridge `<QUDATA_VM_BRIDGE>c`)",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_DATA_DIR",
         Some("/var/lib/qudata"),
         "an absolute path",
@@ -256,12 +263,48 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_VM_BANDWIDTH_MBIT",
+        None,
+        "Mbit/s 1-100000",
+        "limit of each instance's traffic, each way (default: none)",
+        Scope::Run,
+    ),
+    row(
         "QUDATA_VM_BOOT_TIMEOUT",
         None,
         "seconds 10-3600",
         "how long a VM may take from power-on to answering SSH (default: 180 under KVM, 420 \
          under TCG); a boot that fails sooner says so at once",
         Scope::Run,
+    ),
+    row(
+        "QUDATA_VM_BRIDGE",
+        Some("qudata0"),
+        "1-9 lower-case letters and digits, a letter first",
+        "the VMs' bridge; taps are `<bridge>-<n>`, the nftables tables `qudata_<bridge>`",
+        Scope::Host,
+    ),
+    row(
+        "QUDATA_VM_CONNTRACK_LIMIT",
+        None,
+        "connections 16-10000000",
+        "connections one instance may have open through the host at once (default: none)",
+        Scope::Run,
+    ),
+    row(
+        "QUDATA_VM_DNS",
+        None,
+        "IPv4 addresses, comma-separated",
+        "DNS servers the guests' resolver (on the bridge) asks (default: the host's, from \
+         /etc/resolv.conf)",
+        Scope::Run,
+    ),
+    row(
+        "QUDATA_VM_SUBNET",
+        Some("10.213.0.0/24"),
+        "a private IPv4 network /16-/29, e.g. 10.213.0.0/24",
+        "addresses of VMs on the bridge; the host is the first address",
+        Scope::Host,
     ),
 ];
 
@@ -346,6 +389,12 @@ pub struct Config {
     pub sysfs_root: PathBuf,
     /// `None`: the accelerator's default.
     pub vm_boot_timeout: Option<Duration>,
+    pub vm_bandwidth_mbit: Option<u32>,
+    pub vm_bridge: String,
+    pub vm_conntrack_limit: Option<u32>,
+    pub vm_dns: Option<Vec<std::net::Ipv4Addr>>,
+    pub vm_subnet: crate::network::Subnet,
+    pub container_subnet: crate::network::Subnet,
 }
 
 /// Reads values by name; the process environment in production, a map in tests.
@@ -611,8 +660,34 @@ impl Config {
                 Ok(_) => Err("is out of range".into()),
                 Err(_) => Err("is not a number".into()),
             })?,
+            vm_bandwidth_mbit: r.parse("QUDATA_VM_BANDWIDTH_MBIT", parse_in(1, 100_000))?,
+            vm_bridge: r.required("QUDATA_VM_BRIDGE", |v| {
+                crate::network::check_bridge_name(v).map(|()| v.to_owned())
+            })?,
+            vm_conntrack_limit: r.parse("QUDATA_VM_CONNTRACK_LIMIT", parse_in(16, 10_000_000))?,
+            vm_dns: r.parse("QUDATA_VM_DNS", parse_ipv4_list)?,
+            vm_subnet: r.required("QUDATA_VM_SUBNET", |v| v.parse())?,
+            container_subnet: r.required("QUDATA_CONTAINER_SUBNET", |v| v.parse())?,
         })
     }
+}
+
+/// A whole number in `min..=max`.
+fn parse_in(min: u32, max: u32) -> impl FnOnce(&str) -> Result<u32, String> {
+    move |v| match v.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Ok(_) => Err("is out of range".into()),
+        Err(_) => Err("is not a number".into()),
+    }
+}
+
+fn parse_ipv4_list(v: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    let list: Vec<_> = v
+        .split(',')
+        .map(str::trim)
+        .map(|a| a.parse().map_err(|_| format!("{a:?} is not an IPv4 address")))
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() { Err("names no server".into()) } else { Ok(list) }
 }
 
 /// The `--help` footer of a command: every variable it reads, with its default.

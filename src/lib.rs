@@ -17,6 +17,7 @@ pub mod gpu;
 pub mod guest;
 pub mod host;
 pub mod instance;
+pub mod network;
 pub mod pidfd;
 pub mod ports;
 pub mod recovery;

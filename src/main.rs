@@ -106,8 +106,9 @@ fn main() -> ExitCode {
             let wait = std::time::Duration::from_secs(wait);
             let result = runtime().block_on(async {
                 let (events, _) = tokio::sync::mpsc::unbounded_channel();
-                let backends = agent::backends::sweepers(&cfg, events).await;
-                recovery::command(&cfg, &backends, dry_run, stop_all, wait).await
+                let network = agent::backends::network(&cfg);
+                let backends = agent::backends::sweepers(&cfg, events, &network).await;
+                recovery::command(&cfg, &backends, &network, dry_run, stop_all, wait).await
             });
             let report = match result {
                 Ok(report) => report,

@@ -21,6 +21,7 @@ use crate::gpu::GpuTelemetry;
 use crate::guest::ManagementKey;
 use crate::guest::keys::KeyError;
 use crate::instance::model::BackendKind;
+use crate::network::{HostNetwork, NetSettings};
 use crate::vfio::{SysfsRoot, Vfio};
 
 /// Time a guest gets to act on the ACPI power button before QEMU is told to quit.
@@ -34,6 +35,22 @@ pub fn default_base_image(cfg: &Config) -> PathBuf {
 /// The VFIO side of this host, as the settings place it.
 pub fn vfio(cfg: &Config) -> Vfio {
     Vfio::new(SysfsRoot::new(&cfg.sysfs_root), &cfg.data_dir)
+}
+
+/// The host side of the guests' network, as the settings place it (one per agent: every
+/// backend and recovery share it).
+pub fn network(cfg: &Config) -> Arc<HostNetwork> {
+    Arc::new(HostNetwork::new(NetSettings {
+        bridge: cfg.vm_bridge.clone(),
+        subnet: cfg.vm_subnet,
+        container_bridge: format!("{}c", cfg.vm_bridge),
+        container_subnet: cfg.container_subnet,
+        dns_upstream: cfg.vm_dns.clone(),
+        bandwidth_mbit: cfg.vm_bandwidth_mbit,
+        conntrack_limit: cfg.vm_conntrack_limit,
+        run_dir: cfg.run_dir.join("net").join(&cfg.vm_bridge),
+        dnsmasq_binary: PathBuf::from("dnsmasq"),
+    }))
 }
 
 /// Why one backend kind cannot run here.
@@ -86,13 +103,14 @@ pub async fn build(
     gpus: &[String],
     events: EventSink,
     gpu: Option<GpuTelemetry>,
+    network: &Arc<HostNetwork>,
 ) -> Result<Chosen, NoBackend> {
     let sysfs = SysfsRoot::new(&cfg.sysfs_root);
     let order = order(cfg.backend, gpus.len(), &passthrough(&sysfs, gpus));
     let mut failures = Vec::new();
     for kind in &order.try_in_order {
         let built: Result<Chosen, BuildError> = match kind {
-            BackendKind::Qemu => qemu(cfg, events.clone()).await.map(|backend| {
+            BackendKind::Qemu => qemu(cfg, events.clone(), network).await.map(|backend| {
                 let backend = match gpu.clone() {
                     Some(gpu) => backend.with_gpu_telemetry(gpu),
                     None => backend,
@@ -100,7 +118,7 @@ pub async fn build(
                 let sweeper = Arc::new(backend.sweeper());
                 Chosen { lifecycle: Arc::new(backend), sweeper }
             }),
-            BackendKind::Docker => docker(cfg, events.clone()).await.map(|backend| {
+            BackendKind::Docker => docker(cfg, events.clone(), network).await.map(|backend| {
                 backend.log_disk_limits();
                 let backend = Arc::new(backend);
                 Chosen { lifecycle: backend.clone(), sweeper: backend }
@@ -118,7 +136,11 @@ pub async fn build(
     Err(NoBackend { reason: order.reason, failures })
 }
 
-async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, BuildError> {
+async fn docker(
+    cfg: &Config,
+    events: EventSink,
+    network: &Arc<HostNetwork>,
+) -> Result<DockerBackend, BuildError> {
     let owner = cfg.data_dir.display().to_string();
     let every_gpu = crate::gpu::pool::offered(&SysfsRoot::new(&cfg.sysfs_root), None)
         .map_err(BuildError::Gpus)?;
@@ -126,6 +148,7 @@ async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, BuildE
         host_gpus: every_gpu.iter().map(ToString::to_string).collect(),
         unlimited_disk: cfg.docker_unlimited_disk,
         private_registries: cfg.docker_private_registries.clone(),
+        network: Some(network.clone()),
         ..DockerSettings::new(cfg.docker_host.clone(), owner)
     };
     let backend = DockerBackend::connect(settings, events).await?;
@@ -137,7 +160,11 @@ async fn docker(cfg: &Config, events: EventSink) -> Result<DockerBackend, BuildE
 /// no accelerator probe, key, base image or firmware), and Docker's when the engine answers
 /// (not with `QUDATA_BACKEND=qemu`). For `recover`, and for the agent's start-up recovery
 /// beside the sweeper of the backend it runs.
-pub async fn sweepers(cfg: &Config, events: EventSink) -> Vec<Arc<dyn HostSweeper>> {
+pub async fn sweepers(
+    cfg: &Config,
+    events: EventSink,
+    network: &Arc<HostNetwork>,
+) -> Vec<Arc<dyn HostSweeper>> {
     let qemu = QemuSweeper {
         data_dir: cfg.data_dir.clone(),
         run_dir: cfg.run_dir.clone(),
@@ -148,7 +175,7 @@ pub async fn sweepers(cfg: &Config, events: EventSink) -> Vec<Arc<dyn HostSweepe
     };
     let mut out: Vec<Arc<dyn HostSweeper>> = vec![Arc::new(qemu)];
     if cfg.backend != BackendChoice::Qemu && cfg.docker_host.exists() {
-        let connect = tokio::time::timeout(Duration::from_secs(10), docker(cfg, events));
+        let connect = tokio::time::timeout(Duration::from_secs(10), docker(cfg, events, network));
         match connect.await {
             Ok(Ok(docker)) => out.push(Arc::new(docker)),
             Ok(Err(e)) => tracing::warn!(error = %e, "containers are not checked"),
@@ -173,7 +200,11 @@ fn log_accel(cfg: &Config, decision: &accel::Decision) {
     }
 }
 
-async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, BuildError> {
+async fn qemu(
+    cfg: &Config,
+    events: EventSink,
+    network: &Arc<HostNetwork>,
+) -> Result<QemuBackend, BuildError> {
     let ovmf = disk::detect_ovmf(
         cfg.ovmf_code.as_deref(),
         cfg.ovmf_vars.as_deref(),
@@ -205,6 +236,7 @@ async fn qemu(cfg: &Config, events: EventSink) -> Result<QemuBackend, BuildError
         vfio: Arc::new(vfio(cfg)),
         user: Some(user),
         dev_vfio: PathBuf::from("/dev/vfio"),
+        network: network.clone(),
     };
     tracing::info!(base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))

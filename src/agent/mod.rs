@@ -74,6 +74,8 @@ pub(crate) struct Built {
     events: mpsc::UnboundedReceiver<BackendEvent>,
     /// What recovery finds and cleans up with: the manager's backend and the other kinds.
     cleanup: Vec<Arc<dyn HostSweeper>>,
+    /// The guests' bridges, shared by the backends and recovery.
+    network: Arc<crate::network::HostNetwork>,
 }
 
 /// `gpu`: where the VM backend's in-guest GPU metrics go and the host's NVML (`None` in local
@@ -104,7 +106,9 @@ async fn manager(
     };
     let (sink, events) = mpsc::unbounded_channel();
     // The backend is chosen for the GPUs the manager hands out.
-    let backend = backends::build(cfg, &gpu_pool, sink.clone(), gpu).await.map_err(Arc::new);
+    let network = backends::network(cfg);
+    let backend =
+        backends::build(cfg, &gpu_pool, sink.clone(), gpu, &network).await.map_err(Arc::new);
     // `auto` with nothing usable is a host that is not provisioned: stop with the reason
     // (systemd starts the agent again, so it runs once the image or the engine is there). An
     // explicit choice keeps serving and reporting instead, every create answered 503 with the
@@ -119,7 +123,7 @@ async fn manager(
     // The running backend's own sweeper first (it knows its NVML), then the other kinds'.
     let mut cleanup: Vec<Arc<dyn HostSweeper>> =
         backend.iter().map(|chosen| chosen.sweeper.clone()).collect();
-    for other in backends::sweepers(cfg, sink).await {
+    for other in backends::sweepers(cfg, sink, &network).await {
         if !cleanup.iter().any(|b| b.kind() == other.kind()) {
             cleanup.push(other);
         }
@@ -127,7 +131,7 @@ async fn manager(
     let backend = backend.map(|chosen| chosen.lifecycle).map_err(|e| e as Unavailable);
     let manager = Manager::new(backend, store, settings);
     manager.set_sweepers(cleanup.clone());
-    Ok(Built { manager, events, cleanup })
+    Ok(Built { manager, events, cleanup, network })
 }
 
 /// Before anything else: the run lock (held for the agent's life, so a `recover` waits), then
@@ -140,7 +144,7 @@ async fn start_up(
     let lock = RunLock::acquire(&cfg.run_dir, "run", recovery::AGENT_LOCK_WAIT).await?;
     let built = manager(cfg, local, gpu).await?;
     let manager = built.manager.clone();
-    let restored = recovery::at_startup(&manager, &built.cleanup, cfg).await?;
+    let restored = recovery::at_startup(&manager, &built.cleanup, &built.network, cfg).await?;
     Ok((lock, built, restored))
 }
 

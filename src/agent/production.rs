@@ -35,7 +35,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         interval: cfg.stats_interval,
     };
     let (_lock, built, restored) = start_up(&cfg, false, Some(gpu.clone())).await?;
-    let Built { manager, events, cleanup } = built;
+    let Built { manager, events, cleanup, .. } = built;
     manager.spawn_event_loop(events);
 
     let port = identity.agent_port;

@@ -126,10 +126,14 @@ pub struct Owned {
 pub trait Lifecycle: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
 
-    /// The guest port the agent itself reaches the guest on (a VM's SSH), if any. The manager
-    /// gives it a host port of its own, recorded in `Instance::management_port`.
-    fn management_guest_port(&self) -> Option<u16> {
-        None
+    /// A place on the agent's bridge for a new instance, besides those `held` (a VM's; a
+    /// container gets its address from Docker). Refused when the subnet is full.
+    fn guest_network(
+        &self,
+        held: &[Instance],
+    ) -> Result<Option<crate::network::GuestNet>, BackendError> {
+        let _ = held;
+        Ok(None)
     }
 
     /// Checks what only the backend knows (known image names, …), before anything starts.

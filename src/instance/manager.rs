@@ -342,16 +342,8 @@ impl Manager {
         backend.check_disk(&spec, held).map_err(refused)?;
         let taken = ports::Taken::from_instances(held);
         let host_range = self.inner.settings.host_ports.clone();
-        let ports = ports::allocate(&spec.ports, &taken, host_range.clone())?;
-        // One forward per guest port: where the renter publishes the agent's guest port (a
-        // VM's SSH), the agent reaches it through the same host port.
-        let management_port = match backend.management_guest_port() {
-            Some(guest) => match ports.iter().find(|p| p.guest_port == guest) {
-                Some(published) => Some(published.host_port),
-                None => Some(ports::allocate_host(&taken, &ports, host_range)?),
-            },
-            None => None,
-        };
+        let ports = ports::allocate(&spec.ports, &taken, host_range)?;
+        let network = backend.guest_network(held).map_err(refused)?;
         let instance = Instance {
             id: uuid::Uuid::new_v4().to_string(),
             backend: backend.kind(),
@@ -362,7 +354,8 @@ impl Manager {
             ports,
             gpus,
             ssh_keys: Vec::new(),
-            management_port,
+            management_port: None,
+            network,
             deleting: false,
         };
         self.validate_tunnels(&instance)?;

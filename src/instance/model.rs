@@ -101,6 +101,10 @@ pub struct Instance {
     /// Kept apart from `ports` so that `ssh_enabled: false` still lets the agent in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management_port: Option<u16>,
+    /// The VM's place on the agent's bridge (address, MAC, tap), allocated at admission. A
+    /// record from before the bridge existed has none (its VM keeps QEMU's user network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::GuestNet>,
     /// `DELETE` was accepted; teardown resumes after an agent restart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,
@@ -130,6 +134,7 @@ impl Instance {
             gpus: Vec::new(),
             ssh_keys: Vec::new(),
             management_port: None,
+            network: None,
             deleting: false,
         }
     }

@@ -13,6 +13,7 @@ mod execute;
 pub mod facts;
 pub mod gpus;
 pub mod lock;
+mod network;
 pub mod plan;
 pub mod report;
 mod tunnels;
@@ -25,6 +26,7 @@ use crate::config::Config;
 use crate::instance::model::Instance;
 use crate::instance::store::{Store, StoreError};
 use crate::instance::{Manager, ManagerError};
+use crate::network::HostNetwork;
 use facts::Facts;
 use lock::{LockError, RunLock};
 use plan::{Mode, Plan};
@@ -83,15 +85,21 @@ async fn clean_up(plan: &mut Plan, backends: &[Arc<dyn HostSweeper>], cfg: &Conf
 pub async fn at_startup(
     manager: &Manager,
     backends: &[Arc<dyn HostSweeper>],
+    network: &HostNetwork,
     cfg: &Config,
 ) -> Result<Vec<String>, RecoveryError> {
     let records = manager.stored_records()?;
+    let members = network::members(network, &records);
     let facts = survey(records, backends, cfg, None).await?;
     let mut plan = plan::plan(&facts, Mode::Agent);
+    plan.rows.extend(network::rows(network, &members));
     log_plan(&plan);
     let ids = plan.records.iter().map(|(i, _)| i.id.clone()).collect();
     // Orphans first: a QEMU with no record must not hold a GPU a record is about to get.
     execute::reap_orphans(&mut plan, backends).await;
+    // Then the network, before any VM is adopted or booted: every recorded VM keeps (or
+    // gets back) its rules and DHCP entry, and what no record owns goes.
+    network::apply(network, members, &mut plan.rows).await;
     manager.restore_with(std::mem::take(&mut plan.records)).await;
     execute::remove_files(&mut plan, cfg);
     execute::return_gpus(&mut plan, cfg).await;
@@ -124,6 +132,7 @@ pub async fn apply_lease(
 pub async fn command(
     cfg: &Config,
     backends: &[Arc<dyn HostSweeper>],
+    network: &HostNetwork,
     dry_run: bool,
     stop_all: bool,
     lock_wait: Duration,
@@ -152,12 +161,23 @@ pub async fn command(
     if let Some(pid) = frpc {
         plan.rows.push(tunnels::row(pid));
     }
+    // What stays on the bridges: the records that this run keeps (not removed, not deleted).
+    let kept: Vec<Instance> = plan
+        .records
+        .iter()
+        .filter(|(_, restore)| *restore != crate::instance::Restore::TearDown)
+        .map(|(i, _)| i.clone())
+        .collect();
+    plan.rows.extend(network::rows(network, &network::members(network, &kept)));
     if let Some(store) = store.filter(|_| !dry_run) {
         log_plan(&plan);
         // Before the records say `error`: a failed stop leaves its row marked, the record too.
         execute::halt_instances(&mut plan, backends).await;
         execute::apply_records(&mut plan, backends, &store).await;
         clean_up(&mut plan, backends, cfg).await;
+        // After the teardowns: the records left are the truth.
+        let left = store.load_all().unwrap_or(kept);
+        network::apply(network, network::members(network, &left), &mut plan.rows).await;
         if let Some(pid) = frpc {
             tunnels::stop(cfg, pid, &mut plan.rows).await;
         }

@@ -32,6 +32,8 @@ pub enum Subject {
     Process,
     File,
     Gpu,
+    /// A tap, the agent's bridge, its dnsmasq or its nftables tables.
+    Network,
 }
 
 /// What is (or, with `--dry-run`, would be) done.

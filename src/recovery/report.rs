@@ -40,6 +40,7 @@ fn subject(row: &Row) -> &'static str {
         super::plan::Subject::Process => "process",
         super::plan::Subject::File => "file",
         super::plan::Subject::Gpu => "gpu",
+        super::plan::Subject::Network => "network",
     }
 }
 

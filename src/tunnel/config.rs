@@ -91,11 +91,13 @@ pub enum TunnelProto {
     Http,
 }
 
-/// One instance port to publish: reachable on 127.0.0.1:`host_port`, public on `remote_port`.
+/// One instance port to publish: reached by frpc at `local`, public on `remote_port`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TunnelPort {
     pub container_port: u16,
-    pub host_port: u16,
+    /// A VM's own address and port on the agent's bridge; a container's port published on
+    /// 127.0.0.1.
+    pub local: std::net::SocketAddrV4,
     pub remote_port: u16,
     pub proto: TunnelProto,
 }
@@ -176,12 +178,11 @@ pub fn include_config(agent_id: &str, tunnels: &InstanceTunnels) -> IncludeFile 
                     (ProxyType::Http, None, vec![http_domain(&tunnels.subdomain, p.remote_port)])
                 }
             };
-            let local_ip = "127.0.0.1".into();
             ProxyConfig {
                 name,
                 kind,
-                local_ip,
-                local_port: p.host_port,
+                local_ip: p.local.ip().to_string(),
+                local_port: p.local.port(),
                 remote_port,
                 custom_domains,
             }

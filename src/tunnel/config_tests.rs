@@ -60,19 +60,19 @@ fn include_file_golden() {
         ports: vec![
             TunnelPort {
                 container_port: 22,
-                host_port: 42022,
+                local: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 42022),
                 remote_port: 10001,
                 proto: TunnelProto::Tcp,
             },
             TunnelPort {
                 container_port: 8888,
-                host_port: 42888,
+                local: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 42888),
                 remote_port: 20000,
                 proto: TunnelProto::Http,
             },
             TunnelPort {
                 container_port: 80,
-                host_port: 42080,
+                local: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 42080),
                 remote_port: 443,
                 proto: TunnelProto::Http,
             },

@@ -172,7 +172,7 @@ impl Tunnels {
     pub async fn publish(&self, tunnels: &InstanceTunnels) -> Result<PublishReport, TunnelError> {
         let s = &self.settings;
         validate::validate_instance(&s.agent_id, tunnels)?;
-        if let Some(p) = tunnels.ports.iter().find(|p| p.host_port == 0) {
+        if let Some(p) = tunnels.ports.iter().find(|p| p.local.port() == 0) {
             let value = format!("0 (guest port {})", p.container_port);
             let hint = "allocate a host port before publishing";
             return Err(TunnelError::Invalid { what: "host port".into(), value, hint });

@@ -2,6 +2,7 @@
 //! include file, its HTTP proxies on the request's `tunnel_token` or else the host's subdomain.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -32,14 +33,23 @@ impl TunnelPublisher {
 }
 
 /// What frpc is told about one instance. Pure.
+///
+/// A VM on the agent's bridge is reached at its own address: the path stays in the kernel, and
+/// an agent restart never cuts a renter's connection (the agent's `127.0.0.1` forwards are for
+/// local mode and the host's tools). A container, or a VM recorded before the bridge, at its
+/// port on 127.0.0.1.
 pub fn instance_tunnels(instance: &Instance, host_subdomain: &str) -> InstanceTunnels {
     let subdomain = instance.spec.tunnel_token.as_deref().unwrap_or(host_subdomain);
+    let local = |p: &crate::instance::model::PublishedPort| match &instance.network {
+        Some(guest) => SocketAddrV4::new(guest.address, p.guest_port),
+        None => SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host_port),
+    };
     let ports = instance
         .ports
         .iter()
         .map(|p| TunnelPort {
             container_port: p.guest_port,
-            host_port: p.host_port,
+            local: local(p),
             remote_port: p.remote_port,
             proto: match p.proto {
                 Proto::Tcp => TunnelProto::Tcp,
@@ -116,6 +126,7 @@ mod tests {
                 },
             ],
             management_port: Some(42100),
+            network: None,
             ..Instance::sample("0b9c4d1e", &body)
         }
     }
@@ -129,13 +140,13 @@ mod tests {
             ports: vec![
                 TunnelPort {
                     container_port: 22,
-                    host_port: 42022,
+                    local: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 42022),
                     remote_port: 10001,
                     proto: TunnelProto::Tcp,
                 },
                 TunnelPort {
                     container_port: 8888,
-                    host_port: 42888,
+                    local: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 42888),
                     remote_port: 443,
                     proto: TunnelProto::Http,
                 },
@@ -143,6 +154,31 @@ mod tests {
         };
         assert_eq!(t, want, "the management port is never published");
         assert_eq!(instance_tunnels(&instance(Some("lease-7")), "host-a1").subdomain, "lease-7");
+    }
+
+    /// A VM on the bridge is reached at its own address and guest port, not through the
+    /// agent's forward on 127.0.0.1.
+    #[test]
+    fn a_vm_on_the_bridge_is_reached_at_its_address() {
+        let address = Ipv4Addr::new(10, 213, 0, 7);
+        let mac = crate::network::subnet::guest_mac(address);
+        let vm = Instance {
+            network: Some(crate::network::GuestNet { address, mac, tap: "qudata0-7".into() }),
+            management_port: None,
+            ..instance(None)
+        };
+        let locals: Vec<SocketAddrV4> =
+            instance_tunnels(&vm, "host-a1").ports.iter().map(|p| p.local).collect();
+        assert_eq!(locals, [SocketAddrV4::new(address, 22), SocketAddrV4::new(address, 8888)]);
+        let include = crate::tunnel::config::include_config("agent-1", &instance_tunnels(&vm, "h"));
+        let text = crate::tunnel::config::render(&include).unwrap();
+        assert_eq!(
+            text,
+            "[[proxies]]\nname = \"agent-1-0b9c4d1e-22\"\ntype = \"tcp\"\n\
+             localIP = \"10.213.0.7\"\nlocalPort = 22\nremotePort = 10001\n\n\
+             [[proxies]]\nname = \"agent-1-0b9c4d1e-8888\"\ntype = \"http\"\n\
+             localIP = \"10.213.0.7\"\nlocalPort = 8888\ncustomDomains = [\"h\"]\n"
+        );
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The QEMU backend's building blocks against the real tools: qemu-system-x86_64 under TCG
 //! (q35 + OVMF, started paused; no guest disk is needed), qemu-img, mkfs.vfat and mtools.
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -29,10 +28,6 @@ fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().expect(program);
     assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// Who owns instance `id`'s QEMU when the agent's run dir is `<dir>/run`.
@@ -64,7 +59,7 @@ async fn prepare(dir: &Path, id: &str) -> VmPlan {
         ovmf_vars: vars,
         overlay,
         seed: seed_path,
-        ports: vec![(free_port(), 22)],
+        nic: None,
         qmp_socket: layout.qmp,
         pidfile: layout.pidfile,
         serial_log: dir.join("serial.log"),
@@ -130,9 +125,6 @@ async fn a_paused_vm_is_driven_over_qmp_and_reaped() {
     // OVMF from the pflash drives runs and tries the virtio disks (both empty of loaders).
     let serial = wait_for_text(&plan.serial_log, "BdsDxe", Duration::from_secs(180)).await;
     assert!(serial.contains("PciRoot"), "{serial}");
-    // The published port listens on loopback (user-mode networking forwards it to the guest).
-    let (host_port, _) = plan.ports[0];
-    std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, host_port)).unwrap();
     qmp.stop().await.unwrap();
     assert_eq!(next_event(&mut events).await, QmpEvent::Stop);
     assert_eq!(status(&qmp).await, RunState::paused);
@@ -195,7 +187,7 @@ async fn a_vm_that_never_ran_is_told_to_quit() {
     let log = dir.path().join("qemu.log");
     let argv = qemu_argv(&plan);
     let vm =
-        VmProcess::spawn(owner(dir.path(), "it-abort"), Path::new(QEMU), &argv, &log, None, None)
+        VmProcess::spawn(owner(dir.path(), "it-abort"), Path::new(QEMU), &argv, &log, &Default::default())
             .unwrap();
     let _guard = KillOnDrop(vm.pid());
     vm.spawned().unwrap().wait_for_path(&plan.qmp_socket, LIMIT).await.unwrap();

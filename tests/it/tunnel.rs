@@ -29,7 +29,7 @@ fn instance(id: &str, ports: &[(u16, u16, u16, TunnelProto)]) -> InstanceTunnels
             .iter()
             .map(|&(container_port, host_port, remote_port, proto)| TunnelPort {
                 container_port,
-                host_port,
+                local: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, host_port),
                 remote_port,
                 proto,
             })
@@ -398,6 +398,7 @@ async fn a_create_asking_for_the_agents_domain_is_refused_and_nothing_is_written
             gpus: Vec::new(),
             ssh_keys: Vec::new(),
             management_port: None,
+            network: None,
             deleting: false,
         }
     };

@@ -213,7 +213,7 @@ async fn real_qemu_accepts_the_passthrough_argv_up_to_the_host_device() {
         ovmf_vars: file("vars.fd"),
         overlay: overlay.into(),
         seed: file("seed.img"),
-        ports: vec![],
+        nic: None,
         qmp_socket: file("qmp.sock"),
         pidfile: file("qemu.pid"),
         serial_log: file("serial.log"),

@@ -28,6 +28,7 @@ pub fn store_record(data: &Path, id: &str, status: Status, ssh_enabled: bool) ->
         gpus: Vec::new(),
         ssh_keys: Vec::new(),
         management_port: Some(super::agent::free_port()),
+        network: None,
         deleting: false,
     };
     Store::open(data).unwrap().save(&instance).unwrap();

@@ -2,6 +2,8 @@
 //! [`DockerMachine`] held by the instance's task), and the [`HostSweeper`] of containers.
 
 use std::path::PathBuf;
+
+use crate::network::HostNetwork;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,6 +43,9 @@ pub struct DockerSettings {
     /// Containers may run without a disk limit where the engine cannot enforce `storage_gb`
     /// (`QUDATA_DOCKER_UNLIMITED_DISK`); else such creates are refused.
     pub unlimited_disk: bool,
+    /// The agent's network and rules containers run on; `None`: Docker's default bridge
+    /// (tests of the engine alone).
+    pub network: Option<Arc<HostNetwork>>,
 }
 
 impl DockerSettings {
@@ -53,6 +58,7 @@ impl DockerSettings {
             pull_deadline: Duration::from_secs(30 * 60),
             host_gpus: Vec::new(),
             unlimited_disk: false,
+            network: None,
             private_registries: Vec::new(),
         }
     }

@@ -44,6 +44,7 @@ fn instance(gpus: Vec<String>, command: Option<&str>) -> Instance {
         gpus,
         ssh_keys: Vec::new(),
         management_port: None,
+        network: None,
         deleting: false,
     }
 }

@@ -14,6 +14,17 @@ pub struct GpuPassthrough {
     pub bar_bytes: u64,
 }
 
+/// A virtio NIC on a tap the agent opened (`network::HostNetwork::plug_vm`): QEMU inherits
+/// the descriptors and never needs the right to create taps or open `/dev/vhost-net`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicPlan {
+    pub mac: String,
+    /// One descriptor per queue of the tap.
+    pub tap_fds: Vec<i32>,
+    /// `/dev/vhost-net`, one per queue; empty: QEMU moves the packets itself.
+    pub vhost_fds: Vec<i32>,
+}
+
 /// Everything the command line of one VM depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmPlan {
@@ -29,8 +40,8 @@ pub struct VmPlan {
     pub overlay: PathBuf,
     /// NoCloud seed (vfat labelled `cidata`).
     pub seed: PathBuf,
-    /// `(host_port, guest_port)`: forwarded from 127.0.0.1 only.
-    pub ports: Vec<(u16, u16)>,
+    /// The VM's NIC; `None`: no network device at all.
+    pub nic: Option<NicPlan>,
     pub qmp_socket: PathBuf,
     pub pidfile: PathBuf,
     pub serial_log: PathBuf,
@@ -71,13 +82,9 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     let seed = opt_path(&plan.seed);
     a.pair("-drive", format!("if=none,id=seed0,format=raw,readonly=on,file={seed}"));
     a.pair("-device", "virtio-blk-pci,drive=seed0");
-    let mut netdev = String::from("user,id=net0");
-    for (host, guest) in &plan.ports {
-        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    if let Some(nic) = &plan.nic {
+        nic_args(&mut a, nic);
     }
-    a.pair("-netdev", netdev);
-    // No option ROM: the firmware has no network boot to try.
-    a.pair("-device", "virtio-net-pci,netdev=net0,romfile=");
     // Guests make SSH host keys at first boot; without an entropy source they wait for one.
     a.pair("-device", "virtio-rng-pci");
     // A guest kernel panic becomes a QMP event instead of a silent hang.
@@ -106,6 +113,29 @@ pub fn cpu_model(accel: Accel) -> &'static str {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     }
+}
+
+fn nic_args(a: &mut Args, nic: &NicPlan) {
+    let list = |fds: &[i32]| fds.iter().map(i32::to_string).collect::<Vec<_>>().join(":");
+    let queues = nic.tap_fds.len();
+    let mut netdev = if queues == 1 {
+        format!("tap,id=net0,fd={}", nic.tap_fds[0])
+    } else {
+        format!("tap,id=net0,fds={}", list(&nic.tap_fds))
+    };
+    match nic.vhost_fds.len() {
+        0 => {}
+        1 => netdev.push_str(&format!(",vhost=on,vhostfd={}", nic.vhost_fds[0])),
+        _ => netdev.push_str(&format!(",vhost=on,vhostfds={}", list(&nic.vhost_fds))),
+    }
+    a.pair("-netdev", netdev);
+    // No option ROM: the firmware has no network boot to try.
+    let mut device = format!("virtio-net-pci,netdev=net0,mac={},romfile=", nic.mac);
+    if queues > 1 {
+        // A receive and a transmit vector per queue, one for config changes, one for control.
+        device.push_str(&format!(",mq=on,vectors={}", 2 * queues + 2));
+    }
+    a.pair("-device", device);
 }
 
 /// One root port per GPU so each slot keeps its functions together, as on the host. Guest

@@ -28,6 +28,8 @@ use crate::gpu::{GpuTelemetry, HostNvml};
 use crate::guest::ManagementKey;
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
+use crate::network::forward::Forwards;
+use crate::network::{GuestNet, HostNetwork};
 
 mod boot;
 mod guest;
@@ -62,6 +64,8 @@ pub struct QemuSettings {
     pub user: Option<QemuUser>,
     /// Where the VFIO group devices are (`/dev/vfio`).
     pub dev_vfio: PathBuf,
+    /// The guests' bridge, taps and rules.
+    pub network: Arc<HostNetwork>,
 }
 
 /// Holds no VM: each live VM is a [`QemuMachine`] held by its instance's task. Cheap to
@@ -154,12 +158,21 @@ impl QemuBackend {
             ovmf_vars: paths.vars.clone(),
             overlay: paths.overlay.clone(),
             seed: paths.seed.clone(),
-            ports: forwards(instance),
+            nic: None,
             qmp_socket: paths.qmp.clone(),
             pidfile: paths.pidfile.clone(),
             serial_log: paths.serial_log.clone(),
             gpus: Vec::new(),
         }
+    }
+
+    /// `127.0.0.1:<host port>` → the guest, for each published port (see `network::forward`).
+    async fn forwards(&self, instance: &Instance) -> Result<Option<Forwards>, BackendError> {
+        let Some(guest) = &instance.network else { return Ok(None) };
+        let ports: Vec<(u16, u16)> =
+            instance.ports.iter().map(|p| (p.host_port, p.guest_port)).collect();
+        let forwards = Forwards::open(guest.address, &ports).await;
+        forwards.map(Some).map_err(|e| BackendError::op("forward the published ports", e))
     }
 
     /// Builds the disk, firmware variables and seed of a new VM.
@@ -210,19 +223,6 @@ impl QemuBackend {
     }
 }
 
-/// `(host port, guest port)` of every forward: the published ports and the management port,
-/// once each (a management port that is a published one is not forwarded twice).
-fn forwards(instance: &Instance) -> Vec<(u16, u16)> {
-    let mut out: Vec<(u16, u16)> =
-        instance.ports.iter().map(|p| (p.host_port, p.guest_port)).collect();
-    if let Some(port) = instance.management_port
-        && !out.iter().any(|(host, _)| *host == port)
-    {
-        out.push((port, 22));
-    }
-    out
-}
-
 fn known_images(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
@@ -249,8 +249,10 @@ impl Lifecycle for QemuBackend {
         BackendKind::Qemu
     }
 
-    fn management_guest_port(&self) -> Option<u16> {
-        Some(22)
+    fn guest_network(&self, held: &[Instance]) -> Result<Option<GuestNet>, BackendError> {
+        let taken = held.iter().filter_map(|i| i.network.as_ref()).map(|g| g.address);
+        let guest = self.settings.network.allocate(taken);
+        guest.map(Some).map_err(|e| BackendError::Refused { reason: e.to_string() })
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
@@ -288,8 +290,12 @@ impl Lifecycle for QemuBackend {
             Ok(()) => self.start(instance, &paths).await,
             Err(e) => Err(e),
         };
+        let result = match result {
+            Ok(vm) => self.forwards(instance).await.map(|f| QemuMachine::new(self.clone(), vm, f)),
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(vm) => Ok(QemuMachine::new(self.clone(), vm)),
+            Ok(machine) => Ok(machine),
             Err(e) => {
                 tracing::warn!(id = %instance.id, error = %e, "VM launch failed; removing what it made");
                 if let Err(cleanup) = self.destroy(instance, None).await {
@@ -310,7 +316,15 @@ impl Lifecycle for QemuBackend {
             return Err(BackendError::Gone { detail });
         }
         let vm = self.start(instance, &paths).await?;
-        Ok(QemuMachine::new(self.clone(), vm))
+        let machine = QemuMachine::new(self.clone(), vm, None);
+        match self.forwards(instance).await {
+            Ok(forwards) => machine.set_forwards(forwards),
+            Err(e) => {
+                let _ = machine.stop_now().await;
+                return Err(e);
+            }
+        }
+        Ok(machine)
     }
 
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
@@ -332,8 +346,21 @@ impl Lifecycle for QemuBackend {
         }
         let pid = process.pid();
         let vm = Vm::watch(process, qmp, paths, self.events.clone());
+        let machine = QemuMachine::new(self.clone(), vm, None);
+        // Its rules and DHCP entry are back before anything else: the VM keeps its network.
+        if let Some(guest) = &instance.network {
+            let adopted = self.settings.network.adopt_vm(&instance.id, guest).await;
+            let forwards = match adopted {
+                Ok(()) => self.forwards(instance).await,
+                Err(e) => Err(BackendError::op("put the VM back on the bridge", e)),
+            };
+            match forwards {
+                Ok(forwards) => machine.set_forwards(forwards),
+                Err(error) => return Ok(Adoption::Unsure { machine, error }),
+            }
+        }
         tracing::info!(id = %instance.id, pid, "VM adopted");
-        Ok(Adoption::Adopted(QemuMachine::new(self.clone(), vm)))
+        Ok(Adoption::Adopted(machine))
     }
 
     async fn destroy(
@@ -350,6 +377,12 @@ impl Lifecycle for QemuBackend {
                 self.sweeper.stop_found(&instance.id, &ladder).await?;
             }
         }
-        self.sweeper.remove(&instance.id).await
+        self.sweeper.remove(&instance.id).await?;
+        // After QEMU: its tap went with it, and its address may be given again.
+        self.settings
+            .network
+            .unplug_vm(&instance.id)
+            .await
+            .map_err(|e| BackendError::op("take the VM off the bridge", e))
     }
 }

@@ -131,23 +131,35 @@ fn memlock_limit(bytes: u64) -> Result<Option<libc::rlimit>, ProcessError> {
 /// Starts `binary argv…` detached from the agent's process group, output appended to `log`.
 /// Call it inside a Tokio runtime: the child is reaped by a task on it.
 pub fn spawn(binary: &Path, argv: &[String], log: &Path) -> Result<Spawned, ProcessError> {
-    spawn_with_memlock(binary, argv, log, None, None)
+    spawn_with(binary, argv, log, &ChildSetup::default())
+}
+
+/// What changes in QEMU's process between fork and exec.
+#[derive(Default)]
+pub struct ChildSetup<'a> {
+    /// RLIMIT_MEMLOCK raised to at least this many bytes (see [`memlock_bytes`]).
+    pub memlock: Option<u64>,
+    /// Run as this user.
+    pub user: Option<&'a QemuUser>,
+    /// Descriptors the child keeps across exec (a tap's queues, vhost-net), at their numbers.
+    pub inherit: &'a [std::os::fd::RawFd],
 }
 
 /// The error code a child reports when it cannot become QEMU's user (not one exec gives).
 const RUN_AS_FAILED: i32 = libc::ENOTRECOVERABLE;
 
-/// [`spawn`], with the child's RLIMIT_MEMLOCK raised to at least `memlock` bytes (a VM with
-/// passed-through devices pins all of its memory; see [`memlock_bytes`]), and run as `user`
-/// ([`QemuUser`]). Only the child changes, between fork and exec: the limit first (only root
-/// may raise it, and it stays across the change of user), then groups, gid and uid.
-pub fn spawn_with_memlock(
+/// [`spawn`], set up as `setup` says: the child's RLIMIT_MEMLOCK raised (a VM with
+/// passed-through devices pins all of its memory), the descriptors it inherits, and run as
+/// its user ([`QemuUser`]). Only the child changes, between fork and exec: the limit first
+/// (only root may raise it, and it stays across the change of user), then the descriptors,
+/// then groups, gid and uid.
+pub fn spawn_with(
     binary: &Path,
     argv: &[String],
     log: &Path,
-    memlock: Option<u64>,
-    user: Option<&QemuUser>,
+    setup: &ChildSetup<'_>,
 ) -> Result<Spawned, ProcessError> {
+    let (memlock, user) = (setup.memlock, setup.user);
     let log_err = |source| ProcessError::Log { path: log.to_owned(), source };
     let out = OpenOptions::new().create(true).append(true).open(log).map_err(log_err)?;
     let err = out.try_clone().map_err(log_err)?;
@@ -169,17 +181,24 @@ pub fn spawn_with_memlock(
     };
     // Copied before the fork: the child allocates nothing.
     let identity = user.map(|u| (u.uid, u.gid, u.groups.clone()));
-    if limit.is_some() || identity.is_some() {
+    let inherit = setup.inherit.to_vec();
+    if limit.is_some() || identity.is_some() || !inherit.is_empty() {
         // SAFETY: the closure runs in the forked child before exec. It only makes plain
-        // system calls (setrlimit, setgroups, setgid, setuid) that neither allocate nor take
-        // locks, on values moved in before the fork, and builds its error from errno without
-        // allocating.
+        // system calls (setrlimit, fcntl, setgroups, setgid, setuid) that neither allocate nor
+        // take locks, on values moved in before the fork, and builds its error from errno
+        // without allocating.
         unsafe {
             command.pre_exec(move || {
                 if let Some(limit) = &limit
                     && libc::setrlimit(libc::RLIMIT_MEMLOCK, limit) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Opened close-on-exec by the agent (no other child inherits them): kept here.
+                for fd in &inherit {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 if let Some((uid, gid, groups)) = &identity
                     && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
@@ -261,7 +280,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("out.log");
         let argv = ["-c".to_owned(), "cat /proc/self/limits".to_owned()];
-        let child = spawn_with_memlock(Path::new("sh"), &argv, &log, Some(memlock), None)?;
+        let setup = ChildSetup { memlock: Some(memlock), ..ChildSetup::default() };
+        let child = spawn_with(Path::new("sh"), &argv, &log, &setup)?;
         child.wait_exit(Duration::from_secs(30)).await.unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         let line = text.lines().find(|l| l.starts_with("Max locked memory")).unwrap();
@@ -281,8 +301,8 @@ mod tests {
         // Up to the hard limit: raising that needs CAP_SYS_RESOURCE, which root in a container
         // may lack (the test below covers it).
         let bytes = memlock().rlim_max.min(3 << 30);
-        let child =
-            spawn_with_memlock(Path::new("sh"), &argv, &log, Some(bytes), Some(&user)).unwrap();
+        let setup = ChildSetup { memlock: Some(bytes), user: Some(&user), inherit: &[] };
+        let child = spawn_with(Path::new("sh"), &argv, &log, &setup).unwrap();
         child.wait_exit(Duration::from_secs(30)).await.unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         let lines: Vec<&str> = text.lines().collect();

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 pub use ladder::{EXIT_DEADLINE, Ladder, QUIT_GRACE, Stopped};
 
-use super::confine::QemuUser;
 use super::layout::VmPaths;
 use super::process::{self, ProcessError, Spawned};
 use super::procfs::ProcRoot;
@@ -78,17 +77,16 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
-    /// Starts QEMU for `owner` ([`process::spawn_with_memlock`]); `argv` carries its marker
+    /// Starts QEMU for `owner` ([`process::spawn_with`]); `argv` carries its marker
     /// and pidfile.
     pub fn spawn(
         owner: Owner,
         binary: &Path,
         argv: &[String],
         log: &Path,
-        memlock: Option<u64>,
-        user: Option<&QemuUser>,
+        setup: &process::ChildSetup<'_>,
     ) -> Result<VmProcess, ProcessError> {
-        let child = process::spawn_with_memlock(binary, argv, log, memlock, user)?;
+        let child = process::spawn_with(binary, argv, log, setup)?;
         Ok(VmProcess { pid: child.pid, owner, pinned: Pinned::Child(child), qmp: None })
     }
 

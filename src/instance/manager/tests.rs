@@ -67,8 +67,14 @@ impl backend::Lifecycle for Scripted {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
     }
-    fn management_guest_port(&self) -> Option<u16> {
-        Some(22)
+    fn guest_network(
+        &self,
+        held: &[Instance],
+    ) -> Result<Option<crate::network::GuestNet>, BackendError> {
+        let last = 2 + held.len() as u8;
+        let address = std::net::Ipv4Addr::new(10, 213, 0, last);
+        let mac = crate::network::subnet::guest_mac(address);
+        Ok(Some(crate::network::GuestNet { address, mac, tap: format!("qudata0-{last}") }))
     }
     fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
         match spec.image.as_deref() {
@@ -245,23 +251,26 @@ async fn create_runs_through_pending_to_running() {
     let view = h.manager.status();
     assert_eq!(view.gpus, Some(1));
     assert_eq!(view.id.as_deref(), Some(created.id.as_str()));
-    // With SSH published, the agent's own way in is the same forward: one per guest port.
+    // The VM's place on the bridge is recorded; the agent reaches the guest there, with no
+    // host port of its own.
     let instance = &h.manager.instances()[0];
-    let management = instance.management_port.expect("management port");
+    let guest = instance.network.as_ref().expect("a place on the bridge");
+    assert_eq!(guest.address, std::net::Ipv4Addr::new(10, 213, 0, 2));
+    assert_eq!(instance.management_port, None);
     let ssh = instance.ports.iter().find(|p| p.guest_port == 22).unwrap();
-    assert_eq!(ssh.host_port, management);
     assert_eq!(view.ports.unwrap()["22"], ssh.remote_port.to_string());
 }
 
 #[tokio::test]
-async fn without_ssh_published_the_agent_has_a_host_port_of_its_own_published_to_nobody() {
+async fn without_ssh_published_the_vm_still_gets_its_address_and_nothing_is_published_for_the_agent()
+ {
     let h = harness(&[]);
     let body = json!({"ports": [{"container_port": 8888, "remote_port": 20000, "proto": "http"}]});
     let created = h.manager.create_json(&body).await.unwrap();
     let instance = &h.manager.instances()[0];
-    let management = instance.management_port.expect("management port");
-    assert!(instance.ports.iter().all(|p| p.host_port != management));
-    assert!(!created.ports.values().any(|p| p == &management.to_string()));
+    assert!(instance.network.is_some());
+    assert_eq!(instance.management_port, None);
+    assert_eq!(instance.ports.len(), 1);
     assert!(!created.ports.contains_key("22"));
 }
 

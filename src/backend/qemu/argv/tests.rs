@@ -11,7 +11,7 @@ fn plan(accel: Accel) -> VmPlan {
         ovmf_vars: format!("{vm}/OVMF_VARS.fd").into(),
         overlay: format!("{vm}/disk.qcow2").into(),
         seed: format!("{vm}/seed.img").into(),
-        ports: vec![(10022, 22), (10888, 8888)],
+        nic: Some(NicPlan { mac: "52:54:00:d5:00:02".into(), tap_fds: vec![5], vhost_fds: vec![] }),
         qmp_socket: "/run/qudata/abc/qmp.sock".into(),
         pidfile: "/run/qudata/abc/qemu.pid".into(),
         serial_log: format!("{vm}/serial.log").into(),
@@ -43,9 +43,8 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
         "-device", "virtio-blk-pci,drive=disk0,bootindex=1",
         "-drive", "if=none,id=seed0,format=raw,readonly=on,file=/var/lib/qudata/vms/abc/seed.img",
         "-device", "virtio-blk-pci,drive=seed0",
-        "-netdev",
-        "user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:10888-:8888",
-        "-device", "virtio-net-pci,netdev=net0,romfile=",
+        "-netdev", "tap,id=net0,fd=5",
+        "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:d5:00:02,romfile=",
         "-device", "virtio-rng-pci",
         "-device", "pvpanic",
         "-qmp", "unix:/run/qudata/abc/qmp.sock,server=on,wait=off",
@@ -58,6 +57,43 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
 #[test]
 fn tcg_without_gpu() {
     assert_eq!(qemu_argv(&plan(Accel::Tcg)), common("tcg", "max"));
+}
+
+/// The pair of arguments after `flag` (the first one).
+fn value_of(argv: &[String], flag: &str, containing: &str) -> String {
+    let at = argv.windows(2).find(|w| w[0] == flag && w[1].contains(containing));
+    at.map(|w| w[1].clone()).unwrap_or_default()
+}
+
+#[test]
+fn a_multi_queue_nic_with_vhost_gets_every_descriptor() {
+    let mut p = plan(Accel::Kvm);
+    p.nic = Some(NicPlan {
+        mac: "52:54:00:d5:00:09".into(),
+        tap_fds: vec![10, 11, 12, 13],
+        vhost_fds: vec![14, 15, 16, 17],
+    });
+    let argv = qemu_argv(&p);
+    assert_eq!(
+        value_of(&argv, "-netdev", "tap"),
+        "tap,id=net0,fds=10:11:12:13,vhost=on,vhostfds=14:15:16:17"
+    );
+    assert_eq!(
+        value_of(&argv, "-device", "virtio-net"),
+        "virtio-net-pci,netdev=net0,mac=52:54:00:d5:00:09,romfile=,mq=on,vectors=10"
+    );
+    p.nic.as_mut().unwrap().tap_fds.truncate(1);
+    p.nic.as_mut().unwrap().vhost_fds.truncate(1);
+    assert_eq!(value_of(&qemu_argv(&p), "-netdev", "tap"), "tap,id=net0,fd=10,vhost=on,vhostfd=14");
+}
+
+#[test]
+fn no_nic_means_no_network_device() {
+    let mut p = plan(Accel::Tcg);
+    p.nic = None;
+    let argv = qemu_argv(&p);
+    assert!(!argv.iter().any(|a| a == "-netdev" || a.contains("virtio-net")), "{argv:?}");
+    assert!(!argv.iter().any(|a| a.contains("user,") || a.contains("hostfwd")), "never slirp");
 }
 
 const GIB: u64 = 1 << 30;
@@ -176,10 +212,8 @@ fn tcg_with_a_gpu_keeps_the_max_cpu() {
 fn commas_in_option_paths_are_doubled() {
     let mut p = plan(Accel::Tcg);
     p.overlay = "/data/a,b/disk.qcow2".into();
-    p.ports.clear();
     let argv = qemu_argv(&p);
     assert!(argv.contains(&"if=none,id=disk0,format=qcow2,file=/data/a,,b/disk.qcow2".to_owned()));
-    assert!(argv.contains(&"user,id=net0".to_owned()));
 }
 
 #[test]

@@ -55,10 +55,17 @@ impl QemuMachine {
     }
 
     pub(super) fn target(&self, instance: &Instance) -> Result<GuestTarget, BackendError> {
-        let port = instance.management_port.ok_or_else(|| {
-            BackendError::op("reach the guest", "the instance record has no management port")
-        })?;
         let known_hosts = self.backend.paths(&instance.id).known_hosts;
+        // On the bridge, the guest's own sshd; a VM recorded before the bridge, through its
+        // user-network forward on 127.0.0.1.
+        if let Some(guest) = &instance.network {
+            let mut target = GuestTarget::new(instance.id.clone(), 22, known_hosts);
+            target.addr = std::net::SocketAddr::from((guest.address, 22));
+            return Ok(target);
+        }
+        let port = instance.management_port.ok_or_else(|| {
+            BackendError::op("reach the guest", "the instance record has no address or management port")
+        })?;
         Ok(GuestTarget::new(instance.id.clone(), port, known_hosts))
     }
 

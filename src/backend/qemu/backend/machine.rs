@@ -14,6 +14,7 @@ use crate::backend::{BackendError, Machine};
 use crate::guest::metrics::StreamSpec;
 use crate::guest::{GuestPaths, GuestSession, setup};
 use crate::instance::model::Instance;
+use crate::network::forward::Forwards;
 
 pub struct QemuMachine {
     pub(super) backend: QemuBackend,
@@ -24,12 +25,28 @@ pub struct QemuMachine {
     /// The guest's session, made on first use, closed when the VM stops or boots again
     /// (see `guest.rs`).
     pub(super) session: Mutex<Option<Arc<GuestSession>>>,
+    /// `127.0.0.1:<host port>` → the guest; they close with the machine.
+    forwards: Mutex<Option<Forwards>>,
 }
 
 impl QemuMachine {
-    pub(super) fn new(backend: QemuBackend, vm: Arc<Vm>) -> Arc<QemuMachine> {
+    pub(super) fn new(
+        backend: QemuBackend,
+        vm: Arc<Vm>,
+        forwards: Option<Forwards>,
+    ) -> Arc<QemuMachine> {
         let id = vm.id.clone();
-        Arc::new(QemuMachine { backend, id, vm: Mutex::new(vm), session: Mutex::default() })
+        Arc::new(QemuMachine {
+            backend,
+            id,
+            vm: Mutex::new(vm),
+            session: Mutex::default(),
+            forwards: Mutex::new(forwards),
+        })
+    }
+
+    pub(super) fn set_forwards(&self, forwards: Option<Forwards>) {
+        *self.forwards.lock().unwrap_or_else(|e| e.into_inner()) = forwards;
     }
 
     pub(super) fn vm(&self) -> Arc<Vm> {

@@ -6,7 +6,11 @@ use std::sync::Arc;
 use super::{QMP_SOCKET_DEADLINE, QemuBackend, with_log};
 use crate::backend::BackendError;
 use crate::backend::qemu::accel::{Accel, kvm_failure};
-use crate::backend::qemu::argv::{GpuPassthrough, qemu_argv};
+use crate::backend::qemu::argv::{GpuPassthrough, NicPlan, VmPlan, qemu_argv};
+use crate::backend::qemu::process::ChildSetup;
+use crate::network::GuestNet;
+use crate::network::host::TapQueues;
+use std::os::fd::AsRawFd;
 use crate::backend::qemu::confine::QemuUser;
 use crate::backend::qemu::layout::VmPaths;
 use crate::backend::qemu::qmp::{Qmp, QmpError};
@@ -14,6 +18,15 @@ use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::qemu::vm_process::{Ladder, VmProcess};
 use crate::backend::qemu::{gpus, process};
 use crate::instance::model::Instance;
+
+/// Queues of a VM's NIC at most (each is a pair of interrupt vectors and a vhost thread).
+const MAX_QUEUES: usize = 8;
+
+/// A VM's NIC, open for its QEMU to inherit.
+struct Plugged {
+    guest: GuestNet,
+    queues: TapQueues,
+}
 
 impl QemuBackend {
     /// Binds the GPUs, starts QEMU on them, and on failure stops QEMU and releases them.
@@ -127,14 +140,26 @@ impl QemuBackend {
         self.give_to_qemu(paths).map_err(|e| BackendError::op("start", e))?;
         let mut plan = self.plan(instance, paths);
         plan.gpus = passthrough;
-        // VFIO pins all guest memory for DMA.
-        let memlock = (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib));
+        // Held until QEMU has its own copies: closing them is what takes a tap away.
+        let nic = self.plug(instance, &plan).await?;
+        plan.nic = Some(NicPlan {
+            mac: nic.guest.mac.clone(),
+            tap_fds: nic.queues.taps.iter().map(AsRawFd::as_raw_fd).collect(),
+            vhost_fds: nic.queues.vhost.iter().map(AsRawFd::as_raw_fd).collect(),
+        });
+        let inherit: Vec<i32> = plan.nic.iter().flat_map(|n| n.tap_fds.iter().chain(&n.vhost_fds)).copied().collect();
+        let setup = ChildSetup {
+            // VFIO pins all guest memory for DMA.
+            memlock: (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib)),
+            user: self.settings.user.as_ref(),
+            inherit: &inherit,
+        };
         let argv = qemu_argv(&plan);
         let owner = self.owner(&instance.id);
         let binary = &self.settings.qemu_binary;
-        let user = self.settings.user.as_ref();
-        let process = VmProcess::spawn(owner, binary, &argv, &paths.qemu_log, memlock, user)
+        let process = VmProcess::spawn(owner, binary, &argv, &paths.qemu_log, &setup)
             .map_err(|e| BackendError::op("start QEMU", e))?;
+        drop(nic);
         let pid = process.pid();
         let qmp = match Self::let_run(&process, paths).await {
             Ok(qmp) => qmp,
@@ -150,6 +175,25 @@ impl QemuBackend {
         let vm = Vm::watch(process, qmp, paths.clone(), self.events.clone());
         tracing::info!(id = %instance.id, pid, accel = plan.accel.as_str(), "VM started");
         Ok(vm)
+    }
+
+    /// The VM's tap, opened on the bridge with a queue per vCPU (at most 8) and vhost-net
+    /// under KVM (vhost needs KVM's eventfds; under TCG QEMU would fall back anyway).
+    async fn plug(&self, instance: &Instance, plan: &VmPlan) -> Result<Plugged, BackendError> {
+        let Some(guest) = instance.network.clone() else {
+            let detail = "its record predates the agent's bridge (it ran on QEMU's user network); \
+                          delete it and create it again";
+            return Err(BackendError::op("start", detail));
+        };
+        let queues = (plan.vcpus as usize).clamp(1, MAX_QUEUES);
+        let vhost = plan.accel == Accel::Kvm;
+        let queues = self
+            .settings
+            .network
+            .plug_vm(&instance.id, &guest, queues, vhost)
+            .await
+            .map_err(|e| BackendError::op("put the VM on the bridge", e))?;
+        Ok(Plugged { guest, queues })
     }
 
     /// Connects to QEMU's monitor. QEMU creates the socket file when it binds, a moment
