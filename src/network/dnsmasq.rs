@@ -207,7 +207,9 @@ mod tests {
              dhcp-option=option:dns-server,10.213.0.1\nno-hosts\ndomain-needed\nbogus-priv\n\
              stop-dns-rebind\ncache-size=1000\nno-resolv\nserver=198.51.100.2\n"
         );
-        assert!(config(&settings(None), &files, "nobody").ends_with("resolv-file=/etc/resolv.conf\n"));
+        assert!(
+            config(&settings(None), &files, "nobody").ends_with("resolv-file=/etc/resolv.conf\n")
+        );
     }
 
     #[test]
@@ -217,7 +219,10 @@ mod tests {
             mac: crate::network::subnet::guest_mac(Ipv4Addr::new(10, 213, 0, last)),
             tap: format!("qudata0-{last}"),
         };
-        assert_eq!(hosts(&[g(2), g(3)]), "52:54:00:d5:00:02,10.213.0.2\n52:54:00:d5:00:03,10.213.0.3\n");
+        assert_eq!(
+            hosts(&[g(2), g(3)]),
+            "52:54:00:d5:00:02,10.213.0.2\n52:54:00:d5:00:03,10.213.0.3\n"
+        );
         assert_eq!(hosts(&[]), "");
     }
 

@@ -25,7 +25,11 @@ pub async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<()
     let mut command = Command::new(program);
     command
         .args(args)
-        .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
@@ -134,7 +138,9 @@ pub fn open_tap(name: &str, queues: usize) -> Result<Vec<OwnedFd>, NetworkError>
 /// `/dev/vhost-net` once per queue, where the host has it (the data path in the kernel).
 pub fn open_vhost(queues: usize) -> Option<Vec<OwnedFd>> {
     (0..queues.max(1))
-        .map(|_| File::options().read(true).write(true).open("/dev/vhost-net").ok().map(OwnedFd::from))
+        .map(|_| {
+            File::options().read(true).write(true).open("/dev/vhost-net").ok().map(OwnedFd::from)
+        })
         .collect()
 }
 
@@ -152,10 +158,13 @@ pub fn limit_command(tap: &str, mbit: u32) -> Vec<String> {
     let rate = format!("{mbit}mbit");
     // A burst of 10 ms at the rate, at least 64 KiB (tbf needs more than one MTU per tick).
     let burst = format!("{}", (u64::from(mbit) * 1_000_000 / 8 / 100).max(64 << 10));
-    ["qdisc", "replace", "dev", tap, "root", "tbf", "rate", &rate, "burst", &burst, "latency", "50ms"]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect()
+    [
+        "qdisc", "replace", "dev", tap, "root", "tbf", "rate", &rate, "burst", &burst, "latency",
+        "50ms",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect()
 }
 
 /// Applies (again) the shaping of a tap, or removes it (`None`).

@@ -78,18 +78,27 @@ fn inet_table(s: &mut String, table: &str, bridges: &[BridgeRules]) {
     let _ = writeln!(s, "\tset blocked {{\n\t\ttype ipv4_addr\n\t\tflags interval");
     let _ = writeln!(s, "\t\telements = {{ {} }}\n\t}}", BLOCKED.join(", "));
     // Before the usual filter priority, so a drop here is final whatever other tables say.
-    let _ = writeln!(s, "\tchain input {{\n\t\ttype filter hook input priority filter - 10; policy accept;");
+    let _ = writeln!(
+        s,
+        "\tchain input {{\n\t\ttype filter hook input priority filter - 10; policy accept;"
+    );
     for b in bridges {
         let _ = writeln!(s, "\t\tiifname \"{0}\" jump to_host_{0}", b.bridge);
     }
     let _ = writeln!(s, "\t}}");
-    let _ = writeln!(s, "\tchain forward {{\n\t\ttype filter hook forward priority filter - 10; policy accept;");
+    let _ = writeln!(
+        s,
+        "\tchain forward {{\n\t\ttype filter hook forward priority filter - 10; policy accept;"
+    );
     for b in bridges {
         let _ = writeln!(s, "\t\tiifname \"{0}\" jump from_{0}", b.bridge);
         let _ = writeln!(s, "\t\toifname \"{0}\" jump to_{0}", b.bridge);
     }
     let _ = writeln!(s, "\t}}");
-    let _ = writeln!(s, "\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;");
+    let _ = writeln!(
+        s,
+        "\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;"
+    );
     for b in bridges {
         let _ = writeln!(s, "\t\tip saddr {} oifname != \"{}\" masquerade", b.subnet, b.bridge);
     }
@@ -107,8 +116,13 @@ fn bridge_chains(s: &mut String, b: &BridgeRules, all: &[BridgeRules]) {
     // agent's SSH, frpc), DHCP and DNS; nothing else.
     let _ = writeln!(s, "\tchain to_host_{name} {{\n\t\tct state established,related accept");
     if b.host_services {
-        let _ = writeln!(s, "\t\tip saddr {{ 0.0.0.0, {} }} udp sport 68 udp dport 67 accept", b.subnet);
-        let _ = writeln!(s, "\t\tip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53 accept");
+        let _ = writeln!(
+            s,
+            "\t\tip saddr {{ 0.0.0.0, {} }} udp sport 68 udp dport 67 accept",
+            b.subnet
+        );
+        let _ =
+            writeln!(s, "\t\tip daddr {gateway} meta l4proto {{ tcp, udp }} th dport 53 accept");
     }
     let _ = writeln!(s, "\t\tcounter drop\n\t}}");
     // Through the host: the internet only, IPv4 only, from the guests' own addresses.
@@ -137,14 +151,20 @@ fn bridge_chains(s: &mut String, b: &BridgeRules, all: &[BridgeRules]) {
 
 fn bridge_table(s: &mut String, table: &str, bridges: &[BridgeRules]) {
     let _ = writeln!(s, "table bridge {table} {{");
-    let _ = writeln!(s, "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;");
+    let _ = writeln!(
+        s,
+        "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;"
+    );
     // From a VM's tap to any other port: one guest's frames never reach another's, broadcasts
     // included. (Containers' ports are Docker's veths: `link::isolate_ports` isolates them.)
     for b in bridges.iter().filter(|b| b.host_services) {
         let _ = writeln!(s, "\t\tiifname \"{}-*\" counter drop", b.bridge);
     }
     let _ = writeln!(s, "\t}}");
-    let _ = writeln!(s, "\tchain prerouting {{\n\t\ttype filter hook prerouting priority filter; policy accept;");
+    let _ = writeln!(
+        s,
+        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority filter; policy accept;"
+    );
     let guests = || bridges.iter().flat_map(|b| b.guests.iter().map(move |g| (b, g)));
     for (_, g) in guests() {
         let _ = writeln!(s, "\t\tiifname \"{}\" jump {}", g.tap, guest_chain(g));

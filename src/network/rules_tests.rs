@@ -7,7 +7,11 @@ use crate::network::subnet::{guest_mac, tap_name};
 fn guest(last: u8) -> GuestNet {
     let subnet: Subnet = "10.213.0.0/24".parse().unwrap();
     let address = Ipv4Addr::new(10, 213, 0, last);
-    GuestNet { address, mac: guest_mac(address), tap: tap_name("qudata0", &subnet, address).unwrap() }
+    GuestNet {
+        address,
+        mac: guest_mac(address),
+        tap: tap_name("qudata0", &subnet, address).unwrap(),
+    }
 }
 
 fn two_vms_and_containers() -> Vec<BridgeRules> {

@@ -29,7 +29,8 @@ impl Subnet {
         if u32::from(network) & !subnet.mask() != 0 {
             return Err(format!("{network} is not the network address of a /{prefix}"));
         }
-        if !PRIVATE.iter().any(|(net, len)| Subnet { network: *net, prefix: *len }.covers(&subnet)) {
+        if !PRIVATE.iter().any(|(net, len)| Subnet { network: *net, prefix: *len }.covers(&subnet))
+        {
             return Err("is not inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16".into());
         }
         Ok(subnet)
@@ -99,8 +100,10 @@ impl FromStr for Subnet {
 
     fn from_str(s: &str) -> Result<Subnet, String> {
         let (addr, prefix) = s.split_once('/').ok_or("is not an address/prefix")?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix.parse().map_err(|_| format!("{prefix:?} is not a prefix length"))?;
+        let addr: Ipv4Addr =
+            addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let prefix: u8 =
+            prefix.parse().map_err(|_| format!("{prefix:?} is not a prefix length"))?;
         Subnet::new(addr, prefix)
     }
 }

@@ -153,7 +153,10 @@ mod tests {
                 .iter()
                 .map(|&(container_port, remote_port, proto)| TunnelPort {
                     container_port,
-                    local: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 42000 + container_port % 1000),
+                    local: std::net::SocketAddrV4::new(
+                        std::net::Ipv4Addr::LOCALHOST,
+                        42000 + container_port % 1000,
+                    ),
                     remote_port,
                     proto,
                 })

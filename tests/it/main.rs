@@ -33,6 +33,7 @@ mod gpu_pci;
 mod guest_metrics;
 mod guest_ssh;
 mod install;
+mod network;
 mod qemu;
 mod recover;
 mod systemd;

@@ -186,9 +186,14 @@ async fn a_vm_that_never_ran_is_told_to_quit() {
     let plan = prepare(dir.path(), "it-abort").await;
     let log = dir.path().join("qemu.log");
     let argv = qemu_argv(&plan);
-    let vm =
-        VmProcess::spawn(owner(dir.path(), "it-abort"), Path::new(QEMU), &argv, &log, &Default::default())
-            .unwrap();
+    let vm = VmProcess::spawn(
+        owner(dir.path(), "it-abort"),
+        Path::new(QEMU),
+        &argv,
+        &log,
+        &Default::default(),
+    )
+    .unwrap();
     let _guard = KillOnDrop(vm.pid());
     vm.spawned().unwrap().wait_for_path(&plan.qmp_socket, LIMIT).await.unwrap();
     // Paused in prelaunch: no power button, `quit` over a monitor the stop opens itself.

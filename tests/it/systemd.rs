@@ -212,7 +212,9 @@ async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
         .prefix("qudata-sandbox-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let dirs = Dirs { data: root.path().join("data"), run: root.path().join("run"), root };
+    let run = root.path().join("run");
+    let net = crate::support::net::TestNet::new(&run);
+    let dirs = Dirs { net, data: root.path().join("data"), run, root };
     // The image is read-only inside the sandbox, like /var/lib/qudata/images.
     let env = vm_env();
     let wrapper = unit_sandbox(dirs.root.path());

@@ -67,8 +67,12 @@ async fn create_running(dirs: &Dirs, api: &Api) -> String {
     wait_status(api, "running", BOOT).await;
     assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the instance");
     assert_confined(qemu_pids(&id)[0]);
+    // On the test's bridge, at an address the agent allocated and recorded; the agent
+    // reaches it there (no management forward of its own).
     let rec = record(dirs, &id);
-    assert!(rec["management_port"].is_u64(), "{rec}");
+    assert!(rec["management_port"].is_null(), "{rec}");
+    let tap = rec["network"]["tap"].as_str().expect("a tap in the record");
+    assert_eq!(dirs.net.taps(), [tap.to_owned()], "one tap, the VM's");
     id
 }
 
@@ -159,6 +163,8 @@ async fn agent_kill9_adopts_the_running_vm_untouched() {
     let web = host_port(&dirs, &id, 8080);
     let uptime = openssh(&key, host_port(&dirs, &id, 22), "cat /proc/uptime").unwrap();
 
+    let dnsmasq = dirs.net.dnsmasq().expect("the bridge's dnsmasq");
+    let taps = dirs.net.taps();
     agent.kill9();
     assert_eq!(qemu_pids(&id), pid, "QEMU survives the agent");
     let mut agent = start_agent(&dirs, agent.port);
@@ -167,6 +173,10 @@ async fn agent_kill9_adopts_the_running_vm_untouched() {
     let data = wait_status(&api, "running", Duration::from_secs(60)).await;
     assert_eq!(data["id"], id.as_str());
     assert_eq!(qemu_pids(&id), pid, "nothing was recreated");
+    // Its network was never cut: the same tap, DHCP/DNS server and rules.
+    assert_eq!(dirs.net.taps(), taps);
+    assert_eq!(dirs.net.dnsmasq(), Some(dnsmasq), "dnsmasq kept, not restarted");
+    assert!(dirs.net.table_exists());
     // Same guest (not rebooted), same ports, same keys, and QMP works again.
     let later = openssh(&key, host_port(&dirs, &id, 22), "cat /proc/uptime").unwrap();
     let secs = |s: &str| s.split_whitespace().next().unwrap().parse::<f64>().unwrap();

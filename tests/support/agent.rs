@@ -13,6 +13,8 @@ use super::wait::{wait_until, wait_until_blocking};
 
 /// A temporary root with the agent's data and run dirs.
 pub struct Dirs {
+    /// Dropped first: the agent's bridge, tables and dnsmasq go before its dirs.
+    pub net: super::net::TestNet,
     pub root: tempfile::TempDir,
     pub data: PathBuf,
     pub run: PathBuf,
@@ -27,7 +29,7 @@ impl Dirs {
         std::fs::set_permissions(root.path(), traverse).expect("chmod the test root");
         let data = root.path().join("data");
         let run = root.path().join("run");
-        Dirs { root, data, run }
+        Dirs { net: super::net::TestNet::new(&run), root, data, run }
     }
 
     /// Instance record files, by name.
@@ -53,7 +55,8 @@ pub fn recover_command(dirs: &Dirs) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("QUDATA_DATA_DIR", &dirs.data)
         .env("QUDATA_RUN_DIR", &dirs.run)
-        .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"));
+        .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
+        .envs(dirs.net.env());
     cmd
 }
 
@@ -128,6 +131,7 @@ impl Agent {
             // frpc's files stay in the test's dir, never /etc/qudata.
             .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
             .env("QUDATA_AGENT_PORT", port.to_string())
+            .envs(dirs.net.env())
             .env("QUDATA_DEBUG", "true")
             // Without a base image `auto` finds no backend and the agent stops (and the host's
             // own Docker engine is never the tests' business): tests that give no image get
@@ -263,8 +267,14 @@ impl Api {
         Api {
             base: agent.url(""),
             secret: secret.map(str::to_owned),
-            // Longer than the 30 s the agent lets a command wait for a running operation.
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            // Longer than the 30 s the agent lets a command wait for a running operation. No
+            // pooled connections: the agent closes idle ones after 10 s, and a test that blocks
+            // its runtime (ssh, ip) never sees the close before it reuses one.
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod host;
 pub mod install;
 pub mod kernel;
 pub mod mock_cp;
+pub mod net;
 pub mod nvml;
 pub mod orphans;
 pub mod records;

@@ -156,6 +156,18 @@ pub fn leftovers(dirs: &Dirs, id: &str) -> Vec<String> {
             found.push(path.display().to_string());
         }
     }
+    // The test's bridge holds this instance only: with it gone, none of the network stays.
+    let net = &dirs.net;
+    found.extend(net.taps().into_iter().map(|t| format!("tap {t}")));
+    if net.bridge_exists() {
+        found.push(format!("bridge {}", net.bridge));
+    }
+    if net.table_exists() {
+        found.push(format!("nftables table {}", net.table()));
+    }
+    if let Some(pid) = net.dnsmasq() {
+        found.push(format!("dnsmasq {pid}"));
+    }
     found
 }
 

@@ -2,8 +2,6 @@
 //! [`DockerMachine`] held by the instance's task), and the [`HostSweeper`] of containers.
 
 use std::path::PathBuf;
-
-use crate::network::HostNetwork;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,6 +12,7 @@ use bollard::query_parameters::CreateContainerOptionsBuilder;
 use super::engine::{CALL, Engine};
 use super::error::DockerError;
 use super::machine::DockerMachine;
+use super::network;
 use super::owned::{self, Fate};
 use super::plan::{self, container_name};
 use super::pull;
@@ -21,6 +20,7 @@ use super::watch::{self, Watch};
 use crate::backend::{Adoption, BackendError, EventSink, HostSweeper, Lifecycle, Machine, Owned};
 use crate::instance::model::{BackendKind, Instance};
 use crate::instance::spec::Spec;
+use crate::network::HostNetwork;
 
 /// What the Docker backend needs to know.
 #[derive(Clone, Debug)]
@@ -184,10 +184,30 @@ impl DockerBackend {
         image: &str,
         disk_quota: bool,
     ) -> Result<(), DockerError> {
-        let body = plan::create_body(instance, image, &self.settings.owner, disk_quota);
+        let network = match &self.settings.network {
+            Some(net) => {
+                Some(network::ensure(&self.engine, net.settings(), &self.settings.owner).await?)
+            }
+            None => None,
+        };
+        let body = plan::create_body(
+            instance,
+            image,
+            &self.settings.owner,
+            disk_quota,
+            network.as_deref(),
+        );
         let options = CreateContainerOptionsBuilder::new().name(name).build();
         let create = self.engine.docker.create_container(Some(options), body);
         self.engine.call("create the container", CALL, create).await.map(drop)
+    }
+
+    /// Isolates the ports of the agent's Docker network from each other (a port that joined
+    /// since the last time, this container's veth, among them).
+    async fn isolate(&self, net: &HostNetwork) -> Result<(), DockerError> {
+        let bridge = &net.settings().container_bridge;
+        let isolated = crate::network::link::isolate_ports(bridge).await;
+        isolated.map_err(|e| DockerError::Network { detail: e.to_string() })
     }
 
     /// The run the container is in (`StartedAt`, restart count) when it is up; `None` while it
@@ -240,7 +260,18 @@ impl Lifecycle for DockerBackend {
     }
 
     async fn launch(&self, instance: &Instance) -> Result<Arc<dyn Machine>, BackendError> {
-        match self.create_and_start(instance).await {
+        // Its rules before its first packet.
+        if let Some(net) = &self.settings.network {
+            net.plug_container(&instance.id)
+                .await
+                .map_err(|e| BackendError::op("put the container under the agent's rules", e))?;
+        }
+        let started = self.create_and_start(instance).await;
+        let started = match (started, &self.settings.network) {
+            (Ok(at), Some(net)) => self.isolate(net).await.map(|()| at),
+            (other, _) => other,
+        };
+        match started {
             Ok(started_at) => {
                 tracing::info!(id = %instance.id, "container started");
                 Ok(self.machine(instance, started_at, false))
@@ -249,6 +280,10 @@ impl Lifecycle for DockerBackend {
                 tracing::warn!(id = %instance.id, error = %e, "container launch failed; removing it");
                 let name = container_name(&instance.id);
                 if let Err(cleanup) = self.remove_owned(&name, &instance.id).await {
+                    tracing::error!(id = %instance.id, error = %cleanup, "launch rollback incomplete");
+                } else if let Some(net) = &self.settings.network
+                    && let Err(cleanup) = net.unplug_container(&instance.id).await
+                {
                     tracing::error!(id = %instance.id, error = %cleanup, "launch rollback incomplete");
                 }
                 Err(e.during("create the container"))
@@ -288,6 +323,11 @@ impl Lifecycle for DockerBackend {
             Err(e) => Err(e.during("remove the container")),
             Ok(()) => {
                 tracing::info!(id = %instance.id, "container and its anonymous volumes removed");
+                if let Some(net) = &self.settings.network {
+                    net.unplug_container(&instance.id)
+                        .await
+                        .map_err(|e| BackendError::op("take the container off the rules", e))?;
+                }
                 let spec = &instance.spec;
                 match plan::pull_reference(spec, &self.settings.private_registries) {
                     Ok(image) => pull::remove_private_image(&self.engine, &image, &spec.registry)
@@ -321,6 +361,16 @@ impl Lifecycle for DockerBackend {
         if !watch::is_up(&state) && state.restarting != Some(true) {
             let logs = self.engine.logs_tail(&name, 5).await;
             return Ok(Adoption::Gone { detail: watch::exit_reason(&state, &logs) });
+        }
+        if let Some(net) = &self.settings.network {
+            let plugged = match net.plug_container(&instance.id).await {
+                Ok(()) => self.isolate(net).await.map_err(|e| e.during("isolate")),
+                Err(e) => Err(BackendError::op("put the container under the agent's rules", e)),
+            };
+            if let Err(error) = plugged {
+                let machine = self.machine(instance, state.started_at, false);
+                return Ok(Adoption::Unsure { machine, error });
+            }
         }
         tracing::info!(id = %instance.id, "container adopted");
         Ok(Adoption::Adopted(self.machine(instance, state.started_at, false)))

@@ -8,6 +8,9 @@ pub enum DockerError {
     /// The engine refused a request (it answered, with an error status).
     #[error("the Docker engine refused to {what}: {message}")]
     Engine { what: &'static str, status: u16, message: String },
+    /// The agent's network for containers (rules, port isolation) could not be set up.
+    #[error("the containers' network: {detail}")]
+    Network { detail: String },
     /// A command run in the container through the exec API failed.
     #[error("`{program}` in the container failed ({status}): {output}")]
     Exec { program: String, status: String, output: String },

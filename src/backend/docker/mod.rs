@@ -16,6 +16,7 @@ pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod machine;
+pub mod network;
 pub mod owned;
 pub mod plan;
 pub mod pull;

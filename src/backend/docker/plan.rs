@@ -42,6 +42,11 @@ pub fn is_ours(labels: &HashMap<String, String>, id: &str, owner: &str) -> bool 
         && labels.get(LABEL_OWNER).map(String::as_str) == Some(owner)
 }
 
+/// Whether a network carries this agent's owner label.
+pub fn is_ours_network(labels: &HashMap<String, String>, owner: &str) -> bool {
+    labels.get(LABEL_OWNER).map(String::as_str) == Some(owner)
+}
+
 /// The container's name: the same `qudata-<id>` marker QEMU's `-name` carries.
 pub fn container_name(id: &str) -> String {
     marker(id)
@@ -56,6 +61,7 @@ pub fn create_body(
     image: &str,
     owner: &str,
     disk_quota: bool,
+    network: Option<&str>,
 ) -> ContainerCreateBody {
     let spec = &instance.spec;
     let gpus = !instance.gpus.is_empty();
@@ -98,6 +104,8 @@ pub fn create_body(
         nano_cpus: Some(i64::from(spec.cpus) * 1_000_000_000),
         memory: Some((spec.memory_mib * 1024 * 1024) as i64),
         port_bindings: Some(bindings),
+        // The agent's network (`network.rs`); without one, the engine's default bridge.
+        network_mode: network.map(str::to_owned),
         device_requests,
         storage_opt: disk_quota
             .then(|| HashMap::from([("size".to_owned(), format!("{}G", spec.storage_gb))])),

@@ -56,6 +56,7 @@ fn golden_without_gpus() {
         "app:1",
         "/var/lib/qudata",
         true,
+        None,
     );
     let expected = json!({
         "Hostname": "qudata-4f1c",
@@ -85,7 +86,7 @@ fn golden_without_gpus() {
 
 #[test]
 fn without_disk_quota_support_no_storage_option() {
-    let body = create_body(&instance(Vec::new(), None), "app:1", "/d", false);
+    let body = create_body(&instance(Vec::new(), None), "app:1", "/d", false, None);
     let value = serde_json::to_value(&body).unwrap();
     assert_eq!(value["HostConfig"].get("StorageOpt"), None, "{value}");
     let overlay = "--storage-opt is supported only for overlay over xfs with 'pquota' mount option";
@@ -96,7 +97,8 @@ fn without_disk_quota_support_no_storage_option() {
 
 #[test]
 fn golden_with_gpus_and_the_image_default_command() {
-    let body = create_body(&instance(vec!["0000:65:00.0".into()], None), "app:1", "/d", false);
+    let body =
+        create_body(&instance(vec!["0000:65:00.0".into()], None), "app:1", "/d", false, None);
     let value = serde_json::to_value(&body).unwrap();
     assert_eq!(value.get("Cmd"), None, "no command: the image's own");
     assert_eq!(
@@ -228,7 +230,13 @@ fn only_btrfs_zfs_or_overlay2_on_xfs_may_limit_a_containers_disk() {
 
 #[test]
 fn a_container_is_confined_whatever_its_image_says() {
-    let body = create_body(&instance(vec![], None), "busybox:latest", "/var/lib/qudata", false);
+    let body = create_body(
+        &instance(vec![], None),
+        "busybox:latest",
+        "/var/lib/qudata",
+        false,
+        Some("qudata-qudata0c"),
+    );
     let env = body.env.unwrap();
     assert_eq!(env.last().map(String::as_str), Some("NVIDIA_VISIBLE_DEVICES=void"));
     let host = body.host_config.unwrap();
@@ -238,4 +246,5 @@ fn a_container_is_confined_whatever_its_image_says() {
     let logs = host.log_config.unwrap();
     assert_eq!(logs.typ.as_deref(), Some("json-file"));
     assert_eq!(logs.config.unwrap()["max-size"], "10m");
+    assert_eq!(host.network_mode.as_deref(), Some("qudata-qudata0c"), "the agent's network");
 }

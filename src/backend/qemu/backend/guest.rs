@@ -64,7 +64,10 @@ impl QemuMachine {
             return Ok(target);
         }
         let port = instance.management_port.ok_or_else(|| {
-            BackendError::op("reach the guest", "the instance record has no address or management port")
+            BackendError::op(
+                "reach the guest",
+                "the instance record has no address or management port",
+            )
         })?;
         Ok(GuestTarget::new(instance.id.clone(), port, known_hosts))
     }

@@ -7,17 +7,17 @@ use super::{QMP_SOCKET_DEADLINE, QemuBackend, with_log};
 use crate::backend::BackendError;
 use crate::backend::qemu::accel::{Accel, kvm_failure};
 use crate::backend::qemu::argv::{GpuPassthrough, NicPlan, VmPlan, qemu_argv};
-use crate::backend::qemu::process::ChildSetup;
-use crate::network::GuestNet;
-use crate::network::host::TapQueues;
-use std::os::fd::AsRawFd;
 use crate::backend::qemu::confine::QemuUser;
 use crate::backend::qemu::layout::VmPaths;
+use crate::backend::qemu::process::ChildSetup;
 use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::qemu::vm_process::{Ladder, VmProcess};
 use crate::backend::qemu::{gpus, process};
 use crate::instance::model::Instance;
+use crate::network::GuestNet;
+use crate::network::host::TapQueues;
+use std::os::fd::AsRawFd;
 
 /// Queues of a VM's NIC at most (each is a pair of interrupt vectors and a vhost thread).
 const MAX_QUEUES: usize = 8;
@@ -147,7 +147,8 @@ impl QemuBackend {
             tap_fds: nic.queues.taps.iter().map(AsRawFd::as_raw_fd).collect(),
             vhost_fds: nic.queues.vhost.iter().map(AsRawFd::as_raw_fd).collect(),
         });
-        let inherit: Vec<i32> = plan.nic.iter().flat_map(|n| n.tap_fds.iter().chain(&n.vhost_fds)).copied().collect();
+        let inherit: Vec<i32> =
+            plan.nic.iter().flat_map(|n| n.tap_fds.iter().chain(&n.vhost_fds)).copied().collect();
         let setup = ChildSetup {
             // VFIO pins all guest memory for DMA.
             memlock: (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib)),
