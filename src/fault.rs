@@ -15,6 +15,8 @@ pub enum Phase {
     AfterQemuStart,
     /// The vCPUs run and the ports are published; the guest has not answered yet.
     BeforeGuestAnswers,
+    /// A deletion stopped the VM's QEMU; its files, address and rules are still there.
+    DuringTeardown,
 }
 
 impl Phase {
@@ -24,6 +26,7 @@ impl Phase {
             Phase::AfterGpuBind => "after_gpu_bind",
             Phase::AfterQemuStart => "after_qemu_start",
             Phase::BeforeGuestAnswers => "before_guest_answers",
+            Phase::DuringTeardown => "during_teardown",
         }
     }
 }

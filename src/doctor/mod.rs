@@ -30,8 +30,22 @@ pub use output::{render_json, render_text};
 
 /// The names of every check, in output order (`gpu` repeats once per GPU).
 pub const CHECKS: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "accel", "frpc",
-    "frp", "docker", "datadir", "backend",
+    "cpu",
+    "kvm",
+    "iommu",
+    "vfio",
+    "gpu",
+    "nvml",
+    "qemu",
+    "qemu-img",
+    "ovmf",
+    "vm-network",
+    "accel",
+    "frpc",
+    "frp",
+    "docker",
+    "datadir",
+    "backend",
 ];
 
 /// The outcome of one check.
@@ -232,6 +246,7 @@ pub fn run_all(view: &HostView) -> Vec<Check> {
         tools::qemu(view),
         tools::qemu_img(view),
         tools::ovmf(view),
+        tools::vm_network(view),
         platform::accel(view),
         tools::frpc(view),
         tools::frp_credentials(view),
@@ -253,4 +268,4 @@ pub use gpus::gpus;
 pub use nvml::nvml;
 pub use platform::{accel, cpu, iommu, kvm, vfio_modules};
 pub use services::{data_dir, docker};
-pub use tools::{frp_credentials, frpc, ovmf, qemu, qemu_img};
+pub use tools::{frp_credentials, frpc, ovmf, qemu, qemu_img, vm_network};

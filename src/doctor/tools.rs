@@ -30,6 +30,35 @@ fn program(view: &HostView, check: &'static str, name: &str, install: &str) -> C
     }
 }
 
+/// What the VMs' network needs (`network`): nftables, dnsmasq, iproute2 and the tun device.
+pub fn vm_network(view: &HostView) -> Check {
+    let needed =
+        [("nft", "nftables"), ("dnsmasq", "dnsmasq-base"), ("ip", "iproute2"), ("tc", "iproute2")];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(program, _)| find_program(Path::new(program), &view.search_path).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        let mut packages = missing.clone();
+        packages.dedup();
+        let detail = format!("missing: {}", packages.join(", "));
+        return Check::new(
+            "vm-network",
+            view.missing(Need::Vm),
+            detail,
+            format!("apt-get install {}", packages.join(" ")),
+        );
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        let fix = "load the tun module (modprobe tun)";
+        return Check::new("vm-network", view.missing(Need::Vm), "no /dev/net/tun", fix);
+    }
+    let vhost =
+        if Path::new("/dev/vhost-net").exists() { "vhost-net" } else { "no vhost-net (slower)" };
+    Check::ok("vm-network", format!("nft, dnsmasq, ip, tc, /dev/net/tun; {vhost}"))
+}
+
 /// UEFI firmware for the VMs: a code file and the vars template it pairs with.
 pub fn ovmf(view: &HostView) -> Check {
     for (code, vars) in OVMF_PAIRS {

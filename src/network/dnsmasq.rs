@@ -151,17 +151,27 @@ fn write_public(path: &Path, text: &str) -> Result<(), NetworkError> {
 }
 
 /// dnsmasq reads its files after dropping root: their directory is readable (nothing in it
-/// is secret).
+/// is secret) and the two above it (`<run dir>/net`, the run dir, 0700 under the unit's
+/// `UMask=0077`) traversable, as for QEMU's user.
 fn public_dir(dir: &Path) -> Result<(), NetworkError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let what = || format!("create {}", dir.display());
+    let what = |d: &Path| format!("make {} readable", d.display());
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)
-        .map_err(|e| NetworkError::io(what(), e))?;
+        .map_err(|e| NetworkError::io(what(dir), e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| NetworkError::io(what(), e))
+        .map_err(|e| NetworkError::io(what(dir), e))?;
+    for above in dir.ancestors().skip(1).take(2) {
+        let mode = std::fs::metadata(above).map_err(|e| NetworkError::io(what(above), e))?;
+        let mode = mode.permissions().mode() & 0o7777;
+        if mode & 0o011 != 0o011 {
+            std::fs::set_permissions(above, std::fs::Permissions::from_mode(mode | 0o011))
+                .map_err(|e| NetworkError::io(what(above), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The DNS servers of `/etc/resolv.conf`-style text (for `doctor` and the tests).

@@ -40,6 +40,8 @@ impl Members {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Found {
     pub bridge: bool,
+    /// The agent's `inet` table.
+    pub table: bool,
     pub taps: Vec<String>,
     pub dnsmasq: Option<u32>,
 }
@@ -179,6 +181,7 @@ impl HostNetwork {
         let files = dnsmasq::DnsmasqFiles::new(&self.settings.run_dir);
         Found {
             bridge: link::exists(&self.settings.bridge),
+            table: link::table_exists(&self.settings.table()),
             taps: link::taps_of(&self.settings.bridge),
             dnsmasq: dnsmasq::find(&files),
         }
@@ -217,6 +220,9 @@ impl HostNetwork {
         let s = &self.settings;
         let script = rules::ruleset(&s.table(), &self.rules(members));
         link::nft(&script).await?;
+        if !members.is_empty() {
+            link::enable_forwarding()?;
+        }
         let files = dnsmasq::DnsmasqFiles::new(&s.run_dir);
         if members.vms.is_empty() {
             dnsmasq::stop(&files).await;

@@ -64,8 +64,12 @@ pub async fn ensure_bridge(name: &str, subnet: &Subnet) -> Result<(), NetworkErr
     run("ip", &["link", "set", "dev", name, "address", &bridge_mac(subnet)], None).await?;
     let address = format!("{}/{}", subnet.gateway(), subnet.prefix());
     run("ip", &["addr", "replace", &address, "dev", name], None).await?;
-    run("ip", &["link", "set", "dev", name, "up"], None).await?;
-    // Guests reach the internet through the host; libvirt and Docker turn it on the same way.
+    run("ip", &["link", "set", "dev", name, "up"], None).await
+}
+
+/// IPv4 forwarding on: guests reach the internet through the host (libvirt and Docker turn it
+/// on the same way; the agent's rules decide what may pass).
+pub fn enable_forwarding() -> Result<(), NetworkError> {
     write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
@@ -213,6 +217,16 @@ pub fn taps_of(bridge: &str) -> Vec<String> {
         .collect();
     found.sort();
     found
+}
+
+/// Whether the `inet` table `name` exists (for `recover`'s report; a blocking call).
+pub fn table_exists(name: &str) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Applies an nftables script in one transaction.

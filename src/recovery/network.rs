@@ -62,7 +62,9 @@ pub fn rows(network: &HostNetwork, members: &Members) -> Vec<Row> {
     }
     let table = format!("nftables {}", settings.table());
     if members.is_empty() {
-        rows.push(row(table, Action::Removed, "no instance is left (nothing if absent)".into()));
+        if found.table {
+            rows.push(row(table, Action::Removed, "no instance is left".into()));
+        }
     } else {
         let why = format!("{} VM(s), {} container(s)", members.vms.len(), members.containers.len());
         rows.push(row(table, Action::Kept, why));

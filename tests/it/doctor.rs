@@ -13,8 +13,22 @@ use serde_json::Value;
 
 /// The checks the README documents; `gpu` repeats per GPU.
 const DOCUMENTED: &[&str] = &[
-    "cpu", "kvm", "iommu", "vfio", "gpu", "nvml", "qemu", "qemu-img", "ovmf", "accel", "frpc",
-    "frp", "docker", "datadir", "backend",
+    "cpu",
+    "kvm",
+    "iommu",
+    "vfio",
+    "gpu",
+    "nvml",
+    "qemu",
+    "qemu-img",
+    "ovmf",
+    "vm-network",
+    "accel",
+    "frpc",
+    "frp",
+    "docker",
+    "datadir",
+    "backend",
 ];
 
 /// Runs the binary with only `PATH` and the given settings (no `QUDATA_API_KEY`).

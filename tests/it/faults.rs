@@ -236,6 +236,31 @@ impl Drop for Tmpfs {
     }
 }
 
+/// `kill -9` in the middle of a deletion (QEMU stopped, files, address and rules left): the next
+/// agent finishes it, and nothing of the VM's network stays (tap, rules, bridge, dnsmasq).
+#[tokio::test]
+async fn kill_during_a_deletion_is_finished_by_the_next_agent() {
+    let dirs = Dirs::new();
+    let port = free_port();
+    let mut agent = local(&dirs, port, Some("during_teardown"));
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let id = create(&api, &small_vm()).await;
+    wait_status(&api, "running", BOOT).await;
+    assert_eq!(dirs.net.taps().len(), 1, "the VM's tap");
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    let status = agent.wait_exit();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the crash point was reached: {status}");
+    assert!(qemu_pids(&id).is_empty(), "QEMU was stopped before the crash");
+    assert_eq!(record(&dirs, &id)["deleting"], true);
+    assert!(dirs.net.table_exists(), "the rules were still there at the crash");
+
+    let mut agent = local(&dirs, port, None);
+    agent.wait_ready().await;
+    wait_gone(&dirs, &id, WAIT).await;
+    assert!(leftovers(&dirs, &id).is_empty());
+}
+
 #[tokio::test]
 async fn a_full_disk_fails_the_request_clearly_and_keeps_the_record() {
     let dirs = Dirs::new();

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::support::agent::{Agent, Api, Dirs, free_port};
 use crate::support::mock_cp::{Behaviour, MockCp, api_key, ok_stats};
 use crate::support::vm::{
-    create_running, guest_logins, openssh, record, small_vm, vm_env, wait_gone, wait_status,
+    create_running, guest_logins, openssh_to, record, small_vm, vm_env, wait_gone, wait_status,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -89,8 +89,9 @@ async fn guest_nvidia_smi_values_reach_stats_and_stop_with_the_instance() {
 
     // The channel breaks (nvidia-smi killed in the guest): the agent opens a new one.
     let key = dirs.data.join("keys/guest_ed25519");
-    let port = record(&dirs, &id)["management_port"].as_u64().unwrap() as u16;
-    openssh(&key, port, "killall nvidia-smi").expect("kill the guest's nvidia-smi");
+    // The agent's way in: the guest's own address on the bridge.
+    let address = record(&dirs, &id)["network"]["address"].as_str().unwrap().to_owned();
+    openssh_to(&key, &address, 22, "killall nvidia-smi").expect("kill the guest's nvidia-smi");
     let broken = cp.requests().len();
     cp.until("a gap and GPU values again", WAIT, |r| {
         let s = ok_stats(&r[broken..]);

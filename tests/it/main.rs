@@ -23,6 +23,7 @@ mod control_plane_client;
 mod control_plane_stats;
 mod docker;
 mod docker_engine;
+mod docker_network;
 mod docker_ssh;
 mod doctor;
 mod faults;

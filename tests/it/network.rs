@@ -157,6 +157,8 @@ async fn a_guest_reaches_the_internet_and_nothing_else() {
 
     let mut env = vm_env();
     env.push(("QUDATA_VM_DNS", internet.address.clone()));
+    env.push(("QUDATA_VM_BANDWIDTH_MBIT", "400".into()));
+    env.push(("QUDATA_VM_CONNTRACK_LIMIT", "512".into()));
     let mut agent = Agent::start(&dirs, &["run", "--local"], &env, free_port());
     agent.wait_ready().await;
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
@@ -212,9 +214,19 @@ async fn a_guest_reaches_the_internet_and_nothing_else() {
         let got = guest_get(&key, ssh, url);
         assert!(got.is_err(), "the guest reached {what} at {url}: {got:?}");
     }
+    // The per-instance limits are in place: what the guest receives shaped on its tap, what
+    // it sends policed, its connections counted. (The guest reached the internet above
+    // through them.)
+    let tap = rec["network"]["tap"].as_str().unwrap();
+    let qdisc = run("tc", &["qdisc", "show", "dev", tap]);
+    assert!(qdisc.contains("tbf") && qdisc.contains("rate 400Mbit"), "{qdisc}");
+    let bridge_rules = run("nft", &["list", "table", "bridge", &dirs.net.table()]);
+    assert!(bridge_rules.contains("limit rate over 50000 kbytes/second"), "{bridge_rules}");
+
     // The drops are the agent's rules' (their counters moved), not a missing route.
     let rules = run("nft", &["list", "table", "inet", &dirs.net.table()]);
     assert!(rules.contains("counter packets"), "{rules}");
+    assert!(rules.contains("ct count over 512"), "{rules}");
     assert!(
         !rules.contains("ip daddr @blocked counter packets 0 "),
         "metadata not dropped:\n{rules}"

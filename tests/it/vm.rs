@@ -245,6 +245,27 @@ async fn stop_all_powers_a_paused_vm_down_cleanly_and_start_boots_it_again() {
     assert!(agent.terminate().success());
     assert_eq!(qemu_pids(&id).len(), 1, "SIGTERM leaves the VM");
 
+    // A dry run lists the VM's network as kept, and changes nothing.
+    let tap = record(&dirs, &id)["network"]["tap"].as_str().unwrap().to_owned();
+    let out = crate::support::agent::recover_command(&dirs)
+        .args(["--dry-run", "--json"])
+        .output()
+        .unwrap();
+    let dry = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows: serde_json::Value = serde_json::from_str(&dry).unwrap_or_default();
+    let network: Vec<&serde_json::Value> = rows["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["subject"] == "network")
+        .collect();
+    assert!(
+        network.iter().any(|r| r["name"].as_str().unwrap().starts_with(&format!("tap {tap} "))
+            && r["action"] == "kept"),
+        "{dry}"
+    );
+    assert_eq!(dirs.net.taps(), std::slice::from_ref(&tap));
+
     let mut recover = crate::support::agent::recover_command(&dirs);
     // QUDATA_DEBUG: the log says how each VM was stopped.
     recover.envs(crate::support::vm::vm_env()).env("QUDATA_DEBUG", "true");
@@ -256,6 +277,9 @@ async fn stop_all_powers_a_paused_vm_down_cleanly_and_start_boots_it_again() {
     assert!(stderr.contains("PoweredDown"), "not a clean power-down:\n{stderr}");
     assert!(qemu_pids(&id).is_empty(), "QEMU still runs");
     assert_eq!(record(&dirs, &id)["status"], "error");
+    // Its tap went with QEMU; its address and rules stay with the record it may boot from.
+    assert!(dirs.net.taps().is_empty(), "{:?}", dirs.net.taps());
+    assert!(dirs.net.table_exists());
     assert!(dirs.data.join("vms").join(&id).join("disk.qcow2").exists(), "the disk is kept");
 
     let mut agent = start_agent(&dirs, agent.port);

@@ -43,6 +43,25 @@ impl Dirs {
     }
 }
 
+/// A test that fails half-way leaves its VMs running (QEMU outlives the agent on purpose):
+/// they go with the test's dirs, found by their pidfile under its run dir.
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let run = self.run.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("qemu-system") && cmdline.contains(&run) {
+                // SAFETY: kill(2) on a QEMU whose command line names this test's run dir.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 fn has_image(env: &[(&str, String)]) -> bool {
     env.iter().any(|(k, _)| *k == "QUDATA_BASE_IMAGE")
 }
@@ -114,7 +133,10 @@ impl Agent {
         env: &[(&str, String)],
         port: u16,
     ) -> Agent {
-        let binary = env!("CARGO_BIN_EXE_qudata-agent");
+        // Benchmarks compare with another build of the agent (`QUDATA_BENCH_AGENT`).
+        let binary = std::env::var("QUDATA_BENCH_AGENT")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_qudata-agent").to_owned());
+        let binary = binary.as_str();
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut cmd = Command::new(program);

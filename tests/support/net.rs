@@ -130,14 +130,19 @@ pub struct Internet {
 }
 
 impl Internet {
-    /// For the guests of `net`; the HTTP server serves `dir`.
+    /// For the guests of `net`'s VM bridge; the HTTP server serves `dir`.
     pub fn new(net: &TestNet, dir: &std::path::Path) -> Internet {
-        let tag = format!("{}n{}", std::process::id() % 1000, net.n % 1000);
+        Internet::for_bridge(&net.bridge, net.n, dir)
+    }
+
+    /// For whatever arrives from `bridge` (`n`: the test network's number).
+    pub fn for_bridge(bridge: &str, n: u32, dir: &std::path::Path) -> Internet {
+        let tag = format!("{}n{}", std::process::id() % 1000, n % 1000);
         let (ns, host_if, peer) = (format!("qin{tag}"), format!("qih{tag}"), format!("qip{tag}"));
-        let base = 4 * (net.n % 60);
+        let base = 4 * (n % 60);
         let host_address = format!("198.51.100.{}", base + 1);
         let address = format!("198.51.100.{}", base + 2);
-        let table = (20000 + net.n).to_string();
+        let table = (20000 + n).to_string();
         quiet("ip", &["netns", "del", &ns]);
         quiet("ip", &["link", "del", &host_if]);
         run("ip", &["netns", "add", &ns]);
@@ -157,7 +162,7 @@ impl Internet {
         in_ns(&["ip", "route", "add", "default", "via", &host_address]);
         // What the guests send through the host (and only it) leaves through the namespace.
         run("ip", &["route", "add", "default", "via", &address, "table", &table]);
-        run("ip", &["rule", "add", "iif", &net.bridge, "lookup", &table, "priority", &table]);
+        run("ip", &["rule", "add", "iif", bridge, "lookup", &table, "priority", &table]);
         let web = dir.display().to_string();
         // busybox httpd daemonizes; it dies with the namespace's processes below.
         in_ns(&["busybox", "httpd", "-p", &format!("{address}:80"), "-h", &web]);
@@ -175,7 +180,7 @@ impl Internet {
             &record,
             &format!("--pid-file=/run/{ns}.dnsmasq.pid"),
         ]);
-        Internet { ns, host_if, address, host_address, table, bridge: net.bridge.clone() }
+        Internet { ns, host_if, address, host_address, table, bridge: bridge.to_owned() }
     }
 }
 

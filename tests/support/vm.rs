@@ -196,6 +196,11 @@ pub fn ssh_keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 
 /// Runs `command` in the guest with the real OpenSSH client; `Ok(stdout)` or `Err(stderr)`.
 pub fn openssh(key: &Path, port: u16, command: &str) -> Result<String, String> {
+    openssh_to(key, "127.0.0.1", port, command)
+}
+
+/// [`openssh`] to `host` (a guest's own address on the agent's bridge).
+pub fn openssh_to(key: &Path, host: &str, port: u16, command: &str) -> Result<String, String> {
     let known = key.with_extension("known_hosts");
     let out = Command::new("ssh")
         .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=20"])
@@ -204,7 +209,7 @@ pub fn openssh(key: &Path, port: u16, command: &str) -> Result<String, String> {
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-i")
         .arg(key)
-        .args(["-p", &port.to_string(), "root@127.0.0.1", command])
+        .args(["-p", &port.to_string(), &format!("root@{host}"), command])
         .output()
         .expect("ssh");
     if out.status.success() {

@@ -66,7 +66,7 @@ pub async fn ensure(
             }
             Ok(name)
         }
-        Err(DockerError::NotFound { .. }) => {
+        Err(e) if e.is_not_found() => {
             let create = engine.docker.create_network(create_request(net, owner));
             engine.call("create the agent's network", call, create).await?;
             tracing::info!(network = %name, subnet = %net.container_subnet, "Docker network created");

@@ -377,6 +377,7 @@ impl Lifecycle for QemuBackend {
                 self.sweeper.stop_found(&instance.id, &ladder).await?;
             }
         }
+        crate::fault::crash_point(crate::fault::Phase::DuringTeardown);
         self.sweeper.remove(&instance.id).await?;
         // After QEMU: its tap went with it, and its address may be given again.
         self.settings
