@@ -13,13 +13,17 @@ pub fn members(network: &HostNetwork, records: &[Instance]) -> Members {
     let mut members = Members::default();
     for record in records {
         match (&record.network, record.backend) {
-            (Some(guest), _) if network.fits(guest) => {
+            (Some(guest), _) => {
+                // Kept all the same: removing its tap would cut a running VM off.
+                if !network.fits(guest) {
+                    tracing::warn!(
+                        id = %record.id, tap = %guest.tap, address = %guest.address,
+                        "the instance's network does not fit QUDATA_VM_SUBNET/QUDATA_VM_BRIDGE \
+                         any more; delete and create it again to move it"
+                    );
+                }
                 members.vms.insert(record.id.clone(), guest.clone());
             }
-            (Some(guest), _) => tracing::warn!(
-                id = %record.id, tap = %guest.tap, address = %guest.address,
-                "the instance's network does not fit QUDATA_VM_SUBNET/QUDATA_VM_BRIDGE any more"
-            ),
             (None, BackendKind::Docker) => {
                 members.containers.insert(record.id.clone());
             }
