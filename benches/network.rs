@@ -10,7 +10,9 @@
 //!
 //! The new agent is measured on both of its paths: the guest's own address (what frpc uses) and
 //! its relay on 127.0.0.1 (local mode). The old one has only slirp's forward on 127.0.0.1.
-//! Without `QUDATA_BENCH_AGENT` only the new agent is measured.
+//! Without `QUDATA_BENCH_AGENT` only the new agent is measured; `QUDATA_BENCH_AGENT_AFTER`
+//! names the new agent's binary (a build of the same profile as the old one), else this
+//! build's.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
@@ -29,6 +31,11 @@ const PARALLEL: usize = 4;
 const REQUESTS: usize = 100;
 const SINKS: [u16; 5] = [5001, 5002, 5003, 5004, 5005];
 
+/// vCPUs of the VM (`QUDATA_BENCH_CPUS`, default 1): on the bridge, one queue each.
+fn cpus() -> u32 {
+    std::env::var("QUDATA_BENCH_CPUS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
 fn body() -> serde_json::Value {
     let mut ports: Vec<serde_json::Value> = SINKS
         .iter()
@@ -36,7 +43,7 @@ fn body() -> serde_json::Value {
         .collect();
     ports.push(json!({"container_port": 8080, "remote_port": 28080, "proto": "http"}));
     json!({
-        "ssh_enabled": true, "cpus": 1, "memory": "512M", "storage_gb": 2, "ports": ports,
+        "ssh_enabled": true, "cpus": cpus(), "memory": "512M", "storage_gb": 2, "ports": ports,
         "command": "mkdir -p /srv && echo ok > /srv/index.html && exec httpd -f -p 8080 -h /srv"
     })
 }
@@ -135,9 +142,9 @@ async fn run(name: &str, binary: Option<String>) {
 
 #[tokio::main]
 async fn main() {
-    println!("guest network, CI guest under TCG, 1 vCPU; host → guest");
+    println!("guest network, CI guest under TCG, {} vCPU(s); host → guest", cpus());
     if let Ok(old) = std::env::var("QUDATA_BENCH_AGENT") {
         run("before: slirp", Some(old)).await;
     }
-    run("after: tap + bridge", None).await;
+    run("after: tap + bridge", std::env::var("QUDATA_BENCH_AGENT_AFTER").ok()).await;
 }
