@@ -145,6 +145,7 @@ async fn start_up(
     let built = manager(cfg, local, gpu).await?;
     let manager = built.manager.clone();
     let restored = recovery::at_startup(&manager, &built.cleanup, &built.network, cfg).await?;
+    tokio::spawn(built.network.clone().watch());
     Ok((lock, built, restored))
 }
 

@@ -46,7 +46,9 @@ pub fn config(settings: &NetSettings, files: &DnsmasqFiles, user: &str) -> Strin
         format!("user={user}"),
         format!("pid-file={}", files.pidfile.display()),
         format!("log-facility={}", files.log.display()),
-        format!("dhcp-range={},static,{},1h", subnet.network(), subnet.netmask()),
+        // Each guest's address is its for the VM's life: a lease that never runs out keeps it
+        // even while dnsmasq is down (the agent starts it again, see `HostNetwork::watch`).
+        format!("dhcp-range={},static,{},infinite", subnet.network(), subnet.netmask()),
         format!("dhcp-hostsfile={}", files.hosts.display()),
         "dhcp-authoritative".to_owned(),
         "leasefile-ro".to_owned(),
@@ -211,7 +213,7 @@ mod tests {
             "interface=qudata0\nexcept-interface=lo\nlisten-address=10.213.0.1\n\
              bind-interfaces\nuser=dnsmasq\npid-file=/run/qudata/net/qudata0/dnsmasq.pid\n\
              log-facility=/run/qudata/net/qudata0/dnsmasq.log\n\
-             dhcp-range=10.213.0.0,static,255.255.255.0,1h\n\
+             dhcp-range=10.213.0.0,static,255.255.255.0,infinite\n\
              dhcp-hostsfile=/run/qudata/net/qudata0/dhcp-hosts\ndhcp-authoritative\n\
              leasefile-ro\nno-ping\ndhcp-option=option:router,10.213.0.1\n\
              dhcp-option=option:dns-server,10.213.0.1\nno-hosts\ndomain-needed\nbogus-priv\n\

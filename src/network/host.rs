@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Mutex;
 
@@ -45,6 +47,9 @@ pub struct Found {
     pub taps: Vec<String>,
     pub dnsmasq: Option<u32>,
 }
+
+/// How often the bridge's dnsmasq is looked at while VMs are on the bridge.
+const DNSMASQ_CHECK: Duration = Duration::from_secs(10);
 
 pub struct HostNetwork {
     settings: NetSettings,
@@ -170,6 +175,26 @@ impl HostNetwork {
             self.apply(&held).await?;
         }
         Ok(())
+    }
+
+    /// Keeps the bridge's dnsmasq running while VMs are on it: one that died (killed, out of
+    /// memory) is started again, so guests keep their resolver. Runs for the agent's life.
+    pub async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(DNSMASQ_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let held = self.members.lock().await;
+            let files = dnsmasq::DnsmasqFiles::new(&self.settings.run_dir);
+            if held.vms.is_empty() || dnsmasq::find(&files).is_some() {
+                continue;
+            }
+            tracing::warn!(bridge = %self.settings.bridge, "the guests' dnsmasq is gone: starting it again");
+            let guests: Vec<GuestNet> = held.vms.values().cloned().collect();
+            if let Err(e) = dnsmasq::ensure(&self.settings, &guests).await {
+                tracing::error!(error = %e, "cannot start the guests' dnsmasq");
+            }
+        }
     }
 
     pub async fn members(&self) -> Members {

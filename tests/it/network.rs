@@ -232,6 +232,21 @@ async fn a_guest_reaches_the_internet_and_nothing_else() {
         "metadata not dropped:\n{rules}"
     );
 
+    // A dnsmasq that dies (killed, out of memory) is started again: the guest resolves again.
+    let dnsmasq = dirs.net.dnsmasq().expect("the bridge's dnsmasq");
+    run("kill", &["-9", &dnsmasq.to_string()]);
+    crate::support::wait::wait_until_blocking(
+        "the agent to start dnsmasq again",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || match dirs.net.dnsmasq() {
+            Some(pid) if pid != dnsmasq => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let answer = openssh(&key, ssh, "nslookup internet.test 2>&1; true").unwrap();
+    assert!(answer.contains(crate::support::net::PUBLIC_NAME_ADDRESS), "{answer}");
+
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     drop(neighbour);
     wait_gone(&dirs, &id, Duration::from_secs(120)).await;
