@@ -66,9 +66,10 @@ build_agent() {
 }
 
 # What local mode runs: QEMU with OVMF, the seed tools, the guests' network (bridge and taps
-# with iproute2, rules with nftables, DHCP and DNS with dnsmasq), an SSH client for the newcomer.
+# with iproute2, rules with nftables, DHCP and DNS with dnsmasq, conntrack to forget a deleted
+# guest's connections), an SSH client for the newcomer.
 LOCAL_PKGS=(ca-certificates curl qemu-system-x86 qemu-utils ovmf dosfstools mtools iproute2
-  nftables dnsmasq-base openssh-client)
+  nftables dnsmasq-base conntrack openssh-client)
 
 # Local mode boots the small CI guest; build it (cached, skipped when up to date) and make it
 # the default base image unless one is already there.
@@ -90,7 +91,7 @@ prepare_local_image() {
 FRPC_PINNED_URL=https://github.com/fatedier/frp/releases/download/v0.61.0/frp_0.61.0_linux_amd64.tar.gz
 FRPC_PINNED_SHA256=720a9fe2a3299346572544909a78c023344c88bde13c55b921e298e8c5ded21f
 PROD_PKGS=(ca-certificates curl tar qemu-system-x86 qemu-utils ovmf dosfstools mtools kmod pciutils
-  iproute2 nftables dnsmasq-base)
+  iproute2 nftables dnsmasq-base conntrack)
 VFIO_MODULES=(vfio vfio_pci vfio_iommu_type1)
 UNIT=qudata-agent.service
 

@@ -30,10 +30,16 @@ fn program(view: &HostView, check: &'static str, name: &str, install: &str) -> C
     }
 }
 
-/// What the VMs' network needs (`network`): nftables, dnsmasq, iproute2 and the tun device.
+/// What the VMs' network needs (`network`): nftables, dnsmasq, conntrack, iproute2 and the tun
+/// device.
 pub fn vm_network(view: &HostView) -> Check {
-    let needed =
-        [("nft", "nftables"), ("dnsmasq", "dnsmasq-base"), ("ip", "iproute2"), ("tc", "iproute2")];
+    let needed = [
+        ("nft", "nftables"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("conntrack", "conntrack"),
+        ("ip", "iproute2"),
+        ("tc", "iproute2"),
+    ];
     let missing: Vec<&str> = needed
         .iter()
         .filter(|(program, _)| find_program(Path::new(program), &view.search_path).is_none())
@@ -56,7 +62,7 @@ pub fn vm_network(view: &HostView) -> Check {
     }
     let vhost =
         if Path::new("/dev/vhost-net").exists() { "vhost-net" } else { "no vhost-net (slower)" };
-    Check::ok("vm-network", format!("nft, dnsmasq, ip, tc, /dev/net/tun; {vhost}"))
+    Check::ok("vm-network", format!("nft, dnsmasq, conntrack, ip, tc, /dev/net/tun; {vhost}"))
 }
 
 /// UEFI firmware for the VMs: a code file and the vars template it pairs with.

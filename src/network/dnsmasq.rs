@@ -53,6 +53,8 @@ pub fn config(settings: &NetSettings, files: &DnsmasqFiles, user: &str) -> Strin
         "dhcp-authoritative".to_owned(),
         "leasefile-ro".to_owned(),
         "no-ping".to_owned(),
+        // Not a line per DHCP packet: what a guest sends must not fill the host's /run.
+        "quiet-dhcp".to_owned(),
         format!("dhcp-option=option:router,{}", subnet.gateway()),
         format!("dhcp-option=option:dns-server,{}", subnet.gateway()),
         "no-hosts".to_owned(),
@@ -215,7 +217,7 @@ mod tests {
              log-facility=/run/qudata/net/qudata0/dnsmasq.log\n\
              dhcp-range=10.213.0.0,static,255.255.255.0,infinite\n\
              dhcp-hostsfile=/run/qudata/net/qudata0/dhcp-hosts\ndhcp-authoritative\n\
-             leasefile-ro\nno-ping\ndhcp-option=option:router,10.213.0.1\n\
+             leasefile-ro\nno-ping\nquiet-dhcp\ndhcp-option=option:router,10.213.0.1\n\
              dhcp-option=option:dns-server,10.213.0.1\nno-hosts\ndomain-needed\nbogus-priv\n\
              stop-dns-rebind\ncache-size=1000\nno-resolv\nserver=198.51.100.2\n"
         );

@@ -57,7 +57,11 @@ async fn serve(listener: TcpListener, target: SocketAddr) {
             // Reap finished relays so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let Ok((mut client, _)) = client else { continue };
+        let Ok((mut client, _)) = client else {
+            // Out of descriptors, say: wait instead of spinning on the same error.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         connections.spawn(async move {
             let _permit = permit;
             let connect = tokio::time::timeout(CONNECT_DEADLINE, TcpStream::connect(target));

@@ -154,9 +154,15 @@ impl HostNetwork {
     /// entry and its rules; with the last guest, the bridge, dnsmasq and the tables.
     pub async fn unplug_vm(&self, id: &str) -> Result<(), NetworkError> {
         let mut held = self.members.lock().await;
-        let Some(guest) = held.vms.remove(id) else { return Ok(()) };
+        let Some(guest) = held.vms.get(id).cloned() else { return Ok(()) };
         link::delete(&guest.tap).await?;
-        self.apply(&held).await
+        let mut left = held.clone();
+        left.vms.remove(id);
+        self.apply(&left).await?;
+        link::forget_connections(guest.address).await?;
+        // Only now: a failure above is retried by the next teardown.
+        *held = left;
+        Ok(())
     }
 
     /// Puts a container on the agent's Docker network under the rules (before it starts).

@@ -34,10 +34,15 @@ pub async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<()
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).await.map_err(|e| failed(e.to_string()))?;
-    }
-    let output = tokio::time::timeout(COMMAND_DEADLINE, child.wait_with_output())
+    let pipe = child.stdin.take();
+    let finished = async move {
+        if let (Some(text), Some(mut pipe)) = (stdin, pipe) {
+            pipe.write_all(text.as_bytes()).await?;
+        }
+        child.wait_with_output().await
+    };
+    // The child is killed with the future (`kill_on_drop`) when the deadline passes.
+    let output = tokio::time::timeout(COMMAND_DEADLINE, finished)
         .await
         .map_err(|_| failed(format!("no answer within {} s", COMMAND_DEADLINE.as_secs())))?
         .map_err(|e| failed(e.to_string()))?;
@@ -61,6 +66,8 @@ pub async fn ensure_bridge(name: &str, subnet: &Subnet) -> Result<(), NetworkErr
         run("ip", &["link", "add", "name", name, "type", "bridge"], None).await?;
     }
     disable_ipv6(name)?;
+    // ARP answers only for the bridge's own address: a guest cannot list the host's others.
+    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/arp_ignore"), "1")?;
     run("ip", &["link", "set", "dev", name, "address", &bridge_mac(subnet)], None).await?;
     let address = format!("{}/{}", subnet.gateway(), subnet.prefix());
     run("ip", &["addr", "replace", &address, "dev", name], None).await?;
@@ -217,6 +224,20 @@ pub fn taps_of(bridge: &str) -> Vec<String> {
         .collect();
     found.sort();
     found
+}
+
+/// Forgets every connection the kernel tracks to or from `address` (a guest that is gone), so
+/// none carries on into the next guest given that address. `conntrack` reports "0 flow entries"
+/// with status 1: nothing to forget is fine.
+pub async fn forget_connections(address: std::net::Ipv4Addr) -> Result<(), NetworkError> {
+    let address = address.to_string();
+    for side in ["--orig-src", "--orig-dst"] {
+        match run("conntrack", &["-D", side, &address], None).await {
+            Err(NetworkError::Command { detail, .. }) if detail.contains("0 flow entries") => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 /// Whether the `inet` table `name` exists (for `recover`'s report; a blocking call).

@@ -18,12 +18,15 @@ use super::GuestNet;
 use super::subnet::Subnet;
 
 /// Destinations a guest never reaches through the host (IANA special-purpose ranges that are
-/// not the public internet; documentation ranges are left alone: nothing routes them).
+/// not the public internet, and cloud hosts' own endpoints; documentation ranges are left
+/// alone: nothing routes them).
 pub const BLOCKED: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10",
     "127.0.0.0/8",
+    // Azure's host endpoint (WireServer): public, but the host's own.
+    "168.63.129.16/32",
     "169.254.0.0/16",
     "172.16.0.0/12",
     "192.0.0.0/24",
@@ -116,9 +119,11 @@ fn bridge_chains(s: &mut String, b: &BridgeRules, all: &[BridgeRules]) {
     // agent's SSH, frpc), DHCP and DNS; nothing else.
     let _ = writeln!(s, "\tchain to_host_{name} {{\n\t\tct state established,related accept");
     if b.host_services {
+        // DHCP to the bridge's address or broadcast only: no other DHCP server of the host's.
         let _ = writeln!(
             s,
-            "\t\tip saddr {{ 0.0.0.0, {} }} udp sport 68 udp dport 67 accept",
+            "\t\tip saddr {{ 0.0.0.0, {} }} ip daddr {{ {gateway}, 255.255.255.255 }} udp sport \
+             68 udp dport 67 accept",
             b.subnet
         );
         let _ =
@@ -186,6 +191,12 @@ fn bridge_table(s: &mut String, table: &str, bridges: &[BridgeRules]) {
                 "\t\tlimit rate over {kbytes} kbytes/second burst {burst} kbytes counter drop"
             );
         }
+        // DHCP: a few requests a second, each for the tap's own MAC (BOOTP's chaddr, 28 bytes
+        // into the UDP payload), so a guest can neither flood dnsmasq nor release or decline
+        // another guest's address.
+        let chaddr = g.mac.replace(':', "");
+        let _ = writeln!(s, "\t\tudp dport 67 limit rate over 10/second counter drop");
+        let _ = writeln!(s, "\t\tudp dport 67 @th,288,48 != 0x{chaddr} counter drop");
         // A DHCP client has no address yet.
         let _ = writeln!(s, "\t\tip saddr 0.0.0.0 udp sport 68 udp dport 67 accept");
         let _ = writeln!(s, "\t\tip saddr != {addr} counter drop\n\t}}");

@@ -250,5 +250,11 @@ async fn a_guest_reaches_the_internet_and_nothing_else() {
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     drop(neighbour);
     wait_gone(&dirs, &id, Duration::from_secs(120)).await;
+    // Nothing of its connections carries on into the next guest given its address.
+    for side in ["--orig-src", "--orig-dst"] {
+        let out = Command::new("conntrack").args(["-L", side, &address]).output().unwrap();
+        let left = String::from_utf8_lossy(&out.stdout);
+        assert!(left.trim().is_empty(), "tracked after the deletion ({side}):\n{left}");
+    }
     agent.kill9();
 }

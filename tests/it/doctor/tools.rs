@@ -41,11 +41,11 @@ fn the_vm_network_tools_are_named_by_package() {
     host.program("ip", "echo 1.0");
     let c = doctor::vm_network(&host.view());
     assert_eq!(c.status, Status::Warn);
-    assert_eq!(c.detail, "missing: nftables, dnsmasq-base, iproute2");
-    assert_eq!(c.fix.as_deref(), Some("apt-get install nftables dnsmasq-base iproute2"));
+    assert_eq!(c.detail, "missing: nftables, dnsmasq-base, conntrack, iproute2");
+    assert_eq!(c.fix.as_deref(), Some("apt-get install nftables dnsmasq-base conntrack iproute2"));
     let view = HostView { backend: BackendChoice::Qemu, ..host.view() };
     assert_eq!(doctor::vm_network(&view).status, Status::Fail);
-    for tool in ["nft", "dnsmasq", "tc"] {
+    for tool in ["nft", "dnsmasq", "conntrack", "tc"] {
         host.program(tool, "echo 1.0");
     }
     assert_eq!(doctor::vm_network(&host.view()).status, Status::Ok, "with /dev/net/tun here");
@@ -192,7 +192,9 @@ fn a_ready_host_is_all_ok_in_the_documented_order() {
         .driver_available("vfio-pci");
     let host = FakeHost::new().with_sysfs(sysfs);
     symlink_kvm(&host);
-    for name in ["qemu-system-x86_64", "qemu-img", "frpc", "nft", "dnsmasq", "ip", "tc"] {
+    for name in
+        ["qemu-system-x86_64", "qemu-img", "frpc", "nft", "dnsmasq", "conntrack", "ip", "tc"]
+    {
         host.program(name, "echo 1.0");
     }
     host.write("ovmf/OVMF_CODE_4M.fd", "code");
