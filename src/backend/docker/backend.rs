@@ -204,7 +204,7 @@ impl DockerBackend {
 
     /// Isolates the ports of the agent's Docker network from each other (a port that joined
     /// since the last time, this container's veth, among them).
-    async fn isolate(&self, net: &HostNetwork) -> Result<(), DockerError> {
+    pub(super) async fn isolate(&self, net: &HostNetwork) -> Result<(), DockerError> {
         let bridge = &net.settings().container_bridge;
         let isolated = crate::network::link::isolate_ports(bridge).await;
         isolated.map_err(|e| DockerError::Network { detail: e.to_string() })

@@ -58,6 +58,11 @@ impl Machine for DockerMachine {
 
     async fn configure(&self, instance: &Instance) -> Result<(), BackendError> {
         let name = &self.name;
+        // After every start: a container the engine started again has a new veth, not yet
+        // isolated from the other ports of the agent's network.
+        if let Some(net) = &self.backend.settings.network {
+            self.backend.isolate(net).await.map_err(|e| e.during("isolate the container"))?;
+        }
         if !instance.spec.ssh_enabled {
             return Ok(());
         }
