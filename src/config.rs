@@ -270,6 +270,14 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Run,
     ),
     row(
+        "QUDATA_VM_BLOCKED",
+        None,
+        "IPv4 ranges a.b.c.d/len, comma-separated",
+        "more destinations guests never reach, besides loopback, private, CGNAT, link-local, \
+         multicast and reserved ranges (default: none)",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_VM_BOOT_TIMEOUT",
         None,
         "seconds 10-3600",
@@ -390,6 +398,7 @@ pub struct Config {
     /// `None`: the accelerator's default.
     pub vm_boot_timeout: Option<Duration>,
     pub vm_bandwidth_mbit: Option<u32>,
+    pub vm_blocked: Vec<String>,
     pub vm_bridge: String,
     pub vm_conntrack_limit: Option<u32>,
     pub vm_dns: Option<Vec<std::net::Ipv4Addr>>,
@@ -661,6 +670,11 @@ impl Config {
                 Err(_) => Err("is not a number".into()),
             })?,
             vm_bandwidth_mbit: r.parse("QUDATA_VM_BANDWIDTH_MBIT", parse_in(1, 100_000))?,
+            vm_blocked: r
+                .parse("QUDATA_VM_BLOCKED", |v| {
+                    v.split(',').map(str::trim).map(crate::network::parse_cidr).collect()
+                })?
+                .unwrap_or_default(),
             vm_bridge: r.required("QUDATA_VM_BRIDGE", |v| {
                 crate::network::check_bridge_name(v).map(|()| v.to_owned())
             })?,

@@ -48,6 +48,7 @@ pub fn network(cfg: &Config) -> Arc<HostNetwork> {
         dns_upstream: cfg.vm_dns.clone(),
         bandwidth_mbit: cfg.vm_bandwidth_mbit,
         conntrack_limit: cfg.vm_conntrack_limit,
+        blocked: cfg.vm_blocked.clone(),
         run_dir: cfg.run_dir.join("net").join(&cfg.vm_bridge),
         dnsmasq_binary: PathBuf::from("dnsmasq"),
     }))

@@ -201,6 +201,7 @@ mod tests {
             dns_upstream: upstream,
             bandwidth_mbit: None,
             conntrack_limit: None,
+            blocked: Vec::new(),
             run_dir: "/run/qudata/net/qudata0".into(),
             dnsmasq_binary: "dnsmasq".into(),
         }

@@ -249,7 +249,7 @@ impl HostNetwork {
     /// packet before its rules) and last when they go.
     async fn apply(&self, members: &Members) -> Result<(), NetworkError> {
         let s = &self.settings;
-        let script = rules::ruleset(&s.table(), &self.rules(members));
+        let script = rules::ruleset(&s.table(), &self.rules(members), &s.blocked);
         link::nft(&script).await?;
         if !members.is_empty() {
             link::enable_forwarding()?;

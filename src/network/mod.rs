@@ -49,6 +49,10 @@ pub struct NetSettings {
     pub bandwidth_mbit: Option<u32>,
     /// Connections one guest may have tracked at once.
     pub conntrack_limit: Option<u32>,
+    /// The operator's IPv4 ranges (`a.b.c.d/len`) guests never reach, besides the built-in
+    /// ones (`QUDATA_VM_BLOCKED`: a provider's host endpoints, the data centre's public
+    /// management ranges).
+    pub blocked: Vec<String>,
     /// Where dnsmasq's files live (`<run dir>/net/<bridge>`).
     pub run_dir: PathBuf,
     pub dnsmasq_binary: PathBuf,
@@ -68,6 +72,24 @@ pub fn check_bridge_name(name: &str) -> Result<(), String> {
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if ok { Ok(()) } else { Err("is not 1-9 lower-case letters and digits, a letter first".into()) }
+}
+
+/// `a.b.c.d/len` (or a bare address, a /32) with no host bits set: the form nftables takes.
+pub fn parse_cidr(text: &str) -> Result<String, String> {
+    let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
+    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let len: u32 = match len.parse() {
+        Ok(len) if len <= 32 => len,
+        _ => return Err(format!("{len:?} is not a prefix length 0-32")),
+    };
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    if u32::from(addr) & !mask != 0 {
+        return Err(format!(
+            "{text} has host bits set (the network is {})",
+            Ipv4Addr::from(u32::from(addr) & mask)
+        ));
+    }
+    Ok(format!("{addr}/{len}"))
 }
 
 /// Setting up or taking down guests' networking failed.

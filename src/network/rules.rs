@@ -56,12 +56,13 @@ pub fn table_name(bridge: &str) -> String {
 }
 
 /// Script that replaces the agent's tables with rules for `bridges` (none: removes them).
-pub fn ruleset(table: &str, bridges: &[BridgeRules]) -> String {
+/// `also_blocked`: the operator's ranges guests never reach either (`QUDATA_VM_BLOCKED`).
+pub fn ruleset(table: &str, bridges: &[BridgeRules], also_blocked: &[String]) -> String {
     let mut s = removal(table);
     if bridges.is_empty() {
         return s;
     }
-    inet_table(&mut s, table, bridges);
+    inet_table(&mut s, table, bridges, also_blocked);
     bridge_table(&mut s, table, bridges);
     s
 }
@@ -76,10 +77,13 @@ pub fn removal(table: &str) -> String {
     s
 }
 
-fn inet_table(s: &mut String, table: &str, bridges: &[BridgeRules]) {
+fn inet_table(s: &mut String, table: &str, bridges: &[BridgeRules], also_blocked: &[String]) {
     let _ = writeln!(s, "table inet {table} {{");
-    let _ = writeln!(s, "\tset blocked {{\n\t\ttype ipv4_addr\n\t\tflags interval");
-    let _ = writeln!(s, "\t\telements = {{ {} }}\n\t}}", BLOCKED.join(", "));
+    // auto-merge: the operator's ranges may overlap the built-in ones.
+    let _ = writeln!(s, "\tset blocked {{\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\tauto-merge");
+    let blocked: Vec<&str> =
+        BLOCKED.iter().copied().chain(also_blocked.iter().map(String::as_str)).collect();
+    let _ = writeln!(s, "\t\telements = {{ {} }}\n\t}}", blocked.join(", "));
     // Before the usual filter priority, so a drop here is final whatever other tables say.
     let _ = writeln!(
         s,

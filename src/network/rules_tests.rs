@@ -47,12 +47,13 @@ fn golden(name: &str, text: &str) {
 
 #[test]
 fn ruleset_matches_the_golden_file() {
-    golden("ruleset.nft", &ruleset(&table_name("qudata0"), &two_vms_and_containers()));
+    let operator = ["203.0.113.0/24".to_owned(), "10.1.0.0/16".to_owned()];
+    golden("ruleset.nft", &ruleset(&table_name("qudata0"), &two_vms_and_containers(), &operator));
 }
 
 #[test]
 fn no_bridge_means_no_tables() {
-    let script = ruleset("qudata_qudata0", &[]);
+    let script = ruleset("qudata_qudata0", &[], &[]);
     assert_eq!(script, removal("qudata_qudata0"));
     assert_eq!(
         script,
@@ -75,7 +76,9 @@ fn every_blocked_range_is_a_network_address() {
 /// the kernel without committing).
 #[test]
 fn nft_accepts_the_ruleset() {
-    let script = ruleset("qudata_check", &two_vms_and_containers());
+    // An operator's range inside a built-in one is merged, not a conflict.
+    let operator = ["203.0.113.7/32".to_owned(), "10.1.0.0/16".to_owned()];
+    let script = ruleset("qudata_check", &two_vms_and_containers(), &operator);
     let mut child = std::process::Command::new("nft")
         .args(["--check", "-f", "-"])
         .stdin(std::process::Stdio::piped())

@@ -162,6 +162,17 @@ mod tests {
     }
 
     #[test]
+    fn operator_ranges_are_checked() {
+        use crate::network::parse_cidr;
+        assert_eq!(parse_cidr("203.0.113.0/24").unwrap(), "203.0.113.0/24");
+        assert_eq!(parse_cidr("198.51.100.7").unwrap(), "198.51.100.7/32");
+        assert!(parse_cidr("203.0.113.1/24").unwrap_err().contains("203.0.113.0"));
+        for bad in ["203.0.113.0/33", "host/24", "1.2.3/8", ""] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn names_and_macs_come_from_the_address() {
         let s = subnet("10.213.0.0/16");
         let addr = Ipv4Addr::new(10, 213, 3, 7);

@@ -159,6 +159,7 @@ async fn a_guest_reaches_the_internet_and_nothing_else() {
     env.push(("QUDATA_VM_DNS", internet.address.clone()));
     env.push(("QUDATA_VM_BANDWIDTH_MBIT", "400".into()));
     env.push(("QUDATA_VM_CONNTRACK_LIMIT", "512".into()));
+    env.push(("QUDATA_VM_BLOCKED", "192.88.99.0/24".into()));
     let mut agent = Agent::start(&dirs, &["run", "--local"], &env, free_port());
     agent.wait_ready().await;
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
@@ -227,6 +228,7 @@ async fn a_guest_reaches_the_internet_and_nothing_else() {
     let rules = run("nft", &["list", "table", "inet", &dirs.net.table()]);
     assert!(rules.contains("counter packets"), "{rules}");
     assert!(rules.contains("ct count over 512"), "{rules}");
+    assert!(rules.contains("192.88.99.0/24"), "the operator's range:\n{rules}");
     assert!(
         !rules.contains("ip daddr @blocked counter packets 0 "),
         "metadata not dropped:\n{rules}"
