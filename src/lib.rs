@@ -22,6 +22,7 @@ pub mod pidfd;
 pub mod ports;
 pub mod recovery;
 pub mod secret;
+pub mod sysuser;
 pub mod text;
 pub mod tunnel;
 pub mod vfio;

@@ -7,7 +7,6 @@
 //! a guest cannot reach itself: they are often on loopback or a private address) and drops
 //! answers that point at private addresses, so DNS cannot name the host's networks to a guest.
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -82,10 +81,7 @@ pub fn hosts(guests: &[GuestNet]) -> String {
 
 /// The user dnsmasq runs as once its sockets are open: Debian's own, else `nobody`.
 fn run_as() -> &'static str {
-    let name = c"dnsmasq";
-    // SAFETY: getpwnam reads a NUL-terminated name; the result is only tested for null.
-    let found = unsafe { !libc::getpwnam(name.as_ptr()).is_null() };
-    if found { "dnsmasq" } else { "nobody" }
+    if crate::sysuser::lookup("dnsmasq").is_some() { "dnsmasq" } else { "nobody" }
 }
 
 /// The running dnsmasq of these files, if any: the pid in its pidfile whose command line names
@@ -178,18 +174,11 @@ fn public_dir(dir: &Path) -> Result<(), NetworkError> {
     Ok(())
 }
 
-/// The DNS servers of `/etc/resolv.conf`-style text (for `doctor` and the tests).
-pub fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
-    resolv_conf
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse().ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+
     use crate::network::Subnet;
 
     fn settings(upstream: Option<Vec<Ipv4Addr>>) -> NetSettings {
@@ -239,11 +228,5 @@ mod tests {
             "52:54:00:d5:00:02,10.213.0.2\n52:54:00:d5:00:03,10.213.0.3\n"
         );
         assert_eq!(hosts(&[]), "");
-    }
-
-    #[test]
-    fn nameservers_are_read_from_resolv_conf() {
-        let text = "# x\nnameserver 127.0.0.53\nsearch lan\nnameserver 10.0.0.2\nnameserver ::1\n";
-        assert_eq!(nameservers(text), [Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::new(10, 0, 0, 2)]);
     }
 }

@@ -92,11 +92,13 @@ impl HostNetwork {
             && tap_name(&s.bridge, &s.subnet, guest.address).as_deref() == Some(guest.tap.as_str())
     }
 
-    /// Start-up and `recover`: exactly `members` are on the bridges. Their taps are left as
-    /// they are (a running VM keeps its network); every other tap of the bridge goes.
+    /// Start-up and `recover`: exactly `members` are on the bridges. Their rules and DHCP
+    /// entries come first, whatever else fails; their taps are left as they are (a running VM
+    /// keeps its network) and wired again; every other tap of the bridge goes.
     pub async fn restore(&self, members: Members) -> Result<(), NetworkError> {
         let mut held = self.members.lock().await;
         *held = members;
+        self.apply(&held).await?;
         let wanted: HashSet<&str> = held.vms.values().map(|g| g.tap.as_str()).collect();
         for tap in link::taps_of(&self.settings.bridge) {
             if !wanted.contains(tap.as_str()) {
@@ -104,12 +106,16 @@ impl HostNetwork {
                 link::delete(&tap).await?;
             }
         }
-        self.apply(&held).await?;
         for guest in held.vms.values().filter(|g| link::exists(&g.tap)) {
-            link::attach(&guest.tap, &self.settings.bridge).await?;
-            link::limit(&guest.tap, self.settings.bandwidth_mbit).await?;
+            self.wire(&guest.tap).await?;
         }
         Ok(())
+    }
+
+    /// A tap on the bridge, isolated and up, with its limits.
+    async fn wire(&self, tap: &str) -> Result<(), NetworkError> {
+        link::attach(tap, &self.settings.bridge).await?;
+        link::limit(tap, self.settings.bandwidth_mbit).await
     }
 
     /// Puts a new VM on the bridge: its rules and DHCP entry first, then its tap, opened with
@@ -129,8 +135,7 @@ impl HostNetwork {
             link::delete(&guest.tap).await?;
         }
         let taps = link::open_tap(&guest.tap, queues)?;
-        link::attach(&guest.tap, &self.settings.bridge).await?;
-        link::limit(&guest.tap, self.settings.bandwidth_mbit).await?;
+        self.wire(&guest.tap).await?;
         let vhost = if vhost { link::open_vhost(queues).unwrap_or_default() } else { Vec::new() };
         Ok(TapQueues { taps, vhost })
     }
@@ -144,8 +149,7 @@ impl HostNetwork {
             self.apply(&held).await?;
         }
         if link::exists(&guest.tap) {
-            link::attach(&guest.tap, &self.settings.bridge).await?;
-            link::limit(&guest.tap, self.settings.bandwidth_mbit).await?;
+            self.wire(&guest.tap).await?;
         }
         Ok(())
     }
@@ -203,16 +207,12 @@ impl HostNetwork {
         }
     }
 
-    pub async fn members(&self) -> Members {
-        self.members.lock().await.clone()
-    }
-
     /// What of the agent's network is on the host now.
-    pub fn inspect(&self) -> Found {
+    pub async fn inspect(&self) -> Found {
         let files = dnsmasq::DnsmasqFiles::new(&self.settings.run_dir);
         Found {
             bridge: link::exists(&self.settings.bridge),
-            table: link::table_exists(&self.settings.table()),
+            table: link::table_exists(&self.settings.table()).await,
             taps: link::taps_of(&self.settings.bridge),
             dnsmasq: dnsmasq::find(&files),
         }

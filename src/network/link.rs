@@ -240,14 +240,9 @@ pub async fn forget_connections(address: std::net::Ipv4Addr) -> Result<(), Netwo
     Ok(())
 }
 
-/// Whether the `inet` table `name` exists (for `recover`'s report; a blocking call).
-pub fn table_exists(name: &str) -> bool {
-    std::process::Command::new("nft")
-        .args(["list", "table", "inet", name])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// Whether the `inet` table `name` exists (for `recover`'s report).
+pub async fn table_exists(name: &str) -> bool {
+    run("nft", &["list", "table", "inet", name], None).await.is_ok()
 }
 
 /// Applies an nftables script in one transaction.

@@ -92,7 +92,7 @@ pub async fn at_startup(
     let members = network::members(network, &records);
     let facts = survey(records, backends, cfg, None).await?;
     let mut plan = plan::plan(&facts, Mode::Agent);
-    plan.rows.extend(network::rows(network, &members));
+    plan.rows.extend(network::rows(network, &members).await);
     log_plan(&plan);
     let ids = plan.records.iter().map(|(i, _)| i.id.clone()).collect();
     // Orphans first: a QEMU with no record must not hold a GPU a record is about to get.
@@ -168,7 +168,7 @@ pub async fn command(
         .filter(|(_, restore)| *restore != crate::instance::Restore::TearDown)
         .map(|(i, _)| i.clone())
         .collect();
-    plan.rows.extend(network::rows(network, &network::members(network, &kept)));
+    plan.rows.extend(network::rows(network, &network::members(network, &kept)).await);
     if let Some(store) = store.filter(|_| !dry_run) {
         log_plan(&plan);
         // Before the records say `error`: a failed stop leaves its row marked, the record too.

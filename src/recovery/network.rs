@@ -35,8 +35,8 @@ pub fn members(network: &HostNetwork, records: &[Instance]) -> Members {
 
 /// `recover`'s rows: each recorded VM's tap and address (kept), each tap no record owns, and
 /// the bridge, dnsmasq and tables when no instance needs them (removed).
-pub fn rows(network: &HostNetwork, members: &Members) -> Vec<Row> {
-    let found = network.inspect();
+pub async fn rows(network: &HostNetwork, members: &Members) -> Vec<Row> {
+    let found = network.inspect().await;
     let row = |name: String, action, why: String| Row {
         subject: Subject::Network,
         name,

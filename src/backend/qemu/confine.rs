@@ -89,28 +89,13 @@ fn valid_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
 }
 
-/// `(uid, gid)` of `name` from the user database.
-fn lookup(name: &str) -> Option<(u32, u32)> {
-    let cname = CString::new(name).ok()?;
-    // SAFETY: getpwnam_r writes into the buffers we own and sizes; `result` is checked
-    // before the struct is read.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 4096];
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc =
-            libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
-        (rc == 0 && !result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
-    }
-}
-
 impl QemuUser {
     /// The user `name`, made as a system user without a home or a login shell if missing.
     pub fn ensure(name: &str) -> Result<QemuUser, ConfineError> {
         if !valid_name(name) {
             return Err(ConfineError::BadName { name: name.to_owned() });
         }
-        if lookup(name).is_none() {
+        if crate::sysuser::lookup(name).is_none() {
             // The name is checked above, and travels as one argument: no shell.
             let out = Command::new("useradd")
                 .args(["--system", "--user-group", "--no-create-home"])
@@ -123,13 +108,14 @@ impl QemuUser {
                     detail: e.to_string(),
                 })?;
             // Another agent may have made it meanwhile (exit 9: it exists).
-            if !out.status.success() && lookup(name).is_none() {
+            if !out.status.success() && crate::sysuser::lookup(name).is_none() {
                 let detail = String::from_utf8_lossy(&out.stderr).trim().to_owned();
                 return Err(ConfineError::Create { name: name.to_owned(), detail });
             }
             tracing::info!(user = name, "made the system user QEMU runs as");
         }
-        let (uid, gid) = lookup(name).ok_or_else(|| ConfineError::Missing { name: name.into() })?;
+        let (uid, gid) = crate::sysuser::lookup(name)
+            .ok_or_else(|| ConfineError::Missing { name: name.into() })?;
         Ok(QemuUser { name: name.to_owned(), uid, gid, groups: device_groups() })
     }
 
@@ -207,8 +193,8 @@ mod tests {
 
     #[test]
     fn root_is_found_in_the_user_database() {
-        assert_eq!(lookup("root"), Some((0, 0)));
-        assert_eq!(lookup("no-such-user-qudata"), None);
+        assert_eq!(crate::sysuser::lookup("root"), Some((0, 0)));
+        assert_eq!(crate::sysuser::lookup("no-such-user-qudata"), None);
     }
 
     #[test]
