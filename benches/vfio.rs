@@ -73,6 +73,7 @@ fn main() {
         sysfs: fake.root(),
         proc_root: dir.path().join("proc"),
         record_dir: dir.path().join("vfio"),
+        quarantine: qudata_agent::vfio::Quarantine::new(dir.path()),
         timeouts: Timeouts { write: Duration::from_secs(5), settle: Duration::from_secs(5) },
     };
     let plan = time(rounds, || {

@@ -186,6 +186,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Run,
     ),
     row(
+        "QUDATA_KMSG_PATH",
+        Some("/dev/kmsg"),
+        "an absolute path",
+        "the kernel log the agent watches for GPU errors (Xid, vfio-pci); tests point it elsewhere",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_NVML_LIBRARY",
         Some("libnvidia-ml.so.1"),
         "a library file name (found by the dynamic loader) or an absolute path",
@@ -380,6 +387,8 @@ pub struct Config {
     /// default (see `agent::limits`).
     pub instance_cpus: Option<u32>,
     pub instance_memory_mib: Option<u64>,
+    /// The kernel log (records as `/dev/kmsg` gives them) watched for GPU errors.
+    pub kmsg_path: PathBuf,
     pub nvml_library: PathBuf,
     /// `None`: detected (see `backend::qemu::disk`).
     pub ovmf_code: Option<PathBuf>,
@@ -646,6 +655,7 @@ impl Config {
                 Err(_) => Err("is not a number".into()),
             })?,
             instance_memory_mib: r.parse("QUDATA_INSTANCE_MEMORY", parse_size_mib)?,
+            kmsg_path: r.required("QUDATA_KMSG_PATH", parse_abs_path)?,
             nvml_library: r.required("QUDATA_NVML_LIBRARY", parse_library)?,
             ovmf_code: r.parse("QUDATA_OVMF_CODE", parse_abs_path)?,
             ovmf_vars: r.parse("QUDATA_OVMF_VARS", parse_abs_path)?,

@@ -54,8 +54,31 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = recovery::COMMAND_LOCK_WAIT.as_secs())]
         wait: u64,
     },
+    /// The GPUs' health: list it, or take a GPU out of quarantine.
+    Gpu {
+        #[command(subcommand)]
+        action: GpuAction,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum GpuAction {
+    /// Each offered GPU: healthy, quarantined (why, since when) or lost.
+    #[command(after_help = config::help_text(&[Scope::Host]))]
+    Health {
+        /// Print JSON ([{"pci","health","reason"?,"since"?}]).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Offer a quarantined GPU again, once it has been checked: the functions it kept on
+    /// vfio-pci go back to their drivers and the quarantine is lifted (logged).
+    #[command(after_help = config::help_text(&[Scope::Host]))]
+    ReleaseQuarantine {
+        /// The GPU's PCI address, e.g. 0000:65:00.0.
+        address: String,
+    },
 }
 
 /// Exit status for a setting that cannot be used.
@@ -95,6 +118,29 @@ fn main() -> ExitCode {
                 print!("{}", doctor::render_text(&checks));
             }
             if doctor::any_failed(&checks) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Command::Gpu { action } => {
+            let cfg = match load_config(true) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            agent::logging::init_for_command(cfg.debug);
+            let result = match action {
+                GpuAction::Health { json } => qudata_agent::gpu::health::health_command(&cfg, json),
+                GpuAction::ReleaseQuarantine { address } => {
+                    qudata_agent::gpu::health::release_command(&cfg, &address)
+                }
+            };
+            match result {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("qudata-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Recover { dry_run, json, stop_all, wait } => {
             // Like doctor: no control plane, so no API key; every other setting is checked.

@@ -76,6 +76,8 @@ pub(crate) struct Built {
     cleanup: Vec<Arc<dyn HostSweeper>>,
     /// The guests' bridges, shared by the backends and recovery.
     network: Arc<crate::network::HostNetwork>,
+    /// The offered GPUs' health, shared with the manager and the reports.
+    gpu_health: Arc<crate::gpu::health::HealthView>,
 }
 
 /// `gpu`: where the VM backend's in-guest GPU metrics go and the host's NVML (`None` in local
@@ -94,7 +96,11 @@ async fn manager(
     .iter()
     .map(ToString::to_string)
     .collect();
+    let vfio = Arc::new(backends::vfio(cfg));
+    let offered = gpu_pool.iter().filter_map(|a| a.parse().ok()).collect();
+    let gpu_health = Arc::new(crate::gpu::health::HealthView { vfio, offered });
     let settings = ManagerSettings {
+        gpu_health: Some(gpu_health.clone()),
         limits: limits::probe(
             &cfg.data_dir,
             limits::Wanted { cpus: cfg.instance_cpus, memory_mib: cfg.instance_memory_mib },
@@ -131,7 +137,7 @@ async fn manager(
     let backend = backend.map(|chosen| chosen.lifecycle).map_err(|e| e as Unavailable);
     let manager = Manager::new(backend, store, settings);
     manager.set_sweepers(cleanup.clone());
-    Ok(Built { manager, events, cleanup, network })
+    Ok(Built { manager, events, cleanup, network, gpu_health })
 }
 
 /// Before anything else: the run lock (held for the agent's life, so a `recover` waits), then
@@ -146,6 +152,17 @@ async fn start_up(
     let manager = built.manager.clone();
     let restored = recovery::at_startup(&manager, &built.cleanup, &built.network, cfg).await?;
     tokio::spawn(built.network.clone().watch());
+    // Stale binds are back by now: quarantined GPUs get another reset, then the watch starts.
+    let health = built.gpu_health.clone();
+    let kmsg = cfg.kmsg_path.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        let cleared = crate::vfio::quarantine::Cleared::now(&health.vfio.proc_root);
+        if let Err(e) = health.vfio.retry_quarantined(&cleared) {
+            tracing::error!(error = %e, "cannot retry the quarantined GPUs");
+        }
+        health.watch(kmsg);
+    })
+    .await;
     Ok((lock, built, restored))
 }
 

@@ -106,7 +106,8 @@ impl ControlPlane {
             Some(facts) => facts,
             None => self.gpu_facts(None),
         };
-        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu };
+        let gpu_health = self.manager.gpu_health_report();
+        let probe = HostProbe { roots: &roots, data_dir: &self.cfg.data_dir, gpu, gpu_health };
         // frpc first with what is stored (adopting a running one), beside registration, so the
         // tunnels stay supervised and published while the control plane is down.
         let agent_id = self.identity.agent_id.to_string();

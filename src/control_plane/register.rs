@@ -26,6 +26,8 @@ pub struct HostProbe<'a> {
     /// What the GPU layer knows (`gpu::facts`); `None` on a host without GPUs (fields sent
     /// empty, one warning).
     pub gpu: Option<GpuFacts>,
+    /// Each offered GPU's health (new, optional `gpu_health`); empty without GPUs.
+    pub gpu_health: Vec<crate::gpu::health::GpuHealth>,
 }
 
 pub use crate::gpu::GpuFacts;
@@ -76,7 +78,8 @@ async fn register_once(
     on_secret(&secret);
     if !init.host_exists {
         let facts = host::facts::probe(probe.roots, probe.data_dir);
-        let body = host_registration(&facts, probe.gpu.as_ref());
+        let mut body = host_registration(&facts, probe.gpu.as_ref());
+        body.gpu_health = probe.gpu_health.clone();
         client.init_host(&secret, &body).await?;
         tracing::info!("host hardware registered with the control plane");
     }
@@ -112,6 +115,7 @@ pub fn host_registration(facts: &HostFacts, gpu: Option<&GpuFacts>) -> HostRegis
             capacity: 0.0,
             max_cuda_version: gpu.max_cuda,
         },
+        gpu_health: Vec::new(),
     }
 }
 

@@ -25,6 +25,11 @@ pub trait StatsSource: Send + Sync {
 
     /// Per-GPU metrics of a sample whose instance is in `status`, first GPU first.
     fn gpus(&self, status: Status) -> Vec<GpuStats>;
+
+    /// Each offered GPU's health; empty when the host offers none.
+    fn gpu_health(&self) -> Vec<crate::gpu::health::GpuHealth> {
+        Vec::new()
+    }
 }
 
 /// The production source: the instance manager's status and the GPUs' metrics.
@@ -42,6 +47,10 @@ impl StatsSource for AgentStats {
         // A deleted instance's guest values are not reported while its teardown (which
         // closes the stream) is still under way.
         if status == Status::Destroyed { self.gpus.host_only() } else { self.gpus.current() }
+    }
+
+    fn gpu_health(&self) -> Vec<crate::gpu::health::GpuHealth> {
+        self.manager.gpu_health_report()
     }
 }
 
@@ -112,7 +121,9 @@ impl Reporter {
 
     fn sample(&mut self) -> Stats {
         let status = self.source.status();
-        compose(self.sampler.sample(), status, self.source.gpus(status))
+        let mut stats = compose(self.sampler.sample(), status, self.source.gpus(status));
+        stats.gpu_health = self.source.gpu_health();
+        stats
     }
 
     fn send(&self, stats: Stats) -> Sending {
@@ -140,6 +151,7 @@ pub fn compose(host: HostSample, status: Status, gpus: Vec<GpuStats>) -> Stats {
         inet_out: host.inet_out,
         status,
         gpus,
+        gpu_health: Vec::new(),
     }
 }
 

@@ -57,6 +57,9 @@ pub struct HostRegistration {
     pub max_cuda: f64,
     pub location: Location,
     pub configuration: Configuration,
+    /// New, optional: each offered GPU's health.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gpu_health: Vec<GpuHealth>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -122,10 +125,15 @@ pub struct Stats {
     /// New, optional; the flat GPU keys carry the first GPU.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<GpuStats>,
+    /// New, optional: each offered GPU's health.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gpu_health: Vec<GpuHealth>,
 }
 
 /// One GPU in `/stats` `gpus` (defined beside the code that measures it).
 pub use crate::gpu::GpuStats;
+/// One GPU in `gpu_health` (defined beside the code that decides it).
+pub use crate::gpu::health::GpuHealth;
 
 #[cfg(test)]
 mod tests;

@@ -39,6 +39,7 @@ fn gpu_line(view: &HostView, gpu: &NvidiaGpu) -> Check {
         sysfs: view.sysfs.clone(),
         proc_root: view.proc_root.clone(),
         record_dir: crate::vfio::record_dir(&view.data_dir),
+        quarantine: crate::vfio::Quarantine::new(&view.data_dir),
         timeouts: Default::default(),
     };
     let detail = describe(gpu);
@@ -54,6 +55,14 @@ fn gpu_line(view: &HostView, gpu: &NvidiaGpu) -> Check {
             Status::Fail,
             "no passthrough: nouveau cannot be unbound safely".into(),
             Some("blacklist nouveau, update-initramfs -u, reboot".into()),
+        ),
+        (Some(VfioError::Quarantined { address, since, reason }), _) => line(
+            Status::Fail,
+            format!("quarantined since {since}: {reason}"),
+            Some(format!(
+                "check the GPU (dmesg, nvidia-smi -q), then `qudata-agent gpu \
+                 release-quarantine {address}`"
+            )),
         ),
         (Some(VfioError::InUse { instance, .. }), _) => {
             line(Status::Ok, format!("passed through to instance {instance}"), None)

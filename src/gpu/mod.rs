@@ -3,7 +3,9 @@
 //! decides where `/init/host` facts and `/stats` metrics come from.
 
 pub mod facts;
+pub mod health;
 pub mod host;
+pub mod kmsg;
 pub mod metrics;
 pub mod models;
 pub mod nvml;

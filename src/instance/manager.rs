@@ -101,6 +101,9 @@ pub struct ManagerSettings {
     pub limits: HostLimits,
     /// PCI addresses of the GPUs this host offers.
     pub gpu_pool: Vec<String>,
+    /// Which of them are quarantined or lost, and why (`None`: all are healthy, as in tests
+    /// of the manager alone).
+    pub gpu_health: Option<Arc<crate::gpu::health::HealthView>>,
     pub host_ports: RangeInclusive<u16>,
     /// Local mode: no tunnel publishes anything, so the ports a caller can reach are the
     /// 127.0.0.1 host ports, and those are what the answers show.
@@ -159,6 +162,7 @@ impl Manager {
                 default_storage_gb: 0,
             },
             gpu_pool: Vec::new(),
+            gpu_health: None,
             host_ports: ports::HOST_PORTS,
             local: true,
         };
@@ -304,9 +308,9 @@ impl Manager {
             let conflict = transition::Conflict { status, reason: reason.into() };
             return Err(ManagerError::Conflict(conflict));
         }
-        let gpus = self.pick_gpus(spec.gpus, &held)?;
         let instance = self
             .blocking(move |manager| {
+                let gpus = manager.pick_gpus(spec.gpus, &held)?;
                 let instance = manager.admit(spec, gpus, &held, backend.as_ref())?;
                 manager.inner.store.save(&instance)?;
                 Ok(instance)
@@ -373,25 +377,30 @@ impl Manager {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
+    /// The first `wanted` GPUs (all by default) that no instance holds and that are neither
+    /// quarantined nor lost. Blocking (reads the GPUs' health).
     fn pick_gpus(
         &self,
         wanted: Option<u32>,
         held: &[Instance],
     ) -> Result<Vec<String>, ManagerError> {
-        let free: Vec<String> = self
-            .inner
-            .settings
+        let settings = &self.inner.settings;
+        let unavailable = settings.gpu_health.as_ref().map(|h| h.unavailable()).unwrap_or_default();
+        let free: Vec<String> = settings
             .gpu_pool
             .iter()
             .filter(|addr| !held.iter().any(|i| i.gpus.contains(addr)))
+            .filter(|addr| !unavailable.iter().any(|(gpu, _)| gpu == *addr))
             .cloned()
             .collect();
         let wanted = wanted.map(|n| n as usize).unwrap_or(free.len());
         if wanted > free.len() {
-            return Err(ManagerError::Resources(format!(
-                "{wanted} GPU(s) requested but {} free on this host",
-                free.len()
-            )));
+            let mut reason =
+                format!("{wanted} GPU(s) requested but {} free on this host", free.len());
+            for (_, why) in &unavailable {
+                reason.push_str(&format!("; {why}"));
+            }
+            return Err(ManagerError::Resources(reason));
         }
         Ok(free.into_iter().take(wanted).collect())
     }
@@ -469,6 +478,11 @@ impl Manager {
     }
 
     /// The PCI addresses of the GPUs this host offers.
+    /// Each offered GPU's health now (blocking reads of sysfs and one small file).
+    pub fn gpu_health_report(&self) -> Vec<crate::gpu::health::GpuHealth> {
+        self.inner.settings.gpu_health.as_ref().map(|h| h.report()).unwrap_or_default()
+    }
+
     pub fn gpu_pool(&self) -> &[String] {
         &self.inner.settings.gpu_pool
     }

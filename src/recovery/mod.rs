@@ -181,6 +181,8 @@ pub async fn command(
         if let Some(pid) = frpc {
             tunnels::stop(cfg, pid, &mut plan.rows).await;
         }
+        plan.rows.extend(gpus::retry_quarantined(cfg).await);
     }
+    plan.rows.extend(gpus::quarantined_rows(cfg));
     Ok(Report { dry_run, rows: plan.rows, note })
 }

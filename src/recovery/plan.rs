@@ -48,6 +48,8 @@ pub enum Action {
     Rebooted,
     /// The record goes to `error` with the reason in `why`.
     Error,
+    /// A GPU not offered until it is checked (`why`: the reason and since when).
+    Quarantined,
 }
 
 /// One line of `recover`'s table.

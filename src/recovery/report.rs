@@ -31,6 +31,7 @@ fn word(action: Action) -> &'static str {
         Action::Returned => "returned",
         Action::Rebooted => "rebooted",
         Action::Error => "error",
+        Action::Quarantined => "quarantined",
     }
 }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use super::error::VfioError;
 use super::pci::PciAddress;
 use super::plan::GpuSlot;
+use super::quarantine::{Cleared, Entry};
 use super::record::{self, BindRecord, BoundDevice};
+use super::reset::ResetError;
 use super::write::write_attr;
 use super::{VFIO_PCI, Vfio, host};
 
@@ -28,6 +30,8 @@ pub struct DeviceOutcome {
     pub driver: Option<String>,
     /// Why it is not where it should be; `None` when it is.
     pub error: Option<String>,
+    /// Kept on vfio-pci because its GPU failed its reset and is quarantined.
+    pub quarantined: bool,
 }
 
 impl DeviceOutcome {
@@ -82,18 +86,29 @@ impl Vfio {
     /// driver, or vfio-pci where the host keeps it there), verified; the record is removed
     /// once every device is. Without a record there is nothing to do. Every device is tried
     /// even when one fails; the outcomes say which.
+    ///
+    /// First each GPU slot of the record is reset on vfio-pci (the next tenant, or the host,
+    /// must not find the last one's memory or a wedged engine). A slot whose reset fails or
+    /// hangs is quarantined and its functions stay on vfio-pci, out of the record.
     pub fn release(&self, instance: &str) -> Result<Vec<DeviceOutcome>, VfioError> {
         let Some(rec) = record::load(&self.record_dir, instance)? else { return Ok(Vec::new()) };
+        let kept = self.reset_slots(instance, &rec)?;
         let mut outcomes = Vec::new();
         for d in &rec.devices {
-            let wanted = d.release_driver();
-            let result = self.settle(&d.address, wanted, d.original_override.as_deref());
+            let quarantined = kept.contains(&d.address);
+            let wanted = if quarantined { Some(VFIO_PCI) } else { d.release_driver() };
+            let result = if quarantined {
+                Ok(())
+            } else {
+                self.settle(&d.address, wanted, d.original_override.as_deref())
+            };
             outcomes.push(DeviceOutcome {
                 instance: instance.to_owned(),
                 address: d.address.clone(),
                 wanted: wanted.map(str::to_owned),
                 driver: self.sysfs.driver(&d.address).ok().flatten(),
                 error: result.err().map(|e| e.to_string()),
+                quarantined,
             });
         }
         if outcomes.iter().all(DeviceOutcome::is_ok) {
@@ -103,6 +118,92 @@ impl Vfio {
             tracing::error!(instance, ?outcomes, "release incomplete; the bind record stays");
         }
         Ok(outcomes)
+    }
+
+    /// Resets each GPU slot of a record (functions of a slot that holds a display device).
+    /// Returns the devices of slots that failed and were quarantined, which stay on vfio-pci.
+    fn reset_slots(&self, instance: &str, rec: &BindRecord) -> Result<Vec<PciAddress>, VfioError> {
+        let mut kept = Vec::new();
+        for gpu in rec.devices.iter().map(|d| &d.address).filter(|a| self.is_display(a)) {
+            let slot: Vec<&BoundDevice> =
+                rec.devices.iter().filter(|d| d.address.slot() == gpu.slot()).collect();
+            let mut functions: Vec<PciAddress> = slot.iter().map(|d| d.address.clone()).collect();
+            functions.sort_by_key(PciAddress::function);
+            let started = Instant::now();
+            match self.reset_slot(&functions) {
+                Ok(done) if done.is_empty() => {}
+                Ok(done) => {
+                    let millis = started.elapsed().as_millis() as u64;
+                    tracing::info!(instance, %gpu, functions = done.len(), millis, "GPU reset and checked");
+                }
+                Err(ResetError::Unavailable { .. }) => {
+                    tracing::warn!(instance, %gpu, "GPU offers no safe reset: it goes back without one");
+                }
+                Err(ResetError::Failed(cause)) => {
+                    let entry = Entry {
+                        reason: format!("reset between tenants failed: {cause}"),
+                        since: chrono::Utc::now(),
+                        kept_on_vfio: slot.iter().map(|d| (*d).clone()).collect(),
+                    };
+                    self.quarantine.add(gpu, entry)?;
+                    kept.extend(functions);
+                }
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Whether the device is a display controller (a GPU's own function 0).
+    fn is_display(&self, address: &PciAddress) -> bool {
+        self.sysfs.class(address).is_ok_and(|c| (c >> 16) as u8 == 0x03)
+    }
+
+    /// Takes `gpu` out of quarantine: the functions it kept on vfio-pci go back where they
+    /// came from (verified), then the entry goes, noting that kernel log lines about it up to
+    /// now are old news. Refused while an instance holds it. Blocking.
+    pub fn release_quarantine(
+        &self,
+        gpu: &PciAddress,
+        cleared: Cleared,
+    ) -> Result<Option<Entry>, VfioError> {
+        let Some(entry) = self.quarantine.get(gpu)? else { return Ok(None) };
+        for rec in record::load_all(&self.record_dir)? {
+            if rec.devices.iter().any(|d| d.address == *gpu) {
+                let (address, device, instance) = (gpu.clone(), gpu.clone(), rec.instance);
+                return Err(VfioError::InUse { address, device, instance });
+            }
+        }
+        for d in &entry.kept_on_vfio {
+            self.settle(&d.address, d.release_driver(), d.original_override.as_deref())?;
+        }
+        tracing::warn!(gpu = %gpu, reason = %entry.reason, "GPU released from quarantine");
+        self.quarantine.remove(gpu, cleared)
+    }
+
+    /// Gives each GPU quarantined by a failed reset (its functions still on vfio-pci) another
+    /// reset and check; one that passes leaves quarantine. Run at start-up and by `recover`.
+    /// Returns the GPUs that came back.
+    pub fn retry_quarantined(&self, cleared: &Cleared) -> Result<Vec<PciAddress>, VfioError> {
+        let mut back = Vec::new();
+        for (gpu, entry) in self.quarantine.load()?.gpus {
+            if entry.kept_on_vfio.is_empty() {
+                continue; // seen in the kernel log or off the bus: the operator decides
+            }
+            let mut functions: Vec<PciAddress> =
+                entry.kept_on_vfio.iter().map(|d| d.address.clone()).collect();
+            functions.sort_by_key(PciAddress::function);
+            match self.reset_slot(&functions) {
+                Ok(_) => {
+                    tracing::info!(%gpu, "quarantined GPU passed a new reset and check");
+                    self.release_quarantine(&gpu, cleared.clone())?;
+                    back.push(gpu);
+                }
+                Err(e) => {
+                    tracing::warn!(%gpu, error = %e, "quarantined GPU failed its reset again")
+                }
+            }
+        }
+        Ok(back)
     }
 
     /// Releases every bind record whose instance is not in `in_use` (instance ids whose VM

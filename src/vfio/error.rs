@@ -15,6 +15,12 @@ pub enum VfioError {
          nvidia-persistenced) and try again"
     )]
     Busy { address: PciAddress, holders: String },
+    /// A function of the GPU's slot is another kind of device that a host driver uses.
+    #[error(
+        "{device} sits in the slot of GPU {address} but is not part of the GPU ({what} on the \
+         {driver} driver), and it is never taken from the host; offer another GPU"
+    )]
+    ForeignFunction { address: PciAddress, device: PciAddress, what: String, driver: String },
     /// A bind failed half-way and the rollback did not finish either.
     #[error("{cause}; rolling back also failed: {rollback}; run `qudata-agent recover`")]
     Incomplete { cause: Box<VfioError>, rollback: String },
@@ -41,6 +47,17 @@ pub enum VfioError {
     /// No such PCI device.
     #[error("GPU {address} does not exist on this host; check QUDATA_GPU_PCI_ADDRS")]
     NotFound { address: PciAddress },
+    /// The config space reads all ones: the device fell off the bus.
+    #[error(
+        "{address} reads all ones in its config space: it fell off the bus or did not come out of reset"
+    )]
+    OffTheBus { address: PciAddress },
+    /// The GPU is quarantined and not offered.
+    #[error(
+        "GPU {address} is quarantined since {since}: {reason}; check it, then run \
+         `qudata-agent gpu release-quarantine {address}`"
+    )]
+    Quarantined { address: PciAddress, since: String, reason: String },
     /// A bind record could not be read, written or removed.
     #[error("bind record: {0}")]
     Record(#[from] FsError),
@@ -58,9 +75,15 @@ pub enum VfioError {
     SharedGroup { address: PciAddress, device: PciAddress, driver: String },
     #[error(transparent)]
     Sysfs(#[from] SysfsError),
+    /// The device disappeared from sysfs.
+    #[error("{address} is gone from the PCI bus (no longer in sysfs)")]
+    Vanished { address: PciAddress },
     /// A sysfs write returned an error.
     #[error("writing {value:?} to {path} failed: {source}")]
     Write { path: PathBuf, value: String, source: std::io::Error },
+    /// The config space answers with another vendor id than the device's.
+    #[error("{address} answers with vendor id {found} after a reset, not its own")]
+    WrongVendor { address: PciAddress, found: String },
     /// A sysfs write did not return before its deadline (bad hardware or a hung driver).
     #[error(
         "writing {value:?} to {path} did not return within {millis} ms; the device may be hung"

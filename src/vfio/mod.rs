@@ -4,14 +4,17 @@
 //! whole layer runs against temporary trees in tests (DESIGN.md, "VFIO"). A bind writes a
 //! [`record::BindRecord`] first, then moves each device with `driver_override` → `unbind` →
 //! `drivers_probe`; [`Vfio::release`] undoes it and [`Vfio::reconcile`] undoes what a crash
-//! left behind.
+//! left behind. Before a GPU goes back it is reset ([`reset`]); one that fails is quarantined
+//! ([`quarantine`]) and not offered again until it is checked.
 
 pub mod bind;
 pub mod error;
 pub mod host;
 pub mod pci;
 pub mod plan;
+pub mod quarantine;
 pub mod record;
+pub mod reset;
 pub mod resource;
 pub mod sysfs;
 pub mod write;
@@ -24,6 +27,7 @@ pub use bind::DeviceOutcome;
 pub use error::VfioError;
 pub use pci::PciAddress;
 pub use plan::{BindPlan, GpuSlot};
+pub use quarantine::Quarantine;
 pub use sysfs::{SysfsError, SysfsRoot};
 
 /// The driver name of VFIO's PCI driver.
@@ -54,6 +58,8 @@ pub struct Vfio {
     pub proc_root: PathBuf,
     /// `<data dir>/vfio`: one bind record per instance.
     pub record_dir: PathBuf,
+    /// GPUs not offered, and why (`<data dir>/gpu-quarantine.json`).
+    pub quarantine: Quarantine,
     pub timeouts: Timeouts,
 }
 
@@ -64,6 +70,7 @@ impl Vfio {
             sysfs,
             proc_root: "/proc".into(),
             record_dir: record_dir(data_dir),
+            quarantine: Quarantine::new(data_dir),
             timeouts: Timeouts::default(),
         }
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use super::error::VfioError;
 use super::host::{self, Holder};
-use super::pci::{CLASS_BASE_BRIDGE, PciAddress};
+use super::pci::{CLASS_AUDIO, CLASS_BASE_BRIDGE, PciAddress};
 use super::{VFIO_PCI, Vfio, record};
 
 /// One GPU as the guest gets it: every function of its slot.
@@ -46,11 +46,17 @@ impl Vfio {
             if !all.contains(gpu) {
                 return Err(VfioError::NotFound { address: gpu.clone() });
             }
+            if let Some(entry) = self.quarantine.get(gpu)? {
+                let (address, reason) = (gpu.clone(), entry.reason);
+                let since = entry.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                return Err(VfioError::Quarantined { address, since, reason });
+            }
             if sysfs.driver(gpu)?.as_deref() == Some("nouveau") {
                 return Err(VfioError::Nouveau { address: gpu.clone() });
             }
             let functions: Vec<PciAddress> =
                 all.iter().filter(|a| a.slot() == gpu.slot()).cloned().collect();
+            self.check_own_functions(gpu, &functions)?;
             let mut bar64_bytes = 0u64;
             for f in &functions {
                 bar64_bytes = bar64_bytes.saturating_add(sysfs.bar64_bytes(f)?);
@@ -96,6 +102,29 @@ impl Vfio {
         Ok(BindPlan { devices, slots })
     }
 
+    /// Refuses a slot with a function that is not part of the GPU (another vendor, or a class
+    /// a GPU card does not have) while a host driver uses it: a NIC or a disk controller that
+    /// a board maker put in the GPU's slot must never be taken from the host.
+    fn check_own_functions(
+        &self,
+        gpu: &PciAddress,
+        functions: &[PciAddress],
+    ) -> Result<(), VfioError> {
+        let vendor = self.sysfs.vendor(gpu)?;
+        for function in functions.iter().filter(|f| *f != gpu) {
+            let (their_vendor, class) = (self.sysfs.vendor(function)?, self.sysfs.class(function)?);
+            if their_vendor == vendor && is_gpu_card_class(class) {
+                continue;
+            }
+            if let Some(driver) = self.sysfs.driver(function)?.filter(|d| d != VFIO_PCI) {
+                let what = format!("vendor {their_vendor:04x}, class {class:06x}");
+                let (address, device) = (gpu.clone(), function.clone());
+                return Err(VfioError::ForeignFunction { address, device, what, driver });
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses a device another instance's bind record holds.
     fn check_not_held(
         &self,
@@ -130,5 +159,28 @@ impl Vfio {
             }
         }
         Ok(())
+    }
+}
+
+/// Classes a GPU card's own functions have: display (the GPU), HD audio, USB and serial bus
+/// (the USB-C controller of workstation cards).
+fn is_gpu_card_class(class: u32) -> bool {
+    let (base, sub) = ((class >> 16) as u8, (class >> 8) as u16);
+    const BASE_DISPLAY: u8 = 0x03;
+    const USB: u16 = 0x0c03;
+    const SERIAL_BUS_OTHER: u16 = 0x0c80;
+    base == BASE_DISPLAY || sub == CLASS_AUDIO || sub == USB || sub == SERIAL_BUS_OTHER
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_gpu_card_has_display_audio_usb_and_serial_bus_functions_only() {
+        use super::is_gpu_card_class as card;
+        assert!(card(0x030000) && card(0x030200) && card(0x040300));
+        assert!(card(0x0c0330) && card(0x0c8000));
+        assert!(!card(0x020000), "ethernet");
+        assert!(!card(0x010802), "NVMe");
+        assert!(!card(0x040100), "a sound card that is not HD audio");
     }
 }

@@ -53,6 +53,7 @@ async fn a_refusal_is_not_retried_and_names_status_and_text() {
     let cp = MockCp::start(Behaviour::default());
     let c = client(&cp, "ak-client-test-2");
     let stats = Stats {
+        gpu_health: Vec::new(),
         gpu_util: 0.0,
         gpu_temp: 0,
         cpu_util: 1.0,

@@ -30,6 +30,7 @@ mod faults;
 mod gpu_bind_nvml;
 mod gpu_facts;
 mod gpu_guest;
+mod gpu_health;
 mod gpu_pci;
 mod guest_metrics;
 mod guest_ssh;

@@ -53,6 +53,7 @@ impl Host {
             sysfs: fake.root(),
             proc_root: dir.path().join("proc"),
             record_dir: dir.path().join("data/vfio"),
+            quarantine: qudata_agent::vfio::Quarantine::new(&dir.path().join("data")),
             timeouts,
         };
         Host { fake, dir, vfio }
@@ -384,4 +385,152 @@ fn reconcile_undoes_a_bind_interrupted_between_two_writes_and_spares_live_instan
     assert_eq!(host.state(&EIGHT), before);
     assert!(host.records().is_empty());
     let _ = host.dir.path();
+}
+
+#[test]
+fn a_foreign_function_in_the_gpu_slot_is_never_taken_from_its_driver() {
+    // An Intel NIC at function 1 of the GPU's slot, on e1000e: the whole slot would move.
+    let fake = one_gpu_host()
+        .device("0000:65:00.1", 0x8086, 0x10d3, CLASS_ETHERNET)
+        .driver("e1000e")
+        .group(12);
+    assert_refused_unchanged(
+        &Host::new(fake),
+        "0000:65:00.0",
+        &["0000:65:00.0", "0000:65:00.1"],
+        "0000:65:00.1 sits in the slot of GPU 0000:65:00.0 but is not part of the GPU \
+         (vendor 8086, class 020000 on the e1000e driver)",
+    );
+    // The GPU's own audio function on its host driver moves with it, as before.
+    let host = Host::new(audio_gpu_host());
+    let _kernel = SimKernel::start(&host.fake, &[]);
+    host.vfio.bind("i1", &addrs(&["0000:b3:00.0"])).unwrap();
+    host.vfio.release("i1").unwrap();
+}
+
+/// One H100 whose functions offer FLR (and bus) resets.
+fn resettable_host() -> FakeSysfs {
+    h100(FakeSysfs::new().driver_available("vfio-pci"), "0000:65:00.0", 12).resettable("flr bus")
+}
+
+#[test]
+fn a_release_resets_the_gpu_on_vfio_pci_before_it_goes_back() {
+    let host = Host::new(resettable_host());
+    let kernel = SimKernel::start(&host.fake, &[]);
+    host.vfio.bind("i1", &addrs(&["0000:65:00.0"])).unwrap();
+    let outcomes = host.vfio.release("i1").unwrap();
+    assert!(outcomes.iter().all(|o| o.is_ok() && !o.quarantined), "{outcomes:?}");
+    let log = kernel.log();
+    let reset = log.iter().position(|l| l == "reset 0000:65:00.0 on vfio-pci");
+    let unbind = log.iter().position(|l| l == "unbind 0000:65:00.0 vfio-pci");
+    assert!(reset.is_some() && reset < unbind, "reset on vfio-pci, then unbind: {log:?}");
+    assert_eq!(host.fake.driver_of("0000:65:00.0").as_deref(), Some("nvidia"));
+    assert!(host.vfio.quarantine.load().unwrap().gpus.is_empty());
+}
+
+/// Asserts the GPU was quarantined by its release: kept on vfio-pci, no record left, refused
+/// by the next bind with the reason, and returned by `release_quarantine`.
+fn assert_quarantined_by_release(host: &Host, reason: &str) {
+    let gpu = addr("0000:65:00.0");
+    let outcomes = host.vfio.release("i1").unwrap();
+    assert!(outcomes.iter().all(|o| o.is_ok() && o.quarantined), "{outcomes:?}");
+    assert!(host.records().is_empty(), "the instance's record is gone");
+    assert_eq!(host.fake.driver_of("0000:65:00.0").as_deref(), Some("vfio-pci"));
+    let entry = host.vfio.quarantine.get(&gpu).unwrap().expect("quarantined");
+    assert!(entry.reason.contains(reason), "{}", entry.reason);
+    assert_eq!(entry.kept_on_vfio.len(), 1);
+    // Persisted: another Vfio over the same data dir sees it.
+    let again = qudata_agent::vfio::Quarantine::new(&host.dir.path().join("data"));
+    assert!(again.get(&gpu).unwrap().is_some());
+    let err = host.vfio.bind("i2", std::slice::from_ref(&gpu)).unwrap_err();
+    assert!(matches!(err, VfioError::Quarantined { .. }), "{err}");
+    let line = err.to_string();
+    assert!(line.contains("is quarantined since") && line.contains(reason), "{line}");
+    assert!(line.contains("qudata-agent gpu release-quarantine 0000:65:00.0"), "{line}");
+}
+
+#[test]
+fn a_reset_that_fails_quarantines_the_gpu_on_vfio_pci_until_it_is_released() {
+    let host = Host::new(resettable_host());
+    let kernel = SimKernel::start(&host.fake, &[]);
+    host.vfio.bind("i1", &addrs(&["0000:65:00.0"])).unwrap();
+    kernel.fail_reset("0000:65:00.0");
+    assert_quarantined_by_release(&host, "reset between tenants failed: writing \"1\" to");
+    // A retry that fails again changes nothing.
+    let cleared = qudata_agent::vfio::quarantine::Cleared { boot_id: "b".into(), log_micros: 1 };
+    assert!(host.vfio.retry_quarantined(&cleared).unwrap().is_empty());
+    assert_eq!(host.fake.driver_of("0000:65:00.0").as_deref(), Some("vfio-pci"));
+    // The operator's release puts it back on nvidia and notes when.
+    let gpu = addr("0000:65:00.0");
+    let entry = host.vfio.release_quarantine(&gpu, cleared.clone()).unwrap().unwrap();
+    assert!(entry.reason.contains("reset between tenants failed"));
+    assert_eq!(host.fake.driver_of("0000:65:00.0").as_deref(), Some("nvidia"));
+    let state = host.vfio.quarantine.load().unwrap();
+    assert!(state.gpus.is_empty());
+    assert_eq!(state.cleared.get(&gpu), Some(&cleared));
+    host.vfio.bind("i2", &[gpu]).unwrap();
+}
+
+#[test]
+fn a_reset_that_hangs_quarantines_the_gpu() {
+    let host = Host::impatient(resettable_host());
+    let kernel = SimKernel::start(&host.fake, &[]);
+    host.vfio.bind("i1", &addrs(&["0000:65:00.0"])).unwrap();
+    kernel.hang("bus/pci/devices/0000:65:00.0/reset");
+    assert_quarantined_by_release(&host, "did not return within 2000 ms");
+}
+
+#[test]
+fn a_gpu_that_does_not_answer_after_its_reset_is_quarantined_and_a_later_good_reset_frees_it() {
+    let host = Host::new(resettable_host());
+    let kernel = SimKernel::start(&host.fake, &[]);
+    host.vfio.bind("i1", &addrs(&["0000:65:00.0"])).unwrap();
+    host.fake.off_the_bus("0000:65:00.0");
+    assert_quarantined_by_release(&host, "reads all ones in its config space");
+    kernel.wait_log("reset 0000:65:00.0"); // the simulator sees writes a little later
+    // The device answers again (a link retrained): the next retry resets and checks it, and
+    // only then does it go back to its driver.
+    std::fs::write(
+        host.fake.real_dir("0000:65:00.0").join("config"),
+        crate::support::sysfs::config_space(0x10de, 0x2330),
+    )
+    .unwrap();
+    let cleared = qudata_agent::vfio::quarantine::Cleared { boot_id: "b".into(), log_micros: 1 };
+    assert_eq!(host.vfio.retry_quarantined(&cleared).unwrap(), addrs(&["0000:65:00.0"]));
+    assert_eq!(host.fake.driver_of("0000:65:00.0").as_deref(), Some("nvidia"));
+    assert!(host.vfio.quarantine.load().unwrap().gpus.is_empty());
+    let resets = kernel.log().iter().filter(|l| l.starts_with("reset 0000:65:00.0")).count();
+    assert_eq!(resets, 2, "{:?}", kernel.log());
+}
+
+#[test]
+fn a_card_without_a_reset_method_is_reset_through_a_bridge_that_serves_only_it() {
+    // The consumer card: VGA + audio behind their own bridge, no FLR on either function.
+    let host = Host::new(audio_gpu_host());
+    let bridge = host.fake.real_dir("0000:b2:00.0");
+    // Move the card's functions below the bridge, as the kernel's device tree has them.
+    let root = host.fake.path().to_owned();
+    for (f, driver) in [("0000:b3:00.0", "nvidia"), ("0000:b3:00.1", "snd_hda_intel")] {
+        let below = bridge.join(f);
+        std::fs::rename(host.fake.real_dir(f), &below).unwrap();
+        // Every link to or from the moved directory, made absolute.
+        let relink = |link: std::path::PathBuf, target: &Path| {
+            std::fs::remove_file(&link).unwrap();
+            std::os::unix::fs::symlink(target, &link).unwrap();
+        };
+        relink(root.join("bus/pci/devices").join(f), &below);
+        relink(root.join("bus/pci/drivers").join(driver).join(f), &below);
+        relink(root.join("kernel/iommu_groups/40/devices").join(f), &below);
+        relink(below.join("driver"), &root.join("bus/pci/drivers").join(driver));
+        relink(below.join("iommu_group"), &root.join("kernel/iommu_groups/40"));
+    }
+    std::fs::write(bridge.join("reset_subordinate"), "").unwrap();
+    let native = [("0000:b3:00.0", "nvidia"), ("0000:b3:00.1", "snd_hda_intel")];
+    let _kernel = SimKernel::start(&host.fake, &native);
+    host.vfio.bind("i1", &addrs(&["0000:b3:00.0"])).unwrap();
+    let outcomes = host.vfio.release("i1").unwrap();
+    assert!(outcomes.iter().all(|o| o.is_ok() && !o.quarantined), "{outcomes:?}");
+    assert_eq!(std::fs::read_to_string(bridge.join("reset_subordinate")).unwrap(), "1");
+    let driver = host.vfio.sysfs.driver(&addr("0000:b3:00.0")).unwrap();
+    assert_eq!(driver.as_deref(), Some("nvidia"));
 }

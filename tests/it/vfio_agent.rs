@@ -247,6 +247,7 @@ fn recover_returns_the_gpus_of_a_stale_bind_record() {
         sysfs: SysfsRoot::new(fake.path()),
         proc_root: "/proc".into(),
         record_dir: qudata_agent::vfio::record_dir(&dirs.data),
+        quarantine: qudata_agent::vfio::Quarantine::new(&dirs.data),
         timeouts: Timeouts::default(),
     };
     vfio.bind("gone", &[GPU.parse().unwrap()]).unwrap();

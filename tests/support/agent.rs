@@ -29,7 +29,14 @@ impl Dirs {
         std::fs::set_permissions(root.path(), traverse).expect("chmod the test root");
         let data = root.path().join("data");
         let run = root.path().join("run");
+        // The agents' kernel log: empty until a test writes records into it.
+        std::fs::write(root.path().join("kmsg"), "").expect("the fake kernel log");
         Dirs { net: super::net::TestNet::new(&run), root, data, run }
+    }
+
+    /// The kernel log the test's agents watch (`QUDATA_KMSG_PATH`), in `/dev/kmsg`'s format.
+    pub fn kmsg(&self) -> PathBuf {
+        self.root.path().join("kmsg")
     }
 
     /// Instance record files, by name.
@@ -153,6 +160,7 @@ impl Agent {
             // frpc's files stay in the test's dir, never /etc/qudata.
             .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
             .env("QUDATA_AGENT_PORT", port.to_string())
+            .env("QUDATA_KMSG_PATH", dirs.kmsg())
             .envs(dirs.net.env())
             .env("QUDATA_DEBUG", "true")
             // Without a base image `auto` finds no backend and the agent stops (and the host's

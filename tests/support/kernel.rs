@@ -88,6 +88,21 @@ impl SimKernel {
         faults.refused.insert((device.to_owned(), driver.to_owned()));
     }
 
+    /// From now on a reset of `device` fails: its `reset` attribute refuses writes (the kernel
+    /// answers a failed reset with an error from write(2)).
+    pub fn fail_reset(&self, device: &str) {
+        let path = self.shared.dev_dir(device).join("reset");
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap(); // a write into a directory fails with EISDIR
+    }
+
+    /// Resets of `device` work again (undoes [`SimKernel::fail_reset`]).
+    pub fn heal_reset(&self, device: &str) {
+        let path = self.shared.dev_dir(device).join("reset");
+        fs::remove_dir(&path).unwrap();
+        fs::write(&path, "").unwrap();
+    }
+
     /// Makes every write into the attribute at `relative` (from the sysfs root) block.
     pub fn hang(&self, relative: &str) {
         let path = self.shared.root.join(relative);
@@ -135,6 +150,8 @@ impl Drop for SimKernel {
 
 impl Shared {
     fn sweep(&self) {
+        // First: a real reset is over when its write returns, before any later write.
+        self.resets();
         let drivers = self.root.join("bus/pci/drivers");
         let names: Vec<String> = fs::read_dir(&drivers)
             .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -154,6 +171,21 @@ impl Shared {
         }
         if let Some(dev) = take(&self.root.join("bus/pci/drivers_probe")) {
             self.probe(&dev, None);
+        }
+    }
+
+    /// A `1` written into a device's `reset`: the reset is logged with the driver it ran
+    /// under. (A real reset happens inside the write; here it is seen shortly after, so a
+    /// device that "does not come back" is made with `FakeSysfs::off_the_bus` beforehand.)
+    fn resets(&self) {
+        let devices = self.root.join("bus/pci/devices");
+        for entry in fs::read_dir(&devices).into_iter().flatten().flatten() {
+            let dev = entry.file_name().to_string_lossy().into_owned();
+            if take(&self.dev_dir(&dev).join("reset")).is_none() {
+                continue;
+            }
+            let driver = self.driver_of(&dev).unwrap_or_else(|| "none".into());
+            self.note(format!("reset {dev} on {driver}"));
         }
     }
 

@@ -73,6 +73,7 @@ impl FakeSysfs {
         fs::write(real.join("class"), format!("0x{class:06x}\n")).unwrap();
         fs::write(real.join("driver_override"), "(null)\n").unwrap();
         fs::write(real.join("resource"), resource_text(&[])).unwrap();
+        fs::write(real.join("config"), config_space(vendor, device)).unwrap();
         let link = self.path().join("bus/pci/devices").join(addr);
         symlink(format!("../../../devices/pci{bus}/{addr}"), link).unwrap();
         self.last = Some(addr.to_owned());
@@ -125,6 +126,26 @@ impl FakeSysfs {
         self
     }
 
+    /// Gives the function added last a `reset` attribute and the methods `reset_method`
+    /// lists (e.g. `"flr bus"`), as the kernel does for a device it can reset.
+    pub fn resettable(self, methods: &str) -> Self {
+        let dir = self.real_dir(&self.last());
+        fs::write(dir.join("reset_method"), format!("{methods}\n")).unwrap();
+        fs::write(dir.join("reset"), "").unwrap();
+        self
+    }
+
+    /// The device's config space now reads all ones, as one that fell off the bus.
+    pub fn off_the_bus(&self, addr: &str) {
+        fs::write(self.real_dir(addr).join("config"), [0xffu8; 64]).unwrap();
+    }
+
+    /// The device disappears from sysfs (surprise removal).
+    pub fn vanish(&self, addr: &str) {
+        let _ = fs::remove_file(self.path().join("bus/pci/devices").join(addr));
+        fs::remove_dir_all(self.real_dir(addr)).unwrap();
+    }
+
     /// A loaded kernel module.
     pub fn module(self, name: &str) -> Self {
         fs::create_dir_all(self.path().join("module").join(name)).unwrap();
@@ -151,6 +172,14 @@ impl FakeSysfs {
     pub fn real_dir(&self, addr: &str) -> PathBuf {
         self.path().join(format!("devices/pci{}/{addr}", &addr[..7]))
     }
+}
+
+/// The start of a config space: vendor and device id, little-endian, then zeros.
+pub fn config_space(vendor: u16, device: u16) -> Vec<u8> {
+    let mut bytes = vec![0u8; 64];
+    bytes[..2].copy_from_slice(&vendor.to_le_bytes());
+    bytes[2..4].copy_from_slice(&device.to_le_bytes());
+    bytes
 }
 
 /// A `resource` file as the kernel writes it: 13 lines of `start end flags`; BARs get

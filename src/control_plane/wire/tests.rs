@@ -64,6 +64,7 @@ fn host_registration_golden_has_every_key() {
         vram: 80.0,
         max_cuda: 12.4,
         location: Location::default(),
+        gpu_health: Vec::new(),
         configuration: Configuration {
             ram: Amount::gb(2015.5),
             disk: Amount::gb(7000.25),
@@ -109,7 +110,41 @@ fn sample() -> Stats {
         inet_out: 300,
         status: Status::Destroyed,
         gpus: Vec::new(),
+        gpu_health: Vec::new(),
     }
+}
+
+#[test]
+fn gpu_health_golden_in_stats_and_host_registration() {
+    use crate::gpu::health::{GpuHealth, Health};
+    let since = chrono::DateTime::parse_from_rfc3339("2026-12-06T12:00:00Z").unwrap().to_utc();
+    let health = vec![
+        GpuHealth {
+            pci: "0000:65:00.0".into(),
+            health: Health::Healthy,
+            reason: None,
+            since: None,
+        },
+        GpuHealth {
+            pci: "0000:b3:00.0".into(),
+            health: Health::Quarantined,
+            reason: Some("the kernel logged Xid 79 (GPU has fallen off the bus)".into()),
+            since: Some(since),
+        },
+        GpuHealth {
+            pci: "0000:ca:00.0".into(),
+            health: Health::Lost,
+            reason: Some("gone".into()),
+            since: None,
+        },
+    ];
+    let want = r#""gpu_health":[{"pci":"0000:65:00.0","health":"healthy"},{"pci":"0000:b3:00.0","health":"quarantined","reason":"the kernel logged Xid 79 (GPU has fallen off the bus)","since":"2026-12-06T12:00:00Z"},{"pci":"0000:ca:00.0","health":"lost","reason":"gone"}]"#;
+    let stats = Stats { gpu_health: health.clone(), ..sample() };
+    let text = serde_json::to_string(&stats).unwrap();
+    assert!(text.ends_with(&format!(r#""status":"destroyed",{want}}}"#)), "{text}");
+    let host = HostRegistration { gpu_health: health, ..HostRegistration::default() };
+    let text = serde_json::to_string(&host).unwrap();
+    assert!(text.ends_with(&format!(r#""max_cuda_version":0.0}},{want}}}"#)), "{text}");
 }
 
 #[test]

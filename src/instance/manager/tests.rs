@@ -199,6 +199,7 @@ fn settings(gpus: &[&str]) -> ManagerSettings {
             default_storage_gb: 5,
         },
         gpu_pool: gpus.iter().map(|s| s.to_string()).collect(),
+        gpu_health: None,
         host_ports: crate::ports::HOST_PORTS,
         local: false,
     }
