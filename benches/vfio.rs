@@ -5,7 +5,10 @@
 //!   (it runs on every create with GPUs, on the NVIDIA driver's GPUs);
 //! - `Vfio::plan` (every refusal check, reading only) for 8 GPUs on a simulated sysfs;
 //! - bind + release of 8 GPUs against the simulated kernel (its 2 ms polling dominates: this is
-//!   the agent's own overhead plus the simulator's reaction time, not a kernel's).
+//!   the agent's own overhead plus the simulator's reaction time, not a kernel's); a release
+//!   now resets each GPU on vfio-pci first;
+//! - reset + check of one GPU on vfio-pci (the `reset` write and the config-space read; a real
+//!   FLR adds the device's own time, about 100 ms by the PCIe spec's wait after it).
 //!
 //! `QUDATA_BENCH_ROUNDS` sets the rounds (default 20).
 
@@ -64,7 +67,8 @@ fn main() {
             .device(&address, 0x10de, 0x2330, CLASS_3D)
             .driver("nvidia")
             .group(100 + i)
-            .bars(&[(0, 16 << 20, false), (1, 128 << 30, true), (3, 32 << 20, true)]);
+            .bars(&[(0, 16 << 20, false), (1, 128 << 30, true), (3, 32 << 20, true)])
+            .resettable("flr bus");
         gpus.push(address.parse().unwrap());
     }
     let dir = tempfile::tempdir().unwrap();
@@ -73,7 +77,7 @@ fn main() {
         sysfs: fake.root(),
         proc_root: dir.path().join("proc"),
         record_dir: dir.path().join("vfio"),
-        quarantine: qudata_agent::vfio::Quarantine::new(dir.path()),
+        quarantine: qudata_agent::vfio::Quarantine::new(&dir.path().join("data")),
         timeouts: Timeouts { write: Duration::from_secs(5), settle: Duration::from_secs(5) },
     };
     let plan = time(rounds, || {
@@ -92,8 +96,20 @@ fn main() {
         releases.push(start.elapsed());
     }
     println!(
-        "8 GPUs against the simulated kernel: bind {:?}, release {:?} (medians)",
+        "8 GPUs against the simulated kernel: bind {:?}, release with resets {:?} (medians)",
         median(binds),
         median(releases)
     );
+
+    vfio.bind("bench", &gpus).unwrap();
+    let mut next = 0;
+    let reset = time(rounds, || {
+        let gpu = &gpus[next % gpus.len()];
+        next += 1;
+        let done = vfio.reset_slot(std::slice::from_ref(gpu)).unwrap();
+        assert_eq!(done.len(), 1);
+    });
+    println!("reset + check of one GPU on vfio-pci: {reset:?} median");
+    assert!(vfio.release("bench").unwrap().iter().all(|o| o.is_ok() && !o.quarantined));
+    assert!(vfio.quarantine.load().unwrap().gpus.is_empty());
 }

@@ -72,6 +72,8 @@ impl GpuHealth {
 pub struct HealthView {
     pub vfio: Arc<Vfio>,
     pub offered: Vec<PciAddress>,
+    /// The host's NVML, for the GPUs still on the NVIDIA driver (`None`: not watched).
+    pub nvml: Option<Arc<super::HostNvml>>,
 }
 
 impl HealthView {
@@ -126,6 +128,19 @@ impl HealthView {
         }
     }
 
+    /// Quarantines each offered GPU on the NVIDIA driver that NVML finds unfit (pages or rows
+    /// waiting to be retired or remapped, a failed remapping). Blocking.
+    pub fn check_nvml(&self) {
+        let Some(found) = self.nvml.as_ref().and_then(|n| n.with(super::Nvml::health)) else {
+            return;
+        };
+        for (gpu, reason) in found {
+            if self.offered.contains(&gpu) {
+                self.quarantine(&gpu, reason);
+            }
+        }
+    }
+
     /// Quarantines the GPU of a kernel log event unless an operator released it after the
     /// event (same boot, later time).
     pub fn note(&self, event: &GpuEvent, boot_id: &str) {
@@ -170,6 +185,7 @@ impl HealthView {
                     }
                 }
                 self.check_bus();
+                self.check_nvml();
                 std::thread::sleep(WATCH_PERIOD);
             }
         });
@@ -184,7 +200,7 @@ pub fn health_command(cfg: &crate::config::Config, json: bool) -> Result<String,
     let vfio = Arc::new(crate::agent::backends::vfio(cfg));
     let offered = super::pool::offered(&vfio.sysfs, cfg.gpu_pci_addrs.as_deref())
         .map_err(|e| e.to_string())?;
-    let report = HealthView { vfio, offered }.report();
+    let report = HealthView { vfio, offered, nvml: None }.report();
     if json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&report).expect("serialises")));
     }

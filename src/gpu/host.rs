@@ -25,6 +25,12 @@ pub struct HostNvml {
     state: Mutex<State>,
 }
 
+impl std::fmt::Debug for HostNvml {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostNvml")
+    }
+}
+
 impl HostNvml {
     /// Not loaded yet: the agent calls [`reload`](Self::reload) once stale binds are
     /// reconciled (GPUs returned to the driver are then seen). Without a driver the agent runs

@@ -9,6 +9,7 @@ use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::error::NvmlError as Raw;
 
 use super::{GpuFacts, GpuStats, round2};
+use crate::vfio::PciAddress;
 
 const MIB: u64 = 1024 * 1024;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -96,6 +97,46 @@ impl Nvml {
             });
         }
         Ok(out)
+    }
+
+    /// What the driver says is wrong with each GPU it owns, by PCI address: pages waiting to
+    /// be retired, rows waiting to be remapped or a remapping that failed (memory the next
+    /// tenant would get bad data from). GPUs that do not report a counter are not judged on it.
+    pub fn health(&self) -> Vec<(PciAddress, String)> {
+        let mut out = Vec::new();
+        for index in 0..self.count().unwrap_or(0) {
+            let Ok(device) = self.inner.device_by_index(index) else { continue };
+            let Ok(pci) = device.pci_info() else { continue };
+            let address = format!("{:04x}:{:02x}:{:02x}.0", pci.domain, pci.bus, pci.device);
+            let Ok(address) = address.parse::<PciAddress>() else { continue };
+            let mut problems = Vec::new();
+            if device.are_pages_pending_retired().unwrap_or(false) {
+                problems.push("memory pages are waiting to be retired (a GPU reset retires them)");
+            }
+            match self.remapped_rows(&device) {
+                Some((_, true)) => problems.push("a row remapping failed (uncorrectable memory)"),
+                Some((true, false)) => problems
+                    .push("memory rows are waiting to be remapped (a GPU reset remaps them)"),
+                _ => {}
+            }
+            if !problems.is_empty() {
+                out.push((address, format!("NVML reports {}", problems.join("; "))));
+            }
+        }
+        out
+    }
+
+    /// (remapping pending, remapping failed), from `nvmlDeviceGetRemappedRows`, which
+    /// nvml-wrapper does not wrap; `None` where the GPU or driver does not support it.
+    fn remapped_rows(&self, device: &nvml_wrapper::Device<'_>) -> Option<(bool, bool)> {
+        let sym = self.inner.lib().nvmlDeviceGetRemappedRows.as_ref().ok()?;
+        let (mut corrected, mut uncorrected, mut pending, mut failed) = (0u32, 0u32, 0u32, 0u32);
+        // SAFETY: the handle belongs to this initialised NVML (borrowed for the call) and the
+        // four out-pointers are valid u32s we own; the signature is nvml.h's.
+        let status = unsafe {
+            sym(device.handle(), &mut corrected, &mut uncorrected, &mut pending, &mut failed)
+        };
+        (status == 0).then_some((pending != 0, failed != 0))
     }
 }
 

@@ -53,7 +53,8 @@ fn health_follows_the_bus_and_the_kernel_log() {
         quarantine: Quarantine::new(dir.path()),
         timeouts: Timeouts::default(),
     });
-    let view = HealthView { vfio, offered: vec![addr(GPU), addr(OTHER), addr("0000:ca:00.0")] };
+    let offered = vec![addr(GPU), addr(OTHER), addr("0000:ca:00.0")];
+    let view = HealthView { vfio, offered, nvml: None };
     let states = |view: &HealthView| view.report().iter().map(|h| h.health).collect::<Vec<_>>();
     assert_eq!(states(&view), [Health::Healthy; 3]);
     assert!(view.unavailable().is_empty());
@@ -265,5 +266,35 @@ async fn the_control_plane_hears_of_a_quarantine_from_the_kernel_log_and_of_a_lo
     fake.vanish(OTHER);
     let body = stats_where(&cp, "a lost GPU", |s| s["gpu_health"][1]["health"] == "lost").await;
     assert!(body["gpu_health"][1]["reason"].as_str().unwrap().contains("gone from the PCI bus"));
+    agent.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nvml_row_remapping_failures_quarantine_a_gpu_on_the_host_driver() {
+    use crate::support::nvml::{FakeDriver, fake_library, h100 as nvml_h100};
+    let cp = MockCp::start(Behaviour { without_frp: true, ..Default::default() });
+    let fake = h100(h100(FakeSysfs::new().driver_available("vfio-pci"), GPU, 12), OTHER, 13);
+    let dirs = Dirs::new();
+    let config = dirs.root.path().join("fake-nvml.conf");
+    let driver = FakeDriver {
+        cuda: 12040,
+        gpus: vec![nvml_h100(0, 30, 0, None), nvml_h100(0, 30, 0, None)],
+        // 0000:65:00.0 is fine; 0000:b3:00.0 had a row remapping fail.
+        health: vec![(0, 0x65, false, false, false), (1, 0xb3, false, false, true)],
+        ..Default::default()
+    };
+    driver.write(&config);
+    let mut env = cp.agent_env(&api_key(), 200);
+    env.push(("QUDATA_SYSFS_ROOT", fake.path().display().to_string()));
+    env.push(("QUDATA_NVML_LIBRARY", fake_library().display().to_string()));
+    env.push(("FAKE_NVML_CONFIG", config.display().to_string()));
+    let mut agent = Agent::start(&dirs, &["run"], &env, free_port());
+    agent.wait_ready().await;
+    let body =
+        stats_where(&cp, "the NVML quarantine", |s| s["gpu_health"][1]["health"] == "quarantined")
+            .await;
+    let reason = body["gpu_health"][1]["reason"].as_str().unwrap();
+    assert_eq!(reason, "NVML reports a row remapping failed (uncorrectable memory)");
+    assert_eq!(body["gpu_health"][0]["health"], "healthy", "{body}");
     agent.terminate();
 }

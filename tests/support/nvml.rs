@@ -49,6 +49,9 @@ pub struct FakeDriver {
     /// NVML's encoding: 12040 is CUDA 12.4.
     pub cuda: i32,
     pub gpus: Vec<FakeGpu>,
+    /// Per GPU index: PCI bus (decimal), retired pages pending, row remap pending, row remap
+    /// failure. GPUs not listed: bus 16 + index, all clear.
+    pub health: Vec<(usize, u32, bool, bool, bool)>,
 }
 
 impl FakeDriver {
@@ -64,6 +67,15 @@ impl FakeDriver {
             text.push_str(&format!(
                 "gpu {} {} {} {} {} {}\n",
                 g.total_mib, g.used_mib, g.util, g.temp, power, g.name
+            ));
+        }
+        for &(index, bus, retire, pending, failure) in &self.health {
+            let flag = |b: bool| u8::from(b);
+            text.push_str(&format!(
+                "health {index} {bus} {} {} {}\n",
+                flag(retire),
+                flag(pending),
+                flag(failure)
             ));
         }
         let tmp = path.with_extension("tmp");

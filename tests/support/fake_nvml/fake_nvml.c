@@ -8,6 +8,9 @@
  *   cuda 12040                       nvmlSystemGetCudaDriverVersion_v2
  *   driver 550.54.15                 nvmlSystemGetDriverVersion
  *   gpu TOTAL_MIB USED_MIB UTIL TEMP POWER_MW NAME...   one per GPU; POWER_MW -1: not supported
+ *   health INDEX BUS RETIRE_PENDING REMAP_PENDING REMAP_FAILURE   GPU INDEX's PCI bus (decimal;
+ *                                    default 16 + INDEX, domain 0, device 0) and its
+ *                                    page-retirement and row-remapping state (0 or 1 each)
  * With FAKE_NVML_LOG set, every successful nvmlInit_v2 and nvmlShutdown appends "init" or
  * "shutdown" to that file, so a test sees when the agent holds the driver open.
  */
@@ -29,7 +32,15 @@ typedef struct {
   unsigned int util, temp;
   long long power_mw;
   char name[96];
+  unsigned int bus, retire_pending, remap_pending, remap_failure;
 } fake_gpu;
+
+/* nvmlPciInfo_t as nvml.h defines it. */
+typedef struct {
+  char busIdLegacy[16];
+  unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+  char busId[32];
+} nvmlPciInfo_t;
 
 typedef struct {
   unsigned int version;
@@ -70,7 +81,18 @@ static void load(void) {
       if (sscanf(line + 4, "%llu %llu %u %u %lld %n", &g->total_mib, &g->used_mib, &g->util,
                  &g->temp, &g->power_mw, &used) >= 5) {
         snprintf(g->name, sizeof g->name, "%.95s", line + 4 + used);
+        g->bus = 16 + n;
+        g->retire_pending = g->remap_pending = g->remap_failure = 0;
         n++;
+      }
+    } else if (strncmp(line, "health ", 7) == 0) {
+      unsigned int index, bus, retire, pending, failure;
+      if (sscanf(line + 7, "%u %u %u %u %u", &index, &bus, &retire, &pending, &failure) == 5 &&
+          index < n) {
+        gpus[index].bus = bus;
+        gpus[index].retire_pending = retire;
+        gpus[index].remap_pending = pending;
+        gpus[index].remap_failure = failure;
       }
     }
   }
@@ -180,5 +202,34 @@ int nvmlDeviceGetPowerUsage(void *device, unsigned int *power_mw) {
   if (!g || !power_mw) return NVML_ERROR_INVALID_ARGUMENT;
   if (g->power_mw < 0) return NVML_ERROR_NOT_SUPPORTED;
   *power_mw = (unsigned int)g->power_mw;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetPciInfo_v3(void *device, nvmlPciInfo_t *pci) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !pci) return NVML_ERROR_INVALID_ARGUMENT;
+  memset(pci, 0, sizeof *pci);
+  pci->bus = g->bus;
+  pci->pciDeviceId = 0x233010de;
+  snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02x:00.0", g->bus);
+  snprintf(pci->busId, sizeof pci->busId, "00000000:%02x:00.0", g->bus);
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetRetiredPagesPendingStatus(void *device, int *is_pending) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !is_pending) return NVML_ERROR_INVALID_ARGUMENT;
+  *is_pending = (int)g->retire_pending;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetRemappedRows(void *device, unsigned int *corr, unsigned int *unc,
+                              unsigned int *is_pending, unsigned int *failure) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !corr || !unc || !is_pending || !failure) return NVML_ERROR_INVALID_ARGUMENT;
+  *corr = 0;
+  *unc = g->remap_failure ? 1 : 0;
+  *is_pending = g->remap_pending;
+  *failure = g->remap_failure;
   return NVML_SUCCESS;
 }
