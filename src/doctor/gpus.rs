@@ -44,6 +44,9 @@ fn gpu_line(view: &HostView, gpu: &NvidiaGpu) -> Check {
     };
     let detail = describe(gpu);
     let refusal = vfio.plan(None, std::slice::from_ref(&gpu.address)).err();
+    let mut functions = vec![gpu.address.clone()];
+    functions.extend(gpu.slot_functions.iter().map(|f| f.address.clone()));
+    let reset = vfio.reset_kind(&functions);
     let line = |status, note: String, fix: Option<String>| Check {
         check: "gpu",
         status,
@@ -77,12 +80,29 @@ fn gpu_line(view: &HostView, gpu: &NvidiaGpu) -> Check {
             format!("no passthrough now: {e}"),
             Some("see the reason; doctor shows it again when fixed".into()),
         ),
-        (None, GpuDriver::Nvidia) => {
-            line(Status::Ok, "passthrough ready (vfio-pci when a VM starts)".into(), None)
-        }
-        (None, GpuDriver::VfioPci) => {
-            line(Status::Ok, "passthrough ready (ready for a VM)".into(), None)
-        }
+        (None, GpuDriver::Nvidia | GpuDriver::VfioPci) if reset.is_none() => line(
+            Status::Warn,
+            "passthrough ready, but no reset the kernel can do safely: the GPU's state is not \
+             cleared between tenants"
+                .into(),
+            Some("a kernel with the bridge's reset_subordinate (6.13+), or a card with FLR".into()),
+        ),
+        (None, GpuDriver::Nvidia) => line(
+            Status::Ok,
+            format!(
+                "passthrough ready (vfio-pci when a VM starts); between tenants: {}",
+                reset.unwrap_or_default()
+            ),
+            None,
+        ),
+        (None, GpuDriver::VfioPci) => line(
+            Status::Ok,
+            format!(
+                "passthrough ready (ready for a VM); between tenants: {}",
+                reset.unwrap_or_default()
+            ),
+            None,
+        ),
         (None, GpuDriver::None) => line(
             Status::Warn,
             "passthrough ready; usable by VMs, not by Docker".into(),

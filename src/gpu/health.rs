@@ -178,13 +178,16 @@ impl HealthView {
                     None
                 }
             };
-            loop {
+            for round in 0u64.. {
                 for record in reader.as_mut().map(KmsgReader::read_new).unwrap_or_default() {
                     if let Some(event) = super::kmsg::parse_record(&record) {
                         self.note(&event, &boot_id);
                     }
                 }
-                self.check_bus();
+                // Less often: a config-space read wakes an idle GPU from its low-power state.
+                if round.is_multiple_of(BUS_CHECK_EVERY) {
+                    self.check_bus();
+                }
                 self.check_nvml();
                 std::thread::sleep(WATCH_PERIOD);
             }
@@ -236,8 +239,10 @@ pub fn release_command(cfg: &crate::config::Config, address: &str) -> Result<Str
     }
 }
 
-/// How often the kernel log and the config spaces are looked at.
+/// How often the kernel log and NVML are looked at.
 const WATCH_PERIOD: Duration = Duration::from_secs(2);
+/// The config spaces every this many periods (10 s).
+const BUS_CHECK_EVERY: u64 = 5;
 
 fn quarantined(gpu: &PciAddress, reason: &str, since: DateTime<Utc>) -> GpuHealth {
     GpuHealth {

@@ -75,6 +75,21 @@ impl Vfio {
         Ok(done)
     }
 
+    /// How a slot would be reset between tenants: `function reset (flr bus)` with the
+    /// methods the kernel offers, `bridge reset`, or `None` when it cannot be. Reads only.
+    pub fn reset_kind(&self, functions: &[PciAddress]) -> Option<String> {
+        let gpu = functions.first()?;
+        let dir = self.sysfs.device_dir(gpu);
+        if dir.join("reset").exists() {
+            let methods = self.sysfs.read_attr(&dir.join("reset_method")).unwrap_or_default();
+            return Some(format!(
+                "function reset ({})",
+                if methods.is_empty() { "kernel's choice" } else { methods.as_str() }
+            ));
+        }
+        self.sole_bridge(functions).map(|_| "bridge reset".to_owned())
+    }
+
     /// The `reset_subordinate` of the bridge above `functions`, when every device below it is
     /// one of them.
     fn sole_bridge(&self, functions: &[PciAddress]) -> Option<std::path::PathBuf> {

@@ -206,6 +206,7 @@ fn doctor_reads_the_sysfs_root_it_is_given() {
         .driver("nvidia")
         .group(12)
         .bars(&[(1, 32 << 30, true), (3, 32 << 20, true)])
+        .resettable("flr")
         .function("0000:65:00.1", crate::support::sysfs::CLASS_AUDIO)
         .group(12);
     let root = fake.path().display().to_string();
@@ -216,7 +217,8 @@ fn doctor_reads_the_sysfs_root_it_is_given() {
     assert_eq!(
         gpus[0]["detail"],
         "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1, \
-         64-bit BARs 32800 MiB; passthrough ready (vfio-pci when a VM starts)"
+         64-bit BARs 32800 MiB; passthrough ready (vfio-pci when a VM starts); between \
+         tenants: function reset (flr)"
     );
     let iommu = report.iter().find(|c| c["check"] == "iommu").unwrap();
     assert!(iommu["detail"].as_str().unwrap().starts_with("1 IOMMU group"), "{iommu}");

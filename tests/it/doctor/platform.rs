@@ -116,7 +116,8 @@ fn gpu_on(driver: Option<&str>) -> FakeHost {
     if let Some(driver) = driver {
         sysfs = sysfs.driver(driver);
     }
-    let sysfs = sysfs.group(12).function("0000:65:00.1", CLASS_AUDIO).group(12);
+    let sysfs =
+        sysfs.group(12).resettable("flr bus").function("0000:65:00.1", CLASS_AUDIO).group(12);
     FakeHost::new().with_sysfs(sysfs)
 }
 
@@ -129,16 +130,31 @@ fn gpu_on_nvidia_or_vfio_pci_is_ok() {
     assert_eq!(
         checks[0].detail,
         "0000:65:00.0 10de:2330 on nvidia, iommu group 12 (peers: 0000:65:00.1), slot also .1; \
-         passthrough ready (vfio-pci when a VM starts)"
+         passthrough ready (vfio-pci when a VM starts); between tenants: function reset (flr bus)"
     );
 
     let c = &doctor::gpus(&gpu_on(Some("vfio-pci")).view())[0];
     assert_eq!(c.status, Status::Ok);
     assert!(
-        c.detail.contains("on vfio-pci") && c.detail.ends_with("(ready for a VM)"),
+        c.detail.contains("on vfio-pci") && c.detail.contains("(ready for a VM)"),
         "{}",
         c.detail
     );
+}
+
+#[test]
+fn a_gpu_without_a_safe_reset_warns_that_tenants_share_its_state() {
+    let sysfs = FakeSysfs::new()
+        .driver_available("vfio-pci")
+        .gpu("0000:65:00.0", 0x2330)
+        .driver("nvidia")
+        .group(12)
+        .function("0000:65:00.1", CLASS_AUDIO)
+        .group(12);
+    let c = &doctor::gpus(&FakeHost::new().with_sysfs(sysfs).view())[0];
+    assert_eq!(c.status, Status::Warn);
+    assert!(c.detail.ends_with("the GPU's state is not cleared between tenants"), "{}", c.detail);
+    assert!(c.fix.as_deref().unwrap().contains("reset_subordinate"));
 }
 
 #[test]

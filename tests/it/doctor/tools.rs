@@ -183,6 +183,7 @@ fn a_ready_host_is_all_ok_in_the_documented_order() {
         .gpu("0000:65:00.0", 0x2330)
         .driver("vfio-pci")
         .group(12)
+        .resettable("flr")
         .function("0000:65:00.1", CLASS_AUDIO)
         .group(12)
         .module("vfio")
