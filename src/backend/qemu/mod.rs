@@ -31,6 +31,7 @@ pub mod procfs;
 pub mod qmp;
 pub mod seed;
 pub mod sweeper;
+pub mod topology;
 pub mod vfat;
 
 pub mod backend;
