@@ -36,6 +36,7 @@ mod guest_ssh;
 mod install;
 mod network;
 mod qemu;
+mod qemu_topology;
 mod recover;
 mod systemd;
 mod tunnel;
