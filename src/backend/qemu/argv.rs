@@ -161,9 +161,9 @@ fn memory_args(a: &mut Args, t: &Topology) {
 
 /// A page size as QEMU reads sizes (`1G`, `2M`).
 fn page_size(kib: u64) -> String {
-    if kib >= 1 << 20 && kib % (1 << 20) == 0 {
+    if kib >= 1 << 20 && kib.is_multiple_of(1 << 20) {
         format!("{}G", kib >> 20)
-    } else if kib % 1024 == 0 {
+    } else if kib.is_multiple_of(1024) {
         format!("{}M", kib >> 10)
     } else {
         format!("{kib}K")

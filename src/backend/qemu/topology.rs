@@ -200,7 +200,7 @@ fn reserved_cpus(facts: &HostFacts, reserved: &Reserved) -> Vec<u32> {
 /// on any CPU of its set, not on a fixed sibling.
 fn spread(vm: &VmShape, placed: &[&HostNode], reserved: &[u32]) -> Topology {
     let n = placed.len() as u32;
-    let even = vm.vcpus % n == 0;
+    let even = vm.vcpus.is_multiple_of(n);
     let (sockets, cores) = if even { (n, vm.vcpus / n) } else { (1, vm.vcpus) };
     let mut first_vcpu = 0;
     let mut nodes = Vec::new();
@@ -260,7 +260,7 @@ fn place_memory(facts: &HostFacts, vm: &VmShape, t: &mut Topology) -> Result<(),
     }
     for page_kib in PREFERRED_PAGES_KIB {
         let page_mib = page_kib >> 10;
-        if vm.memory_mib % page_mib != 0 {
+        if !vm.memory_mib.is_multiple_of(page_mib) {
             continue;
         }
         share(t, vm.memory_mib, page_mib);
