@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Provisions a Debian 12 host for qudata-agent (as root).
 #
-#   QUDATA_API_KEY=ak-... ./install.sh [--dry-run] [--root DIR]
+#   QUDATA_API_KEY=ak-... ./install.sh [--dry-run] [--root DIR] [--hugepages-gib N]
 #                          production: packages, IOMMU (GRUB) and VFIO modules, the agent,
-#                          frpc and the base image (SHA-256 checked), the systemd unit
+#                          frpc and the base image (SHA-256 checked), the systemd unit;
+#                          --hugepages-gib N (or INSTALL_HUGEPAGES_GIB) reserves N GiB of
+#                          1 GiB huge pages for VMs' memory at every boot (GRUB), and now as far
+#                          as memory allows; --hugepages-gib 0 gives them back
 #   ./install.sh --local   install what is missing, build the agent, run it in local mode
 #   ./install.sh --packages FILE
 #                          install the Debian packages listed in FILE (used by the tests)
@@ -19,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 # QEMU comes from bookworm-backports, like the qemu-utils these hosts already carry: mixing
 # QEMU 7.2 from bookworm with qemu-img 10 is not a combination anyone tests.
@@ -101,6 +104,7 @@ CREATED=()  # paths this run created: removed again when the run fails
 SCRATCH=""  # a private temp dir, always removed
 CHANGED=0   # the agent's binary, unit or settings changed: a running agent is restarted
 IMAGE_UP_TO_DATE=0
+HUGEPAGES_GIB=${INSTALL_HUGEPAGES_GIB:-}  # empty: huge pages are left as they are
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
@@ -240,6 +244,9 @@ check_inputs() {
       IMAGE_UP_TO_DATE=1
     fi
   fi
+  if [ -n "$HUGEPAGES_GIB" ] && { [[ ! $HUGEPAGES_GIB =~ ^[0-9]{1,5}$ ]] || [ "$HUGEPAGES_GIB" -gt 65536 ]; }; then
+    die "--hugepages-gib $HUGEPAGES_GIB: give a whole number of GiB, 0-65536 (0 gives the pages back)"
+  fi
   AGENT_BINARY=${INSTALL_AGENT_BINARY:-}
   if [ -n "$AGENT_BINARY" ] && [ ! -x "$AGENT_BINARY" ]; then
     die "INSTALL_AGENT_BINARY=$AGENT_BINARY is not an executable file"
@@ -369,6 +376,60 @@ install_grub_dropin() {
   say "reboot to turn the IOMMU on (the kernel command line changed)"
 }
 
+# update-grub after a drop-in changed (the host's only: never under --root).
+regenerate_grub() {
+  if [ "$ROOT" != / ]; then say "skip: update-grub (installing into $ROOT)"; return 0; fi
+  if dry; then say "would run: update-grub"; return 0; fi
+  update-grub || die "update-grub failed (see above); run install.sh again once it works"
+}
+
+# Huge pages for VMs' memory (opt-in, --hugepages-gib N). 1 GiB pages are reserved on the
+# kernel command line: once memory is fragmented the kernel rarely finds 1 GiB runs, so only
+# a boot-time reservation is sure (split evenly over the NUMA nodes, as the GPUs are). The
+# drop-in is the record: it holds the count and the pool's size before it, and
+# --hugepages-gib 0 removes it and gives the pages back.
+HUGEPAGES_DROPIN=/etc/default/grub.d/qudata-hugepages.cfg
+HUGEPAGES_POOL=/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages
+install_hugepages() {
+  [ -n "$HUGEPAGES_GIB" ] || return 0
+  local dropin cfg before=0
+  dropin=$(at "$HUGEPAGES_DROPIN")
+  if [ "$ROOT" = / ] && [ -r "$HUGEPAGES_POOL" ]; then before=$(cat "$HUGEPAGES_POOL"); fi
+  if [ -f "$dropin" ]; then before=$(sed -n 's/^# pool before: \([0-9]*\)$/\1/p' "$dropin"); fi
+  if [ "$HUGEPAGES_GIB" = 0 ]; then
+    if [ ! -e "$dropin" ]; then say "up to date: no huge pages reserved for VMs"; return 0; fi
+    if dry; then say "would remove $dropin and give the huge pages back"; else rm -f -- "$dropin"; say "removed $dropin"; fi
+    regenerate_grub
+    set_hugepage_pool "${before:-0}"
+    return 0
+  fi
+  if [ ! -e "$(at /etc/default/grub)" ]; then
+    say "no /etc/default/grub: add hugepagesz=1G hugepages=$HUGEPAGES_GIB to this boot loader's kernel command line"
+  else
+    cfg="$SCRATCH/qudata-hugepages.cfg"
+    cat >"$cfg" <<CFG
+# Installed by qudata-agent's install.sh --hugepages-gib $HUGEPAGES_GIB as $HUGEPAGES_DROPIN.
+# $HUGEPAGES_GIB GiB of 1 GiB huge pages for VMs' memory, reserved at boot and split over the
+# NUMA nodes; install.sh --hugepages-gib 0 removes this file and gives the pages back.
+# pool before: ${before:-0}
+case " \${GRUB_CMDLINE_LINUX-} \${GRUB_CMDLINE_LINUX_DEFAULT-} " in
+  *" hugepagesz=1G hugepages=$HUGEPAGES_GIB "*) ;;
+  *) GRUB_CMDLINE_LINUX_DEFAULT="\${GRUB_CMDLINE_LINUX_DEFAULT:+\$GRUB_CMDLINE_LINUX_DEFAULT }hugepagesz=1G hugepages=$HUGEPAGES_GIB" ;;
+esac
+CFG
+    if put_file "$cfg" "$dropin" 0644; then regenerate_grub; fi
+  fi
+  set_hugepage_pool "$HUGEPAGES_GIB"
+}
+
+# set_hugepage_pool N: asks the running kernel for N 1 GiB pages now and says how many it gave.
+set_hugepage_pool() {
+  if [ "$ROOT" != / ] || [ ! -w "$HUGEPAGES_POOL" ]; then say "skip: huge pages now (reserved at the next boot)"; return 0; fi
+  if dry; then say "would set $HUGEPAGES_POOL to $1 now"; return 0; fi
+  printf '%s\n' "$1" >"$HUGEPAGES_POOL" || true
+  say "1 GiB huge pages now: $(cat "$HUGEPAGES_POOL") of $1 (the rest at the next boot)"
+}
+
 start_service() {
   if [ "$ROOT" != / ]; then say "skip: systemctl (installing into $ROOT)"; return 0; fi
   if [ ! -d /run/systemd/system ]; then say "skip: systemctl (systemd is not running here)"; return 0; fi
@@ -395,6 +456,8 @@ production() {
       --dry-run) DRY_RUN=1 ;;
       --root) [ -n "${2:-}" ] || usage 2 >&2; ROOT=$2; shift ;;
       --root=*) ROOT=${1#--root=} ;;
+      --hugepages-gib) [ -n "${2:-}" ] || usage 2 >&2; HUGEPAGES_GIB=$2; shift ;;
+      --hugepages-gib=*) HUGEPAGES_GIB=${1#--hugepages-gib=} ;;
       *) usage 2 >&2 ;;
     esac
     shift
@@ -414,6 +477,7 @@ production() {
   write_env_file
   install_vfio_modules
   install_grub_dropin
+  install_hugepages
   # Everything is in place: a service that then fails to start is for the operator to look
   # at (journalctl), not a reason to remove files systemd may already have loaded.
   CREATED=()

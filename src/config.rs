@@ -170,6 +170,14 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_HOST_RESERVED_CPUS",
+        None,
+        "a CPU list such as 0,64 or 0-1,32-33, or `none`",
+        "CPUs kept for the host: no vCPU of a VM with GPUs runs there, and its QEMU's main loop \
+         and I/O thread run only there (default: the first core of each NUMA node)",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_INSTANCE_CPUS",
         None,
         "a number of vCPUs 1-1024",
@@ -383,6 +391,8 @@ pub struct Config {
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
+    /// CPUs kept for the host; `None`: the first core of each NUMA node.
+    pub host_reserved_cpus: Option<Vec<u32>>,
     /// vCPUs and memory (MiB) of an instance whose request names none; `None`: the host's
     /// default (see `agent::limits`).
     pub instance_cpus: Option<u32>,
@@ -588,6 +598,18 @@ fn parse_pci_list(v: &str) -> Result<Vec<String>, String> {
     if out.is_empty() { Err("lists no address".into()) } else { Ok(out) }
 }
 
+/// `none` (nothing kept for the host) or a CPU list in the kernel's format.
+fn parse_cpu_list(v: &str) -> Result<Vec<u32>, String> {
+    if v.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    match crate::backend::qemu::topology::cpulist::parse(v) {
+        Some(cpus) if !cpus.is_empty() => Ok(cpus),
+        Some(_) => Err("lists no CPU".into()),
+        None => Err("is not a CPU list".into()),
+    }
+}
+
 /// A DNS label as FRP accepts it for a subdomain.
 pub fn is_dns_label(v: &str) -> bool {
     !v.is_empty()
@@ -649,6 +671,7 @@ impl Config {
                 })?,
             },
             gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            host_reserved_cpus: r.parse("QUDATA_HOST_RESERVED_CPUS", parse_cpu_list)?,
             instance_cpus: r.parse("QUDATA_INSTANCE_CPUS", |v| match v.parse::<u32>() {
                 Ok(n) if (1..=1024).contains(&n) => Ok(n),
                 Ok(_) => Err("is out of range".into()),
@@ -775,6 +798,17 @@ mod tests {
         assert_eq!(c.ovmf_vars, Some(PathBuf::from("/fw/VARS.fd")));
         let kvm = Config::load(&env(&[("QUDATA_QEMU_ACCEL", "kvm")]), true).unwrap();
         assert_eq!(kvm.qemu_accel, AccelChoice::Kvm);
+    }
+
+    #[test]
+    fn host_reserved_cpus_are_a_cpu_list_or_none() {
+        let load = |v: &str| Config::load(&env(&[("QUDATA_HOST_RESERVED_CPUS", v)]), true);
+        assert_eq!(Config::load(&env(&[]), true).unwrap().host_reserved_cpus, None);
+        assert_eq!(load("0,64").unwrap().host_reserved_cpus, Some(vec![0, 64]));
+        assert_eq!(load("0-1,32-33").unwrap().host_reserved_cpus, Some(vec![0, 1, 32, 33]));
+        assert_eq!(load("none").unwrap().host_reserved_cpus, Some(vec![]));
+        let err = load("first").unwrap_err().to_string();
+        assert!(err.starts_with("QUDATA_HOST_RESERVED_CPUS=\"first\": is not a CPU list"), "{err}");
     }
 
     #[test]

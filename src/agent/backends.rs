@@ -13,6 +13,7 @@ use crate::backend::docker::{DockerBackend, DockerSettings};
 use crate::backend::qemu::accel::{self, Accel, AccelError, Accelerator};
 use crate::backend::qemu::confine::{ConfineError, QemuUser};
 use crate::backend::qemu::disk::{self, DiskError};
+use crate::backend::qemu::topology::Reserved;
 use crate::backend::qemu::{QemuBackend, QemuSettings, QemuSweeper};
 use crate::backend::{EventSink, HostSweeper, Lifecycle};
 use crate::config::ConfigError;
@@ -238,6 +239,10 @@ async fn qemu(
         user: Some(user),
         dev_vfio: PathBuf::from("/dev/vfio"),
         network: network.clone(),
+        reserved_cpus: match &cfg.host_reserved_cpus {
+            Some(cpus) => Reserved::Cpus(cpus.clone()),
+            None => Reserved::FirstCoreOfEachNode,
+        },
     };
     tracing::info!(base = %settings.base_image.display(), "QEMU backend ready");
     Ok(QemuBackend::new(settings, key, events))

@@ -189,7 +189,7 @@ fn help_and_packages_modes_keep_working() {
     let help = Command::new("bash").arg(&script).arg("--help").output().unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
     assert!(help.status.success());
-    for mode in ["--local", "--packages FILE", "--dry-run", "--root DIR"] {
+    for mode in ["--local", "--packages FILE", "--dry-run", "--root DIR", "--hugepages-gib N"] {
         assert!(text.contains(mode), "{mode} missing from --help:\n{text}");
     }
     // Packages already installed: nothing to do, no apt-get.
@@ -286,4 +286,56 @@ fn downloads_over_http_and_a_missing_file_leaves_nothing() {
     assert!(run.ok, "{}", run.text);
     assert_eq!(std::fs::read(fx.at("/usr/local/bin/frpc")).unwrap(), FRPC_SCRIPT);
     assert_eq!(std::fs::read(fx.at("/var/lib/qudata/images/base.qcow2")).unwrap(), fx.image);
+}
+
+#[test]
+fn hugepages_for_vms_are_opt_in_shown_by_dry_run_and_undone_by_zero() {
+    let fx = Fixture::new(true);
+    let dropin = "/etc/default/grub.d/qudata-hugepages.cfg";
+    let plain = fx.install(&[], &[]);
+    assert!(plain.ok, "{}", plain.text);
+    assert!(!fx.at(dropin).exists(), "no huge pages unless asked");
+
+    let before = fx.tree();
+    let dry = fx.install(&["--dry-run", "--hugepages-gib", "64"], &[]);
+    assert!(dry.ok, "{}", dry.text);
+    assert_eq!(fx.tree(), before);
+    let would = format!("would install {} (mode 0644)", fx.at(dropin).display());
+    assert!(dry.text.contains(&would), "{would:?} missing:\n{}", dry.text);
+
+    let run = fx.install(&["--hugepages-gib", "64"], &[]);
+    assert!(run.ok, "{}", run.text);
+    assert_eq!(fx.mode(dropin), 0o644);
+    let text = std::fs::read_to_string(fx.at(dropin)).unwrap();
+    assert!(text.contains("# pool before: 0"), "the record of what to give back:\n{text}");
+    // grub-mkconfig sources it with /bin/sh: appended once, however often it is sourced.
+    let sourced = |preset: &str| {
+        let out = Command::new("/bin/sh")
+            .args(["-euc", ". \"$1\"; . \"$1\"; printf %s \"$GRUB_CMDLINE_LINUX_DEFAULT\"", "sh"])
+            .arg(fx.at(dropin))
+            .env("GRUB_CMDLINE_LINUX_DEFAULT", preset)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(sourced("quiet"), "quiet hugepagesz=1G hugepages=64");
+    assert_eq!(sourced(""), "hugepagesz=1G hugepages=64");
+    let out = Command::new("shellcheck").args(["--shell=sh"]).arg(fx.at(dropin)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Again: nothing changes. An environment variable asks the same.
+    let same = fx.tree();
+    let again = fx.install(&[], &[("INSTALL_HUGEPAGES_GIB", Some("64".into()))]);
+    assert!(again.ok && again.text.contains("up to date"), "{}", again.text);
+    assert_eq!(fx.tree(), same);
+
+    let bad = fx.install(&["--hugepages-gib", "lots"], &[]);
+    assert!(!bad.ok && bad.text.contains("give a whole number of GiB"), "{}", bad.text);
+
+    let undo = fx.install(&["--hugepages-gib", "0"], &[]);
+    assert!(undo.ok, "{}", undo.text);
+    assert!(!fx.at(dropin).exists(), "{}", undo.text);
+    let none = fx.install(&["--hugepages-gib=0"], &[]);
+    assert!(none.text.contains("up to date: no huge pages reserved for VMs"), "{}", none.text);
 }

@@ -37,6 +37,7 @@ mod guest_ssh;
 mod install;
 mod network;
 mod qemu;
+mod qemu_topology;
 mod recover;
 mod systemd;
 mod tunnel;

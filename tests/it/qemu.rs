@@ -12,8 +12,9 @@ use qudata_agent::backend::qemu::layout::VmPaths;
 use qudata_agent::backend::qemu::process::{self, Spawned};
 use qudata_agent::backend::qemu::procfs::ProcRoot;
 use qudata_agent::backend::qemu::qmp::{Qmp, QmpEvent};
+use qudata_agent::backend::qemu::topology::Topology;
 use qudata_agent::backend::qemu::vm_process::{Ladder, Owner, Stopped, VmProcess};
-use qudata_agent::backend::qemu::{disk, seed};
+use qudata_agent::backend::qemu::{disk, diskio, seed};
 use qudata_agent::config::AccelChoice;
 use tokio::sync::broadcast;
 
@@ -64,6 +65,8 @@ async fn prepare(dir: &Path, id: &str) -> VmPlan {
         pidfile: layout.pidfile,
         serial_log: dir.join("serial.log"),
         gpus: vec![],
+        topology: Topology::unplaced(1, 256),
+        disk_io: diskio::probe(Path::new(QEMU), dir).await,
     }
 }
 

@@ -221,6 +221,8 @@ async fn real_qemu_accepts_the_passthrough_argv_up_to_the_host_device() {
             functions: vec![GPU.into(), AUDIO.into()],
             bar_bytes: 32 << 30,
         }],
+        topology: qudata_agent::backend::qemu::topology::Topology::unplaced(1, 256),
+        disk_io: qudata_agent::backend::qemu::diskio::DiskIo::CACHED,
     };
     let log = file("qemu.log");
     let qemu = process::spawn(Path::new("qemu-system-x86_64"), &qemu_argv(&plan), &log).unwrap();

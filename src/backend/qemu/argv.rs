@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
+use super::diskio::DiskIo;
+use super::topology::{Backing, Topology, cpulist};
 use crate::instance::model::marker;
 
 /// One passed-through GPU: every function of its PCI slot.
@@ -46,6 +48,10 @@ pub struct VmPlan {
     pub pidfile: PathBuf,
     pub serial_log: PathBuf,
     pub gpus: Vec<GpuPassthrough>,
+    /// Guest NUMA nodes and sockets, memory backing, and where on the host they go.
+    pub topology: Topology,
+    /// The overlay's cache and submission mode, as probed on this host.
+    pub disk_io: DiskIo,
 }
 
 /// QEMU's seccomp filter, as libvirt sets it.
@@ -56,15 +62,25 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     let mut a = Args::default();
     a.pair("-name", marker(&plan.id));
-    a.pair("-machine", format!("q35,accel={}", plan.accel.as_str()));
+    let one_node = plan.topology.nodes.len() == 1;
+    // One guest node: the machine's RAM is the backend itself; several: one `-numa` each.
+    let ram = if one_node { ",memory-backend=mem0" } else { "" };
+    a.pair("-machine", format!("q35,accel={}{ram}", plan.accel.as_str()));
     let cpu = cpu_model(plan.accel);
     // GPUs' BARs go high in the guest's physical address space: the guest must see the
     // host's real address width, not QEMU's default 40 bits (1 TiB).
     let cpu =
         if plan.gpus.is_empty() { cpu.to_owned() } else { format!("{cpu},host-phys-bits=on") };
     a.pair("-cpu", cpu);
-    a.pair("-smp", plan.vcpus.to_string());
+    let t = &plan.topology;
+    a.pair(
+        "-smp",
+        format!("{},sockets={},cores={},threads={}", plan.vcpus, t.sockets, t.cores, t.threads),
+    );
     a.pair("-m", format!("{}M", plan.memory_mib));
+    memory_args(&mut a, t);
+    // The disk's I/O runs in a thread of its own, which the agent keeps off the vCPUs' CPUs.
+    a.pair("-object", "iothread,id=io0");
     a.flag("-nodefaults");
     a.flag("-no-user-config");
     // seccomp: no obsolete system calls, no set*uid (QEMU starts as its user, see
@@ -77,8 +93,10 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     a.pair("-drive", format!("if=pflash,format=raw,unit=1,file={}", opt_path(&plan.ovmf_vars)));
     // The disk is the only boot option (the firmware's shell aside): a guest that cannot boot
     // from it is seen at once, never tries the network (PXE, HTTP boot), and boots sooner.
-    a.pair("-drive", format!("if=none,id=disk0,format=qcow2,file={}", opt_path(&plan.overlay)));
-    a.pair("-device", "virtio-blk-pci,drive=disk0,bootindex=1");
+    let overlay = opt_path(&plan.overlay);
+    let io = plan.disk_io.drive_options();
+    a.pair("-drive", format!("if=none,id=disk0,format=qcow2,file={overlay},{io}"));
+    a.pair("-device", "virtio-blk-pci,drive=disk0,iothread=io0,bootindex=1");
     let seed = opt_path(&plan.seed);
     a.pair("-drive", format!("if=none,id=seed0,format=raw,readonly=on,file={seed}"));
     a.pair("-device", "virtio-blk-pci,drive=seed0");
@@ -112,6 +130,43 @@ pub fn cpu_model(accel: Accel) -> &'static str {
     match accel {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
+    }
+}
+
+/// One memory backend per guest node: memfd (no file to clean up; shareable), on huge pages
+/// when planned, bound to its host node when placed, and faulted in before the guest runs
+/// only on huge pages: normal memory of a VM with GPUs is faulted in by VFIO's pinning at
+/// start anyway, and a VM without GPUs should start at once and take memory as it uses it.
+fn memory_args(a: &mut Args, t: &Topology) {
+    let several = t.nodes.len() > 1;
+    for (i, node) in t.nodes.iter().enumerate() {
+        let mut mem = format!("memory-backend-memfd,id=mem{i},size={}M", node.memory_mib);
+        if let Backing::HugePages { page_kib } = t.backing {
+            mem.push_str(&format!(",hugetlb=on,hugetlbsize={}", page_size(page_kib)));
+        }
+        if let Some(host) = node.host_node {
+            mem.push_str(&format!(",host-nodes={host},policy=bind"));
+        }
+        if let Some(threads) = node.prealloc_threads {
+            mem.push_str(&format!(",prealloc=on,prealloc-threads={threads}"));
+        }
+        a.pair("-object", mem);
+        if several {
+            // QEMU takes a list of CPUs as the option repeated.
+            let cpus = cpulist::format(&node.vcpus, ",cpus=");
+            a.pair("-numa", format!("node,nodeid={i},cpus={cpus},memdev=mem{i}"));
+        }
+    }
+}
+
+/// A page size as QEMU reads sizes (`1G`, `2M`).
+fn page_size(kib: u64) -> String {
+    if kib >= 1 << 20 && kib.is_multiple_of(1 << 20) {
+        format!("{}G", kib >> 20)
+    } else if kib.is_multiple_of(1024) {
+        format!("{}M", kib >> 10)
+    } else {
+        format!("{kib}K")
     }
 }
 

@@ -14,6 +14,7 @@ use super::accel::Accelerator;
 use super::argv::VmPlan;
 use super::confine::QemuUser;
 use super::disk::{self, Ovmf};
+use super::diskio::DiskIo;
 use super::gpus;
 use super::layout::VmPaths;
 use super::process;
@@ -21,6 +22,7 @@ use super::procfs::ProcRoot;
 use super::qmp::Qmp;
 use super::seed;
 use super::sweeper::QemuSweeper;
+use super::topology::{Reserved, Topology};
 use super::vm::{QMP_TIMEOUT, Vm};
 use super::vm_process::{Ladder, Owner, VmProcess};
 use crate::backend::{Adoption, BackendError, EventSink, Lifecycle, Machine};
@@ -34,6 +36,7 @@ use crate::network::{GuestNet, HostNetwork};
 mod boot;
 mod guest;
 mod machine;
+mod placement;
 mod start;
 
 pub use machine::QemuMachine;
@@ -66,6 +69,9 @@ pub struct QemuSettings {
     pub dev_vfio: PathBuf,
     /// The guests' bridge, taps and rules.
     pub network: Arc<HostNetwork>,
+    /// The CPUs kept for the host (`QUDATA_HOST_RESERVED_CPUS`): no vCPU of a VM with GPUs
+    /// runs there, and its QEMU's other threads run nowhere else.
+    pub reserved_cpus: Reserved,
 }
 
 /// Holds no VM: each live VM is a [`QemuMachine`] held by its instance's task. Cheap to
@@ -148,7 +154,13 @@ impl QemuBackend {
         Ok(path)
     }
 
-    fn plan(&self, instance: &Instance, paths: &VmPaths) -> VmPlan {
+    fn plan(
+        &self,
+        instance: &Instance,
+        paths: &VmPaths,
+        topology: Topology,
+        disk_io: DiskIo,
+    ) -> VmPlan {
         VmPlan {
             id: instance.id.clone(),
             accel: self.settings.accel.current(),
@@ -163,6 +175,8 @@ impl QemuBackend {
             pidfile: paths.pidfile.clone(),
             serial_log: paths.serial_log.clone(),
             gpus: Vec::new(),
+            topology,
+            disk_io,
         }
     }
 
@@ -274,7 +288,9 @@ impl Lifecycle for QemuBackend {
             })
             .collect();
         disk::room_for(spec.storage_gb << 30, free, DISK_RESERVE, &held)
-            .map_err(|reason| BackendError::Refused { reason })
+            .map_err(|reason| BackendError::Refused { reason })?;
+        // The manager asks for the disk with the spec in hand: the memory is checked here too.
+        self.check_memory(spec)
     }
 
     fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {

@@ -25,12 +25,15 @@ pub mod argv;
 pub mod confine;
 pub mod console;
 pub mod disk;
+pub mod diskio;
 pub mod gpus;
+pub mod pin;
 pub mod process;
 pub mod procfs;
 pub mod qmp;
 pub mod seed;
 pub mod sweeper;
+pub mod topology;
 pub mod vfat;
 
 pub mod backend;

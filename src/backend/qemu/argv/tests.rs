@@ -16,6 +16,8 @@ fn plan(accel: Accel) -> VmPlan {
         pidfile: "/run/qudata/abc/qemu.pid".into(),
         serial_log: format!("{vm}/serial.log").into(),
         gpus: vec![],
+        topology: Topology::unplaced(2, 2048),
+        disk_io: DiskIo { direct: true, aio: crate::backend::qemu::diskio::Aio::IoUring },
     }
 }
 
@@ -25,13 +27,15 @@ fn strings(items: &[&str]) -> Vec<String> {
 
 #[rustfmt::skip]
 fn common(accel: &str, cpu: &str) -> Vec<String> {
-    let machine = format!("q35,accel={accel}");
+    let machine = format!("q35,accel={accel},memory-backend=mem0");
     strings(&[
         "-name", "qudata-abc",
         "-machine", &machine,
         "-cpu", cpu,
-        "-smp", "2",
+        "-smp", "2,sockets=1,cores=2,threads=1",
         "-m", "2048M",
+        "-object", "memory-backend-memfd,id=mem0,size=2048M",
+        "-object", "iothread,id=io0",
         "-nodefaults",
         "-no-user-config",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -39,8 +43,8 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
         "-S",
         "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
         "-drive", "if=pflash,format=raw,unit=1,file=/var/lib/qudata/vms/abc/OVMF_VARS.fd",
-        "-drive", "if=none,id=disk0,format=qcow2,file=/var/lib/qudata/vms/abc/disk.qcow2",
-        "-device", "virtio-blk-pci,drive=disk0,bootindex=1",
+        "-drive", "if=none,id=disk0,format=qcow2,file=/var/lib/qudata/vms/abc/disk.qcow2,cache=none,aio=io_uring,discard=unmap",
+        "-device", "virtio-blk-pci,drive=disk0,iothread=io0,bootindex=1",
         "-drive", "if=none,id=seed0,format=raw,readonly=on,file=/var/lib/qudata/vms/abc/seed.img",
         "-device", "virtio-blk-pci,drive=seed0",
         "-netdev", "tap,id=net0,fd=5",
@@ -213,7 +217,9 @@ fn commas_in_option_paths_are_doubled() {
     let mut p = plan(Accel::Tcg);
     p.overlay = "/data/a,b/disk.qcow2".into();
     let argv = qemu_argv(&p);
-    assert!(argv.contains(&"if=none,id=disk0,format=qcow2,file=/data/a,,b/disk.qcow2".to_owned()));
+    let drive = "if=none,id=disk0,format=qcow2,file=/data/a,,b/disk.qcow2,cache=none,aio=io_uring,\
+                 discard=unmap";
+    assert!(argv.contains(&drive.to_owned()), "{argv:?}");
 }
 
 #[test]
@@ -224,4 +230,90 @@ fn mmio_window_rounds_each_gpu_then_the_total_and_doubles() {
     assert_eq!(mmio64_window_mib(&[g(32 * GIB)]), Some(64 << 10));
     assert_eq!(mmio64_window_mib(&[g(32 * GIB), g(1)]), Some(128 << 10));
     assert_eq!(mmio64_window_mib(&[g(u64::MAX)]), Some(u64::MAX >> 20), "saturates");
+}
+
+/// The 8-GPU VM of `topology::tests` on two host nodes, 1 GiB pages.
+fn two_node_topology() -> Topology {
+    use crate::backend::qemu::topology::GuestNode;
+    let node = |i: u32, pin: Vec<u32>| GuestNode {
+        vcpus: (i * 8..i * 8 + 8).collect(),
+        memory_mib: 65536,
+        host_node: Some(i),
+        pin,
+        prealloc_threads: Some(14),
+    };
+    Topology {
+        sockets: 2,
+        cores: 8,
+        threads: 1,
+        nodes: vec![node(0, vec![1, 2, 3]), node(1, vec![9, 10, 11])],
+        backing: Backing::HugePages { page_kib: 1 << 20 },
+        io_cpus: vec![0, 8],
+    }
+}
+
+/// The arguments from `-machine` to the I/O thread.
+fn machine_to_iothread(argv: &[String]) -> Vec<String> {
+    let start = argv.iter().position(|a| a == "-machine").unwrap();
+    let end = argv.iter().position(|a| a == "iothread,id=io0").unwrap();
+    argv[start..=end].to_vec()
+}
+
+#[rustfmt::skip]
+#[test]
+fn two_host_nodes_make_two_guest_nodes_on_bound_huge_pages() {
+    let mut p = plan(Accel::Kvm);
+    p.vcpus = 16;
+    p.memory_mib = 131072;
+    p.topology = two_node_topology();
+    p.gpus = vec![gpu(&["0000:18:00.0"], 0), gpu(&["0000:9a:00.0"], 0)];
+    assert_eq!(machine_to_iothread(&qemu_argv(&p)), strings(&[
+        "-machine", "q35,accel=kvm",
+        "-cpu", "host,host-phys-bits=on",
+        "-smp", "16,sockets=2,cores=8,threads=1",
+        "-m", "131072M",
+        "-object", "memory-backend-memfd,id=mem0,size=65536M,hugetlb=on,hugetlbsize=1G,host-nodes=0,policy=bind,prealloc=on,prealloc-threads=14",
+        "-numa", "node,nodeid=0,cpus=0-7,memdev=mem0",
+        "-object", "memory-backend-memfd,id=mem1,size=65536M,hugetlb=on,hugetlbsize=1G,host-nodes=1,policy=bind,prealloc=on,prealloc-threads=14",
+        "-numa", "node,nodeid=1,cpus=8-15,memdev=mem1",
+        "-object", "iothread,id=io0",
+    ]));
+}
+
+#[rustfmt::skip]
+#[test]
+fn one_placed_node_on_2_mib_pages_is_the_machines_memory() {
+    let mut p = plan(Accel::Kvm);
+    let mut t = two_node_topology();
+    t.nodes.truncate(1);
+    t.nodes[0].vcpus = vec![0, 1];
+    t.nodes[0].memory_mib = 2048;
+    (t.sockets, t.cores) = (1, 2);
+    t.backing = Backing::HugePages { page_kib: 2048 };
+    p.topology = t;
+    assert_eq!(machine_to_iothread(&qemu_argv(&p)), strings(&[
+        "-machine", "q35,accel=kvm,memory-backend=mem0",
+        "-cpu", "host",
+        "-smp", "2,sockets=1,cores=2,threads=1",
+        "-m", "2048M",
+        "-object", "memory-backend-memfd,id=mem0,size=2048M,hugetlb=on,hugetlbsize=2M,host-nodes=0,policy=bind,prealloc=on,prealloc-threads=14",
+        "-object", "iothread,id=io0",
+    ]));
+}
+
+#[test]
+fn a_cached_overlay_where_o_direct_fails() {
+    let mut p = plan(Accel::Tcg);
+    p.disk_io = DiskIo::CACHED;
+    let argv = qemu_argv(&p);
+    assert_eq!(
+        value_of(&argv, "-drive", "id=disk0"),
+        "if=none,id=disk0,format=qcow2,file=/var/lib/qudata/vms/abc/disk.qcow2,cache=writeback,\
+         aio=threads,discard=unmap"
+    );
+    // The seed stays a plain read-only drive.
+    assert_eq!(
+        value_of(&argv, "-drive", "id=seed0"),
+        "if=none,id=seed0,format=raw,readonly=on,file=/var/lib/qudata/vms/abc/seed.img"
+    );
 }

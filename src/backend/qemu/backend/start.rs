@@ -9,11 +9,13 @@ use crate::backend::qemu::accel::{Accel, kvm_failure};
 use crate::backend::qemu::argv::{GpuPassthrough, NicPlan, VmPlan, qemu_argv};
 use crate::backend::qemu::confine::QemuUser;
 use crate::backend::qemu::layout::VmPaths;
+use crate::backend::qemu::pin;
 use crate::backend::qemu::process::ChildSetup;
 use crate::backend::qemu::qmp::{Qmp, QmpError};
+use crate::backend::qemu::topology::Topology;
 use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
 use crate::backend::qemu::vm_process::{Ladder, VmProcess};
-use crate::backend::qemu::{gpus, process};
+use crate::backend::qemu::{diskio, gpus, process};
 use crate::instance::model::Instance;
 use crate::network::GuestNet;
 use crate::network::host::TapQueues;
@@ -138,7 +140,9 @@ impl QemuBackend {
         paths.create_serial_log().map_err(|e| BackendError::op("start", e))?;
         // Made again after a reboot of the host (the run dir is on tmpfs).
         self.give_to_qemu(paths).map_err(|e| BackendError::op("start", e))?;
-        let mut plan = self.plan(instance, paths);
+        let topology = self.topology(instance)?;
+        let disk_io = diskio::probe(&self.settings.qemu_binary, &paths.dir).await;
+        let mut plan = self.plan(instance, paths, topology, disk_io);
         plan.gpus = passthrough;
         // Held until QEMU has its own copies: closing them is what takes a tap away.
         let nic = self.plug(instance, &plan).await?;
@@ -162,7 +166,7 @@ impl QemuBackend {
             .map_err(|e| BackendError::op("start QEMU", e))?;
         drop(nic);
         let pid = process.pid();
-        let qmp = match Self::let_run(&process, paths).await {
+        let qmp = match Self::let_run(&process, paths, &plan.topology).await {
             Ok(qmp) => qmp,
             Err(e) => {
                 // Stopped by whoever started it: a QEMU left paused makes every later start
@@ -216,8 +220,12 @@ impl QemuBackend {
         }
     }
 
-    /// QEMU's monitor once it answers, with the vCPUs let go.
-    async fn let_run(process: &VmProcess, paths: &VmPaths) -> Result<Qmp, BackendError> {
+    /// QEMU's monitor once it answers, with its threads pinned and the vCPUs let go.
+    async fn let_run(
+        process: &VmProcess,
+        paths: &VmPaths,
+        topology: &Topology,
+    ) -> Result<Qmp, BackendError> {
         if let Some(child) = process.spawned() {
             child
                 .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
@@ -226,7 +234,21 @@ impl QemuBackend {
         }
         let qmp = Self::connect_monitor(process, paths).await?;
         crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
+        pin_threads(&qmp, process.pid(), topology).await?;
         qmp.cont().await.map_err(|e| BackendError::op("start the vCPUs", e))?;
         Ok(qmp)
     }
+}
+
+/// Pins the paused QEMU's threads as planned (the vCPU threads exist from the paused start
+/// on); nothing to ask QEMU when the plan pins nothing.
+async fn pin_threads(qmp: &Qmp, pid: u32, topology: &Topology) -> Result<(), BackendError> {
+    let pins = topology.nodes.iter().any(|n| !n.pin.is_empty());
+    if !pins && topology.io_cpus.is_empty() {
+        return Ok(());
+    }
+    let vcpus = qmp.query_vcpu_threads().await.map_err(|e| BackendError::op("pin the vCPUs", e))?;
+    // The agent's own view of /proc: these are real threads, whatever root the sweeper reads.
+    let proc = std::path::Path::new("/proc");
+    pin::pin(proc, pid, &vcpus, topology).map_err(|e| BackendError::op("pin the vCPUs", e))
 }
