@@ -57,12 +57,16 @@ pub fn memory_from_meminfo(meminfo: &str) -> (u64, u64) {
 }
 
 /// Limits and defaults from the host's facts: an instance never gets more vCPUs than the host
-/// has, nor more memory than it has less its reserve (2 GiB or 10 %, whichever is larger) and
-/// its huge pages. A configured default above that is lowered to it (and logged).
+/// has, nor more memory than the larger of its huge page pool and what is left less its
+/// reserve (2 GiB or 10 %, whichever is larger) and the pool. A configured default above
+/// that is lowered to it (and logged).
 pub fn limits_from(host: HostFacts, wanted: Wanted, local: bool) -> HostLimits {
     let cpus = host.cpus.max(1);
     let reserve = HOST_RESERVED_MIB.max(host.memory_mib * HOST_RESERVED_PERCENT / 100);
-    let memory_mib = host.memory_mib.saturating_sub(reserve + host.hugepages_mib).max(128);
+    // A VM's memory comes from the huge page pool when the host has one (see
+    // `backend::qemu::topology`, which checks the pool itself), else from ordinary memory.
+    let ordinary = host.memory_mib.saturating_sub(reserve + host.hugepages_mib);
+    let memory_mib = ordinary.max(host.hugepages_mib).max(128);
     let storage_gb = host.free_disk_gb.saturating_sub(DISK_RESERVED_GB).max(1);
     let (cpus_default, memory_default) = match local {
         true => (LOCAL_DEFAULT_CPUS, LOCAL_DEFAULT_MEMORY_MIB),
@@ -113,13 +117,15 @@ mod tests {
     }
 
     #[test]
-    fn the_host_keeps_its_reserve_and_its_huge_pages() {
+    fn the_host_keeps_its_reserve_and_vms_may_have_the_huge_page_pool() {
         // (host memory, huge pages) → the most an instance may get.
         let cases = [
             (24 * GIB, 0, 24 * GIB - 2457), // 10 % of 24 GiB is more than 2 GiB
             (8 * GIB, 0, 6 * GIB),          // 2 GiB is more than 10 %
             (512 * GIB, 0, 512 * GIB - 52_428), // 10 %
-            (512 * GIB, 256 * GIB, 256 * GIB - 52_428),
+            // VMs' memory comes from the pool: the pool is the limit when it is the larger.
+            (512 * GIB, 256 * GIB, 256 * GIB),
+            (512 * GIB, 64 * GIB, 512 * GIB - 52_428 - 64 * GIB),
             (1024, 0, 128), // a tiny host still has a floor
         ];
         for (memory, huge, limit) in cases {

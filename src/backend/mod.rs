@@ -146,6 +146,14 @@ pub trait Lifecycle: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Checks, reading only, that `spec`'s memory fits where the instance would run with
+    /// these GPUs (the huge page pools of their NUMA nodes); a refusal is
+    /// [`BackendError::Refused`].
+    fn check_memory(&self, spec: &Spec, gpus: &[String]) -> Result<(), BackendError> {
+        let _ = (spec, gpus);
+        Ok(())
+    }
+
     /// Checks, reading only, that the host's disk can hold `spec`'s `storage_gb` besides what
     /// the `held` instances may still grow to; a refusal is [`BackendError::Refused`].
     fn check_disk(&self, spec: &Spec, held: &[Instance]) -> Result<(), BackendError> {

@@ -342,6 +342,7 @@ impl Manager {
             other => ManagerError::Backend(other),
         };
         backend.check_gpus(&gpus).map_err(refused)?;
+        backend.check_memory(&spec, &gpus).map_err(refused)?;
         // Measured now, not at start-up: the disk fills while the agent runs.
         backend.check_disk(&spec, held).map_err(refused)?;
         let taken = ports::Taken::from_instances(held);

@@ -288,9 +288,11 @@ impl Lifecycle for QemuBackend {
             })
             .collect();
         disk::room_for(spec.storage_gb << 30, free, DISK_RESERVE, &held)
-            .map_err(|reason| BackendError::Refused { reason })?;
-        // The manager asks for the disk with the spec in hand: the memory is checked here too.
-        self.check_memory(spec)
+            .map_err(|reason| BackendError::Refused { reason })
+    }
+
+    fn check_memory(&self, spec: &Spec, gpus: &[String]) -> Result<(), BackendError> {
+        self.fits(spec, gpus)
     }
 
     fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {

@@ -1,5 +1,5 @@
-//! Where a VM goes on the host: its [`Topology`] from the host's sysfs, at admission (the
-//! huge page pool) and at each start (with its GPUs' nodes).
+//! Where a VM goes on the host: its [`Topology`] from the host's sysfs and its GPUs' nodes,
+//! at admission (the huge page pools) and at each start.
 
 use super::QemuBackend;
 use crate::backend::BackendError;
@@ -8,28 +8,30 @@ use crate::instance::model::Instance;
 use crate::instance::spec::Spec;
 
 impl QemuBackend {
-    /// Refuses a VM the host's huge page pool cannot hold (reading only). Its GPUs are not
-    /// chosen yet, so this is the host-wide pool; the start checks the GPUs' nodes' own pools.
-    pub(super) fn check_memory(&self, spec: &Spec) -> Result<(), BackendError> {
-        let shape = VmShape { vcpus: spec.cpus, memory_mib: spec.memory_mib, gpu_nodes: vec![] };
-        self.place(shape).map(drop)
+    /// Refuses a VM that the huge page pools of its GPUs' nodes (the host's, without GPUs)
+    /// cannot hold. Reads only; the start plans again with what is free then.
+    pub(super) fn fits(&self, spec: &Spec, gpus: &[String]) -> Result<(), BackendError> {
+        let gpu_nodes = self.gpu_nodes(gpus)?;
+        self.place(VmShape { vcpus: spec.cpus, memory_mib: spec.memory_mib, gpu_nodes }).map(drop)
     }
 
     /// The instance's topology on its GPUs' nodes.
     pub(super) fn topology(&self, instance: &Instance) -> Result<Topology, BackendError> {
+        let gpu_nodes = self.gpu_nodes(&instance.gpus)?;
+        let spec = &instance.spec;
+        self.place(VmShape { vcpus: spec.cpus, memory_mib: spec.memory_mib, gpu_nodes })
+    }
+
+    fn gpu_nodes(&self, gpus: &[String]) -> Result<Vec<Option<u32>>, BackendError> {
         let sysfs = &self.settings.vfio.sysfs;
-        let gpu_nodes = instance
-            .gpus
-            .iter()
+        gpus.iter()
             .map(|g| {
                 let addr = g.parse().map_err(|e: crate::vfio::pci::BadPciAddress| {
                     BackendError::Refused { reason: e.to_string() }
                 })?;
                 topology::host::device_node(sysfs, &addr).map_err(placement_failed)
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let spec = &instance.spec;
-        self.place(VmShape { vcpus: spec.cpus, memory_mib: spec.memory_mib, gpu_nodes })
+            .collect()
     }
 
     fn place(&self, shape: VmShape) -> Result<Topology, BackendError> {
