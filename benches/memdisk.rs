@@ -89,6 +89,7 @@ async fn plan(dir: &Path, vcpus: u32, memory_mib: u64, public_key: &str) -> VmPl
         seed: seed_path,
         nic: None,
         qmp_socket: dir.join("qmp.sock"),
+        qmp_fd: None,
         pidfile: dir.join("qemu.pid"),
         serial_log: dir.join("serial.log"),
         gpus: vec![],

@@ -72,8 +72,8 @@ fn entries(dir: &Path) -> Vec<(String, PathBuf, bool)> {
     out
 }
 
-/// Every file under `<data>/vms`, `<run>/vms` and the frpc include dir, named by the layout
-/// or marked [`FileKind::Foreign`].
+/// Every file under `<data>/vms`, `<run>/vms`, the monitor sockets' `<run>/qmp` and the frpc
+/// include dir, named by the layout or marked [`FileKind::Foreign`].
 pub fn scan_files(data_dir: &Path, run_dir: &Path, include_dir: Option<&Path>) -> Vec<FoundFile> {
     let mut out = Vec::new();
     for base in [data_dir.join("vms"), run_dir.join("vms")] {
@@ -88,6 +88,11 @@ pub fn scan_files(data_dir: &Path, run_dir: &Path, include_dir: Option<&Path>) -
                 out.push(FoundFile { path: file, id: Some(name.clone()), kind });
             }
         }
+    }
+    for (name, path, is_dir) in entries(&run_dir.join("qmp")) {
+        let id = name.strip_suffix(".sock").filter(|id| plain_id(id) && !is_dir);
+        let kind = if id.is_some() { FileKind::QmpSocket } else { FileKind::Foreign };
+        out.push(FoundFile { path, id: id.map(str::to_owned), kind });
     }
     for (name, path, is_dir) in include_dir.map(entries).unwrap_or_default() {
         let id = name.strip_suffix(".toml").filter(|id| plain_id(id) && !is_dir);
@@ -106,7 +111,7 @@ fn layout_kind(p: &VmPaths, file: &Path) -> FileKind {
         (&p.serial_log_old, FileKind::SerialLog),
         (&p.qemu_log, FileKind::QemuLog),
         (&p.known_hosts, FileKind::KnownHosts),
-        (&p.qmp, FileKind::QmpSocket),
+        (&p.legacy_qmp, FileKind::QmpSocket),
         (&p.pidfile, FileKind::Pidfile),
     ];
     named.iter().find(|(path, _)| path.as_path() == file).map_or(FileKind::Foreign, |(_, k)| *k)
@@ -121,10 +126,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (data, run, inc) = (tmp.path().join("d"), tmp.path().join("r"), tmp.path().join("i"));
         let p = VmPaths::new(&data, &run, "ab");
-        for dir in [&p.dir, &p.run_dir, &inc] {
+        for dir in [&p.dir, &p.run_dir, &inc, &run.join("qmp")] {
             std::fs::create_dir_all(dir).unwrap();
         }
-        for f in [&p.overlay, &p.pidfile, &p.dir.join("mine.txt"), &data.join("vms/loose")] {
+        let files =
+            [&p.overlay, &p.pidfile, &p.qmp, &p.dir.join("mine.txt"), &data.join("vms/loose")];
+        for f in files {
             std::fs::write(f, "").unwrap();
         }
         std::fs::write(inc.join("ab.toml"), "").unwrap();
@@ -142,6 +149,7 @@ mod tests {
             ("d/vms/ab/mine.txt".into(), Some("ab"), FileKind::Foreign),
             ("d/vms/loose".into(), None, FileKind::Foreign),
             ("r/vms/ab/qemu.pid".into(), Some("ab"), FileKind::Pidfile),
+            ("r/qmp/ab.sock".into(), Some("ab"), FileKind::QmpSocket),
             ("i/README".into(), None, FileKind::Foreign),
             ("i/ab.toml".into(), Some("ab"), FileKind::Include),
         ];

@@ -11,6 +11,7 @@ use qudata_agent::backend::qemu::argv::{VmPlan, qemu_argv};
 use qudata_agent::backend::qemu::layout::VmPaths;
 use qudata_agent::backend::qemu::process::{self, Spawned};
 use qudata_agent::backend::qemu::procfs::ProcRoot;
+use qudata_agent::backend::qemu::qmp::socket::MonitorSocket;
 use qudata_agent::backend::qemu::qmp::{Qmp, QmpEvent};
 use qudata_agent::backend::qemu::topology::Topology;
 use qudata_agent::backend::qemu::vm_process::{Ladder, Owner, Stopped, VmProcess};
@@ -62,6 +63,7 @@ async fn prepare(dir: &Path, id: &str) -> VmPlan {
         seed: seed_path,
         nic: None,
         qmp_socket: layout.qmp,
+        qmp_fd: None,
         pidfile: layout.pidfile,
         serial_log: dir.join("serial.log"),
         gpus: vec![],
@@ -81,10 +83,15 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// QEMU started as the agent starts it: its monitor a listening socket the test binds and
+/// QEMU inherits.
 async fn start(plan: &VmPlan, log: &Path) -> (Spawned, Qmp, KillOnDrop) {
-    let spawned = process::spawn(Path::new(QEMU), &qemu_argv(plan), log).unwrap();
+    let monitor = MonitorSocket::bind(&plan.qmp_socket).unwrap();
+    let plan = VmPlan { qmp_fd: Some(monitor.fd()), ..plan.clone() };
+    let setup = process::ChildSetup { inherit: &[monitor.fd()], ..Default::default() };
+    let spawned = process::spawn_with(Path::new(QEMU), &qemu_argv(&plan), log, &setup).unwrap();
+    drop(monitor);
     let guard = KillOnDrop(spawned.pid);
-    spawned.wait_for_path(&plan.qmp_socket, LIMIT).await.unwrap();
     let qmp = Qmp::connect(&plan.qmp_socket, LIMIT).await.unwrap();
     (spawned, qmp, guard)
 }
@@ -188,17 +195,13 @@ async fn a_vm_that_never_ran_is_told_to_quit() {
     let dir = tempfile::tempdir().unwrap();
     let plan = prepare(dir.path(), "it-abort").await;
     let log = dir.path().join("qemu.log");
-    let argv = qemu_argv(&plan);
-    let vm = VmProcess::spawn(
-        owner(dir.path(), "it-abort"),
-        Path::new(QEMU),
-        &argv,
-        &log,
-        &Default::default(),
-    )
-    .unwrap();
+    let monitor = MonitorSocket::bind(&plan.qmp_socket).unwrap();
+    let argv = qemu_argv(&VmPlan { qmp_fd: Some(monitor.fd()), ..plan.clone() });
+    let setup = process::ChildSetup { inherit: &[monitor.fd()], ..Default::default() };
+    let vm = VmProcess::spawn(owner(dir.path(), "it-abort"), Path::new(QEMU), &argv, &log, &setup)
+        .unwrap();
+    drop(monitor);
     let _guard = KillOnDrop(vm.pid());
-    vm.spawned().unwrap().wait_for_path(&plan.qmp_socket, LIMIT).await.unwrap();
     // Paused in prelaunch: no power button, `quit` over a monitor the stop opens itself.
     assert_eq!(vm.stop(&Ladder::abort()).await.unwrap(), Stopped::Quit);
     let status = vm.exit_status().await.unwrap();

@@ -70,7 +70,9 @@ async fn prepare(dir: &Path, id: &str, public_key: &str) -> VmPlan {
         overlay,
         seed: seed_path,
         nic: None,
-        qmp_socket: layout.qmp,
+        // QEMU binds its monitor itself here (the agent's own socket is tested in `qemu`).
+        qmp_socket: layout.legacy_qmp,
+        qmp_fd: None,
         pidfile: layout.pidfile,
         serial_log: dir.join("serial.log"),
         gpus: vec![],

@@ -215,6 +215,7 @@ async fn real_qemu_accepts_the_passthrough_argv_up_to_the_host_device() {
         seed: file("seed.img"),
         nic: None,
         qmp_socket: file("qmp.sock"),
+        qmp_fd: None,
         pidfile: file("qemu.pid"),
         serial_log: file("serial.log"),
         gpus: vec![GpuPassthrough {

@@ -42,6 +42,28 @@ fn assert_confined(pid: u32) {
     assert_eq!(field("Seccomp:"), ["2"], "seccomp filter mode:\n{status}");
 }
 
+/// QEMU's monitor is a socket the agent bound in a directory only root may change, and QEMU
+/// got as a descriptor: nothing in the run dir QEMU owns is connected to.
+fn assert_monitor_is_the_agents(dirs: &Dirs, id: &str, pid: u32) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> =
+        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let chardev = args.windows(2).find(|w| w[0] == "-chardev" && w[1].starts_with("socket,id=qmp"));
+    let chardev = chardev.map(|w| w[1].clone()).unwrap_or_default();
+    assert!(
+        chardev.starts_with("socket,id=qmp,fd=") && chardev.ends_with(",server=on,wait=off"),
+        "{args:?}"
+    );
+    assert!(!args.iter().any(|a| a == "-qmp"), "{args:?}");
+    let dir = dirs.run.join("qmp");
+    let meta = std::fs::symlink_metadata(&dir).unwrap();
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o700));
+    let socket = std::fs::symlink_metadata(dir.join(format!("{id}.sock"))).unwrap();
+    assert!(socket.file_type().is_socket());
+    assert!(!dirs.run.join("vms").join(id).join("qmp.sock").exists());
+}
+
 async fn started() -> (Dirs, Agent, Api) {
     let dirs = Dirs::new();
     let mut agent = fresh_agent(&dirs);
@@ -67,6 +89,7 @@ async fn create_running(dirs: &Dirs, api: &Api) -> String {
     wait_status(api, "running", BOOT).await;
     assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the instance");
     assert_confined(qemu_pids(&id)[0]);
+    assert_monitor_is_the_agents(dirs, &id, qemu_pids(&id)[0]);
     // On the test's bridge, at an address the agent allocated and recorded; the agent
     // reaches it there (no management forward of its own).
     let rec = record(dirs, &id);

@@ -60,7 +60,7 @@ fn wait_file(path: &Path) {
 /// QEMU runs (overlay, VARS, seed as empty stand-ins): what a crashed agent leaves behind.
 pub fn orphan(data: &Path, run: &Path, id: &str) -> TestQemu {
     let paths = VmPaths::new(data, run, id);
-    for dir in [&paths.dir, &paths.run_dir] {
+    for dir in [&paths.dir, &paths.run_dir, paths.qmp.parent().unwrap()] {
         std::fs::create_dir_all(dir).unwrap();
     }
     for file in [&paths.overlay, &paths.vars, &paths.seed] {

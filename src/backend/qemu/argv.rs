@@ -44,7 +44,12 @@ pub struct VmPlan {
     pub seed: PathBuf,
     /// The VM's NIC; `None`: no network device at all.
     pub nic: Option<NicPlan>,
+    /// Where the agent connects to QEMU's monitor.
     pub qmp_socket: PathBuf,
+    /// The monitor's listening socket, bound by the agent at `qmp_socket` and inherited by
+    /// QEMU ([`super::qmp::socket::MonitorSocket`]); `None`: QEMU binds `qmp_socket` itself
+    /// (tests that drive QEMU without the agent's layout).
+    pub qmp_fd: Option<i32>,
     pub pidfile: PathBuf,
     pub serial_log: PathBuf,
     pub gpus: Vec<GpuPassthrough>,
@@ -107,7 +112,13 @@ pub fn qemu_argv(plan: &VmPlan) -> Vec<String> {
     a.pair("-device", "virtio-rng-pci");
     // A guest kernel panic becomes a QMP event instead of a silent hang.
     a.pair("-device", "pvpanic");
-    a.pair("-qmp", format!("unix:{},server=on,wait=off", opt_path(&plan.qmp_socket)));
+    match plan.qmp_fd {
+        Some(fd) => {
+            a.pair("-chardev", format!("socket,id=qmp,fd={fd},server=on,wait=off"));
+            a.pair("-mon", "chardev=qmp,mode=control");
+        }
+        None => a.pair("-qmp", format!("unix:{},server=on,wait=off", opt_path(&plan.qmp_socket))),
+    }
     // -pidfile takes the rest of the argument verbatim.
     a.pair("-pidfile", plan.pidfile.display().to_string());
     // Appended to, so the agent can cut it while QEMU writes (`VmPaths::cap_serial_log`).

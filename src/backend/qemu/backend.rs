@@ -172,6 +172,7 @@ impl QemuBackend {
             seed: paths.seed.clone(),
             nic: None,
             qmp_socket: paths.qmp.clone(),
+            qmp_fd: None, // set at the start, which binds it
             pidfile: paths.pidfile.clone(),
             serial_log: paths.serial_log.clone(),
             gpus: Vec::new(),
@@ -352,7 +353,7 @@ impl Lifecycle for QemuBackend {
             let detail = "no QEMU process carries its marker".to_owned();
             return Ok(Adoption::Gone { detail });
         };
-        let qmp = Qmp::connect(&paths.qmp, QMP_TIMEOUT)
+        let qmp = Qmp::connect(paths.monitor(), QMP_TIMEOUT)
             .await
             .map_err(|e| BackendError::op("reconnect to QEMU's monitor", e))?;
         // Only a start cut short between spawn and `cont` leaves a VM in prelaunch: finish it.

@@ -20,7 +20,11 @@ pub struct VmPaths {
     pub known_hosts: PathBuf,
     /// `<run>/vms/<id>`: gone after a host reboot, like the process it describes.
     pub run_dir: PathBuf,
+    /// `<run>/qmp/<id>.sock`: the monitor, bound by the agent in a directory only root may
+    /// change (see `qmp::socket`).
     pub qmp: PathBuf,
+    /// Where QEMU bound its monitor itself, for VMs started by agents before `qmp`.
+    pub legacy_qmp: PathBuf,
     pub pidfile: PathBuf,
 }
 
@@ -36,15 +40,26 @@ impl VmPaths {
             serial_log_old: dir.join("serial.log.1"),
             qemu_log: dir.join("qemu.log"),
             known_hosts: dir.join("known_hosts"),
-            qmp: run.join("qmp.sock"),
+            qmp: run_dir.join("qmp").join(format!("{id}.sock")),
+            legacy_qmp: run.join("qmp.sock"),
             pidfile: run.join("qemu.pid"),
             dir,
             run_dir: run,
         }
     }
 
-    /// Removes both directories and everything in them; what is already gone is fine.
+    /// The monitor socket to connect to: the agent's, or where an older agent's QEMU bound it.
+    pub fn monitor(&self) -> &Path {
+        if !self.qmp.exists() && self.legacy_qmp.exists() { &self.legacy_qmp } else { &self.qmp }
+    }
+
+    /// Removes both directories and everything in them, and the monitor socket; what is
+    /// already gone is fine.
     pub fn remove_all(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.qmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         for dir in [&self.dir, &self.run_dir] {
             match std::fs::remove_dir_all(dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -55,7 +70,7 @@ impl VmPaths {
     }
 
     /// Every file the agent makes for a VM, in both directories.
-    pub fn files(&self) -> [&Path; 9] {
+    pub fn files(&self) -> [&Path; 10] {
         [
             &self.overlay,
             &self.vars,
@@ -65,6 +80,7 @@ impl VmPaths {
             &self.qemu_log,
             &self.known_hosts,
             &self.qmp,
+            &self.legacy_qmp,
             &self.pidfile,
         ]
     }
@@ -227,8 +243,24 @@ mod tests {
         assert_eq!(p.overlay, Path::new("/d/vms/abc/disk.qcow2"));
         assert_eq!(p.vars, Path::new("/d/vms/abc/OVMF_VARS.fd"));
         assert_eq!(p.seed, Path::new("/d/vms/abc/seed.img"));
-        assert_eq!(p.qmp, Path::new("/r/vms/abc/qmp.sock"));
+        assert_eq!(p.qmp, Path::new("/r/qmp/abc.sock"));
+        assert_eq!(p.legacy_qmp, Path::new("/r/vms/abc/qmp.sock"));
         assert_eq!(p.pidfile, Path::new("/r/vms/abc/qemu.pid"));
+    }
+
+    #[test]
+    fn the_monitor_is_the_agents_socket_unless_only_an_older_qemus_is_there() {
+        let root = tempfile::tempdir().unwrap();
+        let p = VmPaths::new(&root.path().join("d"), &root.path().join("r"), "x");
+        assert_eq!(p.monitor(), p.qmp, "neither: the agent's");
+        std::fs::create_dir_all(&p.run_dir).unwrap();
+        std::fs::write(&p.legacy_qmp, "").unwrap();
+        assert_eq!(p.monitor(), p.legacy_qmp);
+        std::fs::create_dir_all(p.qmp.parent().unwrap()).unwrap();
+        std::fs::write(&p.qmp, "").unwrap();
+        assert_eq!(p.monitor(), p.qmp);
+        p.remove_all().unwrap();
+        assert!(!p.qmp.exists() && !p.legacy_qmp.exists());
     }
 
     #[test]
@@ -256,7 +288,7 @@ mod tests {
         let p = VmPaths::new(&root.path().join("d"), &root.path().join("r"), "x");
         std::fs::create_dir_all(&p.dir).unwrap();
         std::fs::create_dir_all(&p.run_dir).unwrap();
-        for f in [&p.overlay, &p.seed, &p.pidfile, &p.qmp] {
+        for f in [&p.overlay, &p.seed, &p.pidfile, &p.legacy_qmp] {
             std::fs::write(f, "").unwrap();
         }
         let foreign = p.dir.join("notes.txt");

@@ -87,6 +87,17 @@ impl Spawned {
         }
     }
 
+    /// QEMU's exit as an error, if it exits within `within` (a monitor that closed on the
+    /// agent is a QEMU on its way out: its reaper may need a moment).
+    pub async fn exited_before(
+        &self,
+        waiting_for: &'static str,
+        within: Duration,
+    ) -> Option<ProcessError> {
+        let status = self.wait_exit(within).await.ok()?;
+        Some(ProcessError::Exited { status, waiting_for, log: self.log.clone() })
+    }
+
     /// Waits until QEMU has created `path` (its QMP socket); fails early if QEMU exits.
     pub async fn wait_for_path(&self, path: &Path, deadline: Duration) -> Result<(), ProcessError> {
         let end = Instant::now() + deadline;

@@ -9,6 +9,7 @@
 
 mod commands;
 mod event;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

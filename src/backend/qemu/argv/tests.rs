@@ -12,7 +12,8 @@ fn plan(accel: Accel) -> VmPlan {
         overlay: format!("{vm}/disk.qcow2").into(),
         seed: format!("{vm}/seed.img").into(),
         nic: Some(NicPlan { mac: "52:54:00:d5:00:02".into(), tap_fds: vec![5], vhost_fds: vec![] }),
-        qmp_socket: "/run/qudata/abc/qmp.sock".into(),
+        qmp_socket: "/run/qudata/qmp/abc.sock".into(),
+        qmp_fd: Some(7),
         pidfile: "/run/qudata/abc/qemu.pid".into(),
         serial_log: format!("{vm}/serial.log").into(),
         gpus: vec![],
@@ -51,7 +52,8 @@ fn common(accel: &str, cpu: &str) -> Vec<String> {
         "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:d5:00:02,romfile=",
         "-device", "virtio-rng-pci",
         "-device", "pvpanic",
-        "-qmp", "unix:/run/qudata/abc/qmp.sock,server=on,wait=off",
+        "-chardev", "socket,id=qmp,fd=7,server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         "-pidfile", "/run/qudata/abc/qemu.pid",
         "-chardev", "file,id=serial0,path=/var/lib/qudata/vms/abc/serial.log,append=on",
         "-serial", "chardev:serial0",
@@ -316,4 +318,15 @@ fn a_cached_overlay_where_o_direct_fails() {
         value_of(&argv, "-drive", "id=seed0"),
         "if=none,id=seed0,format=raw,readonly=on,file=/var/lib/qudata/vms/abc/seed.img"
     );
+}
+
+#[test]
+fn without_a_descriptor_qemu_binds_its_monitor_itself() {
+    let plan = VmPlan { qmp_fd: None, ..plan(Accel::Tcg) };
+    let argv = qemu_argv(&plan);
+    assert_eq!(
+        value_of(&argv, "-qmp", "unix:"),
+        "unix:/run/qudata/qmp/abc.sock,server=on,wait=off"
+    );
+    assert!(!argv.iter().any(|a| a == "-mon"));
 }

@@ -4,6 +4,9 @@
 use std::sync::Arc;
 
 use super::{QMP_SOCKET_DEADLINE, QemuBackend, with_log};
+
+/// How long a QEMU whose monitor closed gets to be reaped, so its exit and log are reported.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::backend::BackendError;
 use crate::backend::qemu::accel::{Accel, kvm_failure};
 use crate::backend::qemu::argv::{GpuPassthrough, NicPlan, VmPlan, qemu_argv};
@@ -11,6 +14,7 @@ use crate::backend::qemu::confine::QemuUser;
 use crate::backend::qemu::layout::VmPaths;
 use crate::backend::qemu::pin;
 use crate::backend::qemu::process::ChildSetup;
+use crate::backend::qemu::qmp::socket::MonitorSocket;
 use crate::backend::qemu::qmp::{Qmp, QmpError};
 use crate::backend::qemu::topology::Topology;
 use crate::backend::qemu::vm::{QMP_TIMEOUT, Vm};
@@ -133,7 +137,7 @@ impl QemuBackend {
     ) -> Result<Arc<Vm>, BackendError> {
         crate::fsutil::ensure_private_dir(&paths.run_dir)
             .map_err(|e| BackendError::op("start", e))?;
-        let _ = std::fs::remove_file(&paths.qmp);
+        let _ = std::fs::remove_file(&paths.legacy_qmp);
         // Each QEMU writes a log of its own (made here: QEMU cannot create files in the VM's
         // dir); the last one's is kept as serial.log.1.
         paths.rotate_serial_log().map_err(|e| BackendError::op("start", e))?;
@@ -151,8 +155,13 @@ impl QemuBackend {
             tap_fds: nic.queues.taps.iter().map(AsRawFd::as_raw_fd).collect(),
             vhost_fds: nic.queues.vhost.iter().map(AsRawFd::as_raw_fd).collect(),
         });
-        let inherit: Vec<i32> =
+        // Bound by the agent where QEMU cannot touch the path; QEMU gets the listener.
+        let monitor = MonitorSocket::bind(&paths.qmp)
+            .map_err(|e| BackendError::op("make QEMU's monitor socket", e))?;
+        plan.qmp_fd = Some(monitor.fd());
+        let mut inherit: Vec<i32> =
             plan.nic.iter().flat_map(|n| n.tap_fds.iter().chain(&n.vhost_fds)).copied().collect();
+        inherit.push(monitor.fd());
         let setup = ChildSetup {
             // VFIO pins all guest memory for DMA.
             memlock: (!plan.gpus.is_empty()).then(|| process::memlock_bytes(plan.memory_mib)),
@@ -165,6 +174,9 @@ impl QemuBackend {
         let process = VmProcess::spawn(owner, binary, &argv, &paths.qemu_log, &setup)
             .map_err(|e| BackendError::op("start QEMU", e))?;
         drop(nic);
+        // QEMU holds the listener now: one that dies closes it, so a connection waiting for
+        // its greeting ends at once instead of at the deadline.
+        drop(monitor);
         let pid = process.pid();
         let qmp = match Self::let_run(&process, paths, &plan.topology).await {
             Ok(qmp) => qmp,
@@ -207,14 +219,24 @@ impl QemuBackend {
     async fn connect_monitor(process: &VmProcess, paths: &VmPaths) -> Result<Qmp, BackendError> {
         let until = tokio::time::Instant::now() + QMP_SOCKET_DEADLINE;
         loop {
-            match Qmp::connect(&paths.qmp, QMP_TIMEOUT).await {
+            match Qmp::connect(paths.monitor(), QMP_TIMEOUT).await {
                 Err(QmpError::Connect { refused: true, .. })
                     if tokio::time::Instant::now() < until && !process.has_exited() =>
                 {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
-                result => {
-                    return result.map_err(|e| BackendError::op("connect to QEMU's monitor", e));
+                Ok(qmp) => return Ok(qmp),
+                Err(e) => {
+                    // A QEMU that failed to start closed the monitor: its own words say why.
+                    let waiting = "its monitor's greeting";
+                    let exited = match process.spawned() {
+                        Some(child) => child.exited_before(waiting, EXIT_GRACE).await,
+                        None => None,
+                    };
+                    return Err(match exited {
+                        Some(exit) => BackendError::op("start QEMU", with_log(exit, paths)),
+                        None => BackendError::op("connect to QEMU's monitor", e),
+                    });
                 }
             }
         }
@@ -226,12 +248,6 @@ impl QemuBackend {
         paths: &VmPaths,
         topology: &Topology,
     ) -> Result<Qmp, BackendError> {
-        if let Some(child) = process.spawned() {
-            child
-                .wait_for_path(&paths.qmp, QMP_SOCKET_DEADLINE)
-                .await
-                .map_err(|e| BackendError::op("start QEMU", with_log(e, paths)))?;
-        }
         let qmp = Self::connect_monitor(process, paths).await?;
         crate::fault::crash_point(crate::fault::Phase::AfterQemuStart);
         pin_threads(&qmp, process.pid(), topology).await?;

@@ -123,8 +123,8 @@ impl VmProcess {
         if let Some(qmp) = &self.qmp {
             return Some(Arc::clone(qmp));
         }
-        let socket = self.owner.paths().qmp;
-        let connect = Qmp::connect(&socket, QMP_DEADLINE);
+        let paths = self.owner.paths();
+        let connect = Qmp::connect(paths.monitor(), QMP_DEADLINE);
         tokio::time::timeout(QMP_DEADLINE, connect).await.ok()?.ok().map(Arc::new)
     }
 }
