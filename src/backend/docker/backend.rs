@@ -34,6 +34,8 @@ pub struct DockerSettings {
     /// SIGTERM to SIGKILL on delete and restart.
     pub stop_grace: Duration,
     pub pull_deadline: Duration,
+    /// When a create pulls its image (`QUDATA_DOCKER_PULL`).
+    pub pull: pull::PullPolicy,
     /// Every NVIDIA GPU of the host (PCI addresses). The device request gives a container all
     /// of them, so a container may only be given all of them or none.
     pub host_gpus: Vec<String>,
@@ -56,6 +58,7 @@ impl DockerSettings {
             start_deadline: Duration::from_secs(120),
             stop_grace: Duration::from_secs(10),
             pull_deadline: Duration::from_secs(30 * 60),
+            pull: pull::PullPolicy::default(),
             host_gpus: Vec::new(),
             unlimited_disk: false,
             network: None,
@@ -148,6 +151,7 @@ impl DockerBackend {
             &self.engine,
             &image,
             &instance.spec.registry,
+            self.settings.pull,
             self.settings.pull_deadline,
         )
         .await?;
