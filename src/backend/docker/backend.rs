@@ -76,6 +76,8 @@ pub struct DockerBackend {
     events: EventSink,
     /// Until the engine refuses one, containers get `storage_gb` as a disk limit.
     disk_quota: Arc<AtomicBool>,
+    /// Images pulled with a login that the engine may still hold.
+    logins: pull::LoginImages,
 }
 
 impl DockerBackend {
@@ -92,7 +94,8 @@ impl DockerBackend {
             }
         };
         let disk_quota = Arc::new(AtomicBool::new(limits));
-        Ok(DockerBackend { settings, engine, events, disk_quota })
+        let logins = pull::LoginImages::default();
+        Ok(DockerBackend { settings, engine, events, disk_quota, logins })
     }
 
     /// Says once, for the backend that runs instances, when the engine is known not to limit
@@ -147,14 +150,12 @@ impl DockerBackend {
     async fn create_and_start(&self, instance: &Instance) -> Result<Option<String>, DockerError> {
         let image = plan::pull_reference(&instance.spec, &self.settings.private_registries)
             .map_err(|reason| DockerError::Pull { image: String::new(), message: reason })?;
-        pull::ensure_image(
-            &self.engine,
-            &image,
-            &instance.spec.registry,
-            self.settings.pull,
-            self.settings.pull_deadline,
-        )
-        .await?;
+        let how = pull::Pull {
+            policy: self.settings.pull,
+            limit: self.settings.pull_deadline,
+            logins: &self.logins,
+        };
+        pull::ensure_image(&self.engine, &image, &instance.spec.registry, how).await?;
         let name = container_name(&instance.id);
         // A container of this instance left by a launch that died half-way (agent killed).
         self.remove_owned(&name, &instance.id).await?;
@@ -334,9 +335,14 @@ impl Lifecycle for DockerBackend {
                 }
                 let spec = &instance.spec;
                 match plan::pull_reference(spec, &self.settings.private_registries) {
-                    Ok(image) => pull::remove_private_image(&self.engine, &image, &spec.registry)
-                        .await
-                        .map_err(|e| e.during("remove the image pulled with a login")),
+                    Ok(image) => pull::remove_private_image(
+                        &self.engine,
+                        &image,
+                        &spec.registry,
+                        &self.logins,
+                    )
+                    .await
+                    .map_err(|e| e.during("remove the image pulled with a login")),
                     Err(_) => Ok(()),
                 }
             }
@@ -344,6 +350,13 @@ impl Lifecycle for DockerBackend {
     }
 
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
+        // Its image was pulled with a login before this agent started: never a stand-in.
+        let spec = &instance.spec;
+        if spec.registry.login.is_some()
+            && let Ok(image) = plan::pull_reference(spec, &self.settings.private_registries)
+        {
+            self.logins.insert(&image);
+        }
         let name = container_name(&instance.id);
         let info = match self.engine.inspect(&name).await {
             Ok(info) => info,

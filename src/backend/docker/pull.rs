@@ -4,7 +4,8 @@
 //! preload images). An image with a login is pulled whatever the policy. Registry credentials
 //! go to the engine in its auth header, never on a command line or in a log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::auth::DockerCredentials;
@@ -99,6 +100,32 @@ pub fn classify(message: &str, reference: &str) -> PullFailure {
     }
 }
 
+/// References this agent pulled with a login that may still be in the engine's store (an
+/// instance runs them, or their removal failed). The engine's copy of one never stands in for
+/// a public pull, whatever the registry's state. Cheap to clone; in memory only: adoption
+/// records the instances that outlive an agent restart.
+#[derive(Clone, Debug, Default)]
+pub struct LoginImages(Arc<Mutex<HashSet<String>>>);
+
+impl LoginImages {
+    pub fn insert(&self, image: &str) {
+        self.lock().insert(with_tag(image));
+    }
+
+    fn contains(&self, reference: &str) -> bool {
+        self.lock().contains(reference)
+    }
+
+    fn remove(&self, reference: &str) {
+        self.lock().remove(reference);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // A set of names stays consistent even if a holder panicked.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// `busybox` → `busybox:latest`: without a tag the engine would pull every tag.
 pub fn with_tag(image: &str) -> String {
     let last = image.rsplit('/').next().unwrap_or(image);
@@ -119,14 +146,23 @@ fn credentials(registry: &Registry) -> Option<DockerCredentials> {
     })
 }
 
-/// Makes sure the engine has `image` as `policy` says, pulling it within `limit`.
+/// How a create gets its image.
+#[derive(Clone, Copy, Debug)]
+pub struct Pull<'a> {
+    pub policy: PullPolicy,
+    /// For the whole pull.
+    pub limit: Duration,
+    pub logins: &'a LoginImages,
+}
+
+/// Makes sure the engine has `image` as `how.policy` says, pulling it within `how.limit`.
 pub async fn ensure_image(
     engine: &Engine,
     image: &str,
     registry: &Registry,
-    policy: PullPolicy,
-    limit: Duration,
+    how: Pull<'_>,
 ) -> Result<(), DockerError> {
+    let Pull { policy, limit, logins } = how;
     let reference = with_tag(image);
     // With a login, the registry checks it on every pull: an image another renter pulled with
     // their login is never taken from the engine's store (and it is removed with its
@@ -134,6 +170,10 @@ pub async fn ensure_image(
     let public = registry.login.is_none();
     if public && policy == PullPolicy::Missing && has_image(engine, &reference).await? {
         return Ok(());
+    }
+    if !public {
+        // Before the pull: one that fails half-way may still have tagged the image.
+        logins.insert(&reference);
     }
     let message = match pull(engine, &reference, registry, limit).await {
         Err(DockerError::Pull { message, .. }) => message,
@@ -146,6 +186,7 @@ pub async fn ensure_image(
     if public
         && policy == PullPolicy::Always
         && failure.may_use_local()
+        && !logins.contains(&reference)
         && matches!(has_image(engine, &reference).await, Ok(true))
     {
         tracing::warn!(image = %reference, ?failure, reason = %message, "the registry cannot be reached; using the engine's copy of the image");
@@ -222,6 +263,7 @@ pub async fn remove_private_image(
     engine: &Engine,
     image: &str,
     registry: &Registry,
+    logins: &LoginImages,
 ) -> Result<(), DockerError> {
     if registry.login.is_none() {
         return Ok(());
@@ -230,13 +272,12 @@ pub async fn remove_private_image(
     let options = bollard::query_parameters::RemoveImageOptionsBuilder::default().build();
     let remove = engine.docker.remove_image(&reference, Some(options), None);
     match engine.call("remove the private image", CALL, remove).await {
-        Ok(_) => {
-            tracing::info!(image = %reference, "image pulled with a login removed");
-            Ok(())
-        }
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e),
+        Ok(_) => tracing::info!(image = %reference, "image pulled with a login removed"),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e),
     }
+    logins.remove(&reference);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -379,6 +420,17 @@ mod tests {
             assert_eq!(classify(message, reference).may_use_local(), *expected != Refused);
         }
         assert!(!classify("", hub).may_use_local());
+    }
+
+    #[test]
+    fn login_images_are_known_by_their_tagged_reference() {
+        let logins = LoginImages::default();
+        logins.insert("reg:5000/team/app");
+        let shared = logins.clone();
+        assert!(shared.contains("reg:5000/team/app:latest"));
+        assert!(!shared.contains("reg:5000/team/other:latest"));
+        shared.remove("reg:5000/team/app:latest");
+        assert!(!logins.contains("reg:5000/team/app:latest"));
     }
 
     #[test]
