@@ -111,6 +111,13 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_DOCKER_PULL",
+        Some("always"),
+        "always or missing",
+        "when containers' images are pulled: always (every create; the engine's copy of a public image only when the registry is unreachable or rate-limits) or missing (the engine's copy when it has one: air-gapped hosts); an image with a login is pulled every time",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_DOCKER_UNLIMITED_DISK",
         Some("false"),
         "true or false (1/0, yes/no)",
@@ -387,6 +394,8 @@ pub struct Config {
     pub docker_unlimited_disk: bool,
     /// Registries on private addresses containers may pull from.
     pub docker_private_registries: Vec<String>,
+    /// When a container's image is pulled.
+    pub docker_pull: crate::backend::docker::pull::PullPolicy,
     pub frpc_binary: PathBuf,
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
@@ -656,6 +665,9 @@ impl Config {
             docker_private_registries: r
                 .parse("QUDATA_DOCKER_PRIVATE_REGISTRIES", parse_registry_list)?
                 .unwrap_or_default(),
+            docker_pull: r.required("QUDATA_DOCKER_PULL", |v| {
+                crate::backend::docker::pull::PullPolicy::parse(v.trim())
+            })?,
             frpc_binary: r.required("QUDATA_FRPC_BINARY", |v| Ok(PathBuf::from(v)))?,
             frpc_config: r.required("QUDATA_FRPC_CONFIG", parse_abs_path)?,
             frp: FrpOverrides {
@@ -809,6 +821,17 @@ mod tests {
         assert_eq!(load("none").unwrap().host_reserved_cpus, Some(vec![]));
         let err = load("first").unwrap_err().to_string();
         assert!(err.starts_with("QUDATA_HOST_RESERVED_CPUS=\"first\": is not a CPU list"), "{err}");
+    }
+
+    #[test]
+    fn docker_pull_is_always_unless_missing() {
+        use crate::backend::docker::pull::PullPolicy;
+        assert_eq!(Config::load(&env(&[]), true).unwrap().docker_pull, PullPolicy::Always);
+        let load = |v: &str| Config::load(&env(&[("QUDATA_DOCKER_PULL", v)]), true);
+        assert_eq!(load("missing").unwrap().docker_pull, PullPolicy::Missing);
+        assert_eq!(load("always").unwrap().docker_pull, PullPolicy::Always);
+        let err = load("never").unwrap_err().to_string();
+        assert!(err.starts_with("QUDATA_DOCKER_PULL=\"never\": is not a pull policy"), "{err}");
     }
 
     #[test]

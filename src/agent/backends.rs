@@ -150,6 +150,7 @@ async fn docker(
         host_gpus: every_gpu.iter().map(ToString::to_string).collect(),
         unlimited_disk: cfg.docker_unlimited_disk,
         private_registries: cfg.docker_private_registries.clone(),
+        pull: cfg.docker_pull,
         network: Some(network.clone()),
         ..DockerSettings::new(cfg.docker_host.clone(), owner)
     };

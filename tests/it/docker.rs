@@ -167,12 +167,21 @@ async fn a_command_that_fails_at_once_is_an_error_with_its_exit_code_and_output(
 
 #[tokio::test]
 async fn a_bad_image_is_an_error_with_the_engines_message_and_leaves_nothing() {
+    use crate::support::agent::{Dirs, free_port};
     let engine = Engine::shared();
-    let (dirs, _agent, api) = started(engine).await;
-    let id = create(&api, &json!({"image": "qudata-test/no-such-image:1"})).await;
+    // A registry on 127.0.0.1 that lacks the image: the pull never leaves the machine.
+    let registry = crate::support::registry::Registry::start();
+    let dirs = Dirs::new();
+    let mirror = [("QUDATA_DOCKER_PRIVATE_REGISTRIES", registry.host())];
+    let mut agent = start_agent_with(&dirs, engine, free_port(), &mirror);
+    agent.wait_ready().await;
+    let api = Api::new(&agent, Some(&local_secret(&dirs)));
+    let image = format!("{}/qudata-test/no-such-image:1", registry.host());
+    let id = create(&api, &json!({ "image": image })).await;
     let failed = wait_status(&api, "error", START).await;
     let reason = failed["error"].as_str().unwrap_or_default();
-    assert!(reason.contains("pulling the image qudata-test/no-such-image:1 failed: "), "{reason}");
+    assert!(reason.contains(&format!("pulling the image {image} failed: ")), "{reason}");
+    assert!(reason.contains("manifest unknown"), "{reason}");
     eprintln!("bad image: {reason}");
     assert!(engine.labelled(&format!("ai.qudata.instance={id}")).is_empty());
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);

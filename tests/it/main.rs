@@ -24,6 +24,7 @@ mod control_plane_stats;
 mod docker;
 mod docker_engine;
 mod docker_network;
+mod docker_pull;
 mod docker_ssh;
 mod doctor;
 mod faults;

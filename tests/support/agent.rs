@@ -168,6 +168,10 @@ impl Agent {
             // the explicit VM backend, which serves and answers creates 503 with the reason.
             .env("QUDATA_BACKEND", if has_image(env) { "auto" } else { "qemu" })
             .env("QUDATA_DOCKER_HOST", "/nonexistent/docker.sock")
+            // The Docker tests' images are imported into the test engine and no registry has
+            // them: under the default `always` every create would send a pull to docker.io.
+            // Tests of pulling set `always` themselves, against a registry on 127.0.0.1.
+            .env("QUDATA_DOCKER_PULL", "missing")
             .env("RUST_LOG", "debug,hyper=info,reqwest=info,h2=info,rustls=info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -14,6 +14,7 @@ pub mod net;
 pub mod nvml;
 pub mod orphans;
 pub mod records;
+pub mod registry;
 pub mod sandbox;
 pub mod sshd;
 pub mod sysfs;

@@ -34,6 +34,8 @@ pub struct DockerSettings {
     /// SIGTERM to SIGKILL on delete and restart.
     pub stop_grace: Duration,
     pub pull_deadline: Duration,
+    /// When a create pulls its image (`QUDATA_DOCKER_PULL`).
+    pub pull: pull::PullPolicy,
     /// Every NVIDIA GPU of the host (PCI addresses). The device request gives a container all
     /// of them, so a container may only be given all of them or none.
     pub host_gpus: Vec<String>,
@@ -56,6 +58,7 @@ impl DockerSettings {
             start_deadline: Duration::from_secs(120),
             stop_grace: Duration::from_secs(10),
             pull_deadline: Duration::from_secs(30 * 60),
+            pull: pull::PullPolicy::default(),
             host_gpus: Vec::new(),
             unlimited_disk: false,
             network: None,
@@ -73,6 +76,8 @@ pub struct DockerBackend {
     events: EventSink,
     /// Until the engine refuses one, containers get `storage_gb` as a disk limit.
     disk_quota: Arc<AtomicBool>,
+    /// Images pulled with a login that the engine may still hold.
+    logins: pull::LoginImages,
 }
 
 impl DockerBackend {
@@ -89,7 +94,8 @@ impl DockerBackend {
             }
         };
         let disk_quota = Arc::new(AtomicBool::new(limits));
-        Ok(DockerBackend { settings, engine, events, disk_quota })
+        let logins = pull::LoginImages::default();
+        Ok(DockerBackend { settings, engine, events, disk_quota, logins })
     }
 
     /// Says once, for the backend that runs instances, when the engine is known not to limit
@@ -144,13 +150,12 @@ impl DockerBackend {
     async fn create_and_start(&self, instance: &Instance) -> Result<Option<String>, DockerError> {
         let image = plan::pull_reference(&instance.spec, &self.settings.private_registries)
             .map_err(|reason| DockerError::Pull { image: String::new(), message: reason })?;
-        pull::ensure_image(
-            &self.engine,
-            &image,
-            &instance.spec.registry,
-            self.settings.pull_deadline,
-        )
-        .await?;
+        let how = pull::Pull {
+            policy: self.settings.pull,
+            limit: self.settings.pull_deadline,
+            logins: &self.logins,
+        };
+        pull::ensure_image(&self.engine, &image, &instance.spec.registry, how).await?;
         let name = container_name(&instance.id);
         // A container of this instance left by a launch that died half-way (agent killed).
         self.remove_owned(&name, &instance.id).await?;
@@ -330,9 +335,14 @@ impl Lifecycle for DockerBackend {
                 }
                 let spec = &instance.spec;
                 match plan::pull_reference(spec, &self.settings.private_registries) {
-                    Ok(image) => pull::remove_private_image(&self.engine, &image, &spec.registry)
-                        .await
-                        .map_err(|e| e.during("remove the image pulled with a login")),
+                    Ok(image) => pull::remove_private_image(
+                        &self.engine,
+                        &image,
+                        &spec.registry,
+                        &self.logins,
+                    )
+                    .await
+                    .map_err(|e| e.during("remove the image pulled with a login")),
                     Err(_) => Ok(()),
                 }
             }
@@ -340,6 +350,13 @@ impl Lifecycle for DockerBackend {
     }
 
     async fn adopt(&self, instance: &Instance) -> Result<Adoption, BackendError> {
+        // Its image was pulled with a login before this agent started: never a stand-in.
+        let spec = &instance.spec;
+        if spec.registry.login.is_some()
+            && let Ok(image) = plan::pull_reference(spec, &self.settings.private_registries)
+        {
+            self.logins.insert(&image);
+        }
         let name = container_name(&instance.id);
         let info = match self.engine.inspect(&name).await {
             Ok(info) => info,
