@@ -497,6 +497,12 @@ case "${1:-}" in
     [ -n "${2:-}" ] || usage 2 >&2
     mapfile -t pkgs < <(packages_in "$2")
     install_packages "${pkgs[@]}"
+    # The tests run their own registry on 127.0.0.1; the package's service would listen on
+    # every interface of this machine.
+    if [[ " ${pkgs[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null &&
+      systemctl is-enabled --quiet docker-registry 2>/dev/null; then
+      systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
     ;;
   -h|--help) usage 0 ;;
   *) production "$@" ;;
