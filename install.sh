@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Provisions a Debian 12 host for qudata-agent (as root).
 #
-#   QUDATA_API_KEY=ak-... ./install.sh [--dry-run] [--root DIR] [--hugepages-gib N]
+#   curl -fsSL <release>/install.sh | sudo bash -s -- ak-YOUR-API-KEY [OPTIONS]
+#   ./install.sh [ak-KEY] [--dry-run] [--root DIR] [--hugepages-gib N]
 #                          production: packages, IOMMU (GRUB) and VFIO modules, the agent,
-#                          frpc and the base image (SHA-256 checked), the systemd unit;
+#                          frpc and the base image (SHA-256 checked), the systemd unit; the
+#                          key as the argument or QUDATA_API_KEY (never echoed);
 #                          --hugepages-gib N (or INSTALL_HUGEPAGES_GIB) reserves N GiB of
 #                          1 GiB huge pages for VMs' memory at every boot (GRUB), and now as far
 #                          as memory allows; --hugepages-gib 0 gives them back
@@ -11,7 +13,11 @@
 #   ./install.sh --packages FILE
 #                          install the Debian packages listed in FILE (used by the tests)
 #
-# Production mode also reads INSTALL_AGENT_BINARY (default: built with cargo),
+# Production mode takes the agent, its unit and the GRUB drop-in from the release artefact
+# (scripts/dist.sh makes it) at INSTALL_RELEASE_URL (default: the project's latest release),
+# checked against the .sha256 published beside it (or INSTALL_RELEASE_SHA256) and against its
+# own SHA256SUMS; run from a checkout without INSTALL_RELEASE_URL, it builds the agent instead.
+# It also reads INSTALL_AGENT_BINARY (an agent to install instead),
 # INSTALL_FRPC_URL + INSTALL_FRPC_SHA256 (default: frp v0.61.0, pinned) and
 # INSTALL_IMAGE_URL + INSTALL_IMAGE_SHA256 (the base image; none by default). --dry-run prints
 # what would be done; --root DIR installs into DIR and leaves the host alone (no packages,
@@ -20,9 +26,17 @@
 # Local mode needs no control plane and no frpc: it builds the small CI guest (image-builder/)
 # as its base image, and the agent prints a generated secret and example curl commands.
 set -euo pipefail
+# From a pipe ($0 is the shell) this stays in the working directory.
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() {
+  if [ -f "$0" ]; then
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+  else
+    echo "usage: curl -fsSL <release>/install.sh | sudo bash -s -- ak-YOUR-API-KEY [--dry-run] [--root DIR] [--hugepages-gib N]"
+  fi
+  exit "${1:-0}"
+}
 
 # QEMU comes from bookworm-backports, like the qemu-utils these hosts already carry: mixing
 # QEMU 7.2 from bookworm with qemu-img 10 is not a combination anyone tests.
@@ -98,8 +112,14 @@ PROD_PKGS=(ca-certificates curl tar qemu-system-x86 qemu-utils ovmf dosfstools m
 VFIO_MODULES=(vfio vfio_pci vfio_iommu_type1)
 UNIT=qudata-agent.service
 
+# The release artefact (scripts/dist.sh) and where it is published.
+RELEASE_DEFAULT_URL=https://github.com/qudata-ai/qudata-agent/releases/latest/download
+RELEASE_NAME=qudata-agent-x86_64-linux.tar.gz
+
 DRY_RUN=0
 ROOT=/
+SRC=""      # where the agent's unit and GRUB drop-in (and a release's agent) are
+SRC_KIND="" # checkout (build the agent), unpacked (a release beside this script), download
 CREATED=()  # paths this run created: removed again when the run fails
 SCRATCH=""  # a private temp dir, always removed
 CHANGED=0   # the agent's binary, unit or settings changed: a running agent is restarted
@@ -247,6 +267,15 @@ check_inputs() {
   if [ -n "$HUGEPAGES_GIB" ] && { [[ ! $HUGEPAGES_GIB =~ ^[0-9]{1,5}$ ]] || [ "$HUGEPAGES_GIB" -gt 65536 ]; }; then
     die "--hugepages-gib $HUGEPAGES_GIB: give a whole number of GiB, 0-65536 (0 gives the pages back)"
   fi
+  RELEASE_URL=${INSTALL_RELEASE_URL:-$RELEASE_DEFAULT_URL}
+  RELEASE_URL=${RELEASE_URL%/}
+  RELEASE_SHA256=${INSTALL_RELEASE_SHA256:-}
+  RELEASE_SHA256=${RELEASE_SHA256,,}
+  valid_url "$RELEASE_URL" || die "INSTALL_RELEASE_URL must be an https://, http:// or file:// URL"
+  if [ -n "$RELEASE_SHA256" ]; then
+    valid_sum "$RELEASE_SHA256" || die "INSTALL_RELEASE_SHA256 must be 64 hex digits (the SHA-256 of $RELEASE_NAME)"
+  fi
+  find_sources
   AGENT_BINARY=${INSTALL_AGENT_BINARY:-}
   if [ -n "$AGENT_BINARY" ] && [ ! -x "$AGENT_BINARY" ]; then
     die "INSTALL_AGENT_BINARY=$AGENT_BINARY is not an executable file"
@@ -257,8 +286,62 @@ check_inputs() {
     [[ $QUDATA_API_KEY =~ ^ak-[A-Za-z0-9._~+/=:@-]+$ ]] ||
       die "QUDATA_API_KEY is not a Qudata API key (ak-...); nothing was written"
   elif ! grep -qs '^QUDATA_API_KEY=' "$env_file"; then
-    die "QUDATA_API_KEY is not set: run QUDATA_API_KEY=ak-... ./install.sh"
+    die "no API key: give it as the argument (bash -s -- ak-...) or in QUDATA_API_KEY"
   fi
+}
+
+# Where the agent's files come from: a checkout (the agent is built), a release unpacked
+# beside this script, or the release artefact downloaded (from a pipe, or INSTALL_RELEASE_URL).
+find_sources() {
+  if [ -n "${INSTALL_RELEASE_URL:-}" ]; then
+    SRC_KIND=download
+  elif [ -f SHA256SUMS ] && [ -f VERSION ] && [ -f qudata-agent ]; then
+    SRC_KIND=unpacked SRC=$PWD
+  elif [ -f Cargo.toml ] && [ -f "systemd/$UNIT" ]; then
+    SRC_KIND=checkout SRC=$PWD
+  else
+    SRC_KIND=download
+  fi
+}
+
+# The release artefact into the scratch dir: its SHA-256 against the one published beside it
+# (or INSTALL_RELEASE_SHA256), then every file against its SHA256SUMS. Nothing of a release
+# that does not match is used, and nothing of it is left (the scratch dir goes).
+fetch_release() {
+  local url="$RELEASE_URL/$RELEASE_NAME" tarball="$SCRATCH/$RELEASE_NAME" sum=$RELEASE_SHA256 got
+  local get=(curl --fail --silent --show-error --location --retry 3 --proto '=https,http,file' --proto-redir '=https')
+  if [ -z "$sum" ]; then
+    "${get[@]}" --output "$tarball.sha256" "$url.sha256" || die "cannot download $url.sha256"
+    sum=$(cut -d' ' -f1 <"$tarball.sha256")
+    sum=${sum,,}
+    valid_sum "$sum" || die "$url.sha256 holds no SHA-256"
+  fi
+  say "downloading $url"
+  "${get[@]}" --output "$tarball" "$url" || die "cannot download $url"
+  got=$(sha256_of "$tarball")
+  [ "$got" = "$sum" ] || die "sha256 mismatch for $url: expected $sum, got $got; refusing it"
+  tar -xzf "$tarball" -C "$SCRATCH" --no-same-owner
+  SRC="$SCRATCH/qudata-agent"
+  check_release
+}
+
+# Every file of the release matches its SHA256SUMS, and the parts the install uses are there.
+check_release() {
+  local f
+  (cd "$SRC" && sha256sum --quiet --strict -c SHA256SUMS) >/dev/null 2>&1 ||
+    die "the release in $SRC does not match its SHA256SUMS; refusing it"
+  for f in qudata-agent "systemd/$UNIT" grub/qudata-iommu.cfg VERSION; do
+    [ -f "$SRC/$f" ] || die "the release in $SRC has no $f; refusing it"
+  done
+  say "release $(cat "$SRC/VERSION") verified"
+}
+
+prepare_sources() {
+  case $SRC_KIND in
+    download) fetch_release ;;
+    unpacked) check_release ;;
+    checkout) say "installing from the checkout in $SRC" ;;
+  esac
 }
 
 install_production_packages() {
@@ -307,15 +390,17 @@ install_frpc() {
 
 install_agent() {
   local bin=$AGENT_BINARY
-  if [ -z "$bin" ]; then
+  if [ -z "$bin" ] && [ "$SRC_KIND" = checkout ]; then
     bin=target/release/qudata-agent
     if dry; then say "would build the agent (cargo build --release)"; else build_agent; fi
+  elif [ -z "$bin" ]; then
+    bin="$SRC/qudata-agent"
   fi
   if put_file "$bin" "$(at /usr/local/bin/qudata-agent)" 0755; then CHANGED=1; fi
 }
 
 install_unit() {
-  if put_file "systemd/$UNIT" "$(at /etc/systemd/system/$UNIT)" 0644; then CHANGED=1; fi
+  if put_file "$SRC/systemd/$UNIT" "$(at /etc/systemd/system/$UNIT)" 0644; then CHANGED=1; fi
 }
 
 # /etc/qudata/agent.env (0600): the API key, plus any setting the operator added, kept.
@@ -357,7 +442,7 @@ install_grub_dropin() {
     say "no /etc/default/grub: add intel_iommu=on iommu=pt to this boot loader's kernel command line"
     return 0
   fi
-  if put_file grub/qudata-iommu.cfg "$dropin" 0644; then
+  if put_file "$SRC/grub/qudata-iommu.cfg" "$dropin" 0644; then
     :
   elif [ "$ROOT" != / ] || grep -qs 'iommu=' /boot/grub/grub.cfg; then
     # Up to date, and grub.cfg was regenerated with it (else an earlier update-grub failed).
@@ -458,16 +543,20 @@ production() {
       --root=*) ROOT=${1#--root=} ;;
       --hugepages-gib) [ -n "${2:-}" ] || usage 2 >&2; HUGEPAGES_GIB=$2; shift ;;
       --hugepages-gib=*) HUGEPAGES_GIB=${1#--hugepages-gib=} ;;
+      ak-*) QUDATA_API_KEY=$1 ;;
       *) usage 2 >&2 ;;
     esac
     shift
   done
+  # Only this shell uses the key: no child gets it in its environment (nor in its argv).
+  export -n QUDATA_API_KEY 2>/dev/null || true
   check_inputs
   SCRATCH=$(mktemp -d)
   trap finish EXIT
   install_production_packages
   for tool in curl sha256sum tar; do command -v "$tool" >/dev/null || die "$tool is required"; done
   # Downloads first: a bad checksum stops the run before anything else is installed.
+  prepare_sources
   fetch_frpc_archive
   fetch_base_image
   install_agent

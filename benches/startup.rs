@@ -4,7 +4,9 @@
 //! - agent start → `READY=1` on `$NOTIFY_SOCKET` (what systemd waits for), in local mode and
 //!   in production mode with the control plane down, no instances;
 //! - `install.sh --root DIR` in production mode: a first run (file:// downloads, checksums)
-//!   and an idempotent second run, with a base image of `QUDATA_BENCH_IMAGE_MIB` (default 256).
+//!   and an idempotent second run, with a base image of `QUDATA_BENCH_IMAGE_MIB` (default 256);
+//! - the one-line install (`bash -s -- ak-…` from a pipe, no checkout) from a release artefact
+//!   made by `scripts/dist.sh` (file:// URL), first and second run, and the artefact's size.
 //!
 //! `QUDATA_BENCH_ROUNDS` sets the rounds of each (default 10 for start-up, a third of it, at
 //! least 2, for the installer).
@@ -99,6 +101,27 @@ fn installer(rounds: usize) {
     }
     println!("install.sh --root, first run, {mib} MiB image ({rounds} runs): {}", summary(first));
     println!("install.sh --root, second run (all up to date) ({rounds} runs): {}", summary(second));
+
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    let mut size = 0;
+    for _ in 0..rounds {
+        let fx = Fixture::with_image(true, mib << 20);
+        let tarball = support::install::make_release(&fx.src.join("release"));
+        size = std::fs::metadata(&tarball).unwrap().len();
+        let url = format!("file://{}", fx.src.join("release").display());
+        let env = [("INSTALL_RELEASE_URL", url)];
+        let started = Instant::now();
+        let run = fx.install_piped(&[support::install::KEY], &env);
+        first.push(started.elapsed());
+        assert!(run.ok, "{}", run.text);
+        let started = Instant::now();
+        let run = fx.install_piped(&[support::install::KEY], &env);
+        second.push(started.elapsed());
+        assert!(run.ok && !run.text.contains("installed /"), "{}", run.text);
+    }
+    println!("release artefact (scripts/dist.sh, this build): {:.1} MiB", size as f64 / 1048576.0);
+    println!("one-line install from the artefact, first run ({rounds} runs): {}", summary(first));
+    println!("one-line install, second run (all up to date) ({rounds} runs): {}", summary(second));
 }
 
 #[tokio::main]

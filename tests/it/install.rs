@@ -113,7 +113,7 @@ fn the_api_key_is_required_checked_and_rotated_without_losing_settings() {
     let fx = Fixture::new(false);
     let before = fx.tree();
     let missing = fx.install(&[], &[("QUDATA_API_KEY", None)]);
-    assert!(!missing.ok && missing.text.contains("QUDATA_API_KEY is not set"), "{}", missing.text);
+    assert!(!missing.ok && missing.text.contains("no API key"), "{}", missing.text);
     let quoted = fx.install(&[], &[("QUDATA_API_KEY", Some(format!("{KEY}'; touch /tmp/x #")))]);
     assert!(!quoted.ok && quoted.text.contains("is not a Qudata API key"), "{}", quoted.text);
     assert_eq!(fx.tree(), before, "refused before anything was written");
@@ -218,7 +218,7 @@ fn shellcheck_finds_nothing() {
             String::from_utf8_lossy(&out.stdout)
         );
     };
-    run(&["install.sh", "tests/run-all.sh", ".ci/run"]);
+    run(&["install.sh", "tests/run-all.sh", ".ci/run", "scripts/dist.sh"]);
     // Together, so the library they source is checked as one of the inputs.
     let builder: Vec<String> = std::fs::read_dir(Path::new(REPO).join("image-builder"))
         .unwrap()
@@ -338,4 +338,114 @@ fn hugepages_for_vms_are_opt_in_shown_by_dry_run_and_undone_by_zero() {
     assert!(!fx.at(dropin).exists(), "{}", undo.text);
     let none = fx.install(&["--hugepages-gib=0"], &[]);
     assert!(none.text.contains("up to date: no huge pages reserved for VMs"), "{}", none.text);
+}
+
+/// The one-line install: no checkout, the key as an argument, the agent, its unit and the
+/// GRUB drop-in from a release artefact made by scripts/dist.sh and served over HTTP.
+#[test]
+fn the_one_line_install_takes_the_release_artefact_and_the_key_as_its_argument() {
+    use crate::support::install::{RELEASE, make_release};
+    let fx = Fixture::new(true);
+    let release_dir = fx.src.join("release");
+    let tarball = make_release(&release_dir);
+    let server = HttpServer::serve(&release_dir);
+    let base = server.url("").trim_end_matches('/').to_owned();
+    let url = [("INSTALL_RELEASE_URL", base.clone())];
+
+    // The key's shape is checked before anything, and the refusal does not echo it.
+    let before = fx.tree();
+    let bad = fx.install_piped(&["ak-bad key;$(id)"], &url);
+    assert_eq!(bad.code, Some(1), "{}", bad.text);
+    assert!(bad.text.contains("is not a Qudata API key") && !bad.text.contains("bad key"));
+    let none = fx.install_piped(&[], &url);
+    assert!(!none.ok && none.text.contains("no API key"), "{}", none.text);
+    assert_eq!(fx.tree(), before);
+
+    let run = fx.install_piped(&[KEY], &url);
+    assert!(run.ok, "{}", run.text);
+    assert!(run.text.contains("release 0.1.0 verified"), "{}", run.text);
+    // The installed agent is the release's (stripped of debug info), not a build.
+    let unpacked = tempfile::tempdir().unwrap();
+    let tar = Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(unpacked.path()).status();
+    assert!(tar.unwrap().success());
+    let shipped = unpacked.path().join("qudata-agent");
+    for (from, to) in [
+        ("qudata-agent", "/usr/local/bin/qudata-agent"),
+        ("systemd/qudata-agent.service", "/etc/systemd/system/qudata-agent.service"),
+        ("grub/qudata-iommu.cfg", "/etc/default/grub.d/qudata-iommu.cfg"),
+    ] {
+        let want = std::fs::read(shipped.join(from)).unwrap();
+        assert!(std::fs::read(fx.at(to)).unwrap() == want, "{to} is not the release's {from}");
+    }
+    let version = Command::new(fx.at("/usr/local/bin/qudata-agent")).arg("version").output();
+    assert!(String::from_utf8_lossy(&version.unwrap().stdout).starts_with("qudata-agent 0.1.0"));
+    let env = std::fs::read_to_string(fx.at("/etc/qudata/agent.env")).unwrap();
+    assert!(env.ends_with(&format!("QUDATA_API_KEY={KEY}\n")), "the key from the argument");
+    assert_eq!(fx.mode("/etc/qudata/agent.env"), 0o600);
+
+    // A second run changes nothing; the release is checked again.
+    let after = fx.tree();
+    let again = fx.install_piped(&[KEY], &url);
+    assert!(again.ok && !again.text.contains("installed /"), "{}", again.text);
+    assert_eq!(fx.tree(), after);
+
+    // A pinned checksum that does not match, or a published one that does not: refused,
+    // nothing changed.
+    let wrong = "0".repeat(64);
+    let pinned = fx.install_piped(&[KEY], &[url[0].clone(), ("INSTALL_RELEASE_SHA256", wrong)]);
+    assert_eq!(pinned.code, Some(1), "{}", pinned.text);
+    assert!(pinned.text.contains("sha256 mismatch") && pinned.text.contains("refusing it"));
+    std::fs::write(
+        release_dir.join(format!("{RELEASE}.sha256")),
+        format!("{}  {RELEASE}\n", "1".repeat(64)),
+    )
+    .unwrap();
+    let published = fx.install_piped(&[KEY], &url);
+    assert!(!published.ok && published.text.contains("sha256 mismatch"), "{}", published.text);
+    assert_eq!(fx.tree(), after, "a refused release changed the host");
+}
+
+/// A release unpacked by hand installs from its own files, checked against its SHA256SUMS.
+#[test]
+fn an_unpacked_release_installs_from_its_own_files_and_refuses_a_changed_one() {
+    use crate::support::install::make_release;
+    let fx = Fixture::new(false);
+    let tarball = make_release(&fx.src.join("release"));
+    let unpacked = fx.src.join("unpacked");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    let tar = Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&unpacked).status();
+    assert!(tar.unwrap().success());
+    let script = unpacked.join("qudata-agent/install.sh");
+    let run = |extra: &[&str]| {
+        let mut vars: Vec<(&str, String)> = fx.env();
+        vars.retain(|(k, _)| *k != "INSTALL_AGENT_BINARY");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("--root")
+            .arg(&fx.root)
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .envs(vars)
+            .output()
+            .unwrap();
+        crate::support::install::Run::from(out)
+    };
+    let before = fx.tree();
+    // One byte of the unit changed after the release was made.
+    let unit = unpacked.join("qudata-agent/systemd/qudata-agent.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    std::fs::write(&unit, format!("{text}# changed\n")).unwrap();
+    let changed = run(&[]);
+    assert!(
+        !changed.ok && changed.text.contains("does not match its SHA256SUMS"),
+        "{}",
+        changed.text
+    );
+    assert_eq!(fx.tree(), before);
+    std::fs::write(&unit, text).unwrap();
+    let ok = run(&[]);
+    assert!(ok.ok, "{}", ok.text);
+    let shipped = std::fs::read(unpacked.join("qudata-agent/qudata-agent")).unwrap();
+    assert!(std::fs::read(fx.at("/usr/local/bin/qudata-agent")).unwrap() == shipped);
 }

@@ -122,6 +122,49 @@ impl Fixture {
     }
 }
 
+/// The release artefact (`scripts/dist.sh`) of the agent under test, made in `out`; its
+/// `.sha256` beside it.
+pub fn make_release(out: &Path) -> PathBuf {
+    let made = Command::new(Path::new(REPO).join("scripts/dist.sh"))
+        .args(["--binary", AGENT, "--out"])
+        .arg(out)
+        .current_dir(REPO)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "dist.sh: {}", String::from_utf8_lossy(&made.stderr));
+    out.join(RELEASE)
+}
+
+/// The artefact's file name (install.sh's `RELEASE_NAME`).
+pub const RELEASE: &str = "qudata-agent-x86_64-linux.tar.gz";
+
+impl Fixture {
+    /// `install.sh` as the one-line install runs it: its text on standard input of
+    /// `bash -s -- <args>`, from a directory with nothing in it (no checkout), with
+    /// `--root <root>` and the fixture's downloads but no agent binary and no key in the
+    /// environment (the key is an argument).
+    pub fn install_piped(&self, args: &[&str], env: &[(&str, String)]) -> Run {
+        let empty = tempfile::tempdir().unwrap();
+        let mut vars: BTreeMap<&str, String> = self.env().into_iter().collect();
+        vars.remove("INSTALL_AGENT_BINARY");
+        vars.remove("QUDATA_API_KEY");
+        vars.extend(env.iter().cloned());
+        let script = std::fs::File::open(Path::new(REPO).join("install.sh")).unwrap();
+        let out = Command::new("bash")
+            .args(["-s", "--", "--root"])
+            .arg(&self.root)
+            .args(args)
+            .current_dir(empty.path())
+            .stdin(script)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .envs(vars)
+            .output()
+            .unwrap();
+        Run::from(out)
+    }
+}
+
 pub struct Run {
     pub ok: bool,
     pub code: Option<i32>,
