@@ -9,6 +9,10 @@
 #                          --hugepages-gib N (or INSTALL_HUGEPAGES_GIB) reserves N GiB of
 #                          1 GiB huge pages for VMs' memory at every boot (GRUB), and now as far
 #                          as memory allows; --hugepages-gib 0 gives them back
+#   ./install.sh --uninstall [--purge] [--dry-run] [--root DIR]
+#                          stops the agent and every instance (recover --stop-all), gives the
+#                          GPUs back, and undoes what the install manifest recorded; keeps the
+#                          data dir (images, identity) unless --purge
 #   ./install.sh --local   install what is missing, build the agent, run it in local mode
 #   ./install.sh --packages FILE
 #                          install the Debian packages listed in FILE (used by the tests)
@@ -31,7 +35,7 @@ cd "$(dirname "$0")"
 
 usage() {
   if [ -f "$0" ]; then
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
   else
     echo "usage: curl -fsSL <release>/install.sh | sudo bash -s -- ak-YOUR-API-KEY [--dry-run] [--root DIR] [--hugepages-gib N]"
   fi
@@ -121,6 +125,12 @@ ROOT=/
 SRC=""      # where the agent's unit and GRUB drop-in (and a release's agent) are
 SRC_KIND="" # checkout (build the agent), unpacked (a release beside this script), download
 CREATED=()  # paths this run created: removed again when the run fails
+REPLACED=() # files this run replaced (their originals kept in the backup dir)
+# Every path an install created or replaced, so --uninstall can undo it (0600, one
+# "created <path>" or "replaced <path>" per line, paths as on the host).
+MANIFEST=/var/lib/qudata/install-manifest
+BACKUP=/var/lib/qudata/install-backup
+USER_CREATED=0
 SCRATCH=""  # a private temp dir, always removed
 CHANGED=0   # the agent's binary, unit or settings changed: a running agent is restarted
 IMAGE_UP_TO_DATE=0
@@ -137,6 +147,10 @@ finish() {
   local status=$? i p
   [ -n "$SCRATCH" ] && rm -rf -- "$SCRATCH"
   if [ "$status" -ne 0 ]; then
+    # Originals first (their copies are among what this run created).
+    for p in "${REPLACED[@]}"; do
+      cp -a -- "$(at "$BACKUP")$p" "$(at "$p")" 2>/dev/null || true
+    done
     for ((i = ${#CREATED[@]} - 1; i >= 0; i--)); do
       p=${CREATED[i]}
       if [ -d "$p" ] && [ ! -L "$p" ]; then rmdir -- "$p" 2>/dev/null || true; else rm -f -- "$p"; fi
@@ -187,6 +201,7 @@ create_qemu_user() {
   if dry; then say "would create the system user $QEMU_USER"; return 0; fi
   useradd --system --user-group --no-create-home --home-dir /nonexistent \
     --shell /usr/sbin/nologin --comment "qudata-agent QEMU" "$QEMU_USER"
+  USER_CREATED=1
   say "created the system user $QEMU_USER"
 }
 
@@ -203,12 +218,60 @@ put_file() {
   if dry; then say "would install $dest (mode $mode)"; return 0; fi
   make_dir "$(dirname "$dest")" 0755
   tmp="$(dirname "$dest")/.$(basename "$dest").new"
+  keep_original "$dest"
   [ -e "$dest" ] || CREATED+=("$dest")
   CREATED+=("$tmp")
   install -m "$mode" -- "$src" "$tmp"
   sync -- "$tmp"
   mv -f -- "$tmp" "$dest"
   say "installed $dest"
+}
+
+# keep_original DEST: before a file the install did not make is replaced, a copy of it goes to
+# the backup dir, so --uninstall puts it back.
+keep_original() {
+  local dest=$1 rel copy
+  [ -f "$dest" ] || return 0
+  rel=${dest#"${ROOT%/}"}
+  in_manifest "$rel" && return 0
+  copy="$(at "$BACKUP")$rel"
+  [ -e "$copy" ] && return 0
+  make_dir "$(at "$BACKUP")" 0700
+  make_dir "$(dirname "$copy")" 0700
+  CREATED+=("$copy")
+  cp -a -- "$dest" "$copy"
+  REPLACED+=("$rel")
+}
+
+# in_manifest REL: an earlier install recorded REL (created or replaced).
+in_manifest() {
+  [ -f "$(at "$MANIFEST")" ] && grep -qxF -e "created $1" -e "replaced $1" "$(at "$MANIFEST")"
+}
+
+# Appends what this run created and replaced to the manifest (atomically, 0600). Temp files
+# are gone by now; what no longer exists is not recorded.
+record_manifest() {
+  local file new p rel
+  dry && return 0
+  file=$(at "$MANIFEST")
+  traverse_dir "$(dirname "$file")"
+  new="$SCRATCH/manifest"
+  (
+    umask 077
+    { [ -f "$file" ] && cat -- "$file"
+      for p in "${CREATED[@]}"; do
+        [ -e "$p" ] || [ -L "$p" ] || continue
+        rel=${p#"${ROOT%/}"}
+        printf 'created %s\n' "${rel:-/}"
+      done
+      for rel in "${REPLACED[@]}"; do printf 'replaced %s\n' "$rel"; done
+      if [ "$USER_CREATED" = 1 ]; then printf 'user %s\n' "$QEMU_USER"; fi
+    } | awk '!seen[$0]++' >"$new"
+  )
+  # Nothing new (a run that found everything up to date): left as it is.
+  if [ -f "$file" ] && cmp -s -- "$new" "$file"; then return 0; fi
+  install -m 0600 -- "$new" "$file.new"
+  mv -f -- "$file.new" "$file"
 }
 
 # fetch_verified URL SHA256 DEST: downloads URL to DEST (0600) only if its SHA-256 is right;
@@ -569,10 +632,114 @@ production() {
   install_hugepages
   # Everything is in place: a service that then fails to start is for the operator to look
   # at (journalctl), not a reason to remove files systemd may already have loaded.
+  record_manifest
   CREATED=()
   start_service
   if dry; then say "dry run: nothing was changed"; else say "done"; fi
 }
+
+# ---------------------------------------------------------------------------------------------
+# Uninstall: stop the agent and every instance (recover --stop-all gives the GPUs back), then
+# undo what the manifest recorded, newest first: originals put back, created files removed,
+# created directories removed when empty, the user removed, GRUB regenerated. The data dir
+# (images, the agent's identity) stays unless --purge.
+uninstall() {
+  local purge=0 manifest line kind path p dirs=() files=() grub=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --uninstall) ;;
+      --purge) purge=1 ;;
+      --dry-run) DRY_RUN=1 ;;
+      --root) [ -n "${2:-}" ] || usage 2 >&2; ROOT=$2; shift ;;
+      --root=*) ROOT=${1#--root=} ;;
+      *) usage 2 >&2 ;;
+    esac
+    shift
+  done
+  if [[ $ROOT != /* ]] || [ ! -d "$ROOT" ]; then die "--root $ROOT: not an existing absolute directory"; fi
+  if [ "$ROOT" = / ] && ! dry && [ "$(id -u)" != 0 ]; then die "run as root (or use --dry-run)"; fi
+  manifest=$(at "$MANIFEST")
+  [ -f "$manifest" ] || die "no install manifest ($manifest): nothing this installer did is known"
+  stop_everything
+  mapfile -t lines < <(tac -- "$manifest")
+  for line in "${lines[@]}"; do
+    kind=${line%% *} path=${line#* }
+    case $kind in
+      replaced)
+        if dry; then say "would put back the original $path"; continue; fi
+        if cp -a -- "$(at "$BACKUP")$path" "$(at "$path")"; then say "put back the original $path"; fi
+        ;;
+      created)
+        # The data dir keeps images and identity unless --purge (which removes it whole).
+        [[ $path == /var/lib/qudata || $path == /var/lib/qudata/* ]] && continue
+        [ "$path" = /etc/default/grub.d/qudata-iommu.cfg ] && grub=1
+        [ "$path" = /etc/default/grub.d/qudata-hugepages.cfg ] && grub=1
+        if [ -d "$(at "$path")" ] && [ ! -L "$(at "$path")" ]; then dirs+=("$path"); else files+=("$path"); fi
+        ;;
+      user) remove_user "$path" ;;
+    esac
+  done
+  for p in "${files[@]}"; do
+    [ -e "$(at "$p")" ] || [ -L "$(at "$p")" ] || continue
+    if dry; then say "would remove $p"; else rm -f -- "$(at "$p")" && say "removed $p"; fi
+  done
+  # Deepest first; only when empty (something else may have been put there since).
+  for p in $(printf '%s\n' "${dirs[@]}" | awk '{ print gsub("/", "/") "\t" $0 }' | sort -rn | cut -f2-); do
+    if dry; then say "would remove the directory $p if empty"; else rmdir -- "$(at "$p")" 2>/dev/null && say "removed $p"; fi
+  done
+  [ "$grub" = 1 ] && regenerate_grub
+  if [ "$purge" = 1 ]; then
+    for p in /var/lib/qudata /var/cache/qudata; do
+      [ -e "$(at "$p")" ] || continue
+      if dry; then say "would remove $p (--purge)"; else rm -rf -- "$(at "$p")" && say "removed $p (--purge)"; fi
+    done
+    for p in /var/lib /var; do
+      dry || rmdir -- "$(at "$p")" 2>/dev/null || true
+    done
+  elif ! dry; then
+    rm -rf -- "$(at "$BACKUP")"
+    rm -f -- "$manifest"
+    say "kept /var/lib/qudata (images and the agent's identity); --purge removes it"
+  fi
+  if dry; then say "dry run: nothing was changed"; else say "uninstalled"; fi
+}
+
+# The agent stopped (so it does not start anything again), then every instance and frpc
+# stopped and the GPUs returned, by the agent's own recover. The host's only: not under --root.
+stop_everything() {
+  local agent; agent=$(at /usr/local/bin/qudata-agent)
+  if [ "$ROOT" != / ]; then say "skip: stopping the agent and its instances (installing into $ROOT)"; return 0; fi
+  if dry; then say "would stop $UNIT and run: qudata-agent recover --stop-all"; return 0; fi
+  if [ -d /run/systemd/system ] && systemctl cat "$UNIT" >/dev/null 2>&1; then
+    systemctl disable --now "$UNIT" || die "cannot stop $UNIT: journalctl -u $UNIT"
+  fi
+  if [ -x "$agent" ]; then
+    # The unit's settings (data and run dirs) apply to recover too; read as data, never run,
+    # and without the secrets recover does not need.
+    local line settings=()
+    if [ -f /etc/qudata/agent.env ]; then
+      while IFS= read -r line; do
+        [[ $line =~ ^(QUDATA_[A-Z0-9_]+)=(.*)$ ]] || continue
+        case ${BASH_REMATCH[1]} in QUDATA_API_KEY|QUDATA_FRP_TOKEN) continue ;; esac
+        settings+=("$line")
+      done </etc/qudata/agent.env
+    fi
+    # export is a builtin: the values never reach a process's argv.
+    (for line in "${settings[@]}"; do export "${line?}"; done; exec "$agent" recover --stop-all) ||
+      die "qudata-agent recover --stop-all failed (see above); nothing was removed"
+  fi
+}
+
+remove_user() {
+  if [ "$ROOT" != / ]; then return 0; fi
+  getent passwd "$1" >/dev/null || return 0
+  if dry; then say "would remove the system user $1"; return 0; fi
+  userdel "$1" && say "removed the system user $1"
+}
+
+for arg in "$@"; do
+  if [ "$arg" = --uninstall ]; then uninstall "$@"; exit 0; fi
+done
 
 case "${1:-}" in
   --local)

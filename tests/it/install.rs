@@ -3,11 +3,13 @@
 //! systemctl are skipped there by the script itself. Also: the GRUB drop-in sourced the way
 //! grub-mkconfig sources it, the other modes, and shellcheck.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO};
+use crate::support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO, sha256_hex};
 use crate::support::wait::wait_until_blocking;
 
 #[test]
@@ -189,7 +191,8 @@ fn help_and_packages_modes_keep_working() {
     let help = Command::new("bash").arg(&script).arg("--help").output().unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
     assert!(help.status.success());
-    for mode in ["--local", "--packages FILE", "--dry-run", "--root DIR", "--hugepages-gib N"] {
+    let modes = ["--local", "--packages FILE", "--dry-run", "--root DIR", "--hugepages-gib N"];
+    for mode in modes.iter().chain(&["--uninstall [--purge]", "ak-YOUR-API-KEY"]) {
         assert!(text.contains(mode), "{mode} missing from --help:\n{text}");
     }
     // Packages already installed: nothing to do, no apt-get.
@@ -448,4 +451,93 @@ fn an_unpacked_release_installs_from_its_own_files_and_refuses_a_changed_one() {
     assert!(ok.ok, "{}", ok.text);
     let shipped = std::fs::read(unpacked.join("qudata-agent/qudata-agent")).unwrap();
     assert!(std::fs::read(fx.at("/usr/local/bin/qudata-agent")).unwrap() == shipped);
+}
+
+/// Every path under `root`: its kind, permission bits and, for a file, its SHA-256 (what an
+/// uninstall must put back; directories' times are not compared).
+fn snapshot(root: &Path) -> BTreeMap<String, (char, u32, String)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                stack.push(path);
+                out.insert(rel, ('d', mode, String::new()));
+            } else if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).unwrap().display().to_string();
+                out.insert(rel, ('l', 0, target));
+            } else {
+                out.insert(rel, ('f', mode, sha256_hex(&std::fs::read(&path).unwrap())));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn uninstall_undoes_what_the_manifest_recorded_and_keeps_data_unless_purged() {
+    let fx = Fixture::new(true);
+    // The operator's own file where the agent's unit goes: replaced, then put back.
+    let unit = "/etc/systemd/system/qudata-agent.service";
+    std::fs::create_dir_all(fx.at("/etc/systemd/system")).unwrap();
+    std::fs::write(fx.at(unit), "# the operator's own\n").unwrap();
+    let before = snapshot(&fx.root);
+
+    let install = fx.install(&[], &[]);
+    assert!(install.ok, "{}", install.text);
+    let manifest = std::fs::read_to_string(fx.at("/var/lib/qudata/install-manifest")).unwrap();
+    assert_eq!(fx.mode("/var/lib/qudata/install-manifest"), 0o600);
+    for line in [
+        "created /usr/local/bin/qudata-agent",
+        "created /etc/qudata/agent.env",
+        "created /etc/default/grub.d/qudata-iommu.cfg",
+        "created /etc/modules-load.d/qudata-vfio.conf",
+        &format!("replaced {unit}"),
+    ] {
+        assert!(manifest.lines().any(|l| l == line), "{line} not in the manifest:\n{manifest}");
+    }
+
+    let installed = snapshot(&fx.root);
+    let dry = fx.install(&["--uninstall", "--dry-run"], &[("QUDATA_API_KEY", None)]);
+    assert!(
+        dry.ok && dry.text.contains("would remove /usr/local/bin/qudata-agent"),
+        "{}",
+        dry.text
+    );
+    assert!(dry.text.contains(&format!("would put back the original {unit}")), "{}", dry.text);
+    assert_eq!(snapshot(&fx.root), installed, "a dry run changed something");
+
+    let gone = fx.install(&["--uninstall"], &[("QUDATA_API_KEY", None)]);
+    assert!(gone.ok, "{}", gone.text);
+    assert_eq!(std::fs::read_to_string(fx.at(unit)).unwrap(), "# the operator's own\n");
+    // Only the data dir is left: the images (and the identity, when the agent made one).
+    let mut kept = snapshot(&fx.root);
+    let data: Vec<String> = kept.keys().filter(|p| !before.contains_key(*p)).cloned().collect();
+    assert_eq!(
+        data,
+        [
+            "var",
+            "var/lib",
+            "var/lib/qudata",
+            "var/lib/qudata/images",
+            "var/lib/qudata/images/base.qcow2"
+        ],
+        "{}",
+        gone.text
+    );
+    kept.retain(|p, _| before.contains_key(p));
+    assert_eq!(kept, before, "the uninstall left a change:\n{}", gone.text);
+    let again = fx.install(&["--uninstall"], &[("QUDATA_API_KEY", None)]);
+    assert!(!again.ok && again.text.contains("no install manifest"), "{}", again.text);
+
+    // Installed again, then purged: the tree is as it was before the first install.
+    let install = fx.install(&[], &[]);
+    assert!(install.ok, "{}", install.text);
+    let purged = fx.install(&["--uninstall", "--purge"], &[("QUDATA_API_KEY", None)]);
+    assert!(purged.ok, "{}", purged.text);
+    assert_eq!(snapshot(&fx.root), before, "{}", purged.text);
 }
