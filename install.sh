@@ -121,6 +121,7 @@ RELEASE_DEFAULT_URL=https://github.com/qudata-ai/qudata-agent/releases/latest/do
 RELEASE_NAME=qudata-agent-x86_64-linux.tar.gz
 
 DRY_RUN=0
+REBOOT=0
 ROOT=/
 SRC=""      # where the agent's unit and GRUB drop-in (and a release's agent) are
 SRC_KIND="" # checkout (build the agent), unpacked (a release beside this script), download
@@ -266,6 +267,7 @@ record_manifest() {
       done
       for rel in "${REPLACED[@]}"; do printf 'replaced %s\n' "$rel"; done
       if [ "$USER_CREATED" = 1 ]; then printf 'user %s\n' "$QEMU_USER"; fi
+      if [ "$PERSISTENCED_DISABLED" = 1 ]; then printf 'disabled %s\n' nvidia-persistenced; fi
     } | awk '!seen[$0]++' >"$new"
   )
   # Nothing new (a run that found everything up to date): left as it is.
@@ -467,11 +469,15 @@ install_unit() {
 }
 
 # /etc/qudata/agent.env (0600): the API key, plus any setting the operator added, kept.
+# ... and QUDATA_BACKEND when the host preparation chose one (BACKEND_CHOICE).
 write_env_file() {
   local env_file new
   env_file=$(at /etc/qudata/agent.env)
   private_dir "$(dirname "$env_file")"
-  if [ -z "${QUDATA_API_KEY:-}" ]; then say "up to date: $env_file (QUDATA_API_KEY not given)"; return 0; fi
+  if [ -z "${QUDATA_API_KEY:-}" ] && [ -z "$BACKEND_CHOICE" ]; then
+    say "up to date: $env_file (QUDATA_API_KEY not given)"
+    return 0
+  fi
   new="$SCRATCH/agent.env"
   # printf is a builtin: the key never appears in a process's argv. The umask covers the
   # redirection too, so the file is never readable by others, even for a moment.
@@ -479,14 +485,253 @@ write_env_file() {
     umask 077
     {
       if [ -f "$env_file" ]; then
-        grep -v '^QUDATA_API_KEY=' "$env_file" || true
+        local drop='^$^'
+        [ -n "${QUDATA_API_KEY:-}" ] && drop='^QUDATA_API_KEY='
+        [ -n "$BACKEND_CHOICE" ] && drop="$drop|^QUDATA_BACKEND="
+        grep -Ev "$drop" "$env_file" || true
       else
         printf '%s\n' "# qudata-agent settings (README.md, Configuration). 0600: holds the API key."
       fi
-      printf 'QUDATA_API_KEY=%s\n' "$QUDATA_API_KEY"
+      if [ -n "${QUDATA_API_KEY:-}" ]; then printf 'QUDATA_API_KEY=%s\n' "$QUDATA_API_KEY"; fi
+      if [ -n "$BACKEND_CHOICE" ]; then printf 'QUDATA_BACKEND=%s\n' "$BACKEND_CHOICE"; fi
     } >"$new"
   )
   if put_file "$new" "$env_file" 0600; then CHANGED=1; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Host preparation for passthrough, decided from what sysfs shows (INSTALL_SYSFS_ROOT, default
+# the target root's /sys) and shown before it is done. NVIDIA GPUs and their IOMMU groups are
+# listed; a GPU whose group holds a device a host driver uses (other than bridges and the
+# GPU's own functions) cannot be passed through, and neither can any GPU while the IOMMU is
+# off after the reboot that turns it on: such hosts get the Docker backend. Otherwise the
+# GPUs' ids go to vfio-pci at boot (before nvidia or nouveau can take them), nouveau is
+# blacklisted and nvidia-persistenced is stopped (it holds the GPUs open).
+BACKEND_CHOICE=""    # qemu or docker, written to the env file; empty: left to the agent (auto)
+KERNEL_CHANGED=0     # the kernel command line or the boot modules changed: a reboot is due
+GPU_IDS=""           # vendor:device of every function of the GPUs' slots, comma-separated
+PASSTHROUGH_PENDING=0 # GPUs, but the IOMMU is off until the reboot
+
+sysfs() { printf '%s' "${INSTALL_SYSFS_ROOT:-$(at /sys)}"; }
+
+# How many IOMMU groups the kernel made (0: the IOMMU is off).
+iommu_group_count() {
+  local dir n=0
+  for dir in "$(sysfs)"/kernel/iommu_groups/*; do [ -d "$dir" ] && n=$((n + 1)); done
+  printf '%s' "$n"
+}
+
+# Prints "address vendor:device class group" for every NVIDIA GPU (display class).
+nvidia_gpus() {
+  local dev addr vendor class device group
+  for dev in "$(sysfs)"/bus/pci/devices/*; do
+    [ -e "$dev/vendor" ] || continue
+    addr=$(basename "$dev")
+    vendor=$(<"$dev/vendor") class=$(<"$dev/class") device=$(<"$dev/device")
+    [ "$vendor" = 0x10de ] || continue
+    case $class in 0x0300*|0x0302*) ;; *) continue ;; esac
+    group=$(basename "$(readlink "$dev/iommu_group" 2>/dev/null)" 2>/dev/null)
+    printf '%s %s:%s %s %s\n' "$addr" "${vendor#0x}" "${device#0x}" "$class" "${group:--}"
+  done
+}
+
+# Why GPU $1 in group $2 cannot be passed through, or nothing when it can.
+shared_group_reason() {
+  local gpu=$1 group=$2 member addr class driver
+  for member in "$(sysfs)/kernel/iommu_groups/$group/devices"/*; do
+    [ -e "$member" ] || continue
+    addr=$(basename "$member")
+    [ "${addr%.*}" = "${gpu%.*}" ] && continue              # the GPU's own slot
+    class=$(<"$member/class")
+    case $class in 0x06*) continue ;; esac                   # bridges never move
+    driver=$(basename "$(readlink "$member/driver" 2>/dev/null)" 2>/dev/null)
+    [ -n "$driver" ] && [ "$driver" != vfio-pci ] &&
+      { printf '%s (driver %s) shares its IOMMU group %s' "$addr" "$driver" "$group"; return 0; }
+  done
+  return 0
+}
+
+prepare_passthrough() {
+  local gpus line addr id group why ids=() blocked=0 groups
+  gpus=$(nvidia_gpus)
+  if [ -z "$gpus" ]; then say "GPUs: no NVIDIA GPU found in $(sysfs); nothing to prepare for passthrough"; return 0; fi
+  groups=$(iommu_group_count)
+  while read -r addr id _ group; do
+    local slot_ids f
+    slot_ids=$id
+    for f in "$(sysfs)/bus/pci/devices/${addr%.*}".*; do
+      [ "$(basename "$f")" = "$addr" ] && continue
+      [ "$(<"$f/vendor")" = 0x10de ] && slot_ids="$slot_ids $(<"$f/vendor"):$(<"$f/device")"
+    done
+    slot_ids=${slot_ids//0x/}
+    why=""
+    [ "$group" != - ] && why=$(shared_group_reason "$addr" "$group")
+    say "GPU $addr ($id), IOMMU group $group${why:+: $why}"
+    [ -n "$why" ] && blocked=1
+    for f in $slot_ids; do [[ " ${ids[*]} " == *" $f "* ]] || ids+=("$f"); done
+  done <<<"$gpus"
+  GPU_IDS=$(IFS=,; printf '%s' "${ids[*]}")
+  if [ "$blocked" = 1 ]; then
+    BACKEND_CHOICE=docker
+    say "passthrough is not possible on this host (a GPU shares its IOMMU group with a host device): the Docker backend"
+    prepare_docker
+    return 0
+  fi
+  BACKEND_CHOICE=qemu
+  if [ "$groups" = 0 ]; then
+    PASSTHROUGH_PENDING=1
+    say "the IOMMU is off now: GPUs go to VMs once the reboot turns it on (checked after the reboot)"
+  fi
+  bind_gpus_at_boot
+}
+
+# vfio-pci takes the GPUs' ids at boot, before nvidia or nouveau; nouveau blacklisted;
+# nvidia-persistenced stopped. The self-test runs first, while the NVIDIA driver has them.
+bind_gpus_at_boot() {
+  local conf="$SCRATCH/qudata-vfio-pci.conf" blacklist="$SCRATCH/qudata-nouveau.conf" changed=0
+  run_selftest
+  printf '%s\n' "# Installed by qudata-agent's install.sh: the GPUs go to vfio-pci at boot." \
+    "options vfio-pci ids=$GPU_IDS" \
+    "softdep nvidia pre: vfio-pci" "softdep nouveau pre: vfio-pci" \
+    "softdep snd_hda_intel pre: vfio-pci" "softdep xhci_pci pre: vfio-pci" >"$conf"
+  printf '%s\n' "# Installed by qudata-agent's install.sh: nouveau cannot give a GPU back safely." \
+    "blacklist nouveau" "options nouveau modeset=0" >"$blacklist"
+  if put_file "$conf" "$(at /etc/modprobe.d/qudata-vfio-pci.conf)" 0644; then changed=1; fi
+  if put_file "$blacklist" "$(at /etc/modprobe.d/qudata-blacklist-nouveau.conf)" 0644; then changed=1; fi
+  if [ "$changed" = 1 ]; then
+    KERNEL_CHANGED=1
+    if [ "$ROOT" != / ]; then say "skip: update-initramfs (installing into $ROOT)"
+    elif dry; then say "would run: update-initramfs -u"
+    elif command -v update-initramfs >/dev/null; then update-initramfs -u || die "update-initramfs failed (see above)"
+    fi
+  fi
+  stop_persistenced
+}
+
+# nvidia-persistenced keeps /dev/nvidia* open, so the driver never lets a GPU go.
+stop_persistenced() {
+  if [ "$ROOT" != / ] || [ ! -d /run/systemd/system ]; then return 0; fi
+  systemctl is-enabled --quiet nvidia-persistenced 2>/dev/null || return 0
+  if dry; then say "would run: systemctl disable --now nvidia-persistenced"; return 0; fi
+  systemctl disable --now nvidia-persistenced
+  PERSISTENCED_DISABLED=1
+  say "disabled nvidia-persistenced (it holds the GPUs open)"
+}
+PERSISTENCED_DISABLED=0
+
+# The agent's GPU self-test while the GPUs are still on the NVIDIA driver: their facts go to
+# gpu-inventory.json, which the agent reads once they are on vfio-pci.
+run_selftest() {
+  local agent; agent=$(at /usr/local/bin/qudata-agent)
+  if [ "$ROOT" != / ]; then say "skip: GPU self-test (installing into $ROOT)"; return 0; fi
+  # Only while the driver has them: after they moved, a run would find none and overwrite a
+  # good inventory with an empty one.
+  local addr on_driver=0
+  while read -r addr _; do
+    [ -n "$addr" ] || continue
+    [ "$(basename "$(readlink "$(sysfs)/bus/pci/devices/$addr/driver" 2>/dev/null)" 2>/dev/null)" = nvidia ] && on_driver=1
+  done <<<"$(nvidia_gpus)"
+  if [ "$on_driver" = 0 ]; then say "skip: GPU self-test (no GPU is on the NVIDIA driver now; the inventory is kept)"; return 0; fi
+  if dry; then say "would run: qudata-agent selftest"; return 0; fi
+  if [ -x "$agent" ] && "$agent" selftest --help >/dev/null 2>&1; then
+    "$agent" selftest || say "WARNING: the GPU self-test found a problem (above); the inventory was written" >&2
+  fi
+}
+
+# A host without passthrough runs containers: the engine from Debian; the NVIDIA container
+# toolkit comes from NVIDIA's own repository, which this installer does not add.
+prepare_docker() {
+  if [ "$ROOT" != / ]; then say "skip: Docker engine (installing into $ROOT)"; return 0; fi
+  if command -v dockerd >/dev/null; then say "up to date: Docker engine"; else
+    if dry; then say "would install packages: docker.io"; else install_packages docker.io; fi
+  fi
+  command -v nvidia-container-toolkit >/dev/null || command -v nvidia-ctk >/dev/null ||
+    say "install the NVIDIA container toolkit (https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/install-guide.html) so containers get the GPUs"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The reboot phase. When the kernel command line or the boot modules changed, a one-shot unit
+# finishes the install after the reboot (install.sh --finish): it checks the IOMMU is on and
+# vfio-pci has the GPUs, falls back to Docker if not, then starts the agent and goes away.
+FINISH_UNIT=qudata-install-finish.service
+PENDING=/var/lib/qudata/install-pending
+install_finish_unit() {
+  local unit="$SCRATCH/$FINISH_UNIT" copy="$SCRATCH/install.sh"
+  [ "$KERNEL_CHANGED" = 1 ] || [ "$PASSTHROUGH_PENDING" = 1 ] || return 0
+  cat >"$unit" <<UNIT
+# Installed by qudata-agent's install.sh: finishes the install after the reboot.
+[Unit]
+Description=qudata-agent install, after the reboot
+ConditionPathExists=$PENDING
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/lib/qudata/install.sh --finish
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  install_self "$copy"
+  put_file "$copy" "$(at /usr/local/lib/qudata/install.sh)" 0755 || true
+  put_file "$unit" "$(at "/etc/systemd/system/$FINISH_UNIT")" 0644 || true
+  local pending="$SCRATCH/pending"
+  printf '%s\n' "reboot pending since the install" >"$pending"
+  traverse_dir "$(at /var/lib/qudata)"
+  put_file "$pending" "$(at "$PENDING")" 0600 || true
+  if [ "$ROOT" = / ] && [ -d /run/systemd/system ] && ! dry; then systemctl daemon-reload; systemctl enable "$FINISH_UNIT"; fi
+  say "reboot to finish: the kernel command line or boot modules changed ($FINISH_UNIT finishes the install after it)"
+}
+
+# This script's text (from its file, or the pipe it came from: kept by the caller).
+install_self() {
+  if [ -f "$0" ]; then cp -- "$0" "$1"; elif [ -n "${SRC:-}" ] && [ -f "$SRC/install.sh" ]; then cp -- "$SRC/install.sh" "$1"
+  else die "cannot keep a copy of install.sh for after the reboot (run it from a file or a release)"; fi
+}
+
+# After the reboot (the one-shot unit), or by hand.
+finish_after_reboot() {
+  local groups state=ok
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --finish) ;;
+      --root) [ -n "${2:-}" ] || usage 2 >&2; ROOT=$2; shift ;;
+      --root=*) ROOT=${1#--root=} ;;
+      *) usage 2 >&2 ;;
+    esac
+    shift
+  done
+  [ -e "$(at "$PENDING")" ] || { say "nothing to finish"; print_state; return 0; }
+  groups=$(iommu_group_count)
+  if [ -n "$(nvidia_gpus)" ] && [ "$groups" = 0 ]; then
+    say "the IOMMU is still off after the reboot: this host gets the Docker backend"
+    BACKEND_CHOICE=docker state=docker
+    SCRATCH=$(mktemp -d)
+    trap finish EXIT
+    write_env_file
+    prepare_docker
+  fi
+  rm -f -- "$(at "$PENDING")"
+  if [ "$ROOT" = / ] && [ -d /run/systemd/system ]; then
+    systemctl disable "$FINISH_UNIT" 2>/dev/null || true
+    systemctl enable --now "$UNIT" || die "$UNIT did not start: journalctl -u $UNIT"
+  fi
+  say "finished after the reboot ($state)"
+  print_state
+}
+
+# What the host is now: the IOMMU, each GPU's driver, the backend, the agent.
+print_state() {
+  local groups line addr
+  groups=$(iommu_group_count)
+  say "state: $groups IOMMU groups; backend $(sed -n 's/^QUDATA_BACKEND=//p' "$(at /etc/qudata/agent.env)" 2>/dev/null || true)"
+  while read -r addr _; do
+    [ -n "$addr" ] || continue
+    line=$(basename "$(readlink "$(sysfs)/bus/pci/devices/$addr/driver" 2>/dev/null)" 2>/dev/null)
+    say "state: GPU $addr on ${line:-no driver}"
+  done <<<"$(nvidia_gpus)"
+  if [ "$ROOT" = / ] && [ -d /run/systemd/system ]; then say "state: $UNIT $(systemctl is-active "$UNIT" 2>/dev/null || true)"; fi
 }
 
 install_vfio_modules() {
@@ -506,7 +751,7 @@ install_grub_dropin() {
     return 0
   fi
   if put_file "$SRC/grub/qudata-iommu.cfg" "$dropin" 0644; then
-    :
+    KERNEL_CHANGED=1
   elif [ "$ROOT" != / ] || grep -qs 'iommu=' /boot/grub/grub.cfg; then
     # Up to date, and grub.cfg was regenerated with it (else an earlier update-grub failed).
     if [ "$ROOT" = / ] && ! grep -q 'iommu=' /proc/cmdline; then
@@ -565,7 +810,7 @@ case " \${GRUB_CMDLINE_LINUX-} \${GRUB_CMDLINE_LINUX_DEFAULT-} " in
   *) GRUB_CMDLINE_LINUX_DEFAULT="\${GRUB_CMDLINE_LINUX_DEFAULT:+\$GRUB_CMDLINE_LINUX_DEFAULT }hugepagesz=1G hugepages=$HUGEPAGES_GIB" ;;
 esac
 CFG
-    if put_file "$cfg" "$dropin" 0644; then regenerate_grub; fi
+    if put_file "$cfg" "$dropin" 0644; then KERNEL_CHANGED=1; regenerate_grub; fi
   fi
   set_hugepage_pool "$HUGEPAGES_GIB"
 }
@@ -576,6 +821,27 @@ set_hugepage_pool() {
   if dry; then say "would set $HUGEPAGES_POOL to $1 now"; return 0; fi
   printf '%s\n' "$1" >"$HUGEPAGES_POOL" || true
   say "1 GiB huge pages now: $(cat "$HUGEPAGES_POOL") of $1 (the rest at the next boot)"
+}
+
+# A reboot is due: the agent starts after it (the one-shot unit starts it).
+enable_for_the_reboot() {
+  if [ "$ROOT" != / ] || [ ! -d /run/systemd/system ]; then say "skip: systemctl (installing into $ROOT)"; return 0; fi
+  if dry; then say "would run: systemctl enable $UNIT (started after the reboot)"; return 0; fi
+  systemctl daemon-reload
+  systemctl enable "$UNIT"
+}
+
+# Reboots with --reboot, or when asked on a terminal; never otherwise.
+reboot_if_asked() {
+  local answer=""
+  if dry; then say "dry run: nothing was changed; a reboot would be due"; return 0; fi
+  if [ "$REBOOT" != 1 ] && [ "$ROOT" = / ] && [ -t 1 ] && { : </dev/tty; } 2>/dev/null; then
+    printf 'install.sh: reboot now to finish? [y/N] ' >/dev/tty
+    read -r answer </dev/tty || true
+    [[ $answer == [yY]* ]] && REBOOT=1
+  fi
+  if [ "$REBOOT" = 1 ] && [ "$ROOT" = / ]; then say "rebooting"; systemctl reboot; exit 0; fi
+  say "done; reboot to finish (install.sh --reboot does it)"
 }
 
 start_service() {
@@ -607,6 +873,7 @@ production() {
       --hugepages-gib) [ -n "${2:-}" ] || usage 2 >&2; HUGEPAGES_GIB=$2; shift ;;
       --hugepages-gib=*) HUGEPAGES_GIB=${1#--hugepages-gib=} ;;
       ak-*) QUDATA_API_KEY=$1 ;;
+      --reboot) REBOOT=1 ;;
       *) usage 2 >&2 ;;
     esac
     shift
@@ -626,15 +893,23 @@ production() {
   install_frpc
   create_qemu_user
   install_unit
+  prepare_passthrough
   write_env_file
   install_vfio_modules
   install_grub_dropin
   install_hugepages
+  install_finish_unit
   # Everything is in place: a service that then fails to start is for the operator to look
   # at (journalctl), not a reason to remove files systemd may already have loaded.
   record_manifest
   CREATED=()
-  start_service
+  if [ "$KERNEL_CHANGED" = 1 ] || [ "$PASSTHROUGH_PENDING" = 1 ]; then
+    enable_for_the_reboot
+    reboot_if_asked
+  else
+    start_service
+    print_state
+  fi
   if dry; then say "dry run: nothing was changed"; else say "done"; fi
 }
 
@@ -677,6 +952,8 @@ uninstall() {
         if [ -d "$(at "$path")" ] && [ ! -L "$(at "$path")" ]; then dirs+=("$path"); else files+=("$path"); fi
         ;;
       user) remove_user "$path" ;;
+      disabled)
+        if [ "$ROOT" = / ] && ! dry; then systemctl enable --now "$path" && say "enabled $path again"; fi ;;
     esac
   done
   for p in "${files[@]}"; do
@@ -698,7 +975,7 @@ uninstall() {
     done
   elif ! dry; then
     rm -rf -- "$(at "$BACKUP")"
-    rm -f -- "$manifest"
+    rm -f -- "$(at "$PENDING")" "$manifest"
     say "kept /var/lib/qudata (images and the agent's identity); --purge removes it"
   fi
   if dry; then say "dry run: nothing was changed"; else say "uninstalled"; fi
@@ -712,6 +989,7 @@ stop_everything() {
   if dry; then say "would stop $UNIT and run: qudata-agent recover --stop-all"; return 0; fi
   if [ -d /run/systemd/system ] && systemctl cat "$UNIT" >/dev/null 2>&1; then
     systemctl disable --now "$UNIT" || die "cannot stop $UNIT: journalctl -u $UNIT"
+    systemctl disable "$FINISH_UNIT" >/dev/null 2>&1 || true
   fi
   if [ -x "$agent" ]; then
     # The unit's settings (data and run dirs) apply to recover too; read as data, never run,
@@ -739,6 +1017,7 @@ remove_user() {
 
 for arg in "$@"; do
   if [ "$arg" = --uninstall ]; then uninstall "$@"; exit 0; fi
+  if [ "$arg" = --finish ]; then finish_after_reboot "$@"; exit 0; fi
 done
 
 case "${1:-}" in

@@ -541,3 +541,129 @@ fn uninstall_undoes_what_the_manifest_recorded_and_keeps_data_unless_purged() {
     assert!(purged.ok, "{}", purged.text);
     assert_eq!(snapshot(&fx.root), before, "{}", purged.text);
 }
+
+/// A GPU host's sysfs for the installer: an H100 and its audio function in IOMMU group 12
+/// (`groups`: whether the IOMMU is on), plus `extra` devices.
+fn gpu_sysfs(groups: bool) -> crate::support::sysfs::FakeSysfs {
+    use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
+    let fake = FakeSysfs::new().gpu("0000:65:00.0", 0x2330).driver("nvidia");
+    let fake = if groups { fake.group(12) } else { fake };
+    let fake = fake.function("0000:65:00.1", CLASS_AUDIO).driver("snd_hda_intel");
+    if groups { fake.group(12) } else { fake }
+}
+
+#[test]
+fn a_passthrough_host_gets_vfio_pci_at_boot_and_finishes_after_the_reboot() {
+    let fx = Fixture::new(true);
+    let sysfs = gpu_sysfs(true);
+    let env = [("INSTALL_SYSFS_ROOT", Some(sysfs.path().display().to_string()))];
+    let before = snapshot(&fx.root);
+    let dry = fx.install(&["--dry-run"], &env);
+    assert!(dry.ok, "{}", dry.text);
+    assert!(dry.text.contains("GPU 0000:65:00.0 (10de:2330), IOMMU group 12"), "{}", dry.text);
+    assert!(dry.text.contains("would install") && dry.text.contains("qudata-vfio-pci.conf"));
+    assert_eq!(snapshot(&fx.root), before, "a dry run changed something");
+
+    let run = fx.install(&[], &env);
+    assert!(run.ok, "{}", run.text);
+    let vfio = std::fs::read_to_string(fx.at("/etc/modprobe.d/qudata-vfio-pci.conf")).unwrap();
+    assert!(vfio.lines().any(|l| l == "options vfio-pci ids=10de:2330,10de:22bc"), "{vfio}");
+    assert!(vfio.lines().any(|l| l == "softdep nvidia pre: vfio-pci"), "{vfio}");
+    let nouveau = std::fs::read_to_string(fx.at("/etc/modprobe.d/qudata-blacklist-nouveau.conf"));
+    assert!(nouveau.unwrap().lines().any(|l| l == "blacklist nouveau"));
+    let settings = std::fs::read_to_string(fx.at("/etc/qudata/agent.env")).unwrap();
+    assert!(settings.lines().any(|l| l == "QUDATA_BACKEND=qemu"), "{settings}");
+    // The kernel command line changed: the one-shot unit finishes after the reboot.
+    assert!(run.text.contains("reboot to finish"), "{}", run.text);
+    let unit = std::fs::read_to_string(fx.at("/etc/systemd/system/qudata-install-finish.service"));
+    assert!(unit.unwrap().contains("ExecStart=/usr/local/lib/qudata/install.sh --finish"));
+    let kept = std::fs::read(fx.at("/usr/local/lib/qudata/install.sh")).unwrap();
+    assert!(kept == std::fs::read(Path::new(REPO).join("install.sh")).unwrap());
+    assert!(fx.at("/var/lib/qudata/install-pending").exists());
+
+    // After the reboot: the IOMMU is on, the unit's run finishes; then nothing is pending.
+    let finish = |sysfs: &crate::support::sysfs::FakeSysfs| {
+        let out = Command::new("bash")
+            .arg(Path::new(REPO).join("install.sh"))
+            .args(["--finish", "--root"])
+            .arg(&fx.root)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("INSTALL_SYSFS_ROOT", sysfs.path())
+            .output()
+            .unwrap();
+        crate::support::install::Run::from(out)
+    };
+    let done = finish(&sysfs);
+    assert!(done.ok && done.text.contains("finished after the reboot (ok)"), "{}", done.text);
+    assert!(done.text.contains("state: GPU 0000:65:00.0 on nvidia"), "{}", done.text);
+    assert!(!fx.at("/var/lib/qudata/install-pending").exists());
+    let twice = finish(&sysfs);
+    assert!(twice.ok && twice.text.contains("nothing to finish"), "{}", twice.text);
+
+    // A second install changes nothing and says where the host stands.
+    let settled = snapshot(&fx.root);
+    let again = fx.install(&[], &env);
+    assert!(
+        again.ok && again.text.contains("state: 1 IOMMU groups; backend qemu"),
+        "{}",
+        again.text
+    );
+    assert_eq!(snapshot(&fx.root), settled);
+
+    // The uninstall takes every file of it away again.
+    let gone = fx.install(&["--uninstall", "--purge"], &[("QUDATA_API_KEY", None)]);
+    assert!(gone.ok, "{}", gone.text);
+    assert_eq!(snapshot(&fx.root), before, "{}", gone.text);
+}
+
+#[test]
+fn a_host_whose_iommu_stays_off_after_the_reboot_falls_back_to_docker() {
+    let fx = Fixture::new(true);
+    let off = gpu_sysfs(false);
+    let env = [("INSTALL_SYSFS_ROOT", Some(off.path().display().to_string()))];
+    let run = fx.install(&[], &env);
+    assert!(run.ok, "{}", run.text);
+    assert!(run.text.contains("the IOMMU is off now"), "{}", run.text);
+    let out = Command::new("bash")
+        .arg(Path::new(REPO).join("install.sh"))
+        .args(["--finish", "--root"])
+        .arg(&fx.root)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("INSTALL_SYSFS_ROOT", off.path())
+        .output()
+        .unwrap();
+    let done = crate::support::install::Run::from(out);
+    assert!(
+        done.ok && done.text.contains("the IOMMU is still off after the reboot"),
+        "{}",
+        done.text
+    );
+    let settings = std::fs::read_to_string(fx.at("/etc/qudata/agent.env")).unwrap();
+    assert!(settings.lines().any(|l| l == "QUDATA_BACKEND=docker"), "{settings}");
+    assert!(settings.lines().any(|l| l == format!("QUDATA_API_KEY={KEY}")), "the key is kept");
+    assert!(!settings.lines().any(|l| l == "QUDATA_BACKEND=qemu"));
+}
+
+#[test]
+fn a_gpu_sharing_its_iommu_group_with_a_host_device_gets_the_docker_backend() {
+    use crate::support::sysfs::CLASS_ETHERNET;
+    let fx = Fixture::new(false);
+    let sysfs = gpu_sysfs(true)
+        .device("0000:66:00.0", 0x8086, 0x1593, CLASS_ETHERNET)
+        .driver("ice")
+        .group(12);
+    let env = [("INSTALL_SYSFS_ROOT", Some(sysfs.path().display().to_string()))];
+    let run = fx.install(&[], &env);
+    assert!(run.ok, "{}", run.text);
+    assert!(
+        run.text.contains("0000:66:00.0 (driver ice) shares its IOMMU group 12"),
+        "{}",
+        run.text
+    );
+    assert!(run.text.contains("the Docker backend"), "{}", run.text);
+    let settings = std::fs::read_to_string(fx.at("/etc/qudata/agent.env")).unwrap();
+    assert!(settings.lines().any(|l| l == "QUDATA_BACKEND=docker"), "{settings}");
+    assert!(!fx.at("/etc/modprobe.d/qudata-vfio-pci.conf").exists(), "no GPU goes to vfio-pci");
+}
