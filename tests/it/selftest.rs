@@ -238,3 +238,22 @@ fn without_a_driver_it_says_so_and_writes_an_empty_inventory() {
     assert_eq!(printed["gpus"], json!([]));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("no NVIDIA driver"), "{}", both(&out));
 }
+
+#[test]
+fn help_lists_the_variables_it_reads() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
+        .args(["selftest", "--help"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let help = stdout(&out);
+    for variable in [
+        "QUDATA_DATA_DIR",
+        "QUDATA_NVML_LIBRARY",
+        "QUDATA_KMSG_PATH",
+        "QUDATA_SYSFS_ROOT",
+        "QUDATA_GPU_PCI_ADDRS",
+    ] {
+        assert!(help.contains(variable), "{variable} missing from:\n{help}");
+    }
+}
