@@ -17,7 +17,7 @@ use crate::secret::Secret;
 pub enum Scope {
     /// Read by `run` only.
     Run,
-    /// Read by `run`, `recover` and `doctor`.
+    /// Read by `run`, `recover`, `doctor`, `gpu` and `selftest`.
     Host,
 }
 
@@ -212,7 +212,7 @@ pub const SETTINGS: &[Setting] = &[
         Some("libnvidia-ml.so.1"),
         "a library file name (found by the dynamic loader) or an absolute path",
         "NVIDIA management library for GPU facts and metrics (absent: no driver, reported cleanly)",
-        Scope::Run,
+        Scope::Host,
     ),
     row(
         "QUDATA_OVMF_CODE",

@@ -59,6 +59,20 @@ enum Command {
         #[command(subcommand)]
         action: GpuAction,
     },
+    /// Test the GPUs while they are on the NVIDIA driver (the installer runs it before moving
+    /// them to vfio-pci): facts and memory health from NVML, Xids in the kernel log since boot.
+    /// Writes the GPU inventory the agent reads for /init/host and prints one line per GPU.
+    /// Exits 1 when a GPU is not fit (the file is still written); 0 on a host with no driver
+    /// (an empty inventory).
+    #[command(after_help = config::help_text(&[Scope::Host]))]
+    Selftest {
+        /// Print the inventory (JSON) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Where to write the inventory [default: $QUDATA_DATA_DIR/gpu-inventory.json].
+        #[arg(long, value_name = "PATH")]
+        out: Option<std::path::PathBuf>,
+    },
     /// Print the version.
     Version,
 }
@@ -142,6 +156,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Selftest { json, out } => selftest(json, out.as_deref()),
         Command::Recover { dry_run, json, stop_all, wait } => {
             // Like doctor: no control plane, so no API key; every other setting is checked.
             let cfg = match load_config(true) {
@@ -195,6 +210,39 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn selftest(json: bool, out: Option<&std::path::Path>) -> ExitCode {
+    let cfg = match load_config(true) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    agent::logging::init_for_command(cfg.debug);
+    // Listed GPUs are checked as `run` checks them, so a typo is not a silent "not seen".
+    let only = match cfg.gpu_pci_addrs.as_deref() {
+        None => None,
+        Some(list) => {
+            let sysfs = qudata_agent::vfio::SysfsRoot::new(&cfg.sysfs_root);
+            match qudata_agent::gpu::pool::offered(&sysfs, Some(list)) {
+                Ok(offered) => Some(offered),
+                Err(e) => {
+                    eprintln!("qudata-agent: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    match qudata_agent::gpu::selftest::selftest_command(&cfg, only.as_deref(), json, out) {
+        Ok(outcome) => {
+            print!("{}", outcome.stdout);
+            eprint!("{}", outcome.stderr);
+            if outcome.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("qudata-agent: {e}");
+            ExitCode::FAILURE
         }
     }
 }

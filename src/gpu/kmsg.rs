@@ -58,14 +58,34 @@ pub fn parse_record(record: &str) -> Option<GpuEvent> {
     })
 }
 
+/// One Xid report, whether it says the GPU is damaged or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Xid {
+    /// Function 0 of the GPU's slot.
+    pub gpu: PciAddress,
+    pub xid: u32,
+    /// What a fatal Xid means; `None` for the others (a program's fault).
+    pub fatal: Option<&'static str>,
+}
+
+/// The Xid in one log record, fatal or not.
+pub fn xid_of_record(record: &str) -> Option<Xid> {
+    xid_of(record.split_once(';')?.1)
+}
+
 /// `NVRM: Xid (PCI:0000:65:00): 79, pid=…, GPU has fallen off the bus.`
-fn parse_xid(text: &str) -> Option<(PciAddress, String)> {
+fn xid_of(text: &str) -> Option<Xid> {
     let rest = text.split_once("NVRM: Xid (PCI:")?.1;
     let (slot, rest) = rest.split_once("):")?;
     let xid: u32 = rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
-    let (_, meaning) = FATAL_XIDS.iter().find(|(n, _)| *n == xid)?;
     let gpu: PciAddress = format!("{slot}.0").parse().ok()?;
-    Some((gpu, format!("the kernel logged Xid {xid} ({meaning})")))
+    let fatal = FATAL_XIDS.iter().find(|(n, _)| *n == xid).map(|(_, meaning)| *meaning);
+    Some(Xid { gpu, xid, fatal })
+}
+
+fn parse_xid(text: &str) -> Option<(PciAddress, String)> {
+    let Xid { gpu, xid, fatal } = xid_of(text)?;
+    Some((gpu, format!("the kernel logged Xid {xid} ({})", fatal?)))
 }
 
 /// `vfio-pci 0000:65:00.0: not ready 65535ms after FLR; giving up`
@@ -140,6 +160,17 @@ mod tests {
         assert_eq!(parse_record("6,1,2,-;usb 1-1: new high-speed USB device"), None);
         assert_eq!(parse_record("garbage"), None);
         assert_eq!(parse_record("3,1,x,-;NVRM: Xid (PCI:0000:65:00): 79, y"), None);
+    }
+
+    #[test]
+    fn every_xid_is_read_with_its_gpu_fatal_or_not() {
+        let program =
+            xid_of_record("4,813,1,-;NVRM: Xid (PCI:0000:B3:00): 13, pid=1, Graphics").unwrap();
+        assert_eq!((program.gpu.as_str(), program.xid, program.fatal), ("0000:b3:00.0", 13, None));
+        let lost = xid_of_record("3,1,2,-;NVRM: Xid (PCI:0000:65:00): 79, pid=1").unwrap();
+        assert_eq!(lost.fatal, Some("GPU has fallen off the bus"));
+        assert_eq!(xid_of_record("6,1,2,-;vfio-pci 0000:65:00.0: not ready; giving up"), None);
+        assert_eq!(xid_of_record("NVRM: Xid (PCI:0000:65:00): 79"), None, "no header");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! GPUs of the host: the PCI inventory (sysfs), NVML facts and metrics (driver loaded at run
-//! time), the inventory file the installer's GPU self-test writes, and the one place that
+//! time), the inventory file `qudata-agent selftest` writes, and the one place that
 //! decides where `/init/host` facts and `/stats` metrics come from.
 
 pub mod facts;

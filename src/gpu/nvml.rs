@@ -11,18 +11,29 @@ use nvml_wrapper::error::NvmlError as Raw;
 use super::{GpuFacts, GpuStats, round2};
 use crate::vfio::PciAddress;
 
+mod device;
+pub use device::{DeviceFacts, MemoryHealth, PcieLink};
+
 const MIB: u64 = 1024 * 1024;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// NVML could not be loaded or answered with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum NvmlError {
-    /// No driver: the library is missing, or its `nvmlInit` failed.
-    #[error("cannot load NVML from {library}: {source}")]
-    Load { library: PathBuf, source: Raw },
+    /// NVML placed a GPU at an address that is not a PCI address.
+    #[error(
+        "NVML gives GPU {index} the PCI location {domain:x}:{bus:x}:{device:x}, which is not valid"
+    )]
+    Address { index: u32, domain: u32, bus: u32, device: u32 },
     /// A call every sample needs failed.
     #[error("NVML could not {action}: {source}")]
     Call { action: &'static str, source: Raw },
+    /// One GPU did not answer (lost, or fallen off the bus).
+    #[error("NVML could not {action} for GPU {index}: {source}")]
+    Device { index: u32, action: &'static str, source: Raw },
+    /// No driver: the library is missing, or its `nvmlInit` failed.
+    #[error("cannot load NVML from {library}: {source}")]
+    Load { library: PathBuf, source: Raw },
 }
 
 /// An initialised NVML; `nvmlShutdown` runs on drop.
@@ -57,6 +68,14 @@ impl Nvml {
         self.inner
             .sys_driver_version()
             .map_err(|source| NvmlError::Call { action: "read the driver version", source })
+    }
+
+    /// The highest CUDA version the driver supports (`12.4`).
+    pub fn cuda_version(&self) -> Result<String, NvmlError> {
+        self.inner
+            .sys_cuda_driver_version()
+            .map(cuda_version_text)
+            .map_err(|source| NvmlError::Call { action: "read the CUDA version", source })
     }
 
     /// Facts of the driver's GPUs for `/init/host`; name and memory of the first GPU.
@@ -106,19 +125,10 @@ impl Nvml {
         let mut out = Vec::new();
         for index in 0..self.count().unwrap_or(0) {
             let Ok(device) = self.inner.device_by_index(index) else { continue };
-            let Ok(pci) = device.pci_info() else { continue };
-            let address = format!("{:04x}:{:02x}:{:02x}.0", pci.domain, pci.bus, pci.device);
-            let Ok(address) = address.parse::<PciAddress>() else { continue };
-            let mut problems = Vec::new();
-            if device.are_pages_pending_retired().unwrap_or(false) {
-                problems.push("memory pages are waiting to be retired (a GPU reset retires them)");
-            }
-            match self.remapped_rows(&device) {
-                Some((_, true)) => problems.push("a row remapping failed (uncorrectable memory)"),
-                Some((true, false)) => problems
-                    .push("memory rows are waiting to be remapped (a GPU reset remaps them)"),
-                _ => {}
-            }
+            let Some(address) = device.pci_info().ok().as_ref().and_then(device::address_of) else {
+                continue;
+            };
+            let problems = self.memory_health(&device).problems();
             if !problems.is_empty() {
                 out.push((address, format!("NVML reports {}", problems.join("; "))));
             }
@@ -142,8 +152,12 @@ impl Nvml {
 
 /// NVML's CUDA version (`12040`) as the control plane wants it (`12.4`).
 pub fn cuda_version(raw: i32) -> f64 {
-    let (major, minor) = (raw / 1000, (raw % 1000) / 10);
-    format!("{major}.{minor}").parse().unwrap_or(0.0)
+    cuda_version_text(raw).parse().unwrap_or(0.0)
+}
+
+/// NVML's CUDA version (`12040`) as `nvidia-smi` writes it (`"12.4"`).
+pub fn cuda_version_text(raw: i32) -> String {
+    format!("{}.{}", raw / 1000, (raw % 1000) / 10)
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
-//! The GPU inventory the installer's GPU self-test leaves behind, read for `/init/host` when
-//! the GPUs sit on vfio-pci and the host cannot ask NVML.
+//! The GPU inventory `qudata-agent selftest` leaves behind, read for `/init/host` when the
+//! GPUs sit on vfio-pci and the host cannot ask NVML.
 //!
-//! The self-test boots a test VM with every GPU passed through and runs `nvidia-smi` in it;
-//! it writes `<data dir>/gpu-inventory.json` (atomically, 0600). Format, version 1:
+//! The self-test runs on the host while the GPUs are still on the NVIDIA driver (the installer
+//! runs it before it moves them to vfio-pci): it asks NVML for each GPU's facts and memory
+//! health, reads the kernel log since boot for Xids, and writes `<data dir>/gpu-inventory.json`
+//! (atomically, 0600). Format, version 1:
 //!
 //! ```json
 //! {
@@ -15,19 +17,33 @@
 //!   ]
 //! }
 //! ```
-//! - `version`: 1. Another number is refused (a newer installer wrote it: update the agent).
-//! - `cuda_version`: `nvidia-smi`'s "CUDA Version", `major.minor`.
-//! - `gpus`: one entry per GPU that answered in the test VM, as `nvidia-smi --query-gpu=
-//!   pci.bus_id,name,memory.total` names them, with the host's PCI address.
+//! - `version`: 1. Another number is refused (a newer agent wrote it: update the agent).
+//! - `cuda_version`: the highest CUDA version the driver supports, `major.minor`; `""` only
+//!   in an empty inventory (a host with no driver).
+//! - `gpus`: one entry per GPU the driver owned, with its PCI address (function 0 of its slot).
+//!
+//! Optional per-GPU fields, added within version 1 (older files lack them, older agents
+//! ignore them): `pcie` (`gen_current`, `gen_max`, `width_current`, `width_max`),
+//! `ecc_enabled` (the current mode), `power_limit_w` (the enforced limit) and `health`:
+//! `{"ok", "reasons", "memory": {"retired_pages_pending", "row_remap_pending",
+//! "row_remap_failure"}, "xids": [{"xid", "count", "fatal"}]}`, where a value the GPU does not
+//! report is left out and `xids` is absent when the kernel log could not be read.
 //!
 //! Fields added later within version 1 are ignored by this reader.
+
+mod command;
+mod probe;
+
+pub use command::{Outcome, selftest_command};
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::nvml::{MemoryHealth, PcieLink};
 use super::{GpuFacts, round2};
 use crate::config::parse_pci_address;
+use crate::fsutil::FsError;
 
 /// The file name under the data dir.
 pub const FILE_NAME: &str = "gpu-inventory.json";
@@ -37,18 +53,20 @@ pub const VERSION: u32 = 1;
 /// The inventory file exists but cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SelfTestError {
-    #[error("cannot read the GPU inventory {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("the GPU inventory {path}: {field} {problem}; run `qudata-agent selftest` again")]
+    Invalid { path: PathBuf, field: String, problem: &'static str },
     #[error(
-        "the GPU inventory {path} is not valid JSON ({source}); run the installer's GPU self-test again"
+        "the GPU inventory {path} is not valid JSON ({source}); run `qudata-agent selftest` again"
     )]
     Parse { path: PathBuf, source: serde_json::Error },
+    #[error("cannot read the GPU inventory {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
     #[error(
         "the GPU inventory {path} has version {found}, this agent reads {VERSION}; update the agent"
     )]
     Version { path: PathBuf, found: u32 },
-    #[error("the GPU inventory {path}: {field} {problem}; run the installer's GPU self-test again")]
-    Invalid { path: PathBuf, field: String, problem: &'static str },
+    #[error("cannot write the GPU inventory: {source}")]
+    Write { source: FsError },
 }
 
 /// The whole file.
@@ -57,7 +75,7 @@ pub struct SelfTestInventory {
     pub version: u32,
     #[serde(default)]
     pub tested_at: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver_version: Option<String>,
     pub cuda_version: String,
     pub gpus: Vec<TestedGpu>,
@@ -69,6 +87,37 @@ pub struct TestedGpu {
     pub pci_address: String,
     pub name: String,
     pub memory_total_mib: u64,
+    #[serde(default, skip_serializing_if = "PcieLink::is_empty")]
+    pub pcie: PcieLink,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_limit_w: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Verdict>,
+}
+
+/// Whether a GPU is fit to be rented, as the self-test judged it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub ok: bool,
+    /// Why not, one sentence each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    #[serde(default)]
+    pub memory: MemoryHealth,
+    /// Xids the kernel logged for this GPU since boot; `None`: the log could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xids: Option<Vec<XidCount>>,
+}
+
+/// How often one Xid was logged for one GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XidCount {
+    pub xid: u32,
+    pub count: u32,
+    /// The GPU itself is damaged or lost (not a program's fault).
+    pub fatal: bool,
 }
 
 impl SelfTestInventory {
@@ -98,8 +147,17 @@ impl SelfTestInventory {
         Ok(Some(inventory))
     }
 
+    /// Writes the file atomically, mode 0600.
+    pub fn write(&self, path: &Path) -> Result<(), SelfTestError> {
+        let mut text = serde_json::to_vec_pretty(self).expect("an inventory serialises");
+        text.push(b'\n');
+        crate::fsutil::write_atomic(path, &text).map_err(|source| SelfTestError::Write { source })
+    }
+
     fn check(&self) -> Result<(), (String, &'static str)> {
-        if parse_cuda(&self.cuda_version).is_none() {
+        // A host with no driver has no CUDA version, and no GPU to need one.
+        let empty = self.gpus.is_empty() && self.cuda_version.is_empty();
+        if !empty && parse_cuda(&self.cuda_version).is_none() {
             return Err(("cuda_version".into(), "is not a version like 12.4"));
         }
         for (i, gpu) in self.gpus.iter().enumerate() {

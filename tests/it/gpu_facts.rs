@@ -164,6 +164,40 @@ async fn the_self_test_inventory_gives_facts_without_a_driver() {
     );
 }
 
+/// The file `qudata-agent selftest` wrote while the driver owned the GPUs feeds `/init/host`
+/// once the driver is gone (the GPUs moved to vfio-pci).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_inventory_the_selftest_wrote_gives_facts_without_a_driver() {
+    let cp = MockCp::start(Behaviour { without_frp: true, ..Default::default() });
+    let dirs = Dirs::new();
+    let config = dirs.root.path().join("fake-nvml.conf");
+    let driver = FakeDriver {
+        cuda: 12040,
+        gpus: vec![h100(0, 30, 0, None), h100(0, 30, 0, None)],
+        ..Default::default()
+    };
+    driver.write(&config);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qudata-agent"))
+        .arg("selftest")
+        .env_clear()
+        .env("QUDATA_DATA_DIR", &dirs.data)
+        .env("QUDATA_KMSG_PATH", dirs.kmsg())
+        .env("QUDATA_NVML_LIBRARY", fake_library())
+        .env("FAKE_NVML_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let mut agent = start(&dirs, &cp, &[]);
+    agent.wait_ready().await;
+    let body = init_host(&cp).await;
+    assert_eq!(
+        gpu_fields(&body),
+        ("H10080GBHBM3".into(), 2.into(), 79.65.into(), 12.4.into(), 12.4.into()),
+        "{body}"
+    );
+    assert!(!agent.output().contains("ignoring the GPU inventory"), "{}", agent.output());
+}
+
 fn inventory_json(addresses: &[&str]) -> String {
     let gpus: Vec<Value> = addresses
         .iter()

@@ -40,6 +40,7 @@ mod network;
 mod qemu;
 mod qemu_topology;
 mod recover;
+mod selftest;
 mod systemd;
 mod tunnel;
 mod tunnel_agent;

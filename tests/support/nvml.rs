@@ -52,6 +52,33 @@ pub struct FakeDriver {
     /// Per GPU index: PCI bus (decimal), retired pages pending, row remap pending, row remap
     /// failure. GPUs not listed: bus 16 + index, all clear.
     pub health: Vec<(usize, u32, bool, bool, bool)>,
+    /// Per GPU index: PCIe link, ECC mode and power limit. GPUs not listed support none.
+    pub links: Vec<(usize, FakeLink)>,
+}
+
+/// What `nvmlDeviceGetCurrPcieLinkGeneration` and friends answer; `None`: not supported.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FakeLink {
+    pub gen_current: Option<u32>,
+    pub gen_max: Option<u32>,
+    pub width_current: Option<u32>,
+    pub width_max: Option<u32>,
+    pub ecc: Option<bool>,
+    pub power_limit_mw: Option<u32>,
+}
+
+impl FakeLink {
+    /// An H100 SXM as it usually reports: gen 5 x16, ECC on, 700 W.
+    pub fn h100() -> FakeLink {
+        FakeLink {
+            gen_current: Some(5),
+            gen_max: Some(5),
+            width_current: Some(16),
+            width_max: Some(16),
+            ecc: Some(true),
+            power_limit_mw: Some(700_000),
+        }
+    }
 }
 
 impl FakeDriver {
@@ -76,6 +103,18 @@ impl FakeDriver {
                 flag(retire),
                 flag(pending),
                 flag(failure)
+            ));
+        }
+        for (index, l) in &self.links {
+            let v = |x: Option<u32>| x.map_or(-1, i64::from);
+            let ecc = l.ecc.map_or(-1, i64::from);
+            text.push_str(&format!(
+                "link {index} {} {} {} {} {ecc} {}\n",
+                v(l.gen_current),
+                v(l.gen_max),
+                v(l.width_current),
+                v(l.width_max),
+                v(l.power_limit_mw)
             ));
         }
         let tmp = path.with_extension("tmp");

@@ -92,3 +92,43 @@ fn fields_added_later_are_ignored() {
         write(&DOCUMENTED.replace("\"version\": 1,", "\"version\": 1, \"ecc\": true,"));
     assert!(SelfTestInventory::read(&path).unwrap().is_some());
 }
+
+#[test]
+fn an_empty_inventory_needs_no_cuda_version() {
+    let (_dir, path) = write(r#"{"version": 1, "cuda_version": "", "gpus": []}"#);
+    let inventory = SelfTestInventory::read(&path).unwrap().unwrap();
+    assert_eq!(inventory.facts(None).count, 0);
+    let (_dir, path) = write(&DOCUMENTED.replace("\"12.4\"", "\"\""));
+    match SelfTestInventory::read(&path) {
+        Err(SelfTestError::Invalid { field, .. }) => assert_eq!(field, "cuda_version"),
+        other => panic!("GPUs without a CUDA version: {other:?}"),
+    }
+}
+
+#[test]
+fn the_self_tests_fields_round_trip_through_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, documented) = write(DOCUMENTED);
+    let mut inventory = SelfTestInventory::read(&documented).unwrap().unwrap();
+    let gpu = &mut inventory.gpus[0];
+    gpu.pcie = PcieLink { gen_current: Some(4), gen_max: Some(5), ..Default::default() };
+    gpu.ecc_enabled = Some(true);
+    gpu.power_limit_w = Some(700.0);
+    gpu.health = Some(Verdict {
+        ok: false,
+        reasons: vec!["the kernel logged Xid 79 (GPU has fallen off the bus) since boot".into()],
+        memory: MemoryHealth { row_remap_failure: Some(false), ..Default::default() },
+        xids: Some(vec![XidCount { xid: 79, count: 1, fatal: true }]),
+    });
+    let path = dir.path().join("written.json");
+    inventory.write(&path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(SelfTestInventory::read(&path).unwrap().unwrap(), inventory);
+    // What an old file lacks stays out of a file written from it.
+    let old = SelfTestInventory::read(&documented).unwrap().unwrap();
+    old.write(&path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    for absent in ["pcie", "ecc_enabled", "power_limit_w", "health"] {
+        assert!(!text.contains(absent), "{absent}: {text}");
+    }
+}

@@ -11,9 +11,14 @@
  *   health INDEX BUS RETIRE_PENDING REMAP_PENDING REMAP_FAILURE   GPU INDEX's PCI bus (decimal;
  *                                    default 16 + INDEX, domain 0, device 0) and its
  *                                    page-retirement and row-remapping state (0 or 1 each)
+ *   link INDEX GEN MAX_GEN WIDTH MAX_WIDTH ECC POWER_LIMIT_MW   GPU INDEX's PCIe link (current
+ *                                    and max generation and width), ECC mode (1 on, 0 off) and
+ *                                    enforced power limit; -1 for any: not supported. GPUs
+ *                                    without a link line support none of these calls
  * With FAKE_NVML_LOG set, every successful nvmlInit_v2 and nvmlShutdown appends "init" or
  * "shutdown" to that file, so a test sees when the agent holds the driver open.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +38,8 @@ typedef struct {
   long long power_mw;
   char name[96];
   unsigned int bus, retire_pending, remap_pending, remap_failure;
+  /* -1: NVML_ERROR_NOT_SUPPORTED. */
+  long long link_gen, max_link_gen, link_width, max_link_width, ecc, power_limit_mw;
 } fake_gpu;
 
 /* nvmlPciInfo_t as nvml.h defines it. */
@@ -83,6 +90,8 @@ static void load(void) {
         snprintf(g->name, sizeof g->name, "%.95s", line + 4 + used);
         g->bus = 16 + n;
         g->retire_pending = g->remap_pending = g->remap_failure = 0;
+        g->link_gen = g->max_link_gen = g->link_width = g->max_link_width = -1;
+        g->ecc = g->power_limit_mw = -1;
         n++;
       }
     } else if (strncmp(line, "health ", 7) == 0) {
@@ -93,6 +102,20 @@ static void load(void) {
         gpus[index].retire_pending = retire;
         gpus[index].remap_pending = pending;
         gpus[index].remap_failure = failure;
+      }
+    } else if (strncmp(line, "link ", 5) == 0) {
+      unsigned int index;
+      long long v[6];
+      if (sscanf(line + 5, "%u %lld %lld %lld %lld %lld %lld", &index, &v[0], &v[1], &v[2], &v[3],
+                 &v[4], &v[5]) == 7 &&
+          index < n) {
+        fake_gpu *g = &gpus[index];
+        g->link_gen = v[0];
+        g->max_link_gen = v[1];
+        g->link_width = v[2];
+        g->max_link_width = v[3];
+        g->ecc = v[4];
+        g->power_limit_mw = v[5];
       }
     }
   }
@@ -231,5 +254,45 @@ int nvmlDeviceGetRemappedRows(void *device, unsigned int *corr, unsigned int *un
   *unc = g->remap_failure ? 1 : 0;
   *is_pending = g->remap_pending;
   *failure = g->remap_failure;
+  return NVML_SUCCESS;
+}
+
+/* The unsigned-int getters below share one shape: a value, or NOT_SUPPORTED when it is -1. */
+static int uint_value(void *device, unsigned int *out, size_t field) {
+  fake_gpu *g = gpu_of(device);
+  long long v;
+  if (!g || !out) return NVML_ERROR_INVALID_ARGUMENT;
+  v = *(long long *)((char *)g + field);
+  if (v < 0) return NVML_ERROR_NOT_SUPPORTED;
+  *out = (unsigned int)v;
+  return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetCurrPcieLinkGeneration(void *device, unsigned int *gen) {
+  return uint_value(device, gen, offsetof(fake_gpu, link_gen));
+}
+
+int nvmlDeviceGetMaxPcieLinkGeneration(void *device, unsigned int *gen) {
+  return uint_value(device, gen, offsetof(fake_gpu, max_link_gen));
+}
+
+int nvmlDeviceGetCurrPcieLinkWidth(void *device, unsigned int *width) {
+  return uint_value(device, width, offsetof(fake_gpu, link_width));
+}
+
+int nvmlDeviceGetMaxPcieLinkWidth(void *device, unsigned int *width) {
+  return uint_value(device, width, offsetof(fake_gpu, max_link_width));
+}
+
+int nvmlDeviceGetEnforcedPowerLimit(void *device, unsigned int *limit_mw) {
+  return uint_value(device, limit_mw, offsetof(fake_gpu, power_limit_mw));
+}
+
+/* nvmlEnableState_t: NVML_FEATURE_DISABLED 0, NVML_FEATURE_ENABLED 1; pending = current here. */
+int nvmlDeviceGetEccMode(void *device, int *current, int *pending) {
+  fake_gpu *g = gpu_of(device);
+  if (!g || !current || !pending) return NVML_ERROR_INVALID_ARGUMENT;
+  if (g->ecc < 0) return NVML_ERROR_NOT_SUPPORTED;
+  *current = *pending = g->ecc ? 1 : 0;
   return NVML_SUCCESS;
 }
