@@ -864,6 +864,69 @@ start_service() {
   say "$UNIT is running; logs: journalctl -u $UNIT"
 }
 
+# The Go agent (v0.0.x) this agent replaces used the same unit name, binary path, data dir and
+# frpc config (its scripts/install.py). When its unit is there (ExecStart without `run`), it is
+# stopped and disabled (under --root: its wants links removed), and its unit (it holds the API
+# key) and binary are kept in /var/lib/qudata/go-agent/ (0700) for a rollback before this run
+# replaces them; what was done goes to upgrade.txt there, which makes a second run a no-op.
+# Its agent_id, agent_secret and frpc.toml are left as they are: the agent reads them at its
+# first start and keeps the same agent id and secret (src/control_plane/identity/go_agent.rs),
+# so this script never reads the secret.
+upgrade_from_go_agent() {
+  local unit data keep id wants name
+  unit=$(at /etc/systemd/system/qudata-agent.service)
+  data=$(at /var/lib/qudata)
+  keep="$data/go-agent"
+  if [ -f "$keep/upgrade.txt" ]; then say "up to date: Go agent upgrade ($keep/upgrade.txt)"; return 0; fi
+  if ! grep -qsE '^ExecStart=/usr/local/bin/qudata-agent( --test)?[[:space:]]*$' "$unit"; then
+    if [ -f "$data/agent_id" ] && [ ! -e "$data/identity.json" ]; then
+      say "Go agent state in $data: the agent takes over its agent id and secret at its first start"
+    fi
+    return 0
+  fi
+  id="unknown"
+  if [ -f "$data/agent_id" ]; then id=$(<"$data/agent_id"); fi
+  [[ $id =~ ^[0-9a-fA-F-]{36}$ ]] || id="unreadable ($data/agent_id)"
+  say "Go agent found: $unit, agent id $id; the agent takes over its agent id and secret at its first start"
+  if [ -f "$data/instance_state.json" ]; then
+    say "WARNING: the Go agent has an instance ($data/instance_state.json): stopping it ends that VM" >&2
+  fi
+  if dry; then
+    say "would stop and disable the Go agent ($UNIT) and keep its unit and binary in $keep"
+    return 0
+  fi
+  if [ "$ROOT" = / ] && [ -d /run/systemd/system ]; then
+    systemctl disable --now "$UNIT" || die "could not stop the Go agent: systemctl status $UNIT"
+    if [ -f /etc/systemd/system/qudata-install-continue.service ]; then
+      systemctl disable qudata-install-continue.service || true
+    fi
+  fi
+  # Files only (all that --root allows; systemctl disable has removed them under /).
+  wants=$(at /etc/systemd/system/multi-user.target.wants)
+  for name in "$UNIT" qudata-install-continue.service; do
+    if [ -L "$wants/$name" ]; then rm -f -- "$wants/$name"; fi
+  done
+  # Not in CREATED: a failure later in this run must not remove the only copy of the Go agent.
+  mkdir -p -- "$data"
+  if [ ! -d "$keep" ]; then mkdir -m 0700 -- "$keep"; fi
+  install -m 0600 -- "$unit" "$keep/$UNIT"
+  if [ -f "$(at /usr/local/bin/qudata-agent)" ]; then
+    install -m 0700 -- "$(at /usr/local/bin/qudata-agent)" "$keep/qudata-agent"
+  fi
+  (
+    umask 077
+    {
+      printf '# install.sh upgraded this host from the Go agent on %s\n' "$(date -u +%FT%TZ)"
+      printf 'stopped and disabled: %s (the Go agent)\n' "$UNIT"
+      printf 'kept for a rollback: %s/%s, %s/qudata-agent\n' "$keep" "$UNIT" "$keep"
+      printf 'left in place: %s/agent_id, %s/agent_secret, %s\n' "$data" "$data" "$(at /etc/qudata/frpc.toml)"
+      printf 'agent id %s: taken over by the agent at its first start (%s/go-agent-import.json)\n' "$id" "$data"
+    } >"$keep/.upgrade.txt.new"
+  )
+  mv -f -- "$keep/.upgrade.txt.new" "$keep/upgrade.txt"
+  say "stopped and disabled the Go agent; its unit and binary are in $keep (README: Upgrading from the Go agent)"
+}
+
 production() {
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -889,6 +952,7 @@ production() {
   prepare_sources
   fetch_frpc_archive
   fetch_base_image
+  upgrade_from_go_agent
   install_agent
   install_frpc
   create_qemu_user

@@ -11,6 +11,7 @@ use super::{AgentError, Built, notify, start_up, termination};
 use crate::api::{self, SecretSlot};
 use crate::backend::HostSweeper;
 use crate::config::Config;
+use crate::control_plane::identity::go_agent;
 use crate::control_plane::wire::InitRequest;
 use crate::control_plane::{
     self, AgentStats, Client, HostProbe, Identity, REQUEST_TIMEOUT, Reporter,
@@ -27,6 +28,15 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     fsutil::ensure_state_dir(&cfg.data_dir)?;
     fsutil::ensure_state_dir(&cfg.run_dir)?;
     let api_key = cfg.api_key.clone().ok_or(AgentError::NoApiKey)?;
+    // Before anything writes frpc's config: the Go agent's is read for its FRP server.
+    if let Some(done) = go_agent::import(&cfg.data_dir, &cfg.frpc_config, cfg.agent_port)? {
+        tracing::info!(
+            agent_id = %done.agent_id,
+            secret = done.secret,
+            frp_server = done.frp_server,
+            "took over the Go agent's identity (its files are left as they were)"
+        );
+    }
     let identity = Identity::load_or_create(&cfg.data_dir, cfg.agent_port)?;
     let client = Client::new(&cfg.service_url, api_key, REQUEST_TIMEOUT)?;
     let gpu = GpuTelemetry {

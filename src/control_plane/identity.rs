@@ -14,6 +14,8 @@ use crate::config::FrpOverrides;
 use crate::fsutil::{self, FsError};
 use crate::secret::Secret;
 
+pub mod go_agent;
+
 const IDENTITY_FILE: &str = "identity.json";
 const SECRET_FILE: &str = "agent-secret";
 const FRP_FILE: &str = "frp.json";

@@ -28,6 +28,7 @@ mod docker_pull;
 mod docker_ssh;
 mod doctor;
 mod faults;
+mod go_upgrade;
 mod gpu_bind_nvml;
 mod gpu_facts;
 mod gpu_guest;
