@@ -179,18 +179,27 @@ make_dir() {
 # private_dir DIR: DIR exists with mode 0700.
 private_dir() {
   make_dir "$1" 0700
-  if [ -d "$1" ] && [ "$(stat -c %a "$1")" != 700 ]; then
-    if dry; then say "would chmod 0700 $1"; else chmod 0700 "$1"; fi
-  fi
+  set_dir_mode "$1" 700
 }
+
+# set_dir_mode DIR MODE: an existing directory of other mode is changed, its mode before
+# recorded for --uninstall.
+set_dir_mode() {
+  local old
+  [ -d "$1" ] || return 0
+  old=$(stat -c %a "$1")
+  [ "$old" = "$2" ] && return 0
+  if dry; then say "would chmod 0$2 $1"; return 0; fi
+  chmod "0$2" "$1"
+  MODES+=("$old ${1#"${ROOT%/}"}")
+}
+MODES=() # "<mode before> <path>" of directories whose mode this run changed
 
 # traverse_dir DIR: DIR exists with mode 0711 (others may pass through, not list: QEMU's user
 # reaches its VM's files and the base image below it).
 traverse_dir() {
   make_dir "$1" 0711
-  if [ -d "$1" ] && [ "$(stat -c %a "$1")" != 711 ]; then
-    if dry; then say "would chmod 0711 $1"; else chmod 0711 "$1"; fi
-  fi
+  set_dir_mode "$1" 711
 }
 
 # The unprivileged user QEMU runs as (the agent makes it too when it is missing).
@@ -266,6 +275,9 @@ record_manifest() {
         printf 'created %s\n' "${rel:-/}"
       done
       for rel in "${REPLACED[@]}"; do printf 'replaced %s\n' "$rel"; done
+      for rel in "${MODES[@]}"; do
+        in_manifest "${rel#* }" || printf 'chmod %s\n' "$rel"
+      done
       if [ "$USER_CREATED" = 1 ]; then printf 'user %s\n' "$QEMU_USER"; fi
       if [ "$PERSISTENCED_DISABLED" = 1 ]; then printf 'disabled %s\n' nvidia-persistenced; fi
     } | awk '!seen[$0]++' >"$new"
@@ -1016,6 +1028,9 @@ uninstall() {
         if [ -d "$(at "$path")" ] && [ ! -L "$(at "$path")" ]; then dirs+=("$path"); else files+=("$path"); fi
         ;;
       user) remove_user "$path" ;;
+      chmod)
+        if dry; then say "would chmod 0${path%% *} ${path#* }"; continue; fi
+        [ -d "$(at "${path#* }")" ] && chmod "0${path%% *}" "$(at "${path#* }")" ;;
       disabled)
         if [ "$ROOT" = / ] && ! dry; then systemctl enable --now "$path" && say "enabled $path again"; fi ;;
     esac

@@ -7,10 +7,8 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use crate::support::install::{AGENT, FRPC_SCRIPT, Fixture, KEY, REPO, sha256_hex};
-use crate::support::wait::wait_until_blocking;
+use crate::support::install::{AGENT, FRPC_SCRIPT, Fixture, HttpServer, KEY, REPO, sha256_hex};
 
 #[test]
 fn installs_everything_private_and_a_second_run_changes_nothing() {
@@ -233,42 +231,6 @@ fn shellcheck_finds_nothing() {
     run(&builder.iter().map(String::as_str).collect::<Vec<_>>());
     // grub-mkconfig sources drop-ins with /bin/sh.
     run(&["--shell=sh", "grub/qudata-iommu.cfg"]);
-}
-
-/// `python3 -m http.server` on 127.0.0.1 serving `dir`; killed and reaped on drop.
-struct HttpServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl HttpServer {
-    fn serve(dir: &Path) -> HttpServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 (tests/packages.txt) runs");
-        let what = format!("http.server to listen on 127.0.0.1:{port}");
-        let (limit, every) = (Duration::from_secs(30), Duration::from_millis(50));
-        wait_until_blocking(what, limit, every, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).map(drop)
-        });
-        HttpServer { child, port }
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -37,6 +37,7 @@ mod gpu_pci;
 mod guest_metrics;
 mod guest_ssh;
 mod install;
+mod install_nspawn;
 mod network;
 mod qemu;
 mod qemu_topology;

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use super::wait::wait_until_blocking;
 
 use sha2::{Digest, Sha256};
 
@@ -180,5 +183,41 @@ impl From<Output> for Run {
         );
         assert!(!text.contains(KEY), "the API key was echoed:\n{text}");
         Run { ok: out.status.success(), code: out.status.code(), text }
+    }
+}
+
+/// `python3 -m http.server` on 127.0.0.1 serving `dir`; killed and reaped on drop.
+pub struct HttpServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl HttpServer {
+    pub fn serve(dir: &Path) -> HttpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (tests/packages.txt) runs");
+        let what = format!("http.server to listen on 127.0.0.1:{port}");
+        let (limit, every) = (Duration::from_secs(30), Duration::from_millis(50));
+        wait_until_blocking(what, limit, every, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).map(drop)
+        });
+        HttpServer { child, port }
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

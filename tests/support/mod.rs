@@ -11,6 +11,7 @@ pub mod install;
 pub mod kernel;
 pub mod mock_cp;
 pub mod net;
+pub mod nspawn;
 pub mod nvml;
 pub mod orphans;
 pub mod records;
