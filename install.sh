@@ -1035,6 +1035,12 @@ uninstall() {
         if [ "$ROOT" = / ] && ! dry; then systemctl enable --now "$path" && say "enabled $path again"; fi ;;
     esac
   done
+  # What the agent itself wrote beside its settings: frpc's main file and include files.
+  files+=(/etc/qudata/frpc.toml)
+  for p in "$(at /etc/qudata/frpc.d)"/*.toml; do
+    [ -e "$p" ] && files+=("${p#"${ROOT%/}"}")
+  done
+  [ -d "$(at /etc/qudata/frpc.d)" ] && dirs+=(/etc/qudata/frpc.d)
   for p in "${files[@]}"; do
     [ -e "$(at "$p")" ] || [ -L "$(at "$p")" ] || continue
     if dry; then say "would remove $p"; else rm -f -- "$(at "$p")" && say "removed $p"; fi

@@ -629,3 +629,17 @@ fn a_gpu_sharing_its_iommu_group_with_a_host_device_gets_the_docker_backend() {
     assert!(settings.lines().any(|l| l == "QUDATA_BACKEND=docker"), "{settings}");
     assert!(!fx.at("/etc/modprobe.d/qudata-vfio-pci.conf").exists(), "no GPU goes to vfio-pci");
 }
+
+#[test]
+fn uninstall_also_removes_the_frpc_files_the_agent_wrote() {
+    let fx = Fixture::new(false);
+    let install = fx.install(&[], &[]);
+    assert!(install.ok, "{}", install.text);
+    // What the agent writes beside its settings once it runs.
+    std::fs::create_dir_all(fx.at("/etc/qudata/frpc.d")).unwrap();
+    std::fs::write(fx.at("/etc/qudata/frpc.toml"), "serverAddr = \"x\"\n").unwrap();
+    std::fs::write(fx.at("/etc/qudata/frpc.d/abc.toml"), "[[proxies]]\n").unwrap();
+    let gone = fx.install(&["--uninstall"], &[("QUDATA_API_KEY", None)]);
+    assert!(gone.ok, "{}", gone.text);
+    assert!(!fx.at("/etc/qudata").exists(), "{}", gone.text);
+}
