@@ -117,7 +117,7 @@ VFIO_MODULES=(vfio vfio_pci vfio_iommu_type1)
 UNIT=qudata-agent.service
 
 # The release artefact (scripts/dist.sh) and where it is published.
-RELEASE_DEFAULT_URL=https://github.com/qudata-ai/qudata-agent/releases/latest/download
+RELEASE_DEFAULT_URL=https://github.com/qubu-group/qudata-agent/releases/latest/download
 RELEASE_NAME=qudata-agent-x86_64-linux.tar.gz
 
 DRY_RUN=0
@@ -724,6 +724,15 @@ finish_after_reboot() {
     write_env_file
     prepare_docker
   fi
+  if [ "$state" = ok ]; then
+    local addr driver
+    while read -r addr _; do
+      [ -n "$addr" ] || continue
+      driver=$(basename "$(readlink "$(sysfs)/bus/pci/devices/$addr/driver" 2>/dev/null)" 2>/dev/null)
+      [ "$driver" = vfio-pci ] ||
+        say "GPU $addr is on ${driver:-no driver}, not vfio-pci, after the reboot: the agent moves it when a VM starts (check /etc/modprobe.d/qudata-vfio-pci.conf)"
+    done <<<"$(nvidia_gpus)"
+  fi
   rm -f -- "$(at "$PENDING")"
   if [ "$ROOT" = / ] && [ -d /run/systemd/system ]; then
     systemctl disable "$FINISH_UNIT" 2>/dev/null || true
@@ -1050,6 +1059,7 @@ uninstall() {
     if dry; then say "would remove the directory $p if empty"; else rmdir -- "$(at "$p")" 2>/dev/null && say "removed $p"; fi
   done
   [ "$grub" = 1 ] && regenerate_grub
+  return_boot_gpus
   if [ "$purge" = 1 ]; then
     for p in /var/lib/qudata /var/cache/qudata; do
       [ -e "$(at "$p")" ] || continue
@@ -1065,6 +1075,41 @@ uninstall() {
   fi
   if dry; then say "dry run: nothing was changed"; else say "uninstalled"; fi
 }
+
+# The GPUs the boot configuration put on vfio-pci go back to a host driver now that the
+# configuration is gone (recover --stop-all already returned those the agent had bound):
+# driver_override cleared, unbound from vfio-pci, probed again, each with a deadline. The
+# host's only, or a sysfs named by INSTALL_SYSFS_ROOT.
+return_boot_gpus() {
+  local dev addr fn driver waited
+  if [ "$ROOT" != / ] && [ -z "${INSTALL_SYSFS_ROOT:-}" ]; then return 0; fi
+  while read -r addr _; do
+    [ -n "$addr" ] || continue
+    for dev in "$(sysfs)/bus/pci/devices/${addr%.*}".*; do
+      [ "$(<"$dev/vendor")" = 0x10de ] || continue
+      fn=$(basename "$dev")
+      driver=$(basename "$(readlink "$dev/driver" 2>/dev/null)" 2>/dev/null)
+      [ "$driver" = vfio-pci ] || continue
+      if dry; then say "would give $fn back to its host driver"; continue; fi
+      [ "$ROOT" = / ] && modprobe -q nvidia 2>/dev/null
+      if ! { sysfs_write $'\n' "$dev/driver_override" && sysfs_write "$fn" "$dev/driver/unbind" &&
+        sysfs_write "$fn" "$(sysfs)/bus/pci/drivers_probe"; }; then
+        say "WARNING: cannot give $fn back to a host driver (a sysfs write failed or hung)" >&2
+        continue
+      fi
+      for waited in $(seq 1 100); do
+        driver=$(basename "$(readlink "$dev/driver" 2>/dev/null)" 2>/dev/null)
+        [ -n "$driver" ] && [ "$driver" != vfio-pci ] && break
+        sleep 0.1
+      done
+      say "gave $fn back to a host driver: ${driver:-none took it} (${waited} polls)"
+    done
+  done <<<"$(nvidia_gpus)"
+}
+
+# sysfs_write VALUE FILE: one write with a deadline (a hung driver can block it for ever).
+# shellcheck disable=SC2016 # the inner shell expands $1 and $2, its own arguments
+sysfs_write() { timeout 15 bash -c 'printf "%s" "$1" >"$2"' _ "$1" "$2"; }
 
 # The agent stopped (so it does not start anything again), then every instance and frpc
 # stopped and the GPUs returned, by the agent's own recover. The host's only: not under --root.

@@ -643,3 +643,35 @@ fn uninstall_also_removes_the_frpc_files_the_agent_wrote() {
     assert!(gone.ok, "{}", gone.text);
     assert!(!fx.at("/etc/qudata").exists(), "{}", gone.text);
 }
+
+#[test]
+fn uninstall_gives_gpus_the_boot_configuration_kept_on_vfio_pci_back_to_their_drivers() {
+    use crate::support::kernel::SimKernel;
+    use crate::support::sysfs::{CLASS_AUDIO, FakeSysfs};
+    let fx = Fixture::new(false);
+    let env = [("INSTALL_SYSFS_ROOT", Some(gpu_sysfs(true).path().display().to_string()))];
+    assert!(fx.install(&[], &env).ok);
+    // After the reboot: vfio-pci took the GPU and its audio function at boot.
+    let booted = FakeSysfs::new()
+        .driver_available("nvidia")
+        .driver_available("snd_hda_intel")
+        .gpu("0000:65:00.0", 0x2330)
+        .driver("vfio-pci")
+        .group(12)
+        .function("0000:65:00.1", CLASS_AUDIO)
+        .driver("vfio-pci")
+        .group(12);
+    let native = [("0000:65:00.0", "nvidia"), ("0000:65:00.1", "snd_hda_intel")];
+    let kernel = SimKernel::start(&booted, &native);
+    let env = [
+        ("INSTALL_SYSFS_ROOT", Some(booted.path().display().to_string())),
+        ("QUDATA_API_KEY", None),
+    ];
+    let gone = fx.install(&["--uninstall"], &env);
+    assert!(gone.ok, "{}", gone.text);
+    assert_eq!(booted.driver_of("0000:65:00.0").as_deref(), Some("nvidia"), "{:?}", kernel.log());
+    assert_eq!(booted.driver_of("0000:65:00.1").as_deref(), Some("snd_hda_intel"));
+    assert_eq!(booted.override_of("0000:65:00.0"), "(null)");
+    assert!(gone.text.contains("gave 0000:65:00.0 back to a host driver: nvidia"), "{}", gone.text);
+    assert!(!fx.at("/etc/modprobe.d/qudata-vfio-pci.conf").exists());
+}
