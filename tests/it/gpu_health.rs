@@ -98,23 +98,10 @@ fn card() -> FakeSysfs {
         .resettable("flr")
 }
 
-/// A qcow2 base image the test never boots.
-fn base_image(dirs: &Dirs) -> String {
-    let path = dirs.root.path().join("base.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&path)
-        .arg("64M")
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    path.display().to_string()
-}
-
 fn start_local(dirs: &Dirs, fake: &FakeSysfs, port: u16) -> Agent {
     let env = [
         ("QUDATA_SYSFS_ROOT", fake.path().display().to_string()),
-        ("QUDATA_BASE_IMAGE", base_image(dirs)),
+        ("QUDATA_BASE_IMAGE", dirs.unbootable_base_image()),
         ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
     ];
     Agent::start(dirs, &["run", "--local"], &env, port)

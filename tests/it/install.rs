@@ -514,6 +514,21 @@ fn gpu_sysfs(groups: bool) -> crate::support::sysfs::FakeSysfs {
     if groups { fake.group(12) } else { fake }
 }
 
+/// `install.sh --finish --root <root>`, as the one-shot unit runs it after the reboot, with
+/// `sysfs` as the rebooted host's.
+fn finish(fx: &Fixture, sysfs: &crate::support::sysfs::FakeSysfs) -> crate::support::install::Run {
+    let out = Command::new("bash")
+        .arg(Path::new(REPO).join("install.sh"))
+        .args(["--finish", "--root"])
+        .arg(&fx.root)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("INSTALL_SYSFS_ROOT", sysfs.path())
+        .output()
+        .unwrap();
+    crate::support::install::Run::from(out)
+}
+
 #[test]
 fn a_passthrough_host_gets_vfio_pci_at_boot_and_finishes_after_the_reboot() {
     let fx = Fixture::new(true);
@@ -544,23 +559,11 @@ fn a_passthrough_host_gets_vfio_pci_at_boot_and_finishes_after_the_reboot() {
     assert!(fx.at("/var/lib/qudata/install-pending").exists());
 
     // After the reboot: the IOMMU is on, the unit's run finishes; then nothing is pending.
-    let finish = |sysfs: &crate::support::sysfs::FakeSysfs| {
-        let out = Command::new("bash")
-            .arg(Path::new(REPO).join("install.sh"))
-            .args(["--finish", "--root"])
-            .arg(&fx.root)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap())
-            .env("INSTALL_SYSFS_ROOT", sysfs.path())
-            .output()
-            .unwrap();
-        crate::support::install::Run::from(out)
-    };
-    let done = finish(&sysfs);
+    let done = finish(&fx, &sysfs);
     assert!(done.ok && done.text.contains("finished after the reboot (ok)"), "{}", done.text);
     assert!(done.text.contains("state: GPU 0000:65:00.0 on nvidia"), "{}", done.text);
     assert!(!fx.at("/var/lib/qudata/install-pending").exists());
-    let twice = finish(&sysfs);
+    let twice = finish(&fx, &sysfs);
     assert!(twice.ok && twice.text.contains("nothing to finish"), "{}", twice.text);
 
     // A second install changes nothing and says where the host stands.
@@ -587,16 +590,7 @@ fn a_host_whose_iommu_stays_off_after_the_reboot_falls_back_to_docker() {
     let run = fx.install(&[], &env);
     assert!(run.ok, "{}", run.text);
     assert!(run.text.contains("the IOMMU is off now"), "{}", run.text);
-    let out = Command::new("bash")
-        .arg(Path::new(REPO).join("install.sh"))
-        .args(["--finish", "--root"])
-        .arg(&fx.root)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap())
-        .env("INSTALL_SYSFS_ROOT", off.path())
-        .output()
-        .unwrap();
-    let done = crate::support::install::Run::from(out);
+    let done = finish(&fx, &off);
     assert!(
         done.ok && done.text.contains("the IOMMU is still off after the reboot"),
         "{}",

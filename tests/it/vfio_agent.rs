@@ -30,23 +30,10 @@ fn card() -> FakeSysfs {
         .group(12)
 }
 
-/// A small qcow2 base image: the tests never boot it.
-fn base_image(dirs: &Dirs) -> String {
-    let path = dirs.root.path().join("base.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&path)
-        .arg("64M")
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    path.display().to_string()
-}
-
 fn start(dirs: &Dirs, fake: &FakeSysfs, port: u16) -> Agent {
     let env = [
         ("QUDATA_SYSFS_ROOT", fake.path().display().to_string()),
-        ("QUDATA_BASE_IMAGE", base_image(dirs)),
+        ("QUDATA_BASE_IMAGE", dirs.unbootable_base_image()),
         ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
     ];
     Agent::start(dirs, &["run", "--local"], &env, port)
@@ -200,7 +187,7 @@ async fn real_qemu_accepts_the_passthrough_argv_up_to_the_host_device() {
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str| dir.path().join(name);
     let dirs = Dirs::new();
-    let overlay = base_image(&dirs);
+    let overlay = dirs.unbootable_base_image();
     std::fs::write(file("seed.img"), vec![0u8; 1 << 20]).unwrap();
     let ovmf = disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap();
     disk::copy_vars(&ovmf.vars_template, &file("vars.fd")).unwrap();

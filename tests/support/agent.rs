@@ -34,6 +34,20 @@ impl Dirs {
         Dirs { net: super::net::TestNet::new(&run), root, data, run }
     }
 
+    /// A small qcow2 base image in the test's dir, for agents whose VMs never boot (their
+    /// GPUs are simulated): its path.
+    pub fn unbootable_base_image(&self) -> String {
+        let path = self.root.path().join("base.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg("64M")
+            .output()
+            .expect("qemu-img");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        path.display().to_string()
+    }
+
     /// The kernel log the test's agents watch (`QUDATA_KMSG_PATH`), in `/dev/kmsg`'s format.
     pub fn kmsg(&self) -> PathBuf {
         self.root.path().join("kmsg")
