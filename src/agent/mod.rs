@@ -99,7 +99,7 @@ async fn manager(
     let vfio = Arc::new(backends::vfio(cfg));
     let offered = gpu_pool.iter().filter_map(|a| a.parse().ok()).collect();
     let nvml = gpu.as_ref().map(|g| g.host_nvml.clone());
-    let gpu_health = Arc::new(crate::gpu::health::HealthView { vfio, offered, nvml });
+    let gpu_health = Arc::new(crate::gpu::health::HealthView::new(vfio, offered, nvml));
     let settings = ManagerSettings {
         gpu_health: Some(gpu_health.clone()),
         limits: limits::probe(

@@ -74,11 +74,35 @@ pub struct HealthView {
     pub offered: Vec<PciAddress>,
     /// The host's NVML, for the GPUs still on the NVIDIA driver (`None`: not watched).
     pub nvml: Option<Arc<super::HostNvml>>,
+    /// The last [`HealthView::report`], for the stats loop (the watch refreshes it).
+    last: std::sync::Mutex<Option<Vec<GpuHealth>>>,
 }
 
 impl HealthView {
-    /// Every offered GPU's state now. Blocking (sysfs and one small file).
+    pub fn new(
+        vfio: Arc<Vfio>,
+        offered: Vec<PciAddress>,
+        nvml: Option<Arc<super::HostNvml>>,
+    ) -> HealthView {
+        HealthView { vfio, offered, nvml, last: std::sync::Mutex::default() }
+    }
+
+    /// The last report, without I/O once there is one: `/stats` asks every 500 ms on the async
+    /// runtime, and the watch refreshes it every period.
+    pub fn latest(&self) -> Vec<GpuHealth> {
+        let cached = self.last.lock().expect("health cache lock").clone();
+        cached.unwrap_or_else(|| self.report())
+    }
+
+    /// Every offered GPU's state now (also kept for [`HealthView::latest`]). Blocking (sysfs
+    /// and one small file).
     pub fn report(&self) -> Vec<GpuHealth> {
+        let report = self.read_report();
+        *self.last.lock().expect("health cache lock") = Some(report.clone());
+        report
+    }
+
+    fn read_report(&self) -> Vec<GpuHealth> {
         let entries = match self.vfio.quarantine.load() {
             Ok(state) => state.gpus,
             Err(e) => {
@@ -189,6 +213,7 @@ impl HealthView {
                     self.check_bus();
                 }
                 self.check_nvml();
+                self.report();
                 std::thread::sleep(WATCH_PERIOD);
             }
         });
@@ -203,7 +228,7 @@ pub fn health_command(cfg: &crate::config::Config, json: bool) -> Result<String,
     let vfio = Arc::new(crate::agent::backends::vfio(cfg));
     let offered = super::pool::offered(&vfio.sysfs, cfg.gpu_pci_addrs.as_deref())
         .map_err(|e| e.to_string())?;
-    let report = HealthView { vfio, offered, nvml: None }.report();
+    let report = HealthView::new(vfio, offered, None).report();
     if json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&report).expect("serialises")));
     }

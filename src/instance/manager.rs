@@ -479,9 +479,10 @@ impl Manager {
     }
 
     /// The PCI addresses of the GPUs this host offers.
-    /// Each offered GPU's health now (blocking reads of sysfs and one small file).
+    /// Each offered GPU's health as last seen (the health watch refreshes it every few
+    /// seconds; no I/O once it has run).
     pub fn gpu_health_report(&self) -> Vec<crate::gpu::health::GpuHealth> {
-        self.inner.settings.gpu_health.as_ref().map(|h| h.report()).unwrap_or_default()
+        self.inner.settings.gpu_health.as_ref().map(|h| h.latest()).unwrap_or_default()
     }
 
     pub fn gpu_pool(&self) -> &[String] {

@@ -23,6 +23,9 @@ use crate::fsutil::{self, FsError};
 /// The file under the data dir.
 pub const FILE_NAME: &str = "gpu-quarantine.json";
 
+/// How long a change waits for another process's hold on the file's lock.
+const LOCK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One quarantined GPU.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -143,10 +146,21 @@ impl Quarantine {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|source| FsError::Write { path: lock_path.clone(), source })?;
-        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        // Held only for a read and a small write; a holder stuck past the deadline (a hung
+        // process) is an error, never a wait for ever.
+        let deadline = std::time::Instant::now() + LOCK_DEADLINE;
+        loop {
+            // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
             let source = std::io::Error::last_os_error();
-            return Err(FsError::Write { path: lock_path, source }.into());
+            if source.raw_os_error() != Some(libc::EWOULDBLOCK)
+                || std::time::Instant::now() >= deadline
+            {
+                return Err(FsError::Write { path: lock_path, source }.into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let mut state = self.load()?;
         let out = change(&mut state);
@@ -186,6 +200,20 @@ mod tests {
         let state = q.load().unwrap();
         assert!(state.gpus.is_empty());
         assert_eq!(state.cleared.get(&gpu()), Some(&cleared));
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_is_waited_for_until_the_deadline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Quarantine::new(dir.path());
+        let held = std::fs::File::create(q.path().with_extension("lock")).unwrap();
+        // SAFETY: flock on a descriptor this test owns (another open file description, as
+        // another process would have).
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let err = q.add(&gpu(), entry("x")).unwrap_err();
+        assert!(err.to_string().contains(".lock"), "{err}");
+        drop(held);
+        assert!(q.add(&gpu(), entry("x")).unwrap(), "free again");
     }
 
     #[test]

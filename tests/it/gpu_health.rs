@@ -54,7 +54,7 @@ fn health_follows_the_bus_and_the_kernel_log() {
         timeouts: Timeouts::default(),
     });
     let offered = vec![addr(GPU), addr(OTHER), addr("0000:ca:00.0")];
-    let view = HealthView { vfio, offered, nvml: None };
+    let view = HealthView::new(vfio, offered, None);
     let states = |view: &HealthView| view.report().iter().map(|h| h.health).collect::<Vec<_>>();
     assert_eq!(states(&view), [Health::Healthy; 3]);
     assert!(view.unavailable().is_empty());
