@@ -139,6 +139,12 @@ pub trait Lifecycle: Send + Sync + 'static {
     /// Checks what only the backend knows (known image names, …), before anything starts.
     fn validate(&self, spec: &Spec) -> Result<(), BackendError>;
 
+    /// The name of the VM image a valid `spec` boots (`None`: this backend runs no VMs).
+    fn vm_image(&self, spec: &Spec) -> Option<String> {
+        let _ = spec;
+        None
+    }
+
     /// Checks, reading only, that these GPUs (PCI addresses) can be given to a new instance
     /// now; a refusal is [`BackendError::Refused`].
     fn check_gpus(&self, gpus: &[String]) -> Result<(), BackendError> {

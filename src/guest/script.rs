@@ -74,7 +74,9 @@ pub fn service_command(run_dir: &GuestPath, verb: ServiceVerb) -> String {
 /// What the control script is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceVerb {
-    Start,
+    /// Keeps a running service whose command and environment are unchanged (an agent that
+    /// restarted and adopted the VM must not kill the renter's Jupyter); starts it otherwise.
+    Ensure,
     Stop,
     Status,
 }
@@ -82,7 +84,7 @@ pub enum ServiceVerb {
 impl ServiceVerb {
     fn as_str(self) -> &'static str {
         match self {
-            ServiceVerb::Start => "start",
+            ServiceVerb::Ensure => "ensure",
             ServiceVerb::Stop => "stop",
             ServiceVerb::Status => "status",
         }
@@ -94,6 +96,9 @@ pub const RUN_SCRIPT: &str = "renter.sh";
 pub const SERVICE_SCRIPT: &str = "service.sh";
 pub const ENV_FILE: &str = "renter.env";
 pub const COMMAND_FILE: &str = "renter.cmd";
+/// Where the agent uploads the command and environment; `ensure` moves them into place.
+pub const NEW_ENV_FILE: &str = "renter.env.new";
+pub const NEW_COMMAND_FILE: &str = "renter.cmd.new";
 pub const PID_FILE: &str = "renter.pid";
 pub const LOG_FILE: &str = "renter.log";
 
@@ -104,6 +109,7 @@ pub const RUN_SCRIPT_TEXT: &str = r#"#!/bin/sh
 # Written by qudata-agent: the renter's command with the renter's environment.
 dir=$(dirname "$0")
 set -- "$(cat "$dir/renter.cmd")" "$dir/renter.env"
+cd "${HOME:-/root}" 2>/dev/null || cd /
 . "$2"
 exec /bin/sh -c "$1"
 "#;
@@ -133,17 +139,63 @@ stop() {
     rm -f "$pidfile"
 }
 
+same() { cmp -s "$dir/renter.cmd.new" "$dir/renter.cmd" && cmp -s "$dir/renter.env.new" "$dir/renter.env"; }
+
 case "$1" in
-start)
+ensure)
+    if pid=$(running) && same; then
+        rm -f "$dir/renter.cmd.new" "$dir/renter.env.new"
+        echo "$pid"
+        exit 0
+    fi
     stop
+    mv -f "$dir/renter.cmd.new" "$dir/renter.cmd" && mv -f "$dir/renter.env.new" "$dir/renter.env" || exit 1
     umask 077
     setsid sh "$dir/renter.sh" </dev/null >>"$dir/renter.log" 2>&1 &
     echo "$!" >"$pidfile.tmp" && mv -f "$pidfile.tmp" "$pidfile" && echo "$!"
     ;;
 stop) stop ;;
 status) running || exit 3 ;;
-*) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+*) echo "usage: $0 ensure|stop|status" >&2; exit 2 ;;
 esac
+"#;
+
+/// File names the default user's keys are handed over in (inside the run directory).
+pub const USERS_SCRIPT: &str = "users.sh";
+pub const RENTER_KEYS_FILE: &str = "renter.keys";
+pub const MANAGEMENT_KEY_FILE: &str = "management.pub";
+
+/// Gives the image's default user (cloud-init's `default_user`: `renter`, `debian`,
+/// `ubuntu`, …) exactly the renter's keys. cloud-init put the management key into that
+/// user's `authorized_keys` at first boot, which is how the home is found; the homes found are
+/// remembered on the guest's disk, because the management key leaves that file here. Runs as
+/// root with two agent paths as arguments (the homes' parent and the state directory); every
+/// other value is read from files in its own directory. Prints the homes it wrote.
+pub const USERS_SCRIPT_TEXT: &str = r#"#!/bin/sh
+# Written by qudata-agent: the renter's keys for the image's default user.
+dir=$(dirname "$0")
+homes=$1
+state=$2
+known="$state/default-homes"
+mkdir -p "$state" && chmod 700 "$state" || exit 1
+body=$(awk 'NF >= 2 { print $2; exit }' "$dir/management.pub")
+[ -n "$body" ] || exit 1
+for f in "$homes"/*/.ssh/authorized_keys; do
+    [ -f "$f" ] && grep -qF -- "$body" "$f" || continue
+    home=${f%/.ssh/authorized_keys}
+    grep -qxF -- "$home" "$known" 2>/dev/null || echo "$home" >>"$known"
+done
+[ -f "$known" ] || exit 0
+while read -r home; do
+    [ -d "$home" ] || continue
+    owner=$(stat -c %u:%g "$home") || continue
+    mkdir -p "$home/.ssh" && chown "$owner" "$home/.ssh" && chmod 700 "$home/.ssh" &&
+        cp "$dir/renter.keys" "$home/.ssh/authorized_keys.qudata-tmp" &&
+        chown "$owner" "$home/.ssh/authorized_keys.qudata-tmp" &&
+        chmod 600 "$home/.ssh/authorized_keys.qudata-tmp" &&
+        mv -f "$home/.ssh/authorized_keys.qudata-tmp" "$home/.ssh/authorized_keys" &&
+        echo "$home"
+done <"$known"
 "#;
 
 #[cfg(test)]
@@ -201,7 +253,10 @@ mod tests {
             mkdir_command(&dir),
             "umask 077 && mkdir -p '/run/qudata' && chmod 700 '/run/qudata'"
         );
-        assert_eq!(service_command(&dir, ServiceVerb::Start), "sh '/run/qudata/service.sh' start");
+        assert_eq!(
+            service_command(&dir, ServiceVerb::Ensure),
+            "sh '/run/qudata/service.sh' ensure"
+        );
         assert_eq!(
             service_command(&dir, ServiceVerb::Status),
             "sh '/run/qudata/service.sh' status"

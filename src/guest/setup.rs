@@ -16,6 +16,11 @@ pub struct GuestPaths {
     pub authorized_keys: GuestPath,
     /// Private directory (0700) for the service's scripts, environment, pid and log.
     pub run_dir: GuestPath,
+    /// Where the users' homes are; the image's default user is the one whose
+    /// `authorized_keys` cloud-init gave the management key.
+    pub homes: GuestPath,
+    /// The agent's lasting state on the guest's disk (the default user's home).
+    pub state_dir: GuestPath,
 }
 
 impl Default for GuestPaths {
@@ -23,6 +28,8 @@ impl Default for GuestPaths {
         GuestPaths {
             authorized_keys: GuestPath::new("/root/.ssh/authorized_keys").expect("valid path"),
             run_dir: GuestPath::new("/run/qudata").expect("valid path"),
+            homes: GuestPath::new("/home").expect("valid path"),
+            state_dir: GuestPath::new("/var/lib/qudata-guest").expect("valid path"),
         }
     }
 }
@@ -60,12 +67,56 @@ pub async fn set_authorized_keys(
     client.run("create the SSH key directory", &mkdir, b"").await?;
     let contents = script::authorized_keys_file(management_line, &keys);
     client.upload(file, contents.as_bytes(), 0o600).await?;
-    tracing::info!(instance = %client.target().instance, keys = keys.len(), "renter SSH keys applied");
+    let users = match management_line {
+        Some(line) => set_default_user_keys(client, paths, line, &keys).await?,
+        None => Vec::new(),
+    };
+    tracing::info!(
+        instance = %client.target().instance,
+        keys = keys.len(),
+        default_users = ?users,
+        "renter SSH keys applied"
+    );
     Ok(())
 }
 
-/// Starts the renter's `command` with `env` as a background service, replacing one already
-/// running (after a reboot or when the agent adopts the instance). Returns its pid.
+/// The renter's keys for the image's default user too (see [`script::USERS_SCRIPT_TEXT`]);
+/// returns the homes it wrote. A guest without such a user (the CI guest) has none.
+async fn set_default_user_keys(
+    client: &GuestClient,
+    paths: &GuestPaths,
+    management_line: &str,
+    keys: &[String],
+) -> Result<Vec<String>, GuestError> {
+    let dir = &paths.run_dir;
+    client
+        .run("create the service directory", &GuestCommand::built(script::mkdir_command(dir)), b"")
+        .await?;
+    let renter = script::authorized_keys_file(None, keys);
+    client.upload(&dir.join(script::RENTER_KEYS_FILE), renter.as_bytes(), 0o600).await?;
+    let management = format!("{}\n", management_line.trim());
+    client.upload(&dir.join(script::MANAGEMENT_KEY_FILE), management.as_bytes(), 0o600).await?;
+    let script_path = dir.join(script::USERS_SCRIPT);
+    client.upload(&script_path, script::USERS_SCRIPT_TEXT.as_bytes(), 0o700).await?;
+    let run = GuestCommand::built(format!(
+        "sh {} {} {}",
+        script::sh_quote(script_path.as_str()),
+        script::sh_quote(paths.homes.as_str()),
+        script::sh_quote(paths.state_dir.as_str())
+    ));
+    let out = client.run("give the default user the renter's keys", &run, b"").await?;
+    let users = String::from_utf8_lossy(&out.stdout);
+    Ok(users.lines().map(|u| crate::text::printable(u, 64)).take(16).collect())
+}
+
+/// The command the agent runs when it starts JupyterLab itself (its token comes in the
+/// environment, `JUPYTER_TOKEN`, never on a command line the guest's `ps` shows).
+pub const JUPYTER_COMMAND: &str = "jupyter lab --ip=0.0.0.0 --port=8888 --no-browser --allow-root";
+
+/// Starts the renter's `command` with `env` as a background service in the guest's
+/// `$HOME`, in a session of its own (it outlives the SSH connection). One already running
+/// with the same command and environment is kept (an agent that restarted and adopted the VM);
+/// a different one is replaced. Returns its pid.
 ///
 /// The command line and the values are written to files in `run_dir` and read by the fixed
 /// scripts there; the command runs as `sh -c "$command"` inside the renter's own VM.
@@ -87,9 +138,9 @@ pub async fn start_service(
     client
         .upload(&dir.join(script::SERVICE_SCRIPT), script::SERVICE_SCRIPT_TEXT.as_bytes(), 0o700)
         .await?;
-    client.upload(&dir.join(script::ENV_FILE), env_text.as_bytes(), 0o600).await?;
-    client.upload(&dir.join(script::COMMAND_FILE), command.as_bytes(), 0o600).await?;
-    let start = GuestCommand::built(script::service_command(dir, ServiceVerb::Start));
+    client.upload(&dir.join(script::NEW_ENV_FILE), env_text.as_bytes(), 0o600).await?;
+    client.upload(&dir.join(script::NEW_COMMAND_FILE), command.as_bytes(), 0o600).await?;
+    let start = GuestCommand::built(script::service_command(dir, ServiceVerb::Ensure));
     let out = client.run("start the renter's command", &start, b"").await?;
     let pid = parse_pid(&out.stdout).ok_or_else(|| GuestError::CommandFailed {
         instance: client.target().instance.clone(),

@@ -82,6 +82,13 @@ pub struct StatusView {
     /// New, optional: guest port → why it is not public (e.g. the FRP server refused it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_errors: Option<BTreeMap<String, String>>,
+    /// New, optional: the VM image the instance boots (VM hosts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_image: Option<String>,
+    /// New, optional: the token of the JupyterLab the agent started (no `command`, guest port
+    /// 8888 requested).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jupyter_token: Option<String>,
 }
 
 /// What `POST /instances` answers.
@@ -90,6 +97,9 @@ pub struct Created {
     pub id: String,
     pub status: Status,
     pub ports: BTreeMap<String, String>,
+    /// New, optional: the VM image the instance boots (VM hosts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_image: Option<String>,
 }
 
 /// Why no backend can run instances here (the agent's choice of backend, sources kept).
@@ -261,6 +271,8 @@ impl Manager {
                 error: None,
                 created_at: None,
                 port_errors: None,
+                vm_image: None,
+                jupyter_token: None,
             },
             Some(task) => {
                 let i = task.snapshot();
@@ -271,6 +283,8 @@ impl Manager {
                     error: i.error,
                     created_at: Some(i.created_at),
                     port_errors: self.port_errors(&i.id),
+                    vm_image: i.vm_image,
+                    jupyter_token: i.jupyter_token.map(|t| t.expose().to_owned()),
                     id: Some(i.id),
                 }
             }
@@ -320,6 +334,7 @@ impl Manager {
             id: instance.id.clone(),
             status: instance.status,
             ports: self.port_map(&instance),
+            vm_image: instance.vm_image.clone(),
         };
         tracing::info!(id = %instance.id, gpus = instance.gpus.len(), "instance accepted");
         let task = self.spawn_task(instance);
@@ -349,6 +364,8 @@ impl Manager {
         let host_range = self.inner.settings.host_ports.clone();
         let ports = ports::allocate(&spec.ports, &taken, host_range)?;
         let network = backend.guest_network(held).map_err(refused)?;
+        let vm_image = backend.vm_image(&spec);
+        let jupyter_token = jupyter_token(&spec, backend.kind());
         let instance = Instance {
             id: uuid::Uuid::new_v4().to_string(),
             backend: backend.kind(),
@@ -362,6 +379,8 @@ impl Manager {
             management_port: None,
             network,
             deleting: false,
+            vm_image,
+            jupyter_token,
         };
         self.validate_tunnels(&instance)?;
         Ok(instance)
@@ -497,3 +516,21 @@ impl Manager {
 
 #[cfg(test)]
 mod tests;
+
+/// The token for the JupyterLab the agent starts itself: on a VM asked for guest port 8888
+/// with no `command`. The renter's own `JUPYTER_TOKEN` wins; otherwise a fresh random one.
+fn jupyter_token(spec: &spec::Spec, backend: BackendKind) -> Option<crate::secret::Secret> {
+    let wanted = backend == BackendKind::Qemu
+        && spec.command.is_none()
+        && spec.ports.iter().any(|p| p.guest_port == crate::instance::model::JUPYTER_PORT);
+    if !wanted {
+        return None;
+    }
+    if let Some(token) = spec.env.get("JUPYTER_TOKEN").filter(|t| !t.is_empty()) {
+        return Some(crate::secret::Secret::new(token.clone()));
+    }
+    use rand::Rng;
+    let token: String =
+        rand::rng().sample_iter(rand::distr::Alphanumeric).take(40).map(char::from).collect();
+    Some(crate::secret::Secret::new(token))
+}

@@ -108,7 +108,18 @@ pub struct Instance {
     /// `DELETE` was accepted; teardown resumes after an agent restart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,
+    /// The VM image the instance boots (its name in the images dir), decided at admission;
+    /// reported so a request that named a container image learns what runs instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_image: Option<String>,
+    /// The token of the JupyterLab the agent starts when the request asks for guest port
+    /// 8888 and names no `command` (returned to the control plane, never logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jupyter_token: Option<crate::secret::Secret>,
 }
+
+/// The guest port JupyterLab listens on when the agent starts it.
+pub const JUPYTER_PORT: u16 = 8888;
 
 #[cfg(test)]
 impl Instance {
@@ -136,6 +147,8 @@ impl Instance {
             management_port: None,
             network: None,
             deleting: false,
+            vm_image: None,
+            jupyter_token: None,
         }
     }
 }

@@ -33,6 +33,8 @@ fn guest() -> Guest {
     let paths = GuestPaths {
         authorized_keys: gpath(&sshd.authorized_keys()),
         run_dir: gpath(&sshd.run_dir()),
+        homes: gpath(&state.path().join("home")),
+        state_dir: gpath(&state.path().join("guest-state")),
     };
     Guest { sshd, key, state, target, paths }
 }
@@ -154,6 +156,48 @@ async fn authorized_keys_are_set_replaced_and_removed() {
     assert!(matches!(err, GuestError::BadValue { .. }), "{err}");
 }
 
+/// The image's default user (cloud-init gave it the management key at first boot, as stock
+/// images do) gets exactly the renter's keys, also after the management key has left its file;
+/// a home without the management key is not touched.
+#[tokio::test]
+async fn the_default_user_gets_the_renters_keys_and_not_the_agents() {
+    let g = guest();
+    let client = g.connect().await;
+    let mgmt = g.key.public_line();
+    let homes = g.state.path().join("home");
+    let renter_home = homes.join("renter");
+    let other_home = homes.join("other");
+    for (home, line) in
+        [(&renter_home, format!("{mgmt}\n")), (&other_home, "ssh-ed25519 X o\n".into())]
+    {
+        std::fs::create_dir_all(home.join(".ssh")).unwrap();
+        std::fs::write(home.join(".ssh/authorized_keys"), line).unwrap();
+    }
+    let (id1, id2) = (g.state.path().join("id1"), g.state.path().join("id2"));
+    let (k1, k2) = (keygen(&id1), keygen(&id2));
+    let file = renter_home.join(".ssh/authorized_keys");
+
+    setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), std::slice::from_ref(&k1))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{k1}\n"));
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(&renter_home.join(".ssh")), 0o700);
+    assert_eq!(
+        std::fs::read_to_string(other_home.join(".ssh/authorized_keys")).unwrap(),
+        "ssh-ed25519 X o\n",
+        "a home cloud-init did not give the management key is not the default user's"
+    );
+
+    // The management key is gone from that file now; the home is remembered.
+    setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), std::slice::from_ref(&k2))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{k2}\n"));
+    setup::set_authorized_keys(&client, &g.paths, Some(&mgmt), &[]).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
+}
+
 fn wait_for_file(path: &Path) -> Vec<u8> {
     let what = format!("{} to be written", path.display());
     wait_until_blocking(what, Duration::from_secs(20), Duration::from_millis(50), || {
@@ -195,7 +239,7 @@ fn alive(pid: u32) -> bool {
 }
 
 #[tokio::test]
-async fn the_service_writes_its_pidfile_and_a_second_start_replaces_it() {
+async fn the_service_writes_its_pidfile_is_kept_when_unchanged_and_replaced_when_changed() {
     let g = guest();
     let client = g.connect().await;
     let pidfile = g.sshd.run_dir().join("renter.pid");
@@ -207,6 +251,13 @@ async fn the_service_writes_its_pidfile_and_a_second_start_replaces_it() {
     assert_eq!(std::fs::read_to_string(&pidfile).unwrap().trim(), first.to_string());
     assert!(alive(first));
 
+    // An agent that restarted asks again with the same command and environment: the
+    // renter's process (their Jupyter and its kernels) is left alone.
+    let again = setup::start_service(&client, &g.paths, "exec sleep 60", &env).await.unwrap();
+    assert_eq!(again, first);
+    assert!(alive(first));
+
+    let env = BTreeMap::from([("CHANGED".to_string(), "1".to_string())]);
     let second = setup::start_service(&client, &g.paths, "exec sleep 60", &env).await.unwrap();
     assert_ne!(first, second);
     assert_eq!(std::fs::read_to_string(&pidfile).unwrap().trim(), second.to_string());
@@ -324,7 +375,7 @@ fn the_service_scripts_work_under_busybox_alone() {
     let (bin, run) = (dir.path().join("bin"), dir.path().join("run"));
     std::fs::create_dir(&bin).unwrap();
     std::fs::create_dir(&run).unwrap();
-    for applet in ["sh", "cat", "dirname", "setsid", "sleep", "mv", "rm", "printf", "kill"] {
+    for applet in ["sh", "cat", "dirname", "setsid", "sleep", "mv", "rm", "printf", "kill", "cmp"] {
         std::os::unix::fs::symlink(busybox, bin.join(applet)).unwrap();
     }
     let value = "it's $(id) `id` \"q\" ; \\";
@@ -332,9 +383,12 @@ fn the_service_scripts_work_under_busybox_alone() {
     let env = BTreeMap::from([("V".to_string(), value.to_string())]);
     std::fs::write(run.join(script::RUN_SCRIPT), script::RUN_SCRIPT_TEXT).unwrap();
     std::fs::write(run.join(script::SERVICE_SCRIPT), script::SERVICE_SCRIPT_TEXT).unwrap();
-    std::fs::write(run.join(script::ENV_FILE), script::env_file(&env).unwrap()).unwrap();
-    let command = format!("printf '%s' \"$V\" > {}; exec sleep 30", out.display());
-    std::fs::write(run.join(script::COMMAND_FILE), command).unwrap();
+    let put_service = |env: &BTreeMap<String, String>| {
+        std::fs::write(run.join(script::NEW_ENV_FILE), script::env_file(env).unwrap()).unwrap();
+        let command = format!("printf '%s' \"$V\" > {}; exec sleep 30", out.display());
+        std::fs::write(run.join(script::NEW_COMMAND_FILE), command).unwrap();
+    };
+    put_service(&env);
     let service = |verb: &str| {
         let out = Command::new(bin.join("sh"))
             .arg(run.join(script::SERVICE_SCRIPT))
@@ -347,12 +401,15 @@ fn the_service_scripts_work_under_busybox_alone() {
         (out.status.code(), text, String::from_utf8_lossy(&out.stderr).into_owned())
     };
 
-    let (code, first, err) = service("start");
+    let (code, first, err) = service("ensure");
     assert_eq!(code, Some(0), "{err}");
     let first: u32 = first.parse().unwrap();
     assert_eq!(wait_for_file(&out), value.as_bytes());
     assert_eq!(service("status").1, first.to_string());
-    let (_, second, err) = service("start");
+    put_service(&env);
+    assert_eq!(service("ensure").1, first.to_string(), "unchanged: kept");
+    put_service(&BTreeMap::from([("V".to_string(), "other".to_string())]));
+    let (_, second, err) = service("ensure");
     let second: u32 = second.parse().unwrap_or_else(|_| panic!("{err}"));
     assert_ne!(first, second);
     assert!(!alive(first) && alive(second));

@@ -56,7 +56,14 @@ async fn prepare(dir: &Path, id: &str, public_key: &str) -> VmPlan {
     let qemu_img = disk::qemu_img_for(Path::new(QEMU));
     disk::create_overlay(&qemu_img, &ci_guest_image(), &overlay, 2).await.unwrap();
     let seed_path = dir.join("seed.img");
-    seed::build_seed(&seed_path, id, &format!("qudata-{id}"), public_key).await.unwrap();
+    let hostname = format!("qudata-{id}");
+    let content = seed::SeedContent {
+        instance_id: id,
+        hostname: &hostname,
+        management_public_key: public_key,
+        mac: None,
+    };
+    seed::build_seed(&seed_path, &content).await.unwrap();
     let ovmf = disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap();
     let vars = dir.join("OVMF_VARS.fd");
     disk::copy_vars(&ovmf.vars_template, &vars).unwrap();

@@ -400,6 +400,8 @@ async fn a_create_asking_for_the_agents_domain_is_refused_and_nothing_is_written
             management_port: None,
             network: None,
             deleting: false,
+            vm_image: None,
+            jupyter_token: None,
         }
     };
     let refused = [

@@ -30,6 +30,8 @@ pub fn store_record(data: &Path, id: &str, status: Status, ssh_enabled: bool) ->
         management_port: Some(super::agent::free_port()),
         network: None,
         deleting: false,
+        vm_image: None,
+        jupyter_token: None,
     };
     Store::open(data).unwrap().save(&instance).unwrap();
     instance

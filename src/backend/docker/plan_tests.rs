@@ -46,6 +46,8 @@ fn instance(gpus: Vec<String>, command: Option<&str>) -> Instance {
         management_port: None,
         network: None,
         deleting: false,
+        vm_image: None,
+        jupyter_token: None,
     }
 }
 

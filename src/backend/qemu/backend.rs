@@ -134,24 +134,34 @@ impl QemuBackend {
         self.sweeper.owner(id)
     }
 
-    /// The base image of a spec: a named image must exist in the images dir.
-    fn base_image(&self, spec: &Spec) -> Result<PathBuf, BackendError> {
-        let Some(name) = spec.image.as_deref() else {
-            return Ok(self.settings.base_image.clone());
-        };
-        let plain = !name.is_empty()
-            && name.len() <= 64
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            && !name.starts_with('.');
-        let path = self.settings.images_dir.join(format!("{name}.qcow2"));
-        if !plain || !path.is_file() {
-            let reason = format!(
-                "{name:?} is not a VM image known to this host (known: {})",
-                known_images(&self.settings.images_dir).join(", ")
-            );
-            return Err(BackendError::Unsupported { field: "image", reason });
+    /// The VM image a spec boots: a plain name selects one in the images dir (and must
+    /// exist there); no image, or a container reference, boots the host's default image.
+    fn base_image(&self, spec: &Spec) -> Result<BaseImage, BackendError> {
+        let default = || BaseImage::named_after(&self.settings.base_image);
+        let Some(name) = spec.image.as_deref() else { return Ok(default()) };
+        let known = || known_images(&self.settings.images_dir).join(", ");
+        match classify_image(name) {
+            ImageName::Plain => {
+                let path = self.settings.images_dir.join(format!("{name}.qcow2"));
+                if path.is_file() {
+                    return Ok(BaseImage { path, name: name.to_owned() });
+                }
+                let reason =
+                    format!("{name:?} is not a VM image known to this host (known: {})", known());
+                Err(BackendError::Unsupported { field: "image", reason })
+            }
+            // Running the container itself inside the VM is a later step: the default image
+            // boots, and the answer says so (`vm_image`).
+            ImageName::Container => Ok(default()),
+            ImageName::Invalid => {
+                let reason = format!(
+                    "{name:?} is neither a VM image known to this host (known: {}) nor a \
+                     container image reference (like owner/name:tag)",
+                    known()
+                );
+                Err(BackendError::Unsupported { field: "image", reason })
+            }
         }
-        Ok(path)
     }
 
     fn plan(
@@ -192,7 +202,16 @@ impl QemuBackend {
 
     /// Builds the disk, firmware variables and seed of a new VM.
     async fn prepare(&self, instance: &Instance, paths: &VmPaths) -> Result<(), BackendError> {
-        let base = self.base_image(&instance.spec)?;
+        let BaseImage { path: base, name } = self.base_image(&instance.spec)?;
+        if let Some(requested) = instance.spec.image.as_deref().filter(|i| *i != name) {
+            tracing::info!(
+                id = %instance.id,
+                image = %crate::text::printable(requested, 255),
+                vm_image = %name,
+                "the request names a container image; this host runs VMs, so the VM boots its \
+                 default VM image"
+            );
+        }
         for dir in [&paths.dir, &paths.run_dir] {
             crate::fsutil::ensure_private_dir(dir).map_err(|e| BackendError::op("create", e))?;
         }
@@ -208,7 +227,14 @@ impl QemuBackend {
         disk::copy_vars(&self.settings.ovmf.vars_template, &paths.vars)
             .map_err(|e| BackendError::op("create the firmware variables", e))?;
         let hostname = instance.marker();
-        seed::build_seed(&paths.seed, &instance.id, &hostname, &self.key.public_line())
+        let management_key = self.key.public_line();
+        let content = seed::SeedContent {
+            instance_id: &instance.id,
+            hostname: &hostname,
+            management_public_key: &management_key,
+            mac: instance.network.as_ref().map(|n| n.mac.as_str()),
+        };
+        seed::build_seed(&paths.seed, &content)
             .await
             .map_err(|e| BackendError::op("create the seed", e))?;
         self.give_to_qemu(paths).map_err(|e| BackendError::op("create", e))
@@ -236,6 +262,53 @@ impl QemuBackend {
         }
         Ok(())
     }
+}
+
+/// A VM image: its file and the name answers report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct BaseImage {
+    pub path: PathBuf,
+    pub name: String,
+}
+
+impl BaseImage {
+    /// The default image, named after the file it is (through a link such as `base.qcow2` →
+    /// `qudata-guest.qcow2`, the target's name).
+    fn named_after(path: &Path) -> BaseImage {
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
+        let name = stem(&real).or_else(|| stem(path)).unwrap_or_else(|| "base".into());
+        BaseImage { path: path.to_owned(), name }
+    }
+}
+
+/// What the `image` of a request is on a VM host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ImageName {
+    /// A VM image's name in the images dir (`[A-Za-z0-9._-]`, not starting with a dot).
+    Plain,
+    /// A container reference: `[registry/]owner/name[:tag][@digest]`, i.e. one with a `/`,
+    /// `:` or `@` that Docker would accept.
+    Container,
+    Invalid,
+}
+
+pub(crate) fn classify_image(name: &str) -> ImageName {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && !name.starts_with('.');
+    if plain {
+        return ImageName::Plain;
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-/:@".contains(c);
+    let reference = name.len() <= 255
+        && name.contains(['/', ':', '@'])
+        && name.chars().all(allowed)
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.contains("//")
+        && !name.ends_with([':', '/', '@']);
+    if reference { ImageName::Container } else { ImageName::Invalid }
 }
 
 fn known_images(dir: &Path) -> Vec<String> {
@@ -272,6 +345,10 @@ impl Lifecycle for QemuBackend {
 
     fn validate(&self, spec: &Spec) -> Result<(), BackendError> {
         self.base_image(spec).map(drop)
+    }
+
+    fn vm_image(&self, spec: &Spec) -> Option<String> {
+        self.base_image(spec).ok().map(|image| image.name)
     }
 
     fn check_disk(&self, spec: &Spec, held: &[Instance]) -> Result<(), BackendError> {

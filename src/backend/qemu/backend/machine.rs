@@ -1,6 +1,7 @@
 //! `QemuMachine`: one live VM as its instance's task holds it: the QEMU (its process, monitor
 //! and watcher, as a [`Vm`]) and the guest's one SSH session.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -101,8 +102,8 @@ impl Machine for QemuMachine {
         let deadline = Instant::now() + self.backend.boot_deadline();
         let client = self.client(instance, deadline).await?;
         self.apply_keys(&client, instance).await?;
-        if let Some(command) = &instance.spec.command {
-            setup::start_service(&client, &GuestPaths::default(), command, &instance.spec.env)
+        if let Some((command, env)) = service_of(instance) {
+            setup::start_service(&client, &GuestPaths::default(), &command, &env)
                 .await
                 .map_err(|e| BackendError::op("start the command", e))?;
         }
@@ -143,4 +144,16 @@ impl Machine for QemuMachine {
     async fn stop_now(&self) -> Result<(), BackendError> {
         self.stop_along(&Ladder::abort()).await
     }
+}
+
+/// What runs in the guest as the renter's service: the request's `command`, or the agent's
+/// JupyterLab with its token when the request asked for port 8888 without one.
+fn service_of(instance: &Instance) -> Option<(String, BTreeMap<String, String>)> {
+    if let Some(command) = &instance.spec.command {
+        return Some((command.clone(), instance.spec.env.clone()));
+    }
+    let token = instance.jupyter_token.as_ref()?;
+    let mut env = instance.spec.env.clone();
+    env.insert("JUPYTER_TOKEN".into(), token.expose().to_owned());
+    Some((setup::JUPYTER_COMMAND.to_owned(), env))
 }

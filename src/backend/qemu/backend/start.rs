@@ -49,7 +49,7 @@ impl QemuBackend {
         // An image installed before QEMU had a user of its own (0600 under 0700) is opened by
         // that user now, as the overlay's backing file (a create, or a boot from disk).
         if let (Some(user), Ok(base)) = (&self.settings.user, self.base_image(&instance.spec)) {
-            user.may_read_image(&base, &self.settings.data_dir)
+            user.may_read_image(&base.path, &self.settings.data_dir)
                 .map_err(|e| BackendError::op("start", e))?;
         }
         let passthrough = self.bind_gpus(instance).await?;
