@@ -74,7 +74,13 @@ async fn plan(dir: &Path, vcpus: u32, memory_mib: u64, public_key: &str) -> VmPl
     let overlay = dir.join("disk.qcow2");
     disk::create_overlay(Path::new("qemu-img"), &ci_guest_image(), &overlay, 4).await.unwrap();
     let seed_path = dir.join("seed.img");
-    seed::build_seed(&seed_path, "bench", "bench", public_key).await.unwrap();
+    let content = seed::SeedContent {
+        instance_id: "bench",
+        hostname: "bench",
+        management_public_key: public_key,
+        mac: None,
+    };
+    seed::build_seed(&seed_path, &content).await.unwrap();
     let ovmf = disk::detect_ovmf(None, None, disk::OVMF_CANDIDATES).unwrap();
     let vars = dir.join("OVMF_VARS.fd");
     disk::copy_vars(&ovmf.vars_template, &vars).unwrap();
