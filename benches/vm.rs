@@ -90,9 +90,13 @@ async fn hand_files(dir: &Path, public: &str, vars_template: &Path) {
     let qemu_img = Path::new("qemu-img");
     disk::create_overlay(qemu_img, &base, &dir.join("disk.qcow2"), 2).await.unwrap();
     disk::copy_vars(vars_template, &dir.join("OVMF_VARS.fd")).unwrap();
-    qudata_agent::backend::qemu::seed::build_seed(&dir.join("seed.img"), "bench", "bench", public)
-        .await
-        .unwrap();
+    let content = qudata_agent::backend::qemu::seed::SeedContent {
+        instance_id: "bench",
+        hostname: "bench",
+        management_public_key: public,
+        mac: None,
+    };
+    qudata_agent::backend::qemu::seed::build_seed(&dir.join("seed.img"), &content).await.unwrap();
 }
 
 async fn overlay_on_20_gib_base() {
