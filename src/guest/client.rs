@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 pub use super::command::{GuestCommand, GuestPath};
 use super::error::GuestError;
-use super::hostkey::{PinError, Pinning};
+use super::hostkey::{HostKeys, PinError, Pinning};
 use super::keys::ManagementKey;
 use super::script;
 
@@ -34,20 +34,21 @@ pub struct GuestTarget {
     /// The host end of the guest's SSH port forward.
     pub addr: SocketAddr,
     pub user: String,
-    /// This instance's pinned host key (written on first contact, 0600).
-    pub known_hosts: PathBuf,
+    /// This instance's host keys: where they are kept and the console they are learned from.
+    pub host_keys: HostKeys,
     /// Limit for one [`GuestClient::exec`].
     pub exec_timeout: Duration,
 }
 
 impl GuestTarget {
     /// `root@127.0.0.1:<port>`, 60 s per command.
+    /// With no console to learn host keys from: the first key is trusted (a test sshd).
     pub fn new(instance: impl Into<String>, port: u16, known_hosts: PathBuf) -> Self {
         GuestTarget {
             instance: instance.into(),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             user: "root".into(),
-            known_hosts,
+            host_keys: HostKeys::new(known_hosts, None),
             exec_timeout: Duration::from_secs(60),
         }
     }
@@ -116,15 +117,18 @@ impl GuestClient {
             keepalive_max: 3,
             ..Default::default()
         });
-        let pinning = Pinning { path: target.known_hosts.clone() };
+        let pinning = Pinning { keys: target.host_keys.clone() };
         let mut handle =
             client::connect_stream(config, stream, pinning).await.map_err(|e| match e {
                 PinError::Changed { pinned, offered } => GuestError::HostKeyChanged {
                     instance: instance(),
                     pinned,
                     offered,
-                    known_hosts: target.known_hosts.clone(),
+                    known_hosts: target.host_keys.file.clone(),
                 },
+                PinError::NotYet { offered } => {
+                    GuestError::HostKeyNotShown { instance: instance(), offered }
+                }
                 PinError::Corrupt { path, reason } => {
                     GuestError::PinCorrupt { instance: instance(), path, reason }
                 }

@@ -21,11 +21,18 @@ pub enum GuestError {
     Handshake { instance: String, addr: SocketAddr, source: Box<russh::Error> },
 
     #[error(
-        "instance {instance}: the guest's SSH host key changed (pinned {pinned}, offered \
-         {offered}), so the agent refuses to connect; recreate the instance, or delete \
-         {known_hosts} if the guest was deliberately re-keyed"
+        "instance {instance}: the guest's SSH server offers the host key {offered}, which is \
+         neither the known one ({pinned}) nor one its console showed, so the agent does not log \
+         in; the VM keeps running. A guest re-keyed on purpose prints its new keys on its serial \
+         console (the agent's images do so by themselves), or delete {known_hosts}"
     )]
     HostKeyChanged { instance: String, pinned: String, offered: String, known_hosts: PathBuf },
+
+    #[error(
+        "instance {instance}: the guest's SSH server offers the host key {offered}, which its \
+         console has not shown yet; waiting for cloud-init to print the keys"
+    )]
+    HostKeyNotShown { instance: String, offered: String },
 
     #[error(
         "instance {instance}: the pinned host key file {path} is unreadable ({reason}); delete it \

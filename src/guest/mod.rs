@@ -28,7 +28,7 @@ pub mod setup;
 
 pub use client::{GuestClient, GuestCommand, GuestPath, GuestTarget, Output};
 pub use error::GuestError;
-pub use hostkey::forget_host_key;
+pub use hostkey::{HostKeys, forget_host_key};
 pub use keys::{KeyError, ManagementKey, parse_public_key_line};
 pub use session::GuestSession;
 pub use setup::GuestPaths;

@@ -64,7 +64,7 @@ impl Guest {
 async fn exec_reports_status_and_streams_and_stdin_round_trips() {
     let g = guest();
     let client = g.connect().await;
-    assert_eq!(mode(&g.target.known_hosts), 0o600, "host key pinned privately");
+    assert_eq!(mode(&g.target.host_keys.file), 0o600, "host key pinned privately");
 
     let out =
         client.exec(&GuestCommand::fixed("echo out; echo err >&2; exit 3"), b"").await.unwrap();
@@ -103,7 +103,7 @@ async fn exec_reports_status_and_streams_and_stdin_round_trips() {
 async fn a_changed_host_key_is_refused_at_once_and_names_the_instance() {
     let mut g = guest();
     g.connect().await.close().await;
-    let pinned = std::fs::read_to_string(&g.target.known_hosts).unwrap();
+    let pinned = std::fs::read_to_string(&g.target.host_keys.file).unwrap();
 
     g.sshd.restart(false);
     g.connect().await.close().await; // same key: still accepted
@@ -115,12 +115,12 @@ async fn a_changed_host_key_is_refused_at_once_and_names_the_instance() {
         "{err}"
     );
     let text = err.to_string();
-    assert!(text.contains("vm-test-1") && text.contains("host key changed"), "{text}");
+    assert!(text.contains("vm-test-1") && text.contains("neither the known one"), "{text}");
     // The retry loop stops on it instead of retrying until its deadline.
     let far = Instant::now() + Duration::from_secs(600);
     let err = GuestClient::wait_reachable(&g.target, &g.key, far).await.err().expect("refused");
     assert!(matches!(err, GuestError::HostKeyChanged { .. }), "{err}");
-    assert_eq!(std::fs::read_to_string(&g.target.known_hosts).unwrap(), pinned, "pin kept");
+    assert_eq!(std::fs::read_to_string(&g.target.host_keys.file).unwrap(), pinned, "pin kept");
 }
 
 #[tokio::test]

@@ -370,3 +370,87 @@ async fn a_base_image_left_private_by_an_older_install_still_boots() {
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id, Duration::from_secs(120)).await;
 }
+
+/// The renter re-keys the guest's SSH server on a running VM. Printed on the VM's console (as
+/// the agent's images do by themselves), the new keys are learned there and the agent's access
+/// goes on; not printed, the agent stays out and the VM keeps running.
+#[tokio::test]
+async fn a_guest_re_keyed_by_its_renter_keeps_running_and_its_console_says_the_new_keys() {
+    let (dirs, agent, api) = started().await;
+    let id = create_running(&dirs, &api).await;
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = ssh_keygen(keys.path(), "renter");
+    assert_eq!(api.json("POST", "/ssh", &json!({"ssh_pubkey": public})).await.status, 200);
+    let ssh = host_port(&dirs, &id, 22);
+    wait_renter_login(&key, ssh).await;
+    let known_hosts = dirs.data.join("vms").join(&id).join("known_hosts");
+    let learned = std::fs::read_to_string(&known_hosts).unwrap();
+    assert_eq!(learned.lines().count(), 2, "both keys the console showed: {learned}");
+
+    // New keys; every dropbear (the agent's connection too) ends and init starts a new one.
+    let re_key = |print: bool| {
+        let print = if print {
+            "{ echo -----BEGIN SSH HOST KEY KEYS-----; \
+               dropbearkey -y -f /etc/dropbear/dropbear_ed25519_host_key | grep ^ssh-; \
+               echo -----END SSH HOST KEY KEYS-----; } > /dev/console; "
+        } else {
+            ""
+        };
+        format!(
+            "rm -f /etc/dropbear/dropbear_*_host_key && \
+             dropbearkey -t ed25519 -f /etc/dropbear/dropbear_ed25519_host_key >/dev/null 2>&1 && \
+             {print}(sleep 1; killall dropbear) >/dev/null 2>&1 &"
+        )
+    };
+    let _ = openssh(&key, ssh, &re_key(true));
+    let (_, second) = ssh_keygen(keys.path(), "second");
+    assert_eq!(api.json("POST", "/ssh", &json!({"ssh_pubkey": second})).await.status, 200);
+    let applied = || openssh(&key, ssh, "cat /root/.ssh/authorized_keys").unwrap_or_default();
+    let body = second.split_whitespace().nth(1).unwrap().to_owned();
+    crate::support::wait::wait_until(
+        "the agent to apply a key after the re-key",
+        Duration::from_secs(90),
+        Duration::from_secs(1),
+        || {
+            let body = body.clone();
+            async move { applied().contains(&body).then_some(()) }
+        },
+    )
+    .await;
+    assert_ne!(std::fs::read_to_string(&known_hosts).unwrap(), learned, "learned again");
+    assert!(agent.output().contains("learned the new ones from its console"));
+
+    // Not printed: the agent cannot tell it is this VM. It stays out; the VM runs on.
+    let _ = openssh(&key, ssh, &re_key(false));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, third) = ssh_keygen(keys.path(), "third");
+    assert_eq!(api.json("POST", "/ssh", &json!({"ssh_pubkey": third})).await.status, 200);
+    crate::support::wait::wait_until(
+        "the agent to refuse the unknown key",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || async { agent.output().contains("nor one its console showed").then_some(()) },
+    )
+    .await;
+    let third_body = third.split_whitespace().nth(1).unwrap();
+    assert!(!applied().contains(third_body), "the agent logged in to an unverified guest");
+    let status = api.call("GET", "/instances", None).await;
+    assert_eq!(status.body["data"]["status"], "running", "{:?}", status.body);
+    assert!(status.body["data"].get("error").is_none(), "{:?}", status.body);
+    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
+    wait_gone(&dirs, &id, Duration::from_secs(30)).await;
+}
+
+async fn wait_renter_login(key: &std::path::Path, port: u16) {
+    let key = key.to_owned();
+    crate::support::wait::wait_until(
+        "the renter's key to work",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            let key = key.clone();
+            async move { openssh(&key, port, "true").ok() }
+        },
+    )
+    .await;
+}

@@ -156,6 +156,17 @@ impl QemuMachine {
                         }
                         Ok(())
                     }
+                    // Up, but the agent cannot tell it is this VM: the renter's VM keeps
+                    // running, the agent stays out (said once, here and by `configure`).
+                    Err(e @ GuestError::HostKeyChanged { .. }) => {
+                        drop(watched);
+                        tracing::warn!(id = %instance.id, error = %e, "the guest is up, but the agent cannot verify its SSH host key");
+                        if vm.set_booting(false) {
+                            let detail = vm.exited().await.reason;
+                            return Err(BootEnd::Failed(BackendError::BootFailed { detail }));
+                        }
+                        Ok(())
+                    }
                     Err(GuestError::Unreachable { last, .. }) => {
                         tracing::warn!(id = %instance.id, error = %last, "the guest never answered SSH");
                         let seconds = limit.as_secs();

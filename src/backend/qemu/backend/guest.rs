@@ -55,21 +55,25 @@ impl QemuMachine {
     }
 
     pub(super) fn target(&self, instance: &Instance) -> Result<GuestTarget, BackendError> {
-        let known_hosts = self.backend.paths(&instance.id).known_hosts;
+        let paths = self.backend.paths(&instance.id);
         // On the bridge, the guest's own sshd; a VM recorded before the bridge, through its
         // user-network forward on 127.0.0.1.
-        if let Some(guest) = &instance.network {
-            let mut target = GuestTarget::new(instance.id.clone(), 22, known_hosts);
+        let mut target = if let Some(guest) = &instance.network {
+            let mut target = GuestTarget::new(instance.id.clone(), 22, paths.known_hosts);
             target.addr = std::net::SocketAddr::from((guest.address, 22));
-            return Ok(target);
-        }
-        let port = instance.management_port.ok_or_else(|| {
-            BackendError::op(
-                "reach the guest",
-                "the instance record has no address or management port",
-            )
-        })?;
-        Ok(GuestTarget::new(instance.id.clone(), port, known_hosts))
+            target
+        } else {
+            let port = instance.management_port.ok_or_else(|| {
+                BackendError::op(
+                    "reach the guest",
+                    "the instance record has no address or management port",
+                )
+            })?;
+            GuestTarget::new(instance.id.clone(), port, paths.known_hosts)
+        };
+        // Host keys are learned from the VM's own console (see `guest::hostkey`).
+        target.host_keys.console = Some(paths.serial_log);
+        Ok(target)
     }
 
     pub(super) async fn apply_keys(

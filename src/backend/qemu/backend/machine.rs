@@ -13,7 +13,7 @@ use crate::backend::qemu::vm::Vm;
 use crate::backend::qemu::vm_process::Ladder;
 use crate::backend::{BackendError, Machine};
 use crate::guest::metrics::StreamSpec;
-use crate::guest::{GuestPaths, GuestSession, setup};
+use crate::guest::{GuestError, GuestPaths, GuestSession, setup};
 use crate::instance::model::Instance;
 use crate::network::forward::Forwards;
 
@@ -100,7 +100,16 @@ impl Machine for QemuMachine {
 
     async fn configure(&self, instance: &Instance) -> Result<(), BackendError> {
         let deadline = Instant::now() + self.backend.boot_deadline();
-        let client = self.client(instance, deadline).await?;
+        let client = match self.client(instance, deadline).await {
+            Ok(client) => client,
+            // The guest runs and is the renter's; without a verified host key the agent does
+            // not log in (keys and the service wait), which must not fail the instance.
+            Err(e) if host_key_unverified(&e) => {
+                tracing::warn!(id = %instance.id, error = %e, "the guest is not configured: its SSH host key cannot be verified");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         self.apply_keys(&client, instance).await?;
         if let Some((command, env)) = service_of(instance) {
             setup::start_service(&client, &GuestPaths::default(), &command, &env)
@@ -156,4 +165,16 @@ fn service_of(instance: &Instance) -> Option<(String, BTreeMap<String, String>)>
     let mut env = instance.spec.env.clone();
     env.insert("JUPYTER_TOKEN".into(), token.expose().to_owned());
     Some((setup::JUPYTER_COMMAND.to_owned(), env))
+}
+
+/// Whether `e` is the guest offering an SSH host key its console never showed.
+fn host_key_unverified(e: &BackendError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(GuestError::HostKeyChanged { .. }) = err.downcast_ref::<GuestError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
