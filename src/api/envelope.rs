@@ -63,9 +63,10 @@ impl From<ManagerError> for ApiError {
             ManagerError::Invalid(_) | ManagerError::Backend(BackendError::Unsupported { .. }) => {
                 StatusCode::BAD_REQUEST
             }
-            ManagerError::Conflict { .. } | ManagerError::Ports(_) | ManagerError::Resources(_) => {
-                StatusCode::CONFLICT
-            }
+            ManagerError::Conflict { .. }
+            | ManagerError::Ports(_)
+            | ManagerError::Resources(_)
+            | ManagerError::Backend(BackendError::Refused { .. }) => StatusCode::CONFLICT,
             ManagerError::NotFound => StatusCode::NOT_FOUND,
             ManagerError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ManagerError::Backend(_) | ManagerError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -156,6 +156,8 @@ pub struct Created {
     status: Status,
     /// Guest port → the public port (local mode: the 127.0.0.1 host port).
     ports: BTreeMap<String, String>,
+    /// The VM image the instance boots (VM hosts; a container `image` boots the default one).
+    vm_image: Option<String>,
 }
 
 /// What `GET /instances` answers.
@@ -177,6 +179,10 @@ pub struct StatusView {
     created_at: Option<String>,
     /// Guest port → why it is not public.
     port_errors: Option<BTreeMap<String, String>>,
+    /// The VM image the instance boots (VM hosts).
+    vm_image: Option<String>,
+    /// The token of the JupyterLab the agent started (guest port 8888, no `command`).
+    jupyter_token: Option<String>,
 }
 
 /// `PUT /instances`.

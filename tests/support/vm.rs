@@ -201,6 +201,21 @@ pub fn openssh(key: &Path, port: u16, command: &str) -> Result<String, String> {
 
 /// [`openssh`] to `host` (a guest's own address on the agent's bridge).
 pub fn openssh_to(key: &Path, host: &str, port: u16, command: &str) -> Result<String, String> {
+    openssh_login(key, "root", host, port, command)
+}
+
+/// [`openssh`] as `user` (the image's default user).
+pub fn openssh_as(key: &Path, user: &str, port: u16, command: &str) -> Result<String, String> {
+    openssh_login(key, user, "127.0.0.1", port, command)
+}
+
+fn openssh_login(
+    key: &Path,
+    user: &str,
+    host: &str,
+    port: u16,
+    command: &str,
+) -> Result<String, String> {
     let known = key.with_extension("known_hosts");
     let out = Command::new("ssh")
         .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=20"])
@@ -209,7 +224,7 @@ pub fn openssh_to(key: &Path, host: &str, port: u16, command: &str) -> Result<St
         .arg(format!("UserKnownHostsFile={}", known.display()))
         .arg("-i")
         .arg(key)
-        .args(["-p", &port.to_string(), &format!("root@{host}"), command])
+        .args(["-p", &port.to_string(), &format!("{user}@{host}"), command])
         .output()
         .expect("ssh");
     if out.status.success() {

@@ -121,7 +121,14 @@ impl Machine for QemuMachine {
     }
 
     async fn apply_ssh_keys(&self, instance: &Instance) -> Result<(), BackendError> {
-        let client = self.client(instance, Instant::now() + Duration::from_secs(30)).await?;
+        let client = match self.client(instance, Instant::now() + Duration::from_secs(30)).await {
+            Ok(client) => client,
+            // Not the agent's fault nor the request's: the guest's state (409, one sentence).
+            Err(e) if host_key_unverified(&e) => {
+                return Err(BackendError::Refused { reason: e.to_string() });
+            }
+            Err(e) => return Err(e),
+        };
         self.apply_keys(&client, instance).await
     }
 
@@ -169,12 +176,14 @@ fn service_of(instance: &Instance) -> Option<(String, BTreeMap<String, String>)>
 
 /// Whether `e` is the guest offering an SSH host key its console never showed.
 fn host_key_unverified(e: &BackendError) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
+    // The source is held as `Arc<dyn Error>`, whose own `source()` skips the error itself.
+    let BackendError::Operation { source, .. } = e else { return false };
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**source);
+    while let Some(err) = next {
         if let Some(GuestError::HostKeyChanged { .. }) = err.downcast_ref::<GuestError>() {
             return true;
         }
-        source = err.source();
+        next = err.source();
     }
     false
 }
