@@ -68,7 +68,7 @@ async fn through_agent(image: &Path) -> (Duration, Duration) {
         ("QUDATA_BASE_IMAGE", image.display().to_string()),
         ("QUDATA_QEMU_ACCEL", "tcg".to_owned()),
     ];
-    let agent = Agent::start(&dirs, &["run", "--local"], &env, free_port());
+    let mut agent = Agent::start(&dirs, &["run", "--local"], &env, free_port());
     agent.wait_ready().await;
     let api = Api::new(&agent, Some(&local_secret(&dirs)));
     let body = json!({
