@@ -73,10 +73,20 @@ async fn started() -> (Dirs, Agent, Api) {
 }
 
 async fn create_running(dirs: &Dirs, api: &Api) -> String {
-    let created = api.json("POST", "/instances", &create_body()).await;
+    // A VM image this host does not have is refused; a container image boots the default.
+    let mut unknown = create_body();
+    unknown["image"] = json!("no-such-image");
+    let refused = api.json("POST", "/instances", &unknown).await;
+    assert_eq!(refused.status, 400, "{:?}", refused.body);
+    let error = refused.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("is not a VM image known to this host"), "{error}");
+    let mut body = create_body();
+    body["image"] = json!("pytorch/pytorch:2.1.0-cuda12.1-cudnn8-runtime");
+    let created = api.json("POST", "/instances", &body).await;
     assert_eq!(created.status, 200, "{:?}", created.body);
     let data = &created.body["data"];
     assert_eq!(data["status"], "pending");
+    assert_eq!(data["vm_image"], "ci-guest", "the VM image that runs instead: {data}");
     let id = data["id"].as_str().unwrap().to_owned();
     // Local mode has no tunnel: the answer shows the 127.0.0.1 ports that reach the guest.
     assert_eq!(data["ports"]["8080"], host_port(dirs, &id, 8080).to_string());

@@ -483,3 +483,38 @@ impl Lifecycle for QemuBackend {
             .map_err(|e| BackendError::op("take the VM off the bridge", e))
     }
 }
+
+#[cfg(test)]
+mod image_tests {
+    use super::*;
+
+    #[test]
+    fn image_names_on_a_vm_host() {
+        for plain in ["guest", "ubuntu", "debian-13.qcow", "a_b-1"] {
+            assert_eq!(classify_image(plain), ImageName::Plain, "{plain}");
+        }
+        for container in [
+            "pytorch/pytorch:2.1.0-cuda12.1-cudnn8-runtime",
+            "ubuntu:22.04",
+            "registry.example.com:5000/team/app:1",
+            "nvcr.io/nvidia/pytorch@sha256:0123abcd",
+        ] {
+            assert_eq!(classify_image(container), ImageName::Container, "{container}");
+        }
+        for invalid in ["", ".hidden", "a//b", "bad name:1", "x:", "/abs:1", "$(id):1", "a\nb"] {
+            assert_eq!(classify_image(invalid), ImageName::Invalid, "{invalid:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_image_is_named_after_the_file_its_link_points_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("qudata-guest.qcow2");
+        std::fs::write(&real, "").unwrap();
+        let link = dir.path().join("base.qcow2");
+        std::os::unix::fs::symlink("qudata-guest.qcow2", &link).unwrap();
+        let image = BaseImage::named_after(&link);
+        assert_eq!(image, BaseImage { path: link, name: "qudata-guest".into() });
+        assert_eq!(BaseImage::named_after(&dir.path().join("gone.qcow2")).name, "gone");
+    }
+}
