@@ -6,6 +6,14 @@ cd "$(dirname "$0")/.."
 
 ./install.sh --packages tests/packages.txt
 
+# The production guest image (tests/it/production_vm.rs, guest_image.rs) takes minutes to build
+# from Debian packages; it builds beside the format check, lints and compilation, and the
+# tests find it up to date (the builder's lock makes an early test wait for it).
+mkdir -p target/tmp/ci-guest
+image-builder/build-guest.sh --no-nvidia --out target/tmp/ci-guest/guest.qcow2 \
+  >target/tmp/build-guest.log 2>&1 &
+image_build=$!
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
@@ -18,6 +26,9 @@ rm -rf "$scratch/agent-logs" "$scratch/issued-secrets" "$scratch/issued-secrets.
 # --no-fail-fast: a failure in one test target (the unit tests, tests/it, a bench in test mode)
 # still lets the others run and report.
 cargo test --locked --all-targets --no-fail-fast -- --test-threads="${QUDATA_TEST_THREADS:-2}"
+# The tests that need the image waited for it (and built it again, with the builder's words in
+# their failure, had it failed here).
+wait "$image_build" || echo "note: the background image build failed: target/tmp/build-guest.log" >&2
 
 echo "== no secret in any agent log"
 # Values shorter than 8 characters cannot be credentials and would match by accident.
