@@ -174,6 +174,10 @@ mkdir "$work/root"
 as_root tar -C "$work/root" --numeric-owner -xpf "$work/root.tar" --xattrs --xattrs-include='*' \
   --exclude='./dev/*'
 rm -f "$work/root.tar"
+# What must not ship, whatever mmdebstrap's cleanup left: apt's lists and caches, logs, temp
+# files (directories stay: apt and the services expect them).
+as_root find "$work/root/var/lib/apt/lists" "$work/root/var/cache/apt" "$work/root/var/log" \
+  "$work/root/tmp" "$work/root/var/tmp" -mindepth 1 ! -type d ! -name lock -delete
 as_root find "$work/root" -newermt "@$SOURCE_DATE_EPOCH" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 # The ESP: a standalone GRUB (modules and config in its memdisk) that boots the root
