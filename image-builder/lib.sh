@@ -19,11 +19,15 @@ require_tools() {
   [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]}; install the packages listed in tests/packages.txt"
 }
 
+# Extra options for every apt call the helpers make (build-guest.sh points them at a private
+# state directory for another suite); empty: the host's own apt configuration.
+APT_OPTS=()
+
 # deb_candidates PKG... -> "PKG VERSION" lines: the versions apt would install now.
 # One apt-cache call for all of them (each call costs about a second).
 deb_candidates() {
   local out
-  out=$(LC_ALL=C apt-cache policy "$@" 2>/dev/null |
+  out=$(LC_ALL=C apt-cache "${APT_OPTS[@]}" policy "$@" 2>/dev/null |
     awk '/^[^ ].*:$/ { pkg = substr($0, 1, length($0) - 1) }
          /^  Candidate:/ && $2 != "(none)" { print pkg, $2 }')
   local p
@@ -37,7 +41,7 @@ deb_candidates() {
 # metapackage's candidate version.
 deb_meta_target() {
   local meta=$1 prefix=$2 t
-  t=$(LC_ALL=C apt-cache depends "$meta" 2>/dev/null |
+  t=$(LC_ALL=C apt-cache "${APT_OPTS[@]}" depends "$meta" 2>/dev/null |
     awk -v p="$prefix" '$1 == "Depends:" && index($2, p) == 1 {print $2; exit}')
   [ -n "$t" ] || die "cannot resolve $meta to a $prefix* package; run apt-get update"
   printf '%s\n' "$t"
@@ -52,7 +56,7 @@ deb_fetch() {
     mkdir -p "$cache/debs"
     tmp=$(mktemp -d "$cache/debs/.dl.XXXXXX")
     log "downloading $pkg $ver"
-    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >/dev/null) ||
+    (cd "$tmp" && apt-get "${APT_OPTS[@]}" download -q -o APT::Sandbox::User=root "$pkg=$ver" >/dev/null) ||
       { rm -rf "$tmp"; die "apt-get download $pkg=$ver failed; check the network and run apt-get update"; }
     mv "$tmp"/*.deb "$dest"
     rm -rf "$tmp"
@@ -227,11 +231,11 @@ esp_build() {
   done
 }
 
-# gpt_assemble OUT TOTAL_MIB ESP_IMG DATA_NAME: raw GPT disk, ESP at 1 MiB, the rest an
-# empty (zeroed) Linux partition named DATA_NAME. sfdisk works on the plain file; the ESP is
-# copied in with dd.
+# gpt_assemble OUT TOTAL_MIB ESP_IMG DATA_NAME [DATA_UUID]: raw GPT disk, ESP at 1 MiB, the
+# rest an empty (zeroed) Linux partition named DATA_NAME. sfdisk works on the plain file; the
+# ESP is copied in with dd. `gpt_part_range` tells where the data partition landed.
 gpt_assemble() {
-  local out=$1 total_mib=$2 esp=$3 data_name=$4 esp_sectors
+  local out=$1 total_mib=$2 esp=$3 data_name=$4 data_uuid=${5:-$GPT_UUID_DATA} esp_sectors
   esp_sectors=$(( $(stat -c %s "$esp") / 512 ))
   rm -f "$out"
   truncate -s "${total_mib}M" "$out"
@@ -241,9 +245,21 @@ label-id: 6A1C5C5E-0C1D-4C9E-9D55-7E51A7E5C0DE
 unit: sectors
 first-lba: 2048
 start=2048, size=$esp_sectors, type=$GPT_TYPE_ESP, uuid=$GPT_UUID_ESP, name="ESP"
-type=$GPT_TYPE_LINUX, uuid=$GPT_UUID_DATA, name="$data_name"
+type=$GPT_TYPE_LINUX, uuid=$data_uuid, name="$data_name"
 SFDISK
   dd if="$esp" of="$out" bs=1M seek=1 conv=notrunc,sparse status=none
+}
+
+# gpt_part_range DISK N -> "START SIZE" of partition N, in 512-byte sectors.
+gpt_part_range() {
+  sfdisk --dump "$1" 2>/dev/null | awk -v n="$2" '
+    $1 ~ /^\// && ++i == n {
+      for (f = 2; f <= NF; f++) {
+        if ($f == "start=") s = $(f + 1); if ($f == "size=") z = $(f + 1)
+      }
+      gsub(/,/, "", s); gsub(/,/, "", z); print s, z; found = 1
+    }
+    END { exit !found }'
 }
 
 # files_digest FILE...: one sha256 over the named files' contents and names.
