@@ -68,6 +68,10 @@ echo localhost >"$root/etc/hostname"
 ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
 in_root systemctl enable systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+# The host keys on the serial console at every boot and when they change (the agent learns
+# them there); guest/ went in as 0644 files.
+chmod 0755 "$root/usr/local/sbin/qudata-print-host-keys"
+in_root systemctl enable qudata-host-keys.service qudata-host-keys.path >/dev/null 2>&1
 # Boot time under TCG and no surprise package runs: periodic jobs off.
 for unit in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer \
   e2scrub_reap.service fstrim.timer dpkg-db-backup.timer; do

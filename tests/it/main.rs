@@ -40,6 +40,7 @@ mod install;
 mod install_nspawn;
 mod network;
 mod qemu;
+mod production_vm;
 mod qemu_topology;
 mod recover;
 mod selftest;
