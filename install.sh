@@ -2,7 +2,7 @@
 # Provisions a Debian 12 host for qudata-agent (as root).
 #
 #   curl -fsSL <release>/install.sh | sudo bash -s -- ak-YOUR-API-KEY [OPTIONS]
-#   ./install.sh [ak-KEY] [--dry-run] [--root DIR] [--hugepages-gib N]
+#   ./install.sh [ak-KEY] [--dry-run] [--root DIR] [--hugepages-gib N] [--image-no-nvidia]
 #                          production: packages, IOMMU (GRUB) and VFIO modules, the agent,
 #                          frpc and the base image (SHA-256 checked), the systemd unit; the
 #                          key as the argument or QUDATA_API_KEY (never echoed);
@@ -23,7 +23,10 @@
 # own SHA256SUMS; run from a checkout without INSTALL_RELEASE_URL, it builds the agent instead.
 # It also reads INSTALL_AGENT_BINARY (an agent to install instead),
 # INSTALL_FRPC_URL + INSTALL_FRPC_SHA256 (default: frp v0.61.0, pinned) and
-# INSTALL_IMAGE_URL + INSTALL_IMAGE_SHA256 (the base image; none by default). --dry-run prints
+# INSTALL_IMAGE_URL + INSTALL_IMAGE_SHA256 (the base image). Without them, and with no
+# /var/lib/qudata/images/base.qcow2 yet, it builds the production guest from Debian packages
+# (image-builder/build-guest.sh, minutes; with the NVIDIA driver unless --image-no-nvidia or
+# INSTALL_IMAGE_NO_NVIDIA=1) and makes base.qcow2 a link to it. --dry-run prints
 # what would be done; --root DIR installs into DIR and leaves the host alone (no packages,
 # modprobe, update-grub or systemctl). Running it again changes nothing that is up to date.
 #
@@ -35,7 +38,7 @@ cd "$(dirname "$0")"
 
 usage() {
   if [ -f "$0" ]; then
-    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
   else
     echo "usage: curl -fsSL <release>/install.sh | sudo bash -s -- ak-YOUR-API-KEY [--dry-run] [--root DIR] [--hugepages-gib N]"
   fi
@@ -135,6 +138,7 @@ USER_CREATED=0
 SCRATCH=""  # a private temp dir, always removed
 CHANGED=0   # the agent's binary, unit or settings changed: a running agent is restarted
 IMAGE_UP_TO_DATE=0
+IMAGE_NO_NVIDIA=${INSTALL_IMAGE_NO_NVIDIA:-0}  # 1: a built base image has no NVIDIA driver
 HUGEPAGES_GIB=${INSTALL_HUGEPAGES_GIB:-}  # empty: huge pages are left as they are
 
 say() { printf 'install.sh: %s\n' "$*"; }
@@ -325,6 +329,7 @@ check_inputs() {
     [ "$(uname -m)" = x86_64 ] || die "frpc is pinned for x86_64 only: set INSTALL_FRPC_URL and INSTALL_FRPC_SHA256"
   fi
   IMAGE_URL=${INSTALL_IMAGE_URL:-}
+  [[ $IMAGE_NO_NVIDIA =~ ^[01]$ ]] || die "INSTALL_IMAGE_NO_NVIDIA must be 0 or 1"
   IMAGE_SHA256=${INSTALL_IMAGE_SHA256:-}
   FRPC_SHA256=${FRPC_SHA256,,}
   IMAGE_SHA256=${IMAGE_SHA256,,}
@@ -443,8 +448,8 @@ fetch_frpc_archive() {
 fetch_base_image() {
   local dest; dest=$(at /var/lib/qudata/images/base.qcow2)
   if [ -z "$IMAGE_URL" ]; then
-    if [ -e "$dest" ]; then say "base image: keeping $dest"; return 0; fi
-    say "WARNING: no base image (set INSTALL_IMAGE_URL and INSTALL_IMAGE_SHA256): instances cannot be created until $dest exists" >&2
+    if [ -e "$dest" ] || [ -L "$dest" ]; then say "base image: keeping $dest"; return 0; fi
+    build_base_image "$dest"
     return 0
   fi
   # Checked by check_inputs: hashing a large image once is enough.
@@ -454,6 +459,38 @@ fetch_base_image() {
   fetch_verified "$IMAGE_URL" "$IMAGE_SHA256" "$dest" || true
   # Read by QEMU's user (as the backing file of every overlay), written by nobody.
   if [ -f "$dest" ] && ! dry; then chmod 0644 "$dest"; fi
+}
+
+# No image given and none there: the production guest is built from Debian packages (the
+# builder in the checkout or release; cached, so a rerun after a failure reuses its work) and
+# base.qcow2 is made a link to it.
+build_base_image() {
+  local dest=$1 images builder flags=() pkgs
+  images=$(dirname "$dest")
+  builder="${SRC:-$PWD}/image-builder/build-guest.sh"
+  if [ ! -f "$builder" ]; then
+    say "WARNING: no base image (set INSTALL_IMAGE_URL and INSTALL_IMAGE_SHA256) and no $builder to build one: instances cannot be created until $dest exists" >&2
+    return 0
+  fi
+  [ "$IMAGE_NO_NVIDIA" = 1 ] && flags+=(--no-nvidia)
+  mapfile -t pkgs < <(packages_in "$(dirname "$builder")/packages.txt")
+  if dry; then
+    say "would build the base image: $builder --out $images/guest.qcow2 ${flags[*]:-(with the NVIDIA driver)}, then link $dest -> guest.qcow2"
+    if [ "$ROOT" = / ]; then say "would install the image builder's packages: ${pkgs[*]}"; fi
+    return 0
+  fi
+  if [ "$ROOT" = / ]; then install_packages "${pkgs[@]}"; fi
+  traverse_dir "$(at /var/lib/qudata)"
+  traverse_dir "$images"
+  say "building the base image (Debian packages; this takes minutes): $images/guest.qcow2 ${flags[*]:-}"
+  QUDATA_IMAGE_CACHE="$(at /var/cache/qudata)/image-builder" \
+    bash "$builder" --out "$images/guest.qcow2" "${flags[@]}" >/dev/null ||
+    die "building the base image failed (see above); rerun to continue from the cache, or set INSTALL_IMAGE_URL"
+  # Read by QEMU's user (as the backing file of every overlay), written by nobody.
+  chmod 0644 "$images/guest.qcow2"
+  ln -s guest.qcow2 "$dest"
+  CREATED+=("$dest")
+  say "base image: $dest -> guest.qcow2 (manifest: $images/guest.qcow2.manifest)"
 }
 
 install_frpc() {
@@ -956,6 +993,7 @@ production() {
       --root=*) ROOT=${1#--root=} ;;
       --hugepages-gib) [ -n "${2:-}" ] || usage 2 >&2; HUGEPAGES_GIB=$2; shift ;;
       --hugepages-gib=*) HUGEPAGES_GIB=${1#--hugepages-gib=} ;;
+      --image-no-nvidia) IMAGE_NO_NVIDIA=1 ;;
       ak-*) QUDATA_API_KEY=$1 ;;
       --reboot) REBOOT=1 ;;
       *) usage 2 >&2 ;;

@@ -109,6 +109,47 @@ fn dry_run_says_what_it_would_do_and_writes_nothing() {
 }
 
 #[test]
+fn without_an_image_url_the_dry_run_plans_to_build_the_production_guest() {
+    let fx = Fixture::new(false);
+    let before = fx.tree();
+    let no_url = [("INSTALL_IMAGE_URL", None), ("INSTALL_IMAGE_SHA256", None)];
+    let builder = Path::new(REPO).join("image-builder/build-guest.sh");
+    let images = fx.at("/var/lib/qudata/images");
+    let plan = |tail: &str| {
+        format!(
+            "would build the base image: {} --out {}/guest.qcow2 {tail}, then link {}/base.qcow2 -> guest.qcow2",
+            builder.display(),
+            images.display(),
+            images.display()
+        )
+    };
+    let run = fx.install(&["--dry-run"], &no_url);
+    assert!(run.ok, "{}", run.text);
+    let with_driver = plan("(with the NVIDIA driver)");
+    assert!(run.text.contains(&with_driver), "{with_driver:?} missing:\n{}", run.text);
+    for no_nvidia in [
+        fx.install(&["--dry-run", "--image-no-nvidia"], &no_url),
+        fx.install(
+            &["--dry-run"],
+            &[no_url[0].clone(), no_url[1].clone(), ("INSTALL_IMAGE_NO_NVIDIA", Some("1".into()))],
+        ),
+    ] {
+        assert!(no_nvidia.ok, "{}", no_nvidia.text);
+        let line = plan("--no-nvidia");
+        assert!(no_nvidia.text.contains(&line), "{line:?} missing:\n{}", no_nvidia.text);
+    }
+    assert_eq!(fx.tree(), before, "a dry run wrote files");
+    // An image that is there is kept, never rebuilt over.
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::write(images.join("base.qcow2"), b"an image").unwrap();
+    let kept = fx.install(&["--dry-run"], &no_url);
+    assert!(kept.ok && kept.text.contains("base image: keeping"), "{}", kept.text);
+    assert!(!kept.text.contains("would build the base image"), "{}", kept.text);
+    let bad = fx.install(&["--dry-run"], &[("INSTALL_IMAGE_NO_NVIDIA", Some("yes".into()))]);
+    assert!(!bad.ok && bad.text.contains("INSTALL_IMAGE_NO_NVIDIA must be 0 or 1"), "{}", bad.text);
+}
+
+#[test]
 fn the_api_key_is_required_checked_and_rotated_without_losing_settings() {
     let fx = Fixture::new(false);
     let before = fx.tree();

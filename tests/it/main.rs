@@ -34,6 +34,7 @@ mod gpu_facts;
 mod gpu_guest;
 mod gpu_health;
 mod gpu_pci;
+mod guest_image;
 mod guest_metrics;
 mod guest_ssh;
 mod install;

@@ -37,6 +37,43 @@ pub fn ci_guest_image() -> PathBuf {
         .clone()
 }
 
+/// The production guest without the NVIDIA driver (`build-guest.sh --no-nvidia`), built once
+/// per test run into the directory the CI guest goes to (the builder caches its packages and
+/// skips a build whose inputs did not change; a cold build takes minutes).
+pub fn production_guest_image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| build_production_guest("guest.qcow2", &["--no-nvidia"])).clone()
+}
+
+/// The production guest with the NVIDIA driver (DKMS builds the module: long on 2 cores).
+pub fn production_guest_image_nvidia() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| build_production_guest("guest-nvidia.qcow2", &[])).clone()
+}
+
+fn build_production_guest(name: &str, flags: &[&str]) -> PathBuf {
+    let image = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ci-guest").join(name);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("image-builder/build-guest.sh");
+    let result = Command::new("bash")
+        .arg(&script)
+        .arg("--out")
+        .arg(&image)
+        .args(flags)
+        .output()
+        .expect("run the builder");
+    assert!(
+        result.status.success(),
+        "building the production guest failed:\n{}\n{}",
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let last =
+        String::from_utf8_lossy(&result.stdout).lines().last().unwrap_or_default().to_owned();
+    assert_eq!(Path::new(&last), image, "the builder's last line names the image");
+    assert!(image.is_file(), "the builder wrote no {}", image.display());
+    image
+}
+
 /// The settings that make the agent run VMs of the CI guest under TCG (no working KVM here).
 pub fn vm_env() -> Vec<(&'static str, String)> {
     vec![
