@@ -78,7 +78,7 @@ if [ "$nvidia" = 1 ]; then
 fi
 
 require_tools mmdebstrap apt-get apt-cache dpkg-deb tar mkfs.ext4 debugfs mkfs.vfat mcopy mmd sfdisk \
-  grub-mkstandalone qemu-img sha256sum flock
+  grub-mkimage qemu-img sha256sum flock
 [ -d /usr/lib/grub/x86_64-efi ] || die "/usr/lib/grub/x86_64-efi is missing; install grub-efi-amd64-bin"
 
 out_dir=$(dirname "$out")
@@ -184,7 +184,8 @@ as_root find "$work/root/var/lib/apt/lists" "$work/root/var/cache/apt" "$work/ro
   "$work/root/tmp" "$work/root/var/tmp" -mindepth 1 ! -type d ! -name lock -delete
 as_root find "$work/root" -newermt "@$SOURCE_DATE_EPOCH" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
-# The ESP: a standalone GRUB (modules and config in its memdisk) that boots the root
+# The ESP: one GRUB EFI binary with its modules and this script built in (grub-mkimage's
+# embedded config; no memdisk, whose tar would carry the build's clock) that boots the root
 # partition's /vmlinuz and /initrd.img links.
 cat >"$work/grub.cfg" <<GRUB
 set timeout=0
@@ -196,11 +197,9 @@ linux /vmlinuz $cmdline
 initrd /initrd.img
 boot
 GRUB
-touch -d "@$SOURCE_DATE_EPOCH" "$work/grub.cfg"
-grub-mkstandalone -O x86_64-efi -o "$work/BOOTX64.EFI" --locales= --fonts= --themes= \
-  --modules="part_gpt ext2 search_fs_uuid linux serial terminal normal" \
-  --install-modules="part_gpt ext2 search search_fs_uuid linux serial terminal normal gzio echo test boot configfile" \
-  "boot/grub/grub.cfg=$work/grub.cfg"
+grub-mkimage -O x86_64-efi -o "$work/BOOTX64.EFI" -p /boot/grub -c "$work/grub.cfg" \
+  part_gpt ext2 search search_fs_uuid linux serial terminal normal gzio echo test boot configfile
+pe_clear_timestamp "$work/BOOTX64.EFI"
 esp_build "$work/esp.img" "$esp_mib" "$work/BOOTX64.EFI" EFI/BOOT/BOOTX64.EFI
 
 gpt_assemble "$work/disk.raw" "$disk_mib" "$work/esp.img" guest-root "$root_partuuid"

@@ -87,9 +87,16 @@ awk -F: '$2 !~ /^[*!]/ { bad = 1; print "account " $1 " has a password field: " 
   "$root/etc/shadow"
 
 if [ "$GUEST_NVIDIA" = 1 ]; then
-  nv=$(modinfo -b "$root" -k "$kver" -F version nvidia 2>/dev/null || true)
+  # Asked inside the image. Debian names the module nvidia-current-open (its modprobe.d turns
+  # `modprobe nvidia` into `modprobe nvidia-current-open`, which modinfo does not follow).
+  nv="" nvname=""
+  for name in nvidia nvidia-current-open nvidia-current; do
+    nv=$(in_root modinfo -k "$kver" -F version "$name" 2>/dev/null || true)
+    if [ -n "$nv" ]; then nvname=$name; break; fi
+  done
   [ -n "$nv" ] || { echo "no nvidia module for $kver: DKMS did not build it" >&2; ls -R "$root/lib/modules/$kver/updates" >&2 || true; exit 1; }
-  nvfile=$(modinfo -b "$root" -k "$kver" -F filename nvidia)
+  nvfile=$(in_root modinfo -k "$kver" -F filename "$nvname")
+  [ -f "$root$nvfile" ] || { echo "modinfo names $nvfile, which is not in the image" >&2; exit 1; }
   # shellcheck disable=SC2016 # dpkg-query's format, not the shell's
   driver=$(in_root dpkg-query -W -f '${Version}' nvidia-driver)
 else
