@@ -47,6 +47,9 @@ case $out in
   *.qcow2) ;;
   *) die "--out must end in .qcow2: $out" ;;
 esac
+# Absolute from here on: sfdisk's dump names partitions after the disk's path, and the
+# partition lookup reads lines that start with "/".
+out=$(realpath -m -- "$out")
 
 cache=${QUDATA_IMAGE_CACHE:-$here/.cache}
 mirror=${QUDATA_GUEST_MIRROR:-http://deb.debian.org/debian}
