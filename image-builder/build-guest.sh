@@ -185,6 +185,7 @@ rm -f "$work/root.tar"
 # files (directories stay: apt and the services expect them).
 as_root find "$work/root/var/lib/apt/lists" "$work/root/var/cache/apt" "$work/root/var/log" \
   "$work/root/tmp" "$work/root/var/tmp" -mindepth 1 ! -type d ! -name lock -delete
+as_root rm -rf "$work/root/var/lib/apt/lists/auxfiles"
 as_root find "$work/root" -newermt "@$SOURCE_DATE_EPOCH" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 # The ESP: one GRUB EFI binary with its modules and this script built in (grub-mkimage's
