@@ -114,6 +114,22 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, FsError> {
     }
 }
 
+/// The last `bytes` of `path` as text (lossy), never through a link (files in directories
+/// another user writes: QEMU's logs and serial console); empty when unreadable.
+pub fn read_tail(path: &Path, bytes: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
+    let Ok(mut file) = open else { return String::new() };
+    let len = file.metadata().map_or(0, |m| m.len());
+    if file.seek(SeekFrom::Start(len.saturating_sub(bytes))).is_err() {
+        return String::new();
+    }
+    let mut tail = Vec::new();
+    let _ = file.take(bytes).read_to_end(&mut tail);
+    String::from_utf8_lossy(&tail).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

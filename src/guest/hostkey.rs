@@ -21,7 +21,7 @@ use crate::fsutil::{self, FsError};
 /// trusted on first contact (cloud-init prints them in its last stage, after sshd starts).
 pub const FIRST_CONTACT_GRACE: Duration = Duration::from_secs(120);
 /// How much of the end of the console log is read for key blocks.
-const CONSOLE_SCAN: u64 = 4 << 20;
+const CONSOLE_SCAN: u64 = 1 << 20;
 /// Lines of one block read at most (a real block has one line per key type).
 const BLOCK_LINES: usize = 16;
 const BEGIN: &str = "-----BEGIN SSH HOST KEY KEYS-----";
@@ -78,7 +78,7 @@ impl HostKeys {
         if known.iter().any(|k| k.key_data() == offered.key_data()) {
             return Ok(());
         }
-        let console = self.console.as_deref().map(|c| read_tail(c, CONSOLE_SCAN));
+        let console = self.console.as_deref().map(|c| fsutil::read_tail(c, CONSOLE_SCAN));
         let blocks = console.as_deref().map(console_key_blocks).unwrap_or_default();
         if let Some(block) =
             blocks.iter().rev().find(|b| b.iter().any(|k| k.key_data() == offered.key_data()))
@@ -194,21 +194,6 @@ fn write_keys(path: &Path, keys: &[PublicKey]) -> Result<(), PinError> {
         text.push('\n');
     }
     fsutil::write_atomic(path, text.as_bytes()).map_err(PinError::Fs)
-}
-
-/// The last `bytes` of a file QEMU's user writes, never through a link; empty when unreadable.
-fn read_tail(path: &Path, bytes: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
-    let Ok(mut file) = open else { return String::new() };
-    let len = file.metadata().map_or(0, |m| m.len());
-    if file.seek(SeekFrom::Start(len.saturating_sub(bytes))).is_err() {
-        return String::new();
-    }
-    let mut tail = Vec::new();
-    let _ = file.take(bytes).read_to_end(&mut tail);
-    String::from_utf8_lossy(&tail).into_owned()
 }
 
 /// Forgets the keys (instance deleted); a missing file is fine.

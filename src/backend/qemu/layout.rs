@@ -171,21 +171,7 @@ impl VmPaths {
 /// How much of the serial log [`VmPaths::serial_tail`] reads.
 const SERIAL_TAIL_BYTES: u64 = 16 << 10;
 
-/// The last `bytes` of a file as text (lossy; "" when it cannot be read).
-pub fn read_tail(path: &Path, bytes: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    // Never through a link: these files sit where QEMU's user writes.
-    let open = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
-    let Ok(mut file) = open else { return String::new() };
-    let len = file.metadata().map_or(0, |m| m.len());
-    if file.seek(SeekFrom::Start(len.saturating_sub(bytes))).is_err() {
-        return String::new();
-    }
-    let mut tail = Vec::new();
-    let _ = file.take(bytes).read_to_end(&mut tail);
-    String::from_utf8_lossy(&tail).into_owned()
-}
+pub use crate::fsutil::read_tail;
 
 #[cfg(test)]
 mod serial_tests {
