@@ -177,6 +177,14 @@ pub const SETTINGS: &[Setting] = &[
         Scope::Host,
     ),
     row(
+        "QUDATA_HOST_PORTS",
+        Some("20000-22999"),
+        "a range like 20000-22999 within 1024-65535, at least 16 ports",
+        "ports on 127.0.0.1 the agent forwards to instances (what frpc connects to; local mode \
+         shows them); keep them out of the kernel's ephemeral range (`doctor` checks)",
+        Scope::Host,
+    ),
+    row(
         "QUDATA_HOST_RESERVED_CPUS",
         None,
         "a CPU list such as 0,64 or 0-1,32-33, or `none`",
@@ -400,6 +408,8 @@ pub struct Config {
     pub frpc_config: PathBuf,
     pub frp: FrpOverrides,
     pub gpu_pci_addrs: Option<Vec<String>>,
+    /// Ports on 127.0.0.1 forwarded to instances.
+    pub host_ports: std::ops::RangeInclusive<u16>,
     /// CPUs kept for the host; `None`: the first core of each NUMA node.
     pub host_reserved_cpus: Option<Vec<u32>>,
     /// vCPUs and memory (MiB) of an instance whose request names none; `None`: the host's
@@ -515,6 +525,20 @@ fn parse_port(min: u16) -> impl FnOnce(&str) -> Result<u16, String> {
 }
 
 /// `8G`, `512M`, `1T` (binary units; a plain number is GiB) in MiB, at least 128 MiB.
+/// `first-last`, unprivileged, wide enough for a few instances' ports.
+fn parse_port_range(v: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = v.split_once('-').ok_or("is not a range first-last")?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("{p:?} is not a port"));
+    let (first, last) = (port(first)?, port(last)?);
+    if first < 1024 {
+        return Err("starts below 1024".into());
+    }
+    if last < first || usize::from(last - first) + 1 < 16 {
+        return Err("holds fewer than 16 ports".into());
+    }
+    Ok(first..=last)
+}
+
 fn parse_size_mib(v: &str) -> Result<u64, String> {
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let amount: u64 = v[..split].parse().map_err(|_| "is not a size".to_owned())?;
@@ -683,6 +707,7 @@ impl Config {
                 })?,
             },
             gpu_pci_addrs: r.parse("QUDATA_GPU_PCI_ADDRS", parse_pci_list)?,
+            host_ports: r.required("QUDATA_HOST_PORTS", parse_port_range)?,
             host_reserved_cpus: r.parse("QUDATA_HOST_RESERVED_CPUS", parse_cpu_list)?,
             instance_cpus: r.parse("QUDATA_INSTANCE_CPUS", |v| match v.parse::<u32>() {
                 Ok(n) if (1..=1024).contains(&n) => Ok(n),
@@ -824,6 +849,13 @@ mod tests {
     }
 
     #[test]
+    fn host_ports_are_a_range_below_the_ephemeral_one_by_default() {
+        assert_eq!(Config::load(&env(&[]), true).unwrap().host_ports, crate::ports::HOST_PORTS);
+        let set = env(&[("QUDATA_HOST_PORTS", " 24000 - 24015 ")]);
+        assert_eq!(Config::load(&set, true).unwrap().host_ports, 24000..=24015);
+    }
+
+    #[test]
     fn docker_pull_is_always_unless_missing() {
         use crate::backend::docker::pull::PullPolicy;
         assert_eq!(Config::load(&env(&[]), true).unwrap().docker_pull, PullPolicy::Always);
@@ -889,6 +921,11 @@ mod tests {
             ("QUDATA_INSTANCE_MEMORY", "64M"),
             ("QUDATA_INSTANCE_MEMORY", "8X"),
             ("QUDATA_VM_BOOT_TIMEOUT", "5"),
+            ("QUDATA_HOST_PORTS", "20000"),
+            ("QUDATA_HOST_PORTS", "80-2000"),
+            ("QUDATA_HOST_PORTS", "30000-30009"),
+            ("QUDATA_HOST_PORTS", "30000-29000"),
+            ("QUDATA_HOST_PORTS", "30000-70000"),
         ];
         for (name, value) in cases {
             let err = Config::load(&env(&[(name, value)]), true).unwrap_err();

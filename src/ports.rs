@@ -11,12 +11,16 @@ use rand::Rng;
 use crate::instance::model::{Instance, Proto, PublishedPort};
 use crate::instance::spec::PortRequest;
 
+pub mod ephemeral;
+
 /// Remote TCP ports used when the control plane sends legacy string `ports` (PROTOCOL.md §3).
 pub const LEGACY_TCP_REMOTE: RangeInclusive<u16> = 10000..=10099;
 /// Remote HTTP labels used for legacy string `ports` (PROTOCOL.md §3).
 pub const LEGACY_HTTP_REMOTE: RangeInclusive<u16> = 15001..=15300;
-/// Host ports the agent forwards from, on 127.0.0.1.
-pub const HOST_PORTS: RangeInclusive<u16> = 42000..=44999;
+/// Host ports the agent forwards from, on 127.0.0.1 (`QUDATA_HOST_PORTS`'s default). Below
+/// Linux's default ephemeral range (32768-60999), so no outgoing connection on the host takes
+/// one while its instance is stopped (see [`ephemeral`]).
+pub const HOST_PORTS: RangeInclusive<u16> = 20000..=22999;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PortError {
@@ -165,16 +169,16 @@ mod tests {
         let err = allocate(&[req(22, None, Proto::Tcp)], &taken, HOST_PORTS).unwrap_err();
         assert!(matches!(err, PortError::RemoteExhausted { .. }));
 
-        let taken = Taken { host: (42000..=42001).collect(), ..Taken::default() };
-        let got = allocate(&[req(22, Some(10001), Proto::Tcp)], &taken, 42000..=42002).unwrap();
-        assert_eq!(got[0].host_port, 42002);
+        let taken = Taken { host: (32100..=32101).collect(), ..Taken::default() };
+        let got = allocate(&[req(22, Some(10001), Proto::Tcp)], &taken, 32100..=32102).unwrap();
+        assert_eq!(got[0].host_port, 32102);
         let err = allocate(
             &[req(22, Some(10001), Proto::Tcp), req(80, Some(10002), Proto::Http)],
             &taken,
-            42000..=42002,
+            32100..=32102,
         )
         .unwrap_err();
-        assert_eq!(err, PortError::HostExhausted { first: 42000, last: 42002 });
+        assert_eq!(err, PortError::HostExhausted { first: 32100, last: 32102 });
     }
 
     #[test]
@@ -188,17 +192,17 @@ mod tests {
 
     #[test]
     fn a_management_port_avoids_published_and_held_ports() {
-        let taken = Taken { host: [42000].into(), ..Taken::default() };
+        let taken = Taken { host: [32100].into(), ..Taken::default() };
         let published = [PublishedPort {
             guest_port: 22,
-            host_port: 42001,
+            host_port: 32101,
             remote_port: 10001,
             proto: Proto::Tcp,
         }];
-        assert_eq!(allocate_host(&taken, &published, 42000..=42002), Ok(42002));
+        assert_eq!(allocate_host(&taken, &published, 32100..=32102), Ok(32102));
         assert_eq!(
-            allocate_host(&taken, &published, 42000..=42001),
-            Err(PortError::HostExhausted { first: 42000, last: 42001 })
+            allocate_host(&taken, &published, 32100..=32101),
+            Err(PortError::HostExhausted { first: 32100, last: 32101 })
         );
     }
 

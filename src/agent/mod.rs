@@ -30,7 +30,6 @@ use crate::fsutil::{self, FsError};
 use crate::gpu::GpuTelemetry;
 use crate::instance::manager::{Manager, ManagerSettings, Unavailable};
 use crate::instance::store::{Store, StoreError};
-use crate::ports;
 use crate::recovery::lock::{LockError, RunLock};
 use crate::recovery::{self, RecoveryError};
 use crate::secret::Secret;
@@ -80,6 +79,21 @@ pub(crate) struct Built {
     gpu_health: Arc<crate::gpu::health::HealthView>,
 }
 
+/// Host ports in the kernel's ephemeral range can be taken by any outgoing connection while an
+/// instance is stopped; the agent runs anyway (the operator chose the range) and says so.
+fn warn_if_the_kernel_may_take(host_ports: &std::ops::RangeInclusive<u16>) {
+    use crate::ports::ephemeral;
+    match ephemeral::KernelPorts::read(std::path::Path::new("/proc")) {
+        Ok(kernel) => {
+            if let Some(problem) = ephemeral::warning(host_ports, &kernel) {
+                let fix = ephemeral::reserve_command(host_ports, &kernel);
+                tracing::warn!(%problem, %fix, "host ports can be taken by the kernel");
+            }
+        }
+        Err(reason) => tracing::warn!(%reason, "cannot check the host ports against the kernel"),
+    }
+}
+
 /// `gpu`: where the VM backend's in-guest GPU metrics go and the host's NVML (`None` in local
 /// mode).
 async fn manager(
@@ -100,6 +114,7 @@ async fn manager(
     let offered = gpu_pool.iter().filter_map(|a| a.parse().ok()).collect();
     let nvml = gpu.as_ref().map(|g| g.host_nvml.clone());
     let gpu_health = Arc::new(crate::gpu::health::HealthView::new(vfio, offered, nvml));
+    warn_if_the_kernel_may_take(&cfg.host_ports);
     let settings = ManagerSettings {
         gpu_health: Some(gpu_health.clone()),
         limits: limits::probe(
@@ -108,7 +123,7 @@ async fn manager(
             local,
         ),
         gpu_pool: gpu_pool.clone(),
-        host_ports: ports::HOST_PORTS,
+        host_ports: cfg.host_ports.clone(),
         local,
     };
     let (sink, events) = mpsc::unbounded_channel();

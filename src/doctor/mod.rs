@@ -40,6 +40,7 @@ pub const CHECKS: &[&str] = &[
     "qemu-img",
     "ovmf",
     "vm-network",
+    "host-ports",
     "accel",
     "frpc",
     "frp",
@@ -129,6 +130,8 @@ pub struct HostView {
     /// The `PATH` programs are looked up in.
     pub search_path: OsString,
     pub data_dir: PathBuf,
+    /// `QUDATA_HOST_PORTS`.
+    pub host_ports: std::ops::RangeInclusive<u16>,
     pub frpc_binary: PathBuf,
     /// `QUDATA_FRP_*`, over the credentials stored under `data_dir`.
     pub frp_overrides: FrpOverrides,
@@ -191,6 +194,7 @@ impl HostView {
             docker_socket: cfg.docker_host.clone(),
             search_path: std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
             data_dir: cfg.data_dir.clone(),
+            host_ports: cfg.host_ports.clone(),
             frpc_binary: cfg.frpc_binary.clone(),
             frp_overrides: cfg.frp.clone(),
             gpu_pci_addrs,
@@ -213,6 +217,7 @@ impl HostView {
             docker_socket: root.join("docker.sock"),
             search_path: root.join("bin").into_os_string(),
             data_dir: root.join("data"),
+            host_ports: crate::ports::HOST_PORTS,
             frpc_binary: "frpc".into(),
             frp_overrides: FrpOverrides::default(),
             gpu_pci_addrs: None,
@@ -247,6 +252,7 @@ pub fn run_all(view: &HostView) -> Vec<Check> {
         tools::qemu_img(view),
         tools::ovmf(view),
         tools::vm_network(view),
+        platform::host_ports(view),
         platform::accel(view),
         tools::frpc(view),
         tools::frp_credentials(view),
@@ -266,6 +272,6 @@ pub fn any_failed(checks: &[Check]) -> bool {
 pub use backend::backend;
 pub use gpus::gpus;
 pub use nvml::nvml;
-pub use platform::{accel, cpu, iommu, kvm, vfio_modules};
+pub use platform::{accel, cpu, host_ports, iommu, kvm, vfio_modules};
 pub use services::{data_dir, docker};
 pub use tools::{frp_credentials, frpc, ovmf, qemu, qemu_img, vm_network};

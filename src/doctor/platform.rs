@@ -54,6 +54,37 @@ pub fn virtualization_flag(cpuinfo: &str) -> Option<&'static str> {
     None
 }
 
+/// `QUDATA_HOST_PORTS` against the kernel's ephemeral range: a port the kernel may hand to an
+/// outgoing connection can be taken while its instance is stopped.
+pub fn host_ports(view: &HostView) -> Check {
+    use crate::ports::ephemeral::{self, KernelPorts};
+    let range = &view.host_ports;
+    match KernelPorts::read(&view.proc_root) {
+        Ok(kernel) => match ephemeral::warning(range, &kernel) {
+            None => Check::ok(
+                "host-ports",
+                format!(
+                    "{}-{}, clear of the kernel's ephemeral range {}-{}",
+                    range.start(),
+                    range.end(),
+                    kernel.ephemeral.start(),
+                    kernel.ephemeral.end()
+                ),
+            ),
+            Some(problem) => Check::new(
+                "host-ports",
+                Status::Warn,
+                problem,
+                format!(
+                    "{} (and in /etc/sysctl.d), or move QUDATA_HOST_PORTS",
+                    ephemeral::reserve_command(range, &kernel)
+                ),
+            ),
+        },
+        Err(reason) => Check::new("host-ports", Status::Warn, reason, "mount /proc"),
+    }
+}
+
 /// `/dev/kvm` exists, opens read-write and answers `KVM_GET_API_VERSION` with 12.
 pub fn kvm(view: &HostView) -> Check {
     let path = view.dev_root.join("kvm");

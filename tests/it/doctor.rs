@@ -23,6 +23,7 @@ const DOCUMENTED: &[&str] = &[
     "qemu-img",
     "ovmf",
     "vm-network",
+    "host-ports",
     "accel",
     "frpc",
     "frp",

@@ -214,7 +214,8 @@ async fn a_vm_boots_and_answers_ssh_inside_the_units_sandbox() {
         .unwrap();
     let run = root.path().join("run");
     let net = crate::support::net::TestNet::new(&run);
-    let dirs = Dirs { net, data: root.path().join("data"), run, root };
+    let host_ports = crate::support::agent::next_host_port_slice();
+    let dirs = Dirs { net, data: root.path().join("data"), run, root, host_ports };
     // The image is read-only inside the sandbox, like /var/lib/qudata/images.
     let env = vm_env();
     let wrapper = unit_sandbox(dirs.root.path());

@@ -18,6 +18,23 @@ pub struct Dirs {
     pub root: tempfile::TempDir,
     pub data: PathBuf,
     pub run: PathBuf,
+    /// `QUDATA_HOST_PORTS` of this test's agents: a slice no other test's agent allocates
+    /// from. Each agent only knows its own instances, so two tests sharing a range could both
+    /// hand out a port while neither listens on it yet (or while its VM is stopped).
+    pub host_ports: String,
+}
+
+/// The tests' slices lie above the product's default range and below the kernel's ephemeral
+/// range (32768), so neither a client socket nor a default-configured agent takes one.
+const TEST_HOST_PORTS: std::ops::Range<u32> = 23000..32000;
+const SLICE: u32 = 24;
+
+pub fn next_host_port_slice() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let slices = TEST_HOST_PORTS.len() as u32 / SLICE;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % slices;
+    let first = TEST_HOST_PORTS.start + n * SLICE;
+    format!("{first}-{}", first + SLICE - 1)
 }
 
 impl Dirs {
@@ -31,7 +48,8 @@ impl Dirs {
         let run = root.path().join("run");
         // The agents' kernel log: empty until a test writes records into it.
         std::fs::write(root.path().join("kmsg"), "").expect("the fake kernel log");
-        Dirs { net: super::net::TestNet::new(&run), root, data, run }
+        let host_ports = next_host_port_slice();
+        Dirs { net: super::net::TestNet::new(&run), root, data, run, host_ports }
     }
 
     /// A small qcow2 base image in the test's dir, for agents whose VMs never boot (their
@@ -175,6 +193,7 @@ impl Agent {
             .env("QUDATA_FRPC_CONFIG", dirs.root.path().join("etc/frpc.toml"))
             .env("QUDATA_AGENT_PORT", port.to_string())
             .env("QUDATA_KMSG_PATH", dirs.kmsg())
+            .env("QUDATA_HOST_PORTS", &dirs.host_ports)
             .envs(dirs.net.env())
             .env("QUDATA_DEBUG", "true")
             // Without a base image `auto` finds no backend and the agent stops (and the host's

@@ -73,6 +73,7 @@ impl FakeHost {
             docker_socket: self.join("docker.sock"),
             search_path: self.join("bin").into_os_string(),
             data_dir: self.join("data"),
+            host_ports: qudata_agent::ports::HOST_PORTS,
             frpc_binary: "frpc".into(),
             frp_overrides: Default::default(),
             gpu_pci_addrs: None,

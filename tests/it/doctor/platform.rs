@@ -28,6 +28,35 @@ fn cpu_flags_vmx_svm_or_none() {
 }
 
 #[test]
+fn host_ports_in_the_kernels_ephemeral_range_warn_with_the_sysctl_that_reserves_them() {
+    let host = FakeHost::new();
+    host.write("proc/sys/net/ipv4/ip_local_port_range", "32768\t60999\n");
+    host.write("proc/sys/net/ipv4/ip_local_reserved_ports", "\n");
+    let c = doctor::host_ports(&host.view());
+    assert_eq!(c.status, Status::Ok, "{c:?}");
+    assert!(c.detail.contains("clear of the kernel's ephemeral range 32768-60999"), "{c:?}");
+
+    host.write("proc/sys/net/ipv4/ip_local_port_range", "1024\t65535\n");
+    host.write("proc/sys/net/ipv4/ip_local_reserved_ports", "8080\n");
+    let c = doctor::host_ports(&host.view());
+    assert_eq!(c.status, Status::Warn, "{c:?}");
+    assert!(c.detail.starts_with("3000 of the host ports 20000-22999"), "{c:?}");
+    let fix = c.fix.unwrap();
+    assert!(
+        fix.starts_with("sysctl -w net.ipv4.ip_local_reserved_ports=8080,20000-22999"),
+        "{fix}"
+    );
+
+    host.write("proc/sys/net/ipv4/ip_local_reserved_ports", "8080,20000-22999\n");
+    assert_eq!(doctor::host_ports(&host.view()).status, Status::Ok);
+
+    std::fs::remove_file(host.join("proc/sys/net/ipv4/ip_local_port_range")).unwrap();
+    let c = doctor::host_ports(&host.view());
+    assert_eq!(c.status, Status::Warn, "{c:?}");
+    assert!(c.detail.contains("cannot read"), "{c:?}");
+}
+
+#[test]
 fn kvm_missing_warns_and_fails_for_the_qemu_backend() {
     let host = FakeHost::new();
     let c = doctor::kvm(&host.view());

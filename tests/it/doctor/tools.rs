@@ -200,6 +200,7 @@ fn a_ready_host_is_all_ok_in_the_documented_order() {
     }
     host.write("ovmf/OVMF_CODE_4M.fd", "code");
     host.write("ovmf/OVMF_VARS_4M.fd", "vars");
+    host.write("proc/sys/net/ipv4/ip_local_port_range", "32768\t60999\n");
     let _docker = UnixListener::bind(host.join("docker.sock")).unwrap();
     fs::create_dir(host.join("data")).unwrap();
     fs::set_permissions(host.join("data"), fs::Permissions::from_mode(0o700)).unwrap();
