@@ -147,8 +147,9 @@ async fn the_production_image_runs_the_seeds_example_request_and_a_jupyter_of_it
     wait_gone(&dirs, &id, Duration::from_secs(120)).await;
 }
 
-/// No command but port 8888: the agent starts JupyterLab with a token of its own. A second VM
-/// of the same image makes host keys of its own.
+/// No command but port 8888: the agent starts JupyterLab with a token of its own, and the VM
+/// has host keys of its own (the image has none: `guest_image` reads its root; the other test's
+/// VM boots the same image at the same time).
 #[tokio::test]
 async fn the_agent_starts_jupyter_with_its_own_token_and_each_vm_has_its_own_host_keys() {
     let dirs = Dirs::new();
@@ -169,16 +170,22 @@ async fn the_agent_starts_jupyter_with_its_own_token_and_each_vm_has_its_own_hos
     jupyter_started(web, &token).await;
     assert_eq!(jupyter_status(web, None).await.map(|(c, _)| c), Some(403));
     assert!(!agent.output().contains(&token), "the token reached the agent's log");
-    let first_keys = known_hosts(&dirs, &id);
-    assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
-    wait_gone(&dirs, &id, Duration::from_secs(120)).await;
 
-    let created = api.json("POST", "/instances", &json!({"ssh_enabled": true})).await;
-    assert_eq!(created.status, 200, "{:?}", created.body);
-    let id = created.body["data"]["id"].as_str().unwrap().to_owned();
-    let running = wait_status(&api, "running", BOOT).await;
-    assert!(running.get("jupyter_token").is_none(), "no port 8888, no Jupyter: {running}");
-    assert_ne!(known_hosts(&dirs, &id), first_keys, "every VM makes its own host keys");
+    // The keys the agent learned are this VM's: the guest's own files say the same, and they
+    // were made at this boot (after the image was built).
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = ssh_keygen(keys.path(), "renter");
+    assert_eq!(api.json("POST", "/ssh", &json!({"ssh_pubkey": public})).await.status, 200);
+    let ssh = host_port(&dirs, &id, 22);
+    wait_login(&key, "root", ssh).await;
+    let learned = known_hosts(&dirs, &id);
+    let own = openssh(&key, ssh, "cat /etc/ssh/ssh_host_ed25519_key.pub").unwrap();
+    let own_key = own.split_whitespace().nth(1).expect("an ed25519 host key").to_owned();
+    assert!(learned.contains(&own_key), "learned {learned:?}, the guest has {own:?}");
+    let image_built = std::fs::metadata(production_guest_image()).unwrap().modified().unwrap();
+    let made = openssh(&key, ssh, "stat -c %Y /etc/ssh/ssh_host_ed25519_key").unwrap();
+    let made = std::time::UNIX_EPOCH + Duration::from_secs(made.trim().parse().unwrap());
+    assert!(made > image_built, "the host key predates this VM");
     assert_eq!(api.call("DELETE", "/instances", None).await.status, 200);
     wait_gone(&dirs, &id, Duration::from_secs(120)).await;
 }

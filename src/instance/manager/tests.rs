@@ -679,3 +679,27 @@ async fn local_mode_answers_with_the_host_ports() {
 }
 
 mod publish;
+
+#[test]
+fn jupyter_gets_a_token_of_its_own_only_when_the_agent_starts_it_in_a_vm() {
+    let limits = settings(&[]).limits;
+    let parse = |body| spec::parse_create(&body, &limits).unwrap();
+    let jupyter =
+        json!({"ports": [{"container_port": 8888, "remote_port": 20001, "proto": "http"}]});
+    let token = |body, kind| jupyter_token(&parse(body), kind).map(|t| t.expose().to_owned());
+
+    let generated = token(jupyter.clone(), BackendKind::Qemu).expect("a token for our Jupyter");
+    assert_eq!(generated.len(), 40);
+    assert!(generated.chars().all(|c| c.is_ascii_alphanumeric()), "{generated}");
+    let again = token(jupyter.clone(), BackendKind::Qemu).unwrap();
+    assert_ne!(generated, again, "each instance gets its own");
+
+    let mut renters = jupyter.clone();
+    renters["env_variables"] = json!({"JUPYTER_TOKEN": "mine"});
+    assert_eq!(token(renters, BackendKind::Qemu).as_deref(), Some("mine"));
+    let mut own_command = jupyter.clone();
+    own_command["command"] = json!("sleep infinity");
+    assert_eq!(token(own_command, BackendKind::Qemu), None, "the renter's command runs");
+    assert_eq!(token(json!({"ssh_enabled": true}), BackendKind::Qemu), None, "no port 8888");
+    assert_eq!(token(jupyter, BackendKind::Docker), None, "the container runs its own image");
+}
