@@ -169,16 +169,16 @@ mod tests {
         let err = allocate(&[req(22, None, Proto::Tcp)], &taken, HOST_PORTS).unwrap_err();
         assert!(matches!(err, PortError::RemoteExhausted { .. }));
 
-        let taken = Taken { host: (32100..=32101).collect(), ..Taken::default() };
-        let got = allocate(&[req(22, Some(10001), Proto::Tcp)], &taken, 32100..=32102).unwrap();
-        assert_eq!(got[0].host_port, 32102);
+        let taken = Taken { host: (32762..=32763).collect(), ..Taken::default() };
+        let got = allocate(&[req(22, Some(10001), Proto::Tcp)], &taken, 32762..=32764).unwrap();
+        assert_eq!(got[0].host_port, 32764);
         let err = allocate(
             &[req(22, Some(10001), Proto::Tcp), req(80, Some(10002), Proto::Http)],
             &taken,
-            32100..=32102,
+            32762..=32764,
         )
         .unwrap_err();
-        assert_eq!(err, PortError::HostExhausted { first: 32100, last: 32102 });
+        assert_eq!(err, PortError::HostExhausted { first: 32762, last: 32764 });
     }
 
     #[test]
@@ -192,17 +192,17 @@ mod tests {
 
     #[test]
     fn a_management_port_avoids_published_and_held_ports() {
-        let taken = Taken { host: [32100].into(), ..Taken::default() };
+        let taken = Taken { host: [32762].into(), ..Taken::default() };
         let published = [PublishedPort {
             guest_port: 22,
-            host_port: 32101,
+            host_port: 32763,
             remote_port: 10001,
             proto: Proto::Tcp,
         }];
-        assert_eq!(allocate_host(&taken, &published, 32100..=32102), Ok(32102));
+        assert_eq!(allocate_host(&taken, &published, 32762..=32764), Ok(32764));
         assert_eq!(
-            allocate_host(&taken, &published, 32100..=32101),
-            Err(PortError::HostExhausted { first: 32100, last: 32101 })
+            allocate_host(&taken, &published, 32762..=32763),
+            Err(PortError::HostExhausted { first: 32762, last: 32763 })
         );
     }
 

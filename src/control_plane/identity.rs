@@ -20,8 +20,10 @@ const IDENTITY_FILE: &str = "identity.json";
 const SECRET_FILE: &str = "agent-secret";
 const FRP_FILE: &str = "frp.json";
 /// Where a fresh agent port is picked: below Linux's ephemeral range (32768+) so an outgoing
-/// connection cannot hold it at the next start, and away from the instance host ports.
-const PORT_RANGE: std::ops::RangeInclusive<u16> = 20000..=29999;
+/// connection cannot hold it at the next start, and above the instances' default host ports
+/// (`ports::HOST_PORTS`, 20000-22999). Identities made before that range moved there keep
+/// their port; the host port allocator skips it (it is listened on).
+const PORT_RANGE: std::ops::RangeInclusive<u16> = 23000..=29999;
 
 /// An identity file cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -24,9 +24,10 @@ pub struct Dirs {
     pub host_ports: String,
 }
 
-/// The tests' slices lie above the product's default range and below the kernel's ephemeral
-/// range (32768), so neither a client socket nor a default-configured agent takes one.
-const TEST_HOST_PORTS: std::ops::Range<u32> = 23000..32000;
+/// The tests' slices lie above the product's default host ports (20000-22999) and agent ports
+/// (23000-29999) and below the kernel's ephemeral range (32768), so neither a client socket
+/// nor a default-configured agent takes one.
+const TEST_HOST_PORTS: std::ops::Range<u32> = 30000..32760;
 const SLICE: u32 = 24;
 
 pub fn next_host_port_slice() -> String {
