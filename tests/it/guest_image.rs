@@ -150,10 +150,11 @@ fn production_guest_holds_what_a_vm_needs() {
     assert!(root.ls("/tmp").is_empty());
 }
 
-/// The image with the driver: long (DKMS compiles the module, about 20 minutes on 2 cores),
-/// so only on request: `cargo test --test it -- --ignored production_guest_with_nvidia`.
+/// The image with the driver: long (DKMS compiles the module: 7.5 minutes on 2 idle cores, 20
+/// beside other work), so only on request:
+/// `cargo test --test it -- --ignored production_guest_with_nvidia`.
 #[test]
-#[ignore = "builds the NVIDIA driver with DKMS (about 20 minutes on 2 cores)"]
+#[ignore = "builds the NVIDIA driver with DKMS (7.5 minutes on 2 idle cores, 20 when busy)"]
 fn production_guest_with_nvidia_has_the_module() {
     let image = production_guest_image_nvidia();
     let manifest = Manifest::read(&image);
