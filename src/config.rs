@@ -524,7 +524,6 @@ fn parse_port(min: u16) -> impl FnOnce(&str) -> Result<u16, String> {
     }
 }
 
-/// `8G`, `512M`, `1T` (binary units; a plain number is GiB) in MiB, at least 128 MiB.
 /// `first-last`, unprivileged, wide enough for a few instances' ports.
 fn parse_port_range(v: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (first, last) = v.split_once('-').ok_or("is not a range first-last")?;
@@ -539,6 +538,7 @@ fn parse_port_range(v: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     Ok(first..=last)
 }
 
+/// `8G`, `512M`, `1T` (binary units; a plain number is GiB) in MiB, at least 128 MiB.
 fn parse_size_mib(v: &str) -> Result<u64, String> {
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let amount: u64 = v[..split].parse().map_err(|_| "is not a size".to_owned())?;

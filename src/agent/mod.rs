@@ -82,15 +82,13 @@ pub(crate) struct Built {
 /// Host ports in the kernel's ephemeral range can be taken by any outgoing connection while an
 /// instance is stopped; the agent runs anyway (the operator chose the range) and says so.
 fn warn_if_the_kernel_may_take(host_ports: &std::ops::RangeInclusive<u16>) {
-    use crate::ports::ephemeral;
-    match ephemeral::KernelPorts::read(std::path::Path::new("/proc")) {
-        Ok(kernel) => {
-            if let Some(problem) = ephemeral::warning(host_ports, &kernel) {
-                let fix = ephemeral::reserve_command(host_ports, &kernel);
-                tracing::warn!(%problem, %fix, "host ports can be taken by the kernel");
-            }
+    use crate::ports::ephemeral::{self, Verdict};
+    match ephemeral::judge(std::path::Path::new("/proc"), host_ports) {
+        Ok(Verdict::Clear { .. }) => {}
+        Ok(Verdict::Exposed { problem, fix }) => {
+            tracing::warn!(%problem, %fix, "host ports can be taken by the kernel")
         }
-        Err(reason) => tracing::warn!(%reason, "cannot check the host ports against the kernel"),
+        Err(e) => tracing::warn!(reason = %e, "cannot check the host ports against the kernel"),
     }
 }
 

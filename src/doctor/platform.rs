@@ -57,31 +57,26 @@ pub fn virtualization_flag(cpuinfo: &str) -> Option<&'static str> {
 /// `QUDATA_HOST_PORTS` against the kernel's ephemeral range: a port the kernel may hand to an
 /// outgoing connection can be taken while its instance is stopped.
 pub fn host_ports(view: &HostView) -> Check {
-    use crate::ports::ephemeral::{self, KernelPorts};
+    use crate::ports::ephemeral::{self, Verdict};
     let range = &view.host_ports;
-    match KernelPorts::read(&view.proc_root) {
-        Ok(kernel) => match ephemeral::warning(range, &kernel) {
-            None => Check::ok(
-                "host-ports",
-                format!(
-                    "{}-{}, clear of the kernel's ephemeral range {}-{}",
-                    range.start(),
-                    range.end(),
-                    kernel.ephemeral.start(),
-                    kernel.ephemeral.end()
-                ),
+    match ephemeral::judge(&view.proc_root, range) {
+        Ok(Verdict::Clear { ephemeral }) => Check::ok(
+            "host-ports",
+            format!(
+                "{}-{}: the kernel hands none to outgoing connections (ephemeral range {}-{})",
+                range.start(),
+                range.end(),
+                ephemeral.start(),
+                ephemeral.end()
             ),
-            Some(problem) => Check::new(
-                "host-ports",
-                Status::Warn,
-                problem,
-                format!(
-                    "{} (and in /etc/sysctl.d), or move QUDATA_HOST_PORTS",
-                    ephemeral::reserve_command(range, &kernel)
-                ),
-            ),
-        },
-        Err(reason) => Check::new("host-ports", Status::Warn, reason, "mount /proc"),
+        ),
+        Ok(Verdict::Exposed { problem, fix }) => Check::new(
+            "host-ports",
+            Status::Warn,
+            problem,
+            format!("{fix} (and in /etc/sysctl.d), or move QUDATA_HOST_PORTS"),
+        ),
+        Err(e) => Check::new("host-ports", Status::Warn, e.to_string(), "mount /proc"),
     }
 }
 

@@ -5,7 +5,16 @@
 //! lies below Linux's default ephemeral range; this says when a host's settings undo that.
 
 use std::ops::RangeInclusive;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The kernel's settings cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EphemeralError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is unreadable: {text:?}")]
+    Unparsable { path: PathBuf, text: String },
+}
 
 /// What `/proc/sys/net/ipv4` says about automatic port assignment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,20 +25,21 @@ pub struct KernelPorts {
 
 impl KernelPorts {
     /// Reads `ip_local_port_range` and `ip_local_reserved_ports` under `proc_root`.
-    pub fn read(proc_root: &Path) -> Result<KernelPorts, String> {
+    pub fn read(proc_root: &Path) -> Result<KernelPorts, EphemeralError> {
         let dir = proc_root.join("sys/net/ipv4");
         let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name))
-                .map_err(|e| format!("cannot read {}: {e}", dir.join(name).display()))
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Ok((path, text)),
+                Err(source) => Err(EphemeralError::Read { path, source }),
+            }
         };
-        let range = read("ip_local_port_range")?;
-        let ephemeral = parse_port_range(&range)
-            .ok_or_else(|| format!("ip_local_port_range is unreadable: {:?}", range.trim()))?;
+        let unparsable = |path, text: String| EphemeralError::Unparsable { path, text };
+        let (path, text) = read("ip_local_port_range")?;
+        let ephemeral = parse_port_range(&text).ok_or_else(|| unparsable(path, text))?;
         // Older kernels and some containers have no reserved list: nothing is reserved.
         let reserved = match read("ip_local_reserved_ports") {
-            Ok(text) => parse_reserved(&text).ok_or_else(|| {
-                format!("ip_local_reserved_ports is unreadable: {:?}", text.trim())
-            })?,
+            Ok((path, text)) => parse_reserved(&text).ok_or_else(|| unparsable(path, text))?,
             Err(_) => Vec::new(),
         };
         Ok(KernelPorts { ephemeral, reserved })
@@ -71,36 +81,45 @@ fn parse_reserved(text: &str) -> Option<Vec<RangeInclusive<u16>>> {
         .collect()
 }
 
-/// The warning for a host whose kernel may take our ports, with the fix; `None` when it cannot.
-pub fn warning(host: &RangeInclusive<u16>, kernel: &KernelPorts) -> Option<String> {
+/// What the kernel's settings mean for a host port range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No port of the range is handed to outgoing connections.
+    Clear { ephemeral: RangeInclusive<u16> },
+    /// Some are: what is wrong, and the sysctl that fixes it.
+    Exposed { problem: String, fix: String },
+}
+
+/// The agent's start and `doctor` both say this: reads the kernel's settings under
+/// `proc_root` and judges `host` against them.
+pub fn judge(proc_root: &Path, host: &RangeInclusive<u16>) -> Result<Verdict, EphemeralError> {
+    let kernel = KernelPorts::read(proc_root)?;
     let exposed = kernel.exposed(host);
-    (exposed > 0).then(|| {
-        format!(
-            "{exposed} of the host ports {}-{} (QUDATA_HOST_PORTS) lie in the kernel's ephemeral \
-             range {}-{} unreserved: an outgoing connection can take one while its instance is \
-             stopped, and the instance then cannot start",
-            host.start(),
-            host.end(),
-            kernel.ephemeral.start(),
-            kernel.ephemeral.end()
-        )
-    })
+    if exposed == 0 {
+        return Ok(Verdict::Clear { ephemeral: kernel.ephemeral });
+    }
+    let problem = format!(
+        "{exposed} of the host ports {}-{} (QUDATA_HOST_PORTS) lie in the kernel's ephemeral range \
+         {}-{} unreserved: an outgoing connection can take one while its instance is stopped, \
+         and the instance then cannot start",
+        host.start(),
+        host.end(),
+        kernel.ephemeral.start(),
+        kernel.ephemeral.end()
+    );
+    Ok(Verdict::Exposed { problem, fix: reserve_command(host, &kernel) })
 }
 
 /// The sysctl that keeps the kernel off `host`, keeping what is reserved already.
-pub fn reserve_command(host: &RangeInclusive<u16>, kernel: &KernelPorts) -> String {
-    let mut items: Vec<String> = kernel
-        .reserved
-        .iter()
-        .map(|r| {
-            if r.start() == r.end() {
-                r.start().to_string()
-            } else {
-                format!("{}-{}", r.start(), r.end())
-            }
-        })
-        .collect();
-    items.push(format!("{}-{}", host.start(), host.end()));
+fn reserve_command(host: &RangeInclusive<u16>, kernel: &KernelPorts) -> String {
+    let range = |r: &RangeInclusive<u16>| {
+        if r.start() == r.end() {
+            r.start().to_string()
+        } else {
+            format!("{}-{}", r.start(), r.end())
+        }
+    };
+    let items: Vec<String> = kernel.reserved.iter().chain([host]).map(range).collect();
     format!("sysctl -w net.ipv4.ip_local_reserved_ports={}", items.join(","))
 }
 
@@ -129,9 +148,14 @@ mod tests {
 
         std::fs::write(dir.join("ip_local_port_range"), "60999 32768\n").unwrap();
         let err = KernelPorts::read(root.path()).unwrap_err();
-        assert!(err.contains("unreadable"), "{err}");
+        assert!(matches!(err, EphemeralError::Unparsable { .. }), "{err}");
+        assert!(
+            err.to_string().ends_with("ip_local_port_range is unreadable: \"60999 32768\\n\""),
+            "{err}"
+        );
         std::fs::remove_file(dir.join("ip_local_port_range")).unwrap();
-        assert!(KernelPorts::read(root.path()).unwrap_err().contains("cannot read"));
+        let err = KernelPorts::read(root.path()).unwrap_err();
+        assert!(err.to_string().starts_with("cannot read "), "{err}");
     }
 
     #[test]
@@ -140,27 +164,40 @@ mod tests {
         assert!(got.ephemeral.start() <= got.ephemeral.end());
     }
 
+    /// A /proc with the given kernel settings.
+    fn proc_with(range: &str, reserved: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("sys/net/ipv4");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ip_local_port_range"), range).unwrap();
+        std::fs::write(dir.join("ip_local_reserved_ports"), reserved).unwrap();
+        root
+    }
+
     #[test]
     fn the_default_range_is_clear_of_linuxs_default_ephemeral_range() {
         let linux_default = kernel(32768..=60999, vec![]);
         assert_eq!(linux_default.exposed(&super::super::HOST_PORTS), 0);
-        assert_eq!(warning(&super::super::HOST_PORTS, &linux_default), None);
+        let proc = proc_with("32768\t60999\n", "\n");
+        assert_eq!(
+            judge(proc.path(), &super::super::HOST_PORTS).unwrap(),
+            Verdict::Clear { ephemeral: 32768..=60999 }
+        );
     }
 
     #[test]
     fn overlap_counts_only_unreserved_ports_and_the_fix_keeps_the_reserved_ones() {
-        let wide = kernel(1024..=65535, vec![8080..=8080, 20000..=20009]);
         let host = 20000..=20099;
-        assert_eq!(wide.exposed(&host), 90);
-        let warned = warning(&host, &wide).unwrap();
-        assert!(warned.starts_with("90 of the host ports 20000-20099"), "{warned}");
-        assert!(warned.contains("1024-65535"), "{warned}");
-        assert_eq!(
-            reserve_command(&host, &wide),
-            "sysctl -w net.ipv4.ip_local_reserved_ports=8080,20000-20009,20000-20099"
-        );
-        let reserved = kernel(1024..=65535, vec![20000..=20099]);
-        assert_eq!(warning(&host, &reserved), None);
+        assert_eq!(kernel(1024..=65535, vec![8080..=8080, 20000..=20009]).exposed(&host), 90);
+        let proc = proc_with("1024 65535\n", "8080,20000-20009\n");
+        let Ok(Verdict::Exposed { problem, fix }) = judge(proc.path(), &host) else {
+            panic!("not exposed")
+        };
+        assert!(problem.starts_with("90 of the host ports 20000-20099"), "{problem}");
+        assert!(problem.contains("1024-65535"), "{problem}");
+        assert_eq!(fix, "sysctl -w net.ipv4.ip_local_reserved_ports=8080,20000-20009,20000-20099");
+        let reserved = proc_with("1024 65535\n", "20000-20099\n");
+        assert!(matches!(judge(reserved.path(), &host), Ok(Verdict::Clear { .. })));
     }
 
     #[test]

@@ -34,7 +34,10 @@ fn host_ports_in_the_kernels_ephemeral_range_warn_with_the_sysctl_that_reserves_
     host.write("proc/sys/net/ipv4/ip_local_reserved_ports", "\n");
     let c = doctor::host_ports(&host.view());
     assert_eq!(c.status, Status::Ok, "{c:?}");
-    assert!(c.detail.contains("clear of the kernel's ephemeral range 32768-60999"), "{c:?}");
+    assert!(
+        c.detail.contains("hands none to outgoing connections (ephemeral range 32768-60999)"),
+        "{c:?}"
+    );
 
     host.write("proc/sys/net/ipv4/ip_local_port_range", "1024\t65535\n");
     host.write("proc/sys/net/ipv4/ip_local_reserved_ports", "8080\n");
